@@ -1,0 +1,60 @@
+"""Where nrm's sockets, journal and libraries live.
+
+Daemon and clients compute the same runtime directory from the same rules so
+that `nrm` finds the node-local `nrmd` without flags: `--runtime-dir` or
+`NRM_RUNTIME_DIR` first, then `/run/nrm` for root, `$XDG_RUNTIME_DIR/nrm`, and
+`/tmp/nrm-<uid>` last.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+SEED_DOWNSTREAM_URI = "ipc:///tmp/nrm-downstream-in"
+
+
+def runtime_dir(explicit: Optional[str] = None) -> str:
+    if explicit:
+        return os.path.abspath(explicit)
+    env = os.environ.get("NRM_RUNTIME_DIR")
+    if env:
+        return os.path.abspath(env)
+    if os.geteuid() == 0:
+        return "/run/nrm"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "nrm")
+    return f"/tmp/nrm-{os.getuid()}"
+
+
+def upstream_uri(rundir: str) -> str:
+    return "ipc://" + os.path.join(rundir, "upstream")
+
+
+def events_uri(rundir: str) -> str:
+    return "ipc://" + os.path.join(rundir, "events")
+
+
+def downstream_uri(rundir: str) -> str:
+    return "ipc://" + os.path.join(rundir, "downstream")
+
+
+def journal_path(rundir: str) -> str:
+    return os.path.join(rundir, "controls.journal")
+
+
+def lib_dirs():
+    """Directories searched for libnrm: the venv/prefix first, then system."""
+    return [os.path.join(sys.prefix, "lib"), "/usr/local/lib", "/usr/lib"]
+
+
+def find_pmpi_lib(explicit: Optional[str] = None) -> Optional[str]:
+    if explicit:
+        return explicit
+    for d in lib_dirs():
+        path = os.path.join(d, "libnrm-pmpi.so")
+        if os.path.exists(path):
+            return path
+    return None

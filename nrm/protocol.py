@@ -1,0 +1,251 @@
+"""Every message nrm exchanges, declared once.
+
+Three channels, one version number (``PROTOCOL_VERSION``):
+
+* upstream requests and replies: a client DEALER talks to the daemon's
+  ROUTER; each message is a JSON object, optionally followed by one raw
+  payload frame (task output, byte-exact);
+* events: the daemon's PUB socket sends ``[topic, json]`` pairs;
+* downstream: instrumented programs PUSH JSON objects to the daemon's PULL
+  socket. The seed-era SUB endpoint speaks the older format parsed in
+  :mod:`nrm.daemon.ingest`.
+
+``docs/protocol.md`` documents these types; ``tests/test_protocol_doc.py``
+checks that every tag declared here is documented there.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# Sizes that bound what the daemon accepts, so no peer can grow its memory.
+MAX_REQUEST_BYTES = 1 << 20
+MAX_DOWNSTREAM_BYTES = 4096
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be understood; carries a reply code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False):
+    v: int = PROTOCOL_VERSION
+
+
+# --------------------------------------------------------------- requests ---
+
+class Run(_Msg, tag="run"):
+    """Launch ``argv`` in a container described by ``manifest``.
+
+    ``manifest`` is the canonical form produced by
+    :func:`nrm.manifest.Manifest.to_dict`; the daemon validates it again.
+    """
+    id: int = 0
+    manifest: Dict[str, object] = {}
+    argv: List[str] = []
+    env: Dict[str, str] = {}
+    cwd: str = "/"
+    container: Optional[str] = None
+    detach: bool = False
+    output: bool = True
+    wait: bool = False
+    oversubscribe: bool = False
+
+
+class Signal(_Msg, tag="signal"):
+    """Deliver a signal to one task (the client forwarding Ctrl-C)."""
+    id: int = 0
+    task: str = ""
+    signum: int = 15
+
+
+class Kill(_Msg, tag="kill"):
+    id: int = 0
+    container: str = ""
+
+
+class ListContainers(_Msg, tag="list"):
+    id: int = 0
+
+
+class Status(_Msg, tag="status"):
+    id: int = 0
+
+
+class Power(_Msg, tag="power"):
+    id: int = 0
+
+
+class SetPower(_Msg, tag="setpower"):
+    """Set (``watts`` > 0) or clear (``watts`` null) the node power cap."""
+    id: int = 0
+    watts: Optional[float] = None
+
+
+class Report(_Msg, tag="report"):
+    id: int = 0
+    container: Optional[str] = None
+
+
+Request = Union[Run, Signal, Kill, ListContainers, Status, Power, SetPower, Report]
+
+# ---------------------------------------------------------------- replies ---
+
+
+class Error(_Msg, tag="error"):
+    id: int = 0
+    code: str = "error"
+    message: str = ""
+
+
+class Ack(_Msg, tag="ack"):
+    id: int = 0
+    data: Dict[str, object] = {}
+
+
+class Started(_Msg, tag="started"):
+    id: int = 0
+    container: str = ""
+    task: str = ""
+    pid: int = 0
+    cpus: List[int] = []
+    mems: List[int] = []
+
+
+class Output(_Msg, tag="output"):
+    """Followed by exactly one raw frame holding the bytes."""
+    id: int = 0
+    task: str = ""
+    stream: str = "stdout"
+
+
+class Exit(_Msg, tag="exit"):
+    """``status`` is the shell-style status: code, or 128+signal."""
+    id: int = 0
+    task: str = ""
+    container: str = ""
+    code: Optional[int] = None
+    signal: Optional[int] = None
+    status: int = 0
+    profile: Optional[Dict[str, object]] = None
+
+
+Reply = Union[Error, Ack, Started, Output, Exit]
+
+# ------------------------------------------------------------- downstream ---
+
+
+class DStart(_Msg, tag="start"):
+    container: str = ""
+    task: str = ""
+    app: str = ""
+    pid: int = 0
+
+
+class DProgress(_Msg, tag="progress"):
+    container: str = ""
+    task: str = ""
+    app: str = ""
+    payload: int = 0
+
+
+class DPhaseContext(_Msg, tag="phase_context"):
+    """``aggregation`` phases ended on ``cpu``; times are totals in ns.
+
+    ``phase`` is the sender's cumulative phase count after this message, so
+    the policy gate can line up ranks that aggregated differently.
+    """
+    container: str = ""
+    task: str = ""
+    app: str = ""
+    rank: int = -1
+    cpu: int = 0
+    phase: int = 0
+    aggregation: int = 1
+    computetime: int = 0
+    totaltime: int = 0
+
+
+class DPerformance(_Msg, tag="performance"):
+    container: str = ""
+    task: str = ""
+    app: str = ""
+    event: str = "instructions"
+    payload: float = 0.0
+    interval: float = 0.0
+
+
+class DExit(_Msg, tag="exit"):
+    container: str = ""
+    task: str = ""
+    app: str = ""
+
+
+Downstream = Union[DStart, DProgress, DPhaseContext, DPerformance, DExit]
+
+# ----------------------------------------------------------------- events ---
+
+#: PUB topics; a subscriber filters by prefix.
+TOPICS = ("container", "task", "power", "progress", "phase_context",
+          "performance", "decision", "daemon")
+
+# ---------------------------------------------------------------- codecs ---
+
+_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(Request)
+_reply_decoder = msgspec.json.Decoder(Reply)
+_downstream_decoder = msgspec.json.Decoder(Downstream)
+
+
+def encode(msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def _decode(decoder, data: bytes, limit: int):
+    if len(data) > limit:
+        raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds {limit}")
+    try:
+        msg = decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("invalid", f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("malformed", f"malformed message: {exc}") from None
+    if msg.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "version", f"protocol version {msg.v} not supported (this is {PROTOCOL_VERSION})")
+    return msg
+
+
+def decode_request(data: bytes) -> Request:
+    return _decode(_request_decoder, data, MAX_REQUEST_BYTES)
+
+
+def decode_reply(data: bytes) -> Reply:
+    return _decode(_reply_decoder, data, MAX_REQUEST_BYTES)
+
+
+def decode_downstream(data: bytes) -> Downstream:
+    return _decode(_downstream_decoder, data, MAX_DOWNSTREAM_BYTES)
+
+
+def encode_event(topic: str, body: dict) -> List[bytes]:
+    return [topic.encode(), _encoder.encode(body)]
+
+
+def request_tags() -> List[str]:
+    return [t.__struct_config__.tag for t in Request.__args__]
+
+
+def reply_tags() -> List[str]:
+    return [t.__struct_config__.tag for t in Reply.__args__]
+
+
+def downstream_tags() -> List[str]:
+    return [t.__struct_config__.tag for t in Downstream.__args__]
