@@ -1,0 +1,21 @@
+"""Small helpers shared by the verbs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from nrm.client import Client
+
+
+def client(args) -> Client:
+    return Client(args.runtime_dir, timeout=args.timeout)
+
+
+def dump_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def fmt_watts(value) -> str:
+    return "-" if value is None else f"{value:.1f} W"

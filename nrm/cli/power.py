@@ -1,0 +1,32 @@
+"""nrm power: latest power sample and the node cap."""
+
+from nrm.cli.common import client, dump_json, fmt_watts
+
+NAME = "power"
+HELP = "show the latest power sample and the power cap"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+def execute(args) -> int:
+    data = client(args).power()
+    if args.json:
+        dump_json(data)
+        return 0
+    sample = data.get("sample")
+    label = data.get("backend") or "none"
+    if data.get("emulated"):
+        label += " (emulated)"
+    print(f"hardware: {label}; cap: {fmt_watts(data.get('cap_w'))}")
+    if not sample:
+        print("no sample yet")
+        return 0
+    print(f"node: {fmt_watts(sample.get('node_power_w'))}")
+    for pkg, p in sorted((sample.get("packages") or {}).items()):
+        temp = p.get("temperature_c")
+        print(f"package {pkg}: {fmt_watts(p.get('power_w'))}, dram {fmt_watts(p.get('dram_power_w'))}"
+              f", energy {p.get('energy_j', 0):.1f} J"
+              + (f", {temp:.1f} C" if temp is not None else ""))
+    return 0

@@ -1,0 +1,30 @@
+"""nrm setpower: set or clear the node power cap."""
+
+import argparse
+
+from nrm.cli.common import client, fmt_watts
+
+NAME = "setpower"
+HELP = "set the node power cap in watts ('off' clears it; root or the power group)"
+
+
+def _watts(text):
+    if text.lower() in ("off", "none", "clear"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected watts or 'off', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of watts, got {text!r}")
+    return value
+
+
+def add_arguments(p) -> None:
+    p.add_argument("watts", type=_watts, metavar="WATTS|off")
+
+
+def execute(args) -> int:
+    data = client(args).setpower(args.watts)
+    print(f"power cap: {fmt_watts(data.get('cap_w'))}" if data.get("cap_w") else "power cap cleared")
+    return 0

@@ -1,0 +1,44 @@
+"""nrm status: the daemon's identity, runtime, hardware and counters."""
+
+from nrm.cli.common import client, dump_json
+
+NAME = "status"
+HELP = "show daemon status and counters"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+def execute(args) -> int:
+    s = client(args).status()
+    if args.json:
+        dump_json(s)
+        return 0
+    rt = s["runtime"]
+    hw = s.get("hardware") or {}
+    print(f"nrmd {s['version']} (protocol {s['protocol']}) pid {s['pid']}, "
+          f"up {s['uptime_s']:.0f} s, runtime dir {s['runtime_dir']}")
+    print(f"runtime:   {rt['name']}" + ("" if rt["isolates_memory"] else " (no memory isolation)"))
+    for note in rt.get("notes", []):
+        print(f"           {note}")
+    if hw:
+        label = hw.get("backend", "?") + (" (emulated)" if hw.get("emulated") else "")
+        print(f"hardware:  {label}")
+        for note in hw.get("notes", []) or hw.get("reasons", []) or []:
+            print(f"           {note}")
+    res = s["resources"]
+    print(f"cpus:      {res['cpus']} ({len(res['free_cpus'])} free), NUMA nodes {res['nodes']}")
+    t = s["tasks"]
+    print(f"tasks:     {t['tasks_started']} started, {t['tasks_finished']} finished, "
+          f"{t['spawn_failures']} failed to start; {s['containers']} containers running, "
+          f"{s['waiting']} waiting")
+    r = s["requests"]
+    print(f"requests:  {r['requests']} received, {r['request_errors']} rejected")
+    d = s.get("downstream") or {}
+    if d:
+        print("downstream: " + ", ".join(f"{k} {v}" for k, v in sorted(d.items())
+                                         if not isinstance(v, dict)))
+    if s.get("power_cap_w") is not None:
+        print(f"power cap: {s['power_cap_w']:.1f} W")
+    return 0

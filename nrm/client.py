@@ -1,0 +1,362 @@
+"""The upstream client library; the `nrm` CLI is a thin layer over it.
+
+Blocking use::
+
+    from nrm.client import Client
+    from nrm.manifest import load
+    with Client() as c:
+        result = c.run(load("examples/basic.yml"), ["hostname"])
+        print(result.status)
+
+Asyncio use, many tasks at once over one connection::
+
+    import asyncio
+    from nrm.client import AsyncClient
+    async def main():
+        async with AsyncClient() as c:
+            m = load("examples/basic.yml")
+            results = await asyncio.gather(*(c.run(m, ["true"], output=False)
+                                             for _ in range(100)))
+            print([r.status for r in results])
+    asyncio.run(main())
+
+Requests carry an id echoed by every reply, so any number of requests can
+share one DEALER socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Dict, List, Optional
+
+import zmq
+import zmq.asyncio
+
+from nrm import paths, protocol
+from nrm.manifest import Manifest
+
+DEFAULT_TIMEOUT = 5.0
+
+
+class NrmError(Exception):
+    """An error reply from nrmd (``code`` is machine-readable)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class DaemonUnavailable(NrmError):
+    def __init__(self, message: str):
+        super().__init__("unavailable", message)
+
+
+@dataclass
+class RunResult:
+    container: str = ""
+    task: str = ""
+    pid: int = 0
+    cpus: List[int] = field(default_factory=list)
+    mems: List[int] = field(default_factory=list)
+    status: int = 0
+    code: Optional[int] = None
+    signal: Optional[int] = None
+    profile: Optional[dict] = None
+
+
+def _request_socket(ctx, rundir: str):
+    uri = paths.upstream_uri(rundir)
+    path = uri[len("ipc://"):]
+    if not os.path.exists(path):
+        raise DaemonUnavailable(f"nrmd is not running (no socket at {path})")
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.sndhwm = 0
+    sock.rcvhwm = 0
+    sock.connect(uri)
+    return sock
+
+
+def _run_request(manifest: Manifest, argv, env, cwd, container, detach, output, wait,
+                 oversubscribe) -> protocol.Run:
+    return protocol.Run(
+        manifest=manifest.to_dict(), argv=list(argv),
+        env=dict(os.environ if env is None else env), cwd=cwd or os.getcwd(),
+        container=container, detach=detach, output=output, wait=wait,
+        oversubscribe=oversubscribe)
+
+
+def _apply(result: RunResult, reply) -> None:
+    if isinstance(reply, protocol.Started):
+        result.container, result.task, result.pid = reply.container, reply.task, reply.pid
+        result.cpus, result.mems = list(reply.cpus), list(reply.mems)
+    elif isinstance(reply, protocol.Exit):
+        result.status, result.code, result.signal = reply.status, reply.code, reply.signal
+        result.profile = reply.profile
+
+
+class Run:
+    """A run in progress, for callers that want to forward signals."""
+
+    def __init__(self, client: "Client", request_id: int, stdout, stderr,
+                 on_started: Optional[Callable[[RunResult], None]] = None):
+        self.client = client
+        self.id = request_id
+        self.stdout = stdout
+        self.stderr = stderr
+        self.on_started = on_started
+        self.result = RunResult()
+        self.done = False
+
+    def signal(self, signum: int) -> None:
+        """Forward a signal to the task (no reply is awaited)."""
+        if self.result.task:
+            self.client._send(protocol.Signal(id=next(self.client._ids), task=self.result.task,
+                                              signum=signum))
+
+    def step(self, timeout: float) -> bool:
+        """Process replies for up to ``timeout`` seconds; True when done."""
+        for reply, payload in self.client._receive(self.id, timeout):
+            if isinstance(reply, protocol.Error):
+                self.done = True
+                raise NrmError(reply.code, reply.message)
+            if isinstance(reply, protocol.Output):
+                out = self.stdout if reply.stream == "stdout" else self.stderr
+                if out is not None and payload is not None:
+                    out.write(payload)
+                    out.flush()
+                continue
+            _apply(self.result, reply)
+            if isinstance(reply, protocol.Started) and self.on_started:
+                self.on_started(self.result)
+            if isinstance(reply, protocol.Exit) or (
+                    isinstance(reply, protocol.Started) and self.client._detached(self.id)):
+                self.done = True
+        return self.done
+
+    def wait(self) -> RunResult:
+        while not self.step(0.2):
+            pass
+        return self.result
+
+
+class Client:
+    def __init__(self, runtime_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT):
+        self.rundir = paths.runtime_dir(runtime_dir)
+        self.timeout = timeout
+        self.ctx = zmq.Context.instance()
+        self.sock = _request_socket(self.ctx, self.rundir)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._ids = itertools.count(1)
+        self._pending: Dict[int, list] = {}
+        self._detach: set = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+    # -- plumbing ---------------------------------------------------------
+    def _send(self, msg) -> None:
+        self.sock.send(protocol.encode(msg))
+
+    def _detached(self, request_id: int) -> bool:
+        return request_id in self._detach
+
+    def _receive(self, request_id: int, timeout: float):
+        """Yield (reply, payload) for ``request_id``, buffering others."""
+        queued = self._pending.pop(request_id, None)
+        if queued:
+            yield from queued
+            return
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        events = dict(poller.poll(int(timeout * 1000)))
+        if self.monitor in events:
+            self.monitor.recv_multipart()
+            raise DaemonUnavailable("lost the connection to nrmd")
+        if self.sock not in events:
+            return
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = protocol.decode_reply(frames[0])
+            payload = frames[1] if len(frames) > 1 else None
+            if reply.id == request_id:
+                yield reply, payload
+            else:
+                self._pending.setdefault(reply.id, []).append((reply, payload))
+
+    def call(self, msg):
+        """Send one request and return its single reply's data."""
+        msg.id = next(self._ids)
+        self._send(msg)
+        deadline_left = self.timeout
+        while deadline_left > 0:
+            for reply, _ in self._receive(msg.id, min(deadline_left, 0.5)):
+                if isinstance(reply, protocol.Error):
+                    raise NrmError(reply.code, reply.message)
+                return reply.data if isinstance(reply, protocol.Ack) else reply
+            deadline_left -= 0.5
+        raise DaemonUnavailable(f"nrmd did not answer within {self.timeout:g} s")
+
+    # -- verbs ------------------------------------------------------------
+    def status(self) -> dict:
+        return self.call(protocol.Status())
+
+    def list(self) -> List[dict]:
+        return self.call(protocol.ListContainers())["containers"]
+
+    def kill(self, container: str) -> dict:
+        return self.call(protocol.Kill(container=container))
+
+    def power(self) -> dict:
+        return self.call(protocol.Power())
+
+    def setpower(self, watts: Optional[float]) -> dict:
+        return self.call(protocol.SetPower(watts=watts))
+
+    def report(self, container: Optional[str] = None) -> List[dict]:
+        return self.call(protocol.Report(container=container))["reports"]
+
+    def start(self, manifest: Manifest, argv: List[str], *, container: Optional[str] = None,
+              detach: bool = False, env: Optional[Dict[str, str]] = None,
+              cwd: Optional[str] = None, stdout: Optional[BinaryIO] = None,
+              stderr: Optional[BinaryIO] = None, output: bool = True, wait: bool = False,
+              oversubscribe: bool = False,
+              on_started: Optional[Callable[[RunResult], None]] = None) -> Run:
+        msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
+                           oversubscribe)
+        msg.id = next(self._ids)
+        if detach:
+            self._detach.add(msg.id)
+        self._send(msg)
+        return Run(self, msg.id, stdout, stderr, on_started)
+
+    def run(self, manifest: Manifest, argv: List[str], **kwargs) -> RunResult:
+        """Run to completion; output goes to this process's stdout/stderr
+        unless other binary files (or None, to discard) are given."""
+        kwargs.setdefault("stdout", sys.stdout.buffer)
+        kwargs.setdefault("stderr", sys.stderr.buffer)
+        return self.start(manifest, argv, **kwargs).wait()
+
+    def subscribe(self, topics=("",)) -> zmq.Socket:
+        """A SUB socket on the daemon's events (``[topic, json]`` frames)."""
+        sock = self.ctx.socket(zmq.SUB)
+        sock.linger = 0
+        sock.connect(paths.events_uri(self.rundir))
+        for t in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        return sock
+
+
+class AsyncClient:
+    """asyncio flavour: one socket, one reader task, a queue per request."""
+
+    def __init__(self, runtime_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT):
+        self.rundir = paths.runtime_dir(runtime_dir)
+        self.timeout = timeout
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock = _request_socket(self.ctx, self.rundir)
+        self._ids = itertools.count(1)
+        self._queues: Dict[int, asyncio.Queue] = {}
+        self._reader: Optional[asyncio.Task] = None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.sock.close(linger=0)
+
+    async def _read(self) -> None:
+        sock = self.sock
+        while True:
+            frames = await sock.recv_multipart()
+            while True:
+                reply = protocol.decode_reply(frames[0])
+                q = self._queues.get(reply.id)
+                if q is not None:
+                    q.put_nowait((reply, frames[1] if len(frames) > 1 else None))
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    if isinstance(frames, asyncio.Future):
+                        frames = await frames
+                except zmq.Again:
+                    break
+
+    def _open(self, msg) -> asyncio.Queue:
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+        msg.id = next(self._ids)
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[msg.id] = q
+        return q
+
+    async def call(self, msg):
+        q = self._open(msg)
+        try:
+            await self.sock.send(protocol.encode(msg))
+            try:
+                reply, _ = await asyncio.wait_for(q.get(), self.timeout)
+            except asyncio.TimeoutError:
+                raise DaemonUnavailable(
+                    f"nrmd did not answer within {self.timeout:g} s") from None
+        finally:
+            self._queues.pop(msg.id, None)
+        if isinstance(reply, protocol.Error):
+            raise NrmError(reply.code, reply.message)
+        return reply.data if isinstance(reply, protocol.Ack) else reply
+
+    async def status(self) -> dict:
+        return await self.call(protocol.Status())
+
+    async def run(self, manifest: Manifest, argv: List[str], *, container: Optional[str] = None,
+                  detach: bool = False, env: Optional[Dict[str, str]] = None,
+                  cwd: Optional[str] = None, output: bool = True,
+                  on_output: Optional[Callable[[str, bytes], None]] = None,
+                  wait: bool = False, oversubscribe: bool = False) -> RunResult:
+        msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
+                           oversubscribe)
+        q = self._open(msg)
+        result = RunResult()
+        try:
+            await self.sock.send(protocol.encode(msg))
+            while True:
+                reply, payload = await q.get()
+                if isinstance(reply, protocol.Error):
+                    raise NrmError(reply.code, reply.message)
+                if isinstance(reply, protocol.Output):
+                    if on_output is not None:
+                        on_output(reply.stream, payload)
+                    continue
+                _apply(result, reply)
+                if isinstance(reply, protocol.Exit) or (
+                        detach and isinstance(reply, protocol.Started)):
+                    return result
+        finally:
+            self._queues.pop(msg.id, None)

@@ -1,0 +1,588 @@
+"""Container manager: containers, their tasks, and the tasks' output.
+
+A container is a named slice with an owner (a Unix uid) holding one or more
+tasks; it ends when its last task ends, and then everything left in it is
+killed and its slice released. Tasks are watched with pidfds on the event
+loop (no SIGCHLD handler, no thread per task), their stdout and stderr are
+read from pipes and handed to a *sink* (the client that asked for the run),
+which may push back: when a client is slow its task's pipes stop being read,
+so output is never dropped and daemon memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import signal
+import stat
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional
+
+from nrm.manifest import Manifest
+from nrm.resources import ResourceManager, Slice, SliceError
+from nrm.runtimes import SCHED_POLICIES, Handle, Runtime
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 65536
+EOF_GRACE_S = 0.2          # wait this long for pipes after the task exited
+KILL_GRACE_S = 2.0         # SIGTERM, then SIGKILL after this long
+
+
+class RunError(Exception):
+    """A run request that cannot be honoured; ``code`` goes in the reply."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Peer:
+    """A kernel-verified requester."""
+    uid: int
+    gid: int
+    pid: int = 0
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def may_touch(self, owner_uid: int) -> bool:
+        return self.uid == 0 or self.uid == owner_uid
+
+
+class Sink:
+    """Where a task's events go. The upstream side implements it."""
+
+    def started(self, task: "Task") -> None:
+        pass
+
+    def output(self, task: "Task", stream: str, data: bytes) -> bool:
+        """Return False when the receiver is full: reading pauses until resume."""
+        return True
+
+    def exited(self, task: "Task", profile: Optional[dict]) -> None:
+        pass
+
+
+@dataclass
+class Task:
+    id: str
+    container: "Container"
+    argv: List[str]
+    sink: Sink
+    client_pid: int = 0
+    detach: bool = False
+    proc: Optional[object] = None
+    pid: int = 0
+    pidfd: int = -1
+    pipes: Dict[str, int] = field(default_factory=dict)   # stream -> fd
+    paused: Dict[str, bool] = field(default_factory=dict)
+    code: Optional[int] = None
+    signal: Optional[int] = None
+    started_at: float = 0.0
+    eof_timer: Optional[asyncio.TimerHandle] = None
+    finished: bool = False
+
+    @property
+    def status(self) -> int:
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.code if self.code is not None else 0
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "pid": self.pid, "argv": self.argv, "detached": self.detach,
+                "state": "exited" if self.finished else "running",
+                "status": self.status if self.finished else None}
+
+
+@dataclass
+class Container:
+    id: str
+    uid: int
+    manifest: Manifest
+    slice: Slice
+    handle: Handle
+    tasks: Dict[str, Task] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    bind_next: int = 0
+    tasks_started: int = 0
+    ending: bool = False
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        try:
+            user = pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            user = str(self.uid)
+        return {"id": self.id, "uid": self.uid, "user": user, "name": self.manifest.name,
+                "cpus": list(self.slice.cpus), "mems": list(self.slice.mems),
+                "shared": self.slice.shared, "created": self.created,
+                "power": self.manifest.power.policy,
+                "tasks": [t.to_dict() for t in self.tasks.values()]}
+
+
+class ContainerListener:
+    """Managers that follow container lifecycles (sensors, policies, apps)."""
+
+    def container_started(self, container: Container) -> None:
+        pass
+
+    def container_ended(self, container: Container) -> Optional[dict]:
+        """May return a fragment merged into the container's exit profile."""
+        return None
+
+
+class ContainerManager:
+    def __init__(self, runtime: Runtime, resources: ResourceManager,
+                 publish: Callable[[str, dict], None], task_env: Callable[..., Dict[str, str]],
+                 loop: Optional[asyncio.AbstractEventLoop] = None):
+        self.runtime = runtime
+        self.resources = resources
+        self.publish = publish
+        self.task_env = task_env
+        self.loop = loop or asyncio.get_event_loop()
+        self.containers: Dict[str, Container] = {}
+        self.tasks: Dict[str, Task] = {}
+        self.listeners: List[ContainerListener] = []
+        self.waiting: Deque[tuple] = deque()
+        self.client_watch: Dict[int, tuple] = {}   # client pid -> (pidfd, set(task ids))
+        self.counters = {"tasks_started": 0, "tasks_finished": 0, "containers_started": 0,
+                         "containers_finished": 0, "spawn_failures": 0}
+        self.finished_profiles: Deque[dict] = deque(maxlen=64)
+
+    # -- run --------------------------------------------------------------
+    def run(self, peer: Peer, manifest: Manifest, argv: List[str], env: Dict[str, str],
+            cwd: str, sink: Sink, container_name: Optional[str] = None, detach: bool = False,
+            output: bool = True, wait: bool = False, oversubscribe: bool = False) -> Optional[Task]:
+        """Start a task, or queue it when ``wait`` and the slice is busy.
+
+        Returns the task, or None when queued; raises RunError.
+        """
+        if not argv:
+            raise RunError("invalid", "no command given")
+        if container_name is not None:
+            existing = self.containers.get(container_name)
+            if existing is not None:
+                if not peer.may_touch(existing.uid):
+                    raise RunError("denied", f"container {container_name} belongs to "
+                                   f"uid {existing.uid}")
+                if existing.ending:
+                    raise RunError("busy", f"container {container_name} is shutting down")
+                return self._start_task(existing, peer, argv, env, cwd, sink, detach, output)
+        cid = container_name or uuid.uuid4().hex[:12]
+        try:
+            slice_ = self.resources.allocate(cid, manifest.slice.cpus, manifest.slice.mems,
+                                             oversubscribe)
+        except SliceError as exc:
+            if exc.busy and wait:
+                self.waiting.append((peer, manifest, argv, env, cwd, sink, container_name,
+                                     detach, output, oversubscribe))
+                return None
+            raise RunError("busy" if exc.busy else "no_fit", str(exc)) from None
+        try:
+            handle = self.runtime.create(cid, slice_.cpus, slice_.mems)
+        except Exception as exc:
+            self.resources.release(cid, slice_)
+            raise RunError("runtime", str(exc)) from None
+        handle.image = manifest.image
+        container = Container(cid, peer.uid, manifest, slice_, handle)
+        self.containers[cid] = container
+        self.counters["containers_started"] += 1
+        for listener in self.listeners:
+            try:
+                listener.container_started(container)
+            except Exception:
+                log.exception("listener %s failed at container start", listener)
+        self.publish("container", {"event": "start", **container.to_dict()})
+        try:
+            return self._start_task(container, peer, argv, env, cwd, sink, detach, output)
+        except RunError:
+            if not container.tasks:
+                self._end_container(container)
+            raise
+
+    def _spawn_options(self, container: Container):
+        m = container.manifest
+        bind_cpus = bind_mems = None
+        if m.hwbind:
+            topo = self.resources.topology
+            cores: Dict[tuple, List[int]] = {}
+            for c in container.slice.cpus:
+                cpu = topo.cpu(c)
+                cores.setdefault((cpu.package, cpu.core), []).append(c)
+            core_list = sorted(cores.values())
+            chosen = core_list[container.bind_next % len(core_list)]
+            container.bind_next += 1
+            bind_cpus = chosen
+            bind_mems = [topo.cpu(chosen[0]).node]
+        sched = None
+        if m.scheduler.policy != "SCHED_OTHER" or m.scheduler.priority:
+            sched = (SCHED_POLICIES[m.scheduler.policy], m.scheduler.priority)
+        return bind_cpus, bind_mems, sched
+
+    def _start_task(self, container, peer, argv, env, cwd, sink, detach, output) -> Task:
+        task = Task(id=uuid.uuid4().hex[:12], container=container, argv=list(argv), sink=sink,
+                    client_pid=peer.pid, detach=detach)
+        try:
+            user = pwd.getpwuid(peer.uid)
+        except KeyError:
+            raise RunError("denied", f"uid {peer.uid} has no passwd entry") from None
+        if os.geteuid() == 0 and peer.uid != 0:
+            _check_cwd_access(cwd, peer.uid, os.getgrouplist(user.pw_name, peer.gid))
+        full_env = self.task_env(container, task, env)
+        kwargs = dict(env=full_env, cwd=cwd, stdin=subprocess_devnull())
+        if output:
+            kwargs.update(stdout=-1, stderr=-1)
+        else:
+            kwargs.update(stdout=subprocess_devnull(), stderr=subprocess_devnull())
+        if os.geteuid() == 0 and peer.uid != 0:
+            kwargs.update(user=peer.uid, group=peer.gid,
+                          extra_groups=os.getgrouplist(user.pw_name, peer.gid))
+        bind_cpus, bind_mems, sched = self._spawn_options(container)
+        argv = self._wrap_perf(container, argv)
+        try:
+            proc = self.runtime.spawn(container.handle, argv, bind_cpus=bind_cpus,
+                                      bind_mems=bind_mems, sched=sched, **kwargs)
+        except (OSError, ValueError) as exc:
+            self.counters["spawn_failures"] += 1
+            msg = getattr(exc, "strerror", None) or str(exc)
+            code = "exec" if isinstance(exc, OSError) else "invalid"
+            if isinstance(exc, PermissionError) and sched is not None:
+                code = "sched"
+            raise RunError(code, f"cannot execute {argv[0]!r}: {msg}") from None
+        except Exception as exc:
+            self.counters["spawn_failures"] += 1
+            raise RunError("runtime", f"cannot start task: {exc}") from None
+        task.proc = proc
+        task.pid = proc.pid
+        task.started_at = time.monotonic()
+        task.pidfd = os.pidfd_open(proc.pid)
+        self.loop.add_reader(task.pidfd, self._on_pid_exit, task)
+        if output:
+            for stream, f in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+                fd = f.fileno()
+                os.set_blocking(fd, False)
+                task.pipes[stream] = fd
+                self.loop.add_reader(fd, self._on_readable, task, stream)
+        container.tasks[task.id] = task
+        container.tasks_started += 1
+        self.tasks[task.id] = task
+        self.counters["tasks_started"] += 1
+        if not detach and peer.pid:
+            self._watch_client(peer.pid, task)
+        sink.started(task)
+        self.publish("task", {"event": "start", "container": container.id, "task": task.id,
+                              "pid": task.pid, "argv": task.argv})
+        return task
+
+    def _wrap_perf(self, container, argv):
+        if not container.manifest.perfwrapper:
+            return argv
+        return [os.path.join(os.path.dirname(os.path.realpath(_python())), "nrm-perfwrapper"),
+                "--"] + list(argv)
+
+    # -- output -----------------------------------------------------------
+    def _on_readable(self, task: Task, stream: str) -> None:
+        fd = task.pipes.get(stream)
+        if fd is None:
+            return
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_pipe(task, stream)
+            return
+        if not task.sink.output(task, stream, data):
+            self.loop.remove_reader(fd)
+            task.paused[stream] = True
+
+    def resume(self, task: Task) -> None:
+        """The sink drained: read again."""
+        for stream, paused in list(task.paused.items()):
+            if paused and stream in task.pipes:
+                task.paused[stream] = False
+                self.loop.add_reader(task.pipes[stream], self._on_readable, task, stream)
+        if task.pidfd < 0 and task.pipes and task.eof_timer is None and not task.finished:
+            task.eof_timer = self.loop.call_later(EOF_GRACE_S, self._drain_and_finish, task)
+
+    def _close_pipe(self, task: Task, stream: str) -> None:
+        fd = task.pipes.pop(stream, None)
+        if fd is None:
+            return
+        self.loop.remove_reader(fd)
+        task.paused.pop(stream, None)
+        getattr(task.proc, stream).close()
+        if not task.pipes and task.pidfd < 0:
+            self._finish(task)
+
+    # -- exit -------------------------------------------------------------
+    def _on_pid_exit(self, task: Task) -> None:
+        try:
+            pid, status = os.waitpid(task.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = task.pid, 0
+        if pid == 0:
+            return
+        self.loop.remove_reader(task.pidfd)
+        os.close(task.pidfd)
+        task.pidfd = -1
+        if os.WIFSIGNALED(status):
+            task.signal = os.WTERMSIG(status)
+        else:
+            task.code = os.WEXITSTATUS(status)
+        task.proc.returncode = task.status
+        if not task.pipes:
+            self._finish(task)
+        elif not any(task.paused.values()):
+            task.eof_timer = self.loop.call_later(EOF_GRACE_S, self._drain_and_finish, task)
+
+    def _drain_and_finish(self, task: Task) -> None:
+        """Pipes still open after exit: a grandchild holds them. Keep what is
+        buffered now and stop listening, so a daemonized child cannot hold
+        the client forever."""
+        task.eof_timer = None
+        for stream in list(task.pipes):
+            fd = task.pipes[stream]
+            while True:
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                task.sink.output(task, stream, data)
+            self._close_pipe(task, stream)
+
+    def _finish(self, task: Task) -> None:
+        if task.finished:
+            return
+        task.finished = True
+        if task.eof_timer is not None:
+            task.eof_timer.cancel()
+        container = task.container
+        container.tasks.pop(task.id, None)
+        self.tasks.pop(task.id, None)
+        self._unwatch_client(task)
+        self.counters["tasks_finished"] += 1
+        self.publish("task", {"event": "exit", "container": container.id, "task": task.id,
+                              "status": task.status, "code": task.code, "signal": task.signal})
+        profile = None
+        if not container.tasks:
+            profile = self._end_container(container)
+        task.sink.exited(task, profile)
+
+    def _end_container(self, container: Container) -> Optional[dict]:
+        if container.id not in self.containers:
+            return None
+        container.ending = True
+        for t in list(container.tasks.values()):
+            self._force_finish(t)
+        try:
+            self.runtime.kill_all(container.handle, signal.SIGKILL)
+            self.runtime.remove(container.handle)
+        except Exception:
+            log.exception("removing container %s", container.id)
+        self.resources.release(container.id, container.slice)
+        del self.containers[container.id]
+        self.counters["containers_finished"] += 1
+        profile: Dict[str, object] = {}
+        for listener in self.listeners:
+            try:
+                fragment = listener.container_ended(container)
+            except Exception:
+                log.exception("listener %s failed at container end", listener)
+                fragment = None
+            if fragment:
+                profile.update(fragment)
+        profile_out = None
+        if container.manifest.power.profile or profile:
+            profile_out = {"container": container.id, "name": container.manifest.name,
+                           "duration_s": time.monotonic() - container.started_mono,
+                           "cpus": list(container.slice.cpus), **profile}
+            self.finished_profiles.append(profile_out)
+        self.publish("container", {"event": "exit", "id": container.id,
+                                   "name": container.manifest.name, "profile": profile_out})
+        self._retry_waiting()
+        return profile_out if container.manifest.power.profile else None
+
+    def _force_finish(self, task: Task) -> None:
+        """Container teardown while a task is still known: kill and reap now."""
+        if task.pidfd >= 0:
+            try:
+                os.killpg(task.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                os.waitpid(task.pid, 0)
+            except ChildProcessError:
+                pass
+            self.loop.remove_reader(task.pidfd)
+            os.close(task.pidfd)
+            task.pidfd = -1
+            task.signal = signal.SIGKILL
+        for stream in list(task.pipes):
+            fd = task.pipes.pop(stream)
+            self.loop.remove_reader(fd)
+            getattr(task.proc, stream).close()
+        task.finished = True
+        task.container.tasks.pop(task.id, None)
+        self.tasks.pop(task.id, None)
+        self._unwatch_client(task)
+        self.counters["tasks_finished"] += 1
+        task.sink.exited(task, None)
+
+    def _retry_waiting(self) -> None:
+        pending, self.waiting = self.waiting, deque()
+        while pending:
+            item = pending.popleft()
+            peer, manifest, argv, env, cwd, sink, name, detach, output, oversub = item
+            try:
+                self.run(peer, manifest, argv, env, cwd, sink, name, detach, output,
+                         wait=True, oversubscribe=oversub)
+            except RunError as exc:
+                fail = getattr(sink, "failed", None)
+                if fail:
+                    fail(exc.code, str(exc))
+
+    # -- signals, kill ----------------------------------------------------
+    def signal_task(self, peer: Peer, task_id: str, signum: int) -> None:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise RunError("not_found", f"no task {task_id}")
+        if not peer.may_touch(task.container.uid):
+            raise RunError("denied", f"task {task_id} belongs to uid {task.container.uid}")
+        try:
+            os.killpg(task.pid, signum)
+        except ProcessLookupError:
+            pass
+        except ValueError:
+            raise RunError("invalid", f"invalid signal {signum}") from None
+
+    def kill(self, peer: Peer, name: str) -> int:
+        container = self.containers.get(name)
+        if container is None:
+            raise RunError("not_found", f"no container {name}")
+        if not peer.may_touch(container.uid):
+            raise RunError("denied", f"container {name} belongs to uid {container.uid}")
+        n = len(container.tasks)
+        self.runtime.kill_all(container.handle, signal.SIGKILL)
+        for task in container.tasks.values():
+            try:
+                os.killpg(task.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return n
+
+    def cancel_waiting(self, sink: Sink) -> None:
+        self.waiting = deque(w for w in self.waiting if w[5] is not sink)
+
+    def client_gone(self, task: Task) -> None:
+        """The client that streams this task vanished: kill the task."""
+        if not task.detach and not task.finished:
+            log.info("client of task %s is gone; killing it", task.id)
+            try:
+                os.killpg(task.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _watch_client(self, pid: int, task: Task) -> None:
+        entry = self.client_watch.get(pid)
+        if entry is None:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                return     # already gone: the first send will notice
+            entry = (fd, set())
+            self.client_watch[pid] = entry
+            self.loop.add_reader(fd, self._on_client_exit, pid)
+        entry[1].add(task.id)
+
+    def _unwatch_client(self, task: Task) -> None:
+        entry = self.client_watch.get(task.client_pid)
+        if entry is None:
+            return
+        entry[1].discard(task.id)
+        if not entry[1]:
+            self.loop.remove_reader(entry[0])
+            os.close(entry[0])
+            del self.client_watch[task.client_pid]
+
+    def _on_client_exit(self, pid: int) -> None:
+        fd, ids = self.client_watch.pop(pid)
+        self.loop.remove_reader(fd)
+        os.close(fd)
+        for tid in ids:
+            task = self.tasks.get(tid)
+            if task is not None:
+                self.client_gone(task)
+
+    # -- queries ----------------------------------------------------------
+    def visible(self, peer: Peer) -> List[Container]:
+        return [c for c in self.containers.values() if peer.may_touch(c.uid)]
+
+    def pids(self) -> List[int]:
+        out: List[int] = []
+        for c in self.containers.values():
+            out.extend(self.runtime.pids(c.handle))
+        return out
+
+    def container_of_pid(self, pid: int) -> Optional[Container]:
+        """Which container a process belongs to (its own or an ancestor task)."""
+        for c in self.containers.values():
+            if pid in self.runtime.pids(c.handle):
+                return c
+        return None
+
+    def shutdown(self) -> None:
+        for container in list(self.containers.values()):
+            self._end_container(container)
+        for fd, _ in self.client_watch.values():
+            self.loop.remove_reader(fd)
+            os.close(fd)
+        self.client_watch.clear()
+
+
+def _python() -> str:
+    import sys
+    return sys.executable
+
+
+_devnull = None
+
+
+def subprocess_devnull() -> int:
+    global _devnull
+    if _devnull is None:
+        _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return _devnull
+
+
+def _check_cwd_access(cwd: str, uid: int, gids: List[int]) -> None:
+    """Refuse a cwd the user could not enter: the child chdirs before it
+    drops root, so without this check a user could start in any directory."""
+    path = "/"
+    for part in [p for p in os.path.abspath(cwd).split("/") if p]:
+        path = os.path.join(path, part)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise RunError("cwd", f"working directory {cwd}: {exc.strerror}") from None
+        if st.st_uid == uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in gids:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            raise RunError("cwd", f"working directory {cwd}: permission denied for uid {uid}")

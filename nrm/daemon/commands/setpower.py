@@ -1,0 +1,14 @@
+"""setpower: set or clear the node power cap (root or the power group)."""
+
+from nrm import protocol
+from nrm.containers import RunError
+
+NAME = "setpower"
+
+
+def execute(daemon, req, msg) -> None:
+    if not daemon.may_set_power(req.peer):
+        raise RunError("denied", "only root or members of the power group may set power caps")
+    if msg.watts is not None and not msg.watts > 0:
+        raise RunError("invalid", f"watts: expected a positive number, got {msg.watts!r}")
+    req.reply(protocol.Ack(data=daemon.set_power_cap(msg.watts)))

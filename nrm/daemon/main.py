@@ -1,0 +1,98 @@
+"""nrmd: options, logging, signals; the wiring lives in nrm.daemon.core."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import sys
+
+from nrm import __version__, log as nrmlog, paths
+from nrm.daemon.core import Config, Daemon, StartupError
+from nrm.runtimes import KINDS
+
+log = logging.getLogger("nrmd")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nrmd", description="nrm node daemon")
+    p.add_argument("--version", action="version", version=f"nrmd {__version__}")
+    p.add_argument("--runtime-dir", help="sockets, journal and lock (default: /run/nrm as root, "
+                   "else $XDG_RUNTIME_DIR/nrm or /tmp/nrm-UID; env NRM_RUNTIME_DIR)")
+    p.add_argument("--runtime", choices=KINDS, default="auto",
+                   help="how slices are enforced (default: cgroup when writable, else affinity)")
+    p.add_argument("--hw", choices=("auto", "linux", "emulated"), default="auto",
+                   help="hardware backend (default: linux when RAPL is readable)")
+    p.add_argument("--hw-root", default="/", help="root under which every hardware path resolves")
+    p.add_argument("--sensor-period", type=float, default=1.0, metavar="SECONDS",
+                   help="sensor sampling period (default 1 s; sustains 5 ms)")
+    p.add_argument("--pmpi-lib", help="PMPI interposer to preload (default: found next to nrm)")
+    p.add_argument("--seed-downstream", default=paths.SEED_DOWNSTREAM_URI, metavar="URI",
+                   help="seed-era downstream SUB endpoint, 'none' to disable "
+                        f"(default {paths.SEED_DOWNSTREAM_URI})")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve /metrics, /api/v1/state and the dashboard (off by default)")
+    p.add_argument("--power-group", help="Unix group whose members may set power caps")
+    p.add_argument("--emulated", action="append", default=[], metavar="KEY=VALUE",
+                   help="emulated-node model parameter (repeatable)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", default="text", choices=("text", "json"))
+    return p.parse_args(argv)
+
+
+def _emulated_options(pairs):
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise StartupError(f"--emulated expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+async def _serve(config: Config) -> int:
+    daemon = Daemon(config)
+    try:
+        await daemon.start()
+    except StartupError as exc:
+        log.error("%s", exc)
+        await daemon.stop()
+        return 1
+    try:
+        await daemon.run_until_stopped()
+    finally:
+        await daemon.stop()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    nrmlog.setup(args.log_level, args.log_format)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        config = Config(
+            runtime_dir=args.runtime_dir or "", runtime=args.runtime, hw=args.hw,
+            hw_root=args.hw_root, sensor_period=args.sensor_period, pmpi_lib=args.pmpi_lib,
+            seed_downstream=None if args.seed_downstream == "none" else args.seed_downstream,
+            http=args.http, power_group=args.power_group,
+            emulated=_emulated_options(args.emulated))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 2
+    if config.sensor_period <= 0:
+        log.error("--sensor-period must be positive")
+        return 2
+    try:
+        return asyncio.run(_serve(config))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

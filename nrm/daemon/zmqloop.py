@@ -1,0 +1,64 @@
+"""Drive plain zmq sockets from an asyncio loop, in batches.
+
+ZMQ_FD is edge-triggered: one wake-up may stand for many messages, and a
+send on the socket can consume the edge of pending input. So a reader drains
+until EAGAIN (up to a batch, then yields to the loop and continues), and
+``kick()`` is called after sends to re-check for input. This costs one
+getsockopt per wake-up instead of one future per message (FACTS: 60-77k/s
+with an await per message, 0.6M/s draining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+
+class BatchReader:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
+                 handle: Callable[[list], None], batch: int = 512, multipart: bool = True,
+                 copy: bool = False):
+        self.loop = loop
+        self.sock = sock
+        self.handle = handle
+        self.batch = batch
+        self.multipart = multipart
+        self.copy = copy
+        self._scheduled = False
+        self._fd = sock.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self._wake)
+        self.kick()
+
+    def kick(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._scheduled = False
+        sock = self.sock
+        recv = sock.recv_multipart if self.multipart else sock.recv
+        for _ in range(self.batch):
+            try:
+                msg = recv(zmq.NOBLOCK, copy=self.copy)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.warning("receive failed: %s", exc)
+                return
+            try:
+                self.handle(msg)
+            except Exception:
+                log.exception("handler failed; message dropped")
+        self.kick()
+
+    def close(self) -> None:
+        try:
+            self.loop.remove_reader(self._fd)
+        except (ValueError, OSError):
+            pass

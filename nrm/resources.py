@@ -1,0 +1,130 @@
+"""Slice allocation: which cpus and NUMA memory nodes a container gets.
+
+Cpus are exclusive: a container owns its cpus until it ends, unless its
+request asks to oversubscribe. Memory nodes are chosen for locality (the
+nodes of the chosen cpus first) and may be shared: a node's memory cannot be
+split finer than the node, and making nodes exclusive would let a one-node
+machine run a single container. This is documented in docs/manifest.md.
+
+First fit with locality: a request that fits inside one NUMA node takes cpus
+from the node with the fewest free cpus that still fits (keeping big holes
+for big requests), and within a node whole cores before splitting one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from nrm.hw.topology import Topology
+
+
+class SliceError(ValueError):
+    """The request can never fit, or does not fit now (``busy``)."""
+
+    def __init__(self, message: str, busy: bool = False):
+        super().__init__(message)
+        self.busy = busy
+
+
+@dataclass(frozen=True)
+class Slice:
+    cpus: tuple
+    mems: tuple
+    shared: bool = False
+
+    def to_dict(self) -> dict:
+        return {"cpus": list(self.cpus), "mems": list(self.mems), "shared": self.shared}
+
+
+class ResourceManager:
+    def __init__(self, topology: Topology):
+        self.topology = topology
+        self._owner: Dict[int, str] = {}          # exclusive cpu -> container
+        self._shared_load: Dict[int, int] = {c.id: 0 for c in topology.cpus}
+
+    @property
+    def free_cpus(self) -> List[int]:
+        return [c.id for c in self.topology.cpus if c.id not in self._owner]
+
+    def allocate(self, owner: str, ncpus: int, nmems: int, oversubscribe: bool = False) -> Slice:
+        total = len(self.topology.cpus)
+        if ncpus > total:
+            raise SliceError(f"slice asks for {ncpus} cpus; this node has {total}")
+        if nmems > len(self.topology.nodes):
+            raise SliceError(f"slice asks for {nmems} memory nodes; this node has "
+                             f"{len(self.topology.nodes)}")
+        if oversubscribe:
+            cpus = self._least_loaded(ncpus)
+            for c in cpus:
+                self._shared_load[c] += 1
+            return Slice(tuple(cpus), self._mems_for(cpus, nmems), shared=True)
+        cpus = self._first_fit(ncpus)
+        if cpus is None:
+            raise SliceError(
+                f"slice of {ncpus} cpus does not fit now: {len(self.free_cpus)} of "
+                f"{total} cpus free", busy=True)
+        for c in cpus:
+            self._owner[c] = owner
+        return Slice(tuple(cpus), self._mems_for(cpus, nmems))
+
+    def release(self, owner: str, slice_: Slice) -> None:
+        for c in slice_.cpus:
+            if slice_.shared:
+                self._shared_load[c] = max(0, self._shared_load[c] - 1)
+            elif self._owner.get(c) == owner:
+                del self._owner[c]
+
+    def _first_fit(self, ncpus: int) -> Optional[List[int]]:
+        free = set(self.free_cpus)
+        if len(free) < ncpus:
+            return None
+        nodes = []
+        for node in self.topology.nodes:
+            node_free = [c for c in self.topology.cpus_of_node(node) if c in free]
+            if len(node_free) >= ncpus:
+                nodes.append((len(node_free), node, node_free))
+        if nodes:
+            _, _, candidates = min(nodes)
+            return self._by_core(candidates, ncpus)
+        return self._by_core(sorted(free), ncpus)
+
+    def _by_core(self, candidates: List[int], ncpus: int) -> List[int]:
+        """Prefer filling whole free cores so siblings are not split."""
+        by_core: Dict[tuple, List[int]] = {}
+        for c in candidates:
+            cpu = self.topology.cpu(c)
+            by_core.setdefault((cpu.package, cpu.core), []).append(c)
+        groups = sorted(by_core.values(), key=lambda g: (-len(g), g[0]))
+        chosen: List[int] = []
+        for group in groups:
+            if len(chosen) + len(group) <= ncpus:
+                chosen.extend(group)
+        for group in groups:
+            for c in group:
+                if len(chosen) < ncpus and c not in chosen:
+                    chosen.append(c)
+        return sorted(chosen)
+
+    def _least_loaded(self, ncpus: int) -> List[int]:
+        def load(c):
+            return (self._shared_load[c] + (1 if c in self._owner else 0), c)
+        return sorted(sorted(self._shared_load, key=load)[:ncpus])
+
+    def _mems_for(self, cpus: List[int], nmems: int) -> tuple:
+        local = []
+        for c in cpus:
+            node = self.topology.cpu(c).node
+            if node not in local:
+                local.append(node)
+        mems = local[:max(nmems, 1)] if len(local) >= nmems else local
+        for node in self.topology.nodes:
+            if len(mems) >= nmems:
+                break
+            if node not in mems:
+                mems.append(node)
+        return tuple(sorted(mems))
+
+    def describe(self) -> dict:
+        return {"cpus": len(self.topology.cpus), "free_cpus": self.free_cpus,
+                "nodes": self.topology.nodes}

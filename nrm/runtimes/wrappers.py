@@ -1,0 +1,82 @@
+"""Runtimes that wrap the command in a container tool: Singularity/Apptainer
+and Argo NodeOS. Isolation of cpus and memory still comes from an inner
+runtime (cgroup or affinity); the tool adds the image or the NodeOS
+container. Both refuse to start when their binary is missing.
+
+NodeOS (`argo_nodeos_config`) is not available on any machine we test on:
+the adapter follows its documented command line and is untested; `nrm
+status` says so.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import List
+
+from nrm.runtimes.base import Handle, Runtime, RuntimeError_
+
+
+class WrappingRuntime(Runtime):
+    binary_names: tuple = ()
+
+    def __init__(self, inner: Runtime, binary: str = None):
+        self.inner = inner
+        self.binary = binary or next(
+            (shutil.which(b) for b in self.binary_names if shutil.which(b)), None)
+        if not self.binary:
+            raise RuntimeError_(
+                f"runtime {self.name} needs one of {', '.join(self.binary_names)} on PATH")
+        self.isolates_memory = inner.isolates_memory
+        self.notes = [f"{self.binary} over {inner.name}"] + list(inner.notes)
+
+    def create(self, cid, cpus, mems) -> Handle:
+        return self.inner.create(cid, cpus, mems)
+
+    def _membership(self, handle):
+        return self.inner._membership(handle)
+
+    def pids(self, handle):
+        return self.inner.pids(handle)
+
+    def kill_all(self, handle, sig=9):
+        self.inner.kill_all(handle, sig)
+
+    def remove(self, handle):
+        self.inner.remove(handle)
+
+    def close(self):
+        self.inner.close()
+
+
+class SingularityRuntime(WrappingRuntime):
+    name = "singularity"
+    binary_names = ("apptainer", "singularity")
+
+    def wrap(self, handle: Handle, argv: List[str]) -> List[str]:
+        image = getattr(handle, "image", None)
+        if image is None:
+            raise RuntimeError_("the singularity runtime needs app.image.path in the manifest")
+        cmd = [self.binary, "exec"]
+        for b in image.binds:
+            cmd += ["--bind", b]
+        return cmd + [image.path] + list(argv)
+
+
+class NodeOSRuntime(WrappingRuntime):
+    name = "nodeos"
+    binary_names = ("argo_nodeos_config",)
+
+    def create(self, cid, cpus, mems) -> Handle:
+        handle = super().create(cid, cpus, mems)
+        subprocess.run([self.binary, f"--create_container={cid}"], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return handle
+
+    def wrap(self, handle: Handle, argv: List[str]) -> List[str]:
+        return [self.binary, f"--exec={handle.cid}", "--"] + list(argv)
+
+    def remove(self, handle):
+        subprocess.run([self.binary, f"--delete_container={handle.cid}"], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        super().remove(handle)

@@ -1,0 +1,22 @@
+import os
+import shutil
+
+import pytest
+
+from tests.daemon import REPO, DaemonProcess
+
+EXAMPLES = os.path.join(REPO, "examples")
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """One real nrmd per test module, in its own runtime dir."""
+    d = DaemonProcess("--hw", "emulated", "--sensor-period", "0.1").start()
+    yield d
+    rc = d.stop()
+    assert rc == 0, d.log()
+    shutil.rmtree(d.rundir, ignore_errors=True)
+
+
+def needs_root():
+    return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, setuid)")
