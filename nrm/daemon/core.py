@@ -348,14 +348,14 @@ class Daemon:
         if getattr(self, "upstream", None) is not None:
             self.upstream.close()
         self.ctx.destroy(linger=200)
-        for name in ("upstream", "events", "downstream"):
+        if self._lock_fd < 0:
+            return      # never owned this runtime dir: leave its files alone
+        for name in ("upstream", "events", "downstream", "nrmd.pid"):
             try:
                 os.unlink(os.path.join(self.rundir, name))
             except FileNotFoundError:
                 pass
-        if self._lock_fd >= 0:
-            os.unlink(os.path.join(self.rundir, "nrmd.pid"))
-            os.close(self._lock_fd)
+        os.close(self._lock_fd)
         log.info("nrmd stopped")
 
 

@@ -1,0 +1,273 @@
+"""Per-container power-policy manager: phase contexts in, control decisions out.
+
+It performs no I/O so that the whole closed loop (gate, guards, policy) can be
+tested and simulated without hardware; the daemon applies the decisions and
+owns the actuators. The manager keeps its own view of every cpu's level and
+frequency, starting at full speed, and reports only changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import abc
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from nrm.policy import combined, ddcm, dvfs
+from nrm.policy.guards import DEFAULT_STALE_ROUNDS, PhaseGate, Ready, SlowdownGuard, damper_skips
+
+POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED")
+
+DUTY_CYCLE = "cpu.duty_cycle"
+FREQUENCY = "cpu.frequency"
+
+DEFAULT_DAMPER_S = 0.001
+"""1 ms: MPI phases are often a few ms long; the historical 0.1 s would skip most of them."""
+
+DEFAULT_SLOWDOWN = 1.1
+
+STAT_KEYS = (
+    "messages",         # phase-context messages received
+    "phases",           # phases they covered (sum of aggregations), own cpus only
+    "invalid",          # messages with unusable numbers
+    "foreign_cpu",      # messages naming a cpu outside the container
+    "gate_waits",       # messages after which the gate kept waiting
+    "gate_fires",       # times the gate released a common phase count
+    "evaluations",      # per-cpu policy evaluations at gate firings
+    "acted",            # decisions issued by the policy itself (settings changed)
+    "damper_skipped",   # per-cpu evaluations skipped because phases were too short
+    "slowdown_resets",  # cpus sent back to full speed by the slowdown guard
+    "resets",           # explicit reset() calls
+    "sources_dropped",  # sources removed (explicitly or for staleness)
+    "restarts",         # sources whose phase count went backwards
+)
+
+Frequencies = Union[Mapping[int, Sequence[float]], Sequence[float], None]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A change to apply; ``new`` is a level (1..levels) or a frequency in Hz."""
+
+    cpu: int
+    control: str
+    old: float
+    new: float
+    reason: str
+
+
+def _grids(policy: str, cpus: Sequence[int], frequencies: Frequencies) -> Dict[int, List[float]]:
+    if frequencies is None:
+        if policy in ("DVFS", "COMBINED"):
+            raise ValueError(
+                f"policy {policy} needs the available frequencies of the container's cpus "
+                "(none given: is cpufreq present and readable?)")
+        return {}
+    if isinstance(frequencies, (str, bytes)):
+        raise ValueError("frequencies must be numbers in Hz, not a string")
+    grids: Dict[int, List[float]] = {}
+    for cpu in cpus:
+        if isinstance(frequencies, abc.Mapping):
+            if cpu not in frequencies:
+                raise ValueError(f"no available frequencies given for cpu {cpu}")
+            values = frequencies[cpu]
+        else:
+            values = frequencies
+        try:
+            grids[cpu] = dvfs.frequency_grid(values)
+        except ValueError as exc:
+            raise ValueError(f"cpu {cpu}: {exc}") from None
+    return grids
+
+
+class ContainerPolicy:
+    """Run one power policy for the cpus of one container.
+
+    ``damper_s`` is in seconds (the manifest parser converts the manifest's
+    forms); ``slowdown`` is a factor >= 1.0. Phase contexts naming a cpu
+    outside ``cpus`` are ignored: a process must not steer cpus that are not
+    in its container.
+    """
+
+    def __init__(
+        self,
+        policy: str,
+        cpus: Sequence[int],
+        damper_s: float = DEFAULT_DAMPER_S,
+        slowdown: float = DEFAULT_SLOWDOWN,
+        frequencies: Frequencies = None,
+        levels: int = ddcm.LEVELS,
+        hysteresis: float = dvfs.DEFAULT_HYSTERESIS,
+        margin: float = dvfs.DEFAULT_MARGIN,
+        stale_rounds: int = DEFAULT_STALE_ROUNDS,
+    ) -> None:
+        name = str(policy).strip().upper()
+        if name not in POLICIES:
+            raise ValueError(
+                f"unknown power policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"levels must be a positive integer, got {levels!r}")
+        if not (isinstance(damper_s, (int, float)) and math.isfinite(damper_s) and damper_s >= 0):
+            raise ValueError(f"damper_s must be a finite number of seconds >= 0, got {damper_s!r}")
+        if not (isinstance(slowdown, (int, float)) and math.isfinite(slowdown)):
+            raise ValueError(f"slowdown must be a finite factor >= 1.0, got {slowdown!r}")
+        if not (isinstance(hysteresis, (int, float)) and math.isfinite(hysteresis)
+                and hysteresis >= 0):
+            raise ValueError(f"hysteresis must be a fraction >= 0, got {hysteresis!r}")
+        if not (isinstance(margin, (int, float)) and math.isfinite(margin) and 0 <= margin < 1):
+            raise ValueError(f"margin must be a fraction within [0, 1), got {margin!r}")
+        self.policy = name
+        self.cpus: Tuple[int, ...] = tuple(dict.fromkeys(int(c) for c in cpus))
+        self.damper_s = float(damper_s)
+        self.levels = levels
+        self.hysteresis = hysteresis
+        self.margin = margin
+        self._guard = SlowdownGuard(slowdown)
+        self.slowdown = self._guard.factor
+        self._gate = PhaseGate(stale_rounds)
+        self._grids = _grids(name, self.cpus, frequencies)
+        self._level: Dict[int, int] = {cpu: levels for cpu in self.cpus}
+        self._hz: Dict[int, Optional[float]] = {
+            cpu: (self._grids[cpu][-1] if cpu in self._grids else None) for cpu in self.cpus}
+        self.stats: Dict[str, int] = {key: 0 for key in STAT_KEYS}
+
+    # -- inputs ---------------------------------------------------------
+
+    def on_phase(
+        self,
+        source: int,
+        cpu: int,
+        aggregation: int,
+        compute_s: float,
+        total_s: float,
+        phase: int = 0,
+    ) -> List[Decision]:
+        """Feed one phase-context message; returns the changes it caused (often none)."""
+        self.stats["messages"] += 1
+        if not self._valid(aggregation, compute_s, total_s, phase):
+            self.stats["invalid"] += 1
+            return []
+        if cpu not in self._level:
+            self.stats["foreign_cpu"] += 1
+            return []
+        self.stats["phases"] += aggregation
+        if self.policy == "NONE":
+            return []
+        result = self._gate.offer(source, cpu, aggregation, compute_s, total_s, phase)
+        if result.restarted:
+            self.stats["restarts"] += 1
+        decisions = []
+        for _, gone_cpu in result.dropped:
+            self.stats["sources_dropped"] += 1
+            decisions += self._release(gone_cpu, "stale")
+        if not result.fired:
+            self.stats["gate_waits"] += 1
+            return decisions
+        self.stats["gate_fires"] += 1
+        return decisions + self._act(result.ready)
+
+    def remove_source(self, source: int) -> List[Decision]:
+        """A rank exited: stop waiting for it and give its cpu back its full speed."""
+        cpu = self._gate.remove(source)
+        if cpu is None:
+            return []
+        self.stats["sources_dropped"] += 1
+        decisions = self._release(cpu, "remove")
+        result = self._gate.poll()
+        if result.fired:
+            self.stats["gate_fires"] += 1
+            decisions += self._act(result.ready)
+        return decisions
+
+    def reset(self) -> List[Decision]:
+        """Everything back to full speed; pending data and slowdown references are dropped."""
+        self.stats["resets"] += 1
+        self._gate.clear_pending()
+        self._guard.forget()
+        decisions: List[Decision] = []
+        for cpu in self.cpus:
+            decisions += self._set(cpu, self.levels, self._max_hz(cpu), "reset")
+        return decisions
+
+    def settings(self) -> Dict[int, Dict[str, Optional[float]]]:
+        """Current view per cpu: ``level`` (1..levels) and ``frequency`` (Hz, None if unknown)."""
+        return {cpu: {"level": self._level[cpu], "frequency": self._hz[cpu]} for cpu in self.cpus}
+
+    @property
+    def sources(self) -> Dict[int, int]:
+        return self._gate.sources
+
+    # -- internals ------------------------------------------------------
+
+    @staticmethod
+    def _valid(aggregation: int, compute_s: float, total_s: float, phase: int) -> bool:
+        if isinstance(aggregation, bool) or not isinstance(aggregation, int) or aggregation < 1:
+            return False
+        if isinstance(phase, bool) or not isinstance(phase, int) or phase < 0:
+            return False
+        for value in (compute_s, total_s):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                return False
+        return True
+
+    def _max_hz(self, cpu: int) -> Optional[float]:
+        grid = self._grids.get(cpu)
+        return grid[-1] if grid else None
+
+    def _slowed(self, cpu: int) -> bool:
+        hz, top = self._hz[cpu], self._max_hz(cpu)
+        return self._level[cpu] < self.levels or (hz is not None and top is not None and hz < top)
+
+    def _release(self, cpu: int, reason: str) -> List[Decision]:
+        if cpu in self._gate.sources.values():
+            return []  # another rank still runs there and keeps steering it
+        self._guard.forget(cpu)
+        return self._set(cpu, self.levels, self._max_hz(cpu), reason)
+
+    def _set(self, cpu: int, level: int, hz: Optional[float], reason: str) -> List[Decision]:
+        out = []
+        if hz is not None and self._hz[cpu] is not None and hz != self._hz[cpu]:
+            out.append(Decision(cpu, FREQUENCY, float(self._hz[cpu]), float(hz), reason))
+            self._hz[cpu] = hz
+        if level != self._level[cpu]:
+            out.append(Decision(cpu, DUTY_CYCLE, float(self._level[cpu]), float(level), reason))
+            self._level[cpu] = level
+        return out
+
+    def _act(self, ready: Sequence[Ready]) -> List[Decision]:
+        # Ranks sharing a cpu: the cpu must serve the one with the least slack.
+        per_cpu: Dict[int, Ready] = {}
+        for item in ready:
+            held = per_cpu.get(item.cpu)
+            if held is None or item.work > held.work:
+                per_cpu[item.cpu] = item
+        decisions: List[Decision] = []
+        for cpu in sorted(per_cpu):
+            item = per_cpu[cpu]
+            if damper_skips(item.total_s, item.phases, self.damper_s):
+                self.stats["damper_skipped"] += 1
+                continue
+            self.stats["evaluations"] += 1
+            if self._guard.check(cpu, item.per_phase_total_s, self._slowed(cpu)):
+                self.stats["slowdown_resets"] += 1
+                decisions += self._set(cpu, self.levels, self._max_hz(cpu), "slowdown")
+                continue
+            level, hz = self._decide(cpu, item)
+            changes = self._set(cpu, level, hz, self.policy.lower())
+            self.stats["acted"] += len(changes)
+            decisions += changes
+        return decisions
+
+    def _decide(self, cpu: int, item: Ready) -> Tuple[int, Optional[float]]:
+        level, hz = self._level[cpu], self._hz[cpu]
+        if self.policy == "DDCM":
+            return ddcm.next_level(item.compute_s, item.total_s, level, self.levels), hz
+        if self.policy == "DVFS":
+            assert hz is not None
+            new_hz = dvfs.next_frequency(item.compute_s, item.total_s, hz, self._grids[cpu],
+                                         self.hysteresis, self.margin)
+            return level, new_hz
+        assert hz is not None
+        new_hz, new_level = combined.next_setting(item.compute_s, item.total_s, hz, level,
+                                                  self._grids[cpu], self.levels, self.margin)
+        return new_level, new_hz
