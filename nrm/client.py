@@ -339,6 +339,7 @@ class AsyncClient:
                   detach: bool = False, env: Optional[Dict[str, str]] = None,
                   cwd: Optional[str] = None, output: bool = True,
                   on_output: Optional[Callable[[str, bytes], None]] = None,
+                  on_started: Optional[Callable[[RunResult], None]] = None,
                   wait: bool = False, oversubscribe: bool = False) -> RunResult:
         msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
                            oversubscribe)
@@ -355,6 +356,8 @@ class AsyncClient:
                         on_output(reply.stream, payload)
                     continue
                 _apply(result, reply)
+                if on_started is not None and isinstance(reply, protocol.Started):
+                    on_started(result)
                 if isinstance(reply, protocol.Exit) or (
                         detach and isinstance(reply, protocol.Started)):
                     return result

@@ -118,11 +118,7 @@ class Container:
     extra: Dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        try:
-            user = pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            user = str(self.uid)
-        return {"id": self.id, "uid": self.uid, "user": user, "name": self.manifest.name,
+        return {"id": self.id, "uid": self.uid, "user": user_name(self.uid), "name": self.manifest.name,
                 "cpus": list(self.slice.cpus), "mems": list(self.slice.mems),
                 "shared": self.slice.shared, "created": self.created,
                 "power": self.manifest.power.policy,
@@ -231,21 +227,18 @@ class ContainerManager:
     def _start_task(self, container, peer, argv, env, cwd, sink, detach, output) -> Task:
         task = Task(id=uuid.uuid4().hex[:12], container=container, argv=list(argv), sink=sink,
                     client_pid=peer.pid, detach=detach)
-        try:
-            user = pwd.getpwuid(peer.uid)
-        except KeyError:
-            raise RunError("denied", f"uid {peer.uid} has no passwd entry") from None
-        if os.geteuid() == 0 and peer.uid != 0:
-            _check_cwd_access(cwd, peer.uid, os.getgrouplist(user.pw_name, peer.gid))
+        drop_root = os.geteuid() == 0 and peer.uid != 0
+        if drop_root:
+            groups = _groups(peer.uid, peer.gid)
+            _check_cwd_access(cwd, peer.uid, groups)
         full_env = self.task_env(container, task, env)
         kwargs = dict(env=full_env, cwd=cwd, stdin=subprocess_devnull())
         if output:
             kwargs.update(stdout=-1, stderr=-1)
         else:
             kwargs.update(stdout=subprocess_devnull(), stderr=subprocess_devnull())
-        if os.geteuid() == 0 and peer.uid != 0:
-            kwargs.update(user=peer.uid, group=peer.gid,
-                          extra_groups=os.getgrouplist(user.pw_name, peer.gid))
+        if drop_root:
+            kwargs.update(user=peer.uid, group=peer.gid, extra_groups=groups)
         bind_cpus, bind_mems, sched = self._spawn_options(container)
         argv = self._wrap_perf(container, argv)
         try:
@@ -389,8 +382,7 @@ class ContainerManager:
         for t in list(container.tasks.values()):
             self._force_finish(t)
         try:
-            self.runtime.kill_all(container.handle, signal.SIGKILL)
-            self.runtime.remove(container.handle)
+            self.runtime.remove(container.handle)     # kills what is left
         except Exception:
             log.exception("removing container %s", container.id)
         self.resources.release(container.id, container.slice)
@@ -551,6 +543,38 @@ class ContainerManager:
             self.loop.remove_reader(fd)
             os.close(fd)
         self.client_watch.clear()
+
+
+_USER_CACHE_S = 30.0
+_users: Dict[int, tuple] = {}
+
+
+def _user(uid: int):
+    """passwd lookups go through NSS (files, LDAP...): cache them briefly."""
+    now = time.monotonic()
+    hit = _users.get(uid)
+    if hit is not None and now - hit[0] < _USER_CACHE_S:
+        return hit[1]
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        pw = None
+    if len(_users) > 1024:
+        _users.clear()
+    _users[uid] = (now, pw)
+    return pw
+
+
+def user_name(uid: int) -> str:
+    pw = _user(uid)
+    return pw.pw_name if pw else str(uid)
+
+
+def _groups(uid: int, gid: int) -> List[int]:
+    pw = _user(uid)
+    if pw is None:
+        raise RunError("denied", f"uid {uid} has no passwd entry")
+    return os.getgrouplist(pw.pw_name, gid)
 
 
 def _python() -> str:

@@ -71,22 +71,43 @@ def own_v1_paths() -> Dict[str, str]:
     return paths
 
 
+ISOLATING = ("cpuset", "memory")
+
+
 class Slot:
-    """A container cgroup directory in every hierarchy, with open task fds."""
+    """A container cgroup directory in every hierarchy, with open fds.
+
+    The spawning thread joins the isolating hierarchies (cpuset, memory)
+    before it forks; the accounting ones (cpuacct, freezer) receive the new
+    pid right after, which halves the migrations on the launch path.
+    """
 
     def __init__(self, name: str, dirs: Dict[str, str]):
         self.name = name
         self.dirs = dirs
         self.key: Optional[tuple] = None
-        self.task_fds: List[int] = []
+        self.thread_fds: List[int] = []
+        self.pid_fds: List[int] = []
+        self.usage_fd = -1
+        self.usage_start = 0
 
     def open(self):
-        self.task_fds = [os.open(os.path.join(d, "tasks"), os.O_WRONLY) for d in self.dirs.values()]
+        for c, d in self.dirs.items():
+            fd = os.open(os.path.join(d, "tasks"), os.O_WRONLY | os.O_CLOEXEC)
+            (self.thread_fds if c in ISOLATING else self.pid_fds).append(fd)
+        if "cpuacct" in self.dirs:
+            self.usage_fd = os.open(os.path.join(self.dirs["cpuacct"], "cpuacct.usage"),
+                                    os.O_RDONLY | os.O_CLOEXEC)
+
+    def usage_ns(self) -> int:
+        if self.usage_fd < 0:
+            return 0
+        return int(os.pread(self.usage_fd, 64, 0))
 
     def close(self):
-        for fd in self.task_fds:
+        for fd in self.thread_fds + self.pid_fds + ([self.usage_fd] if self.usage_fd >= 0 else []):
             os.close(fd)
-        self.task_fds = []
+        self.thread_fds, self.pid_fds, self.usage_fd = [], [], -1
 
 
 class CgroupRuntime(Runtime):
@@ -114,7 +135,9 @@ class CgroupRuntime(Runtime):
             except OSError as exc:
                 raise RuntimeError_(f"cannot create {base}: {exc.strerror}") from None
             self.base[c] = base
-            self.home_fds.append(os.open(os.path.join(home, "tasks"), os.O_WRONLY))
+            if c in ISOLATING:
+                self.home_fds.append(os.open(os.path.join(home, "tasks"),
+                                             os.O_WRONLY | os.O_CLOEXEC))
         cs = self.base["cpuset"]
         parent = os.path.dirname(cs)
         for f in ("cpuset.cpus", "cpuset.mems"):
@@ -164,10 +187,9 @@ class CgroupRuntime(Runtime):
                 _write(os.path.join(cs, "cpuset.mems"), format_cpulist(mems))
                 _write(os.path.join(cs, "cpuset.cpus"), format_cpulist(cpus))
                 slot.key = key
-            if "cpuacct" in slot.dirs:
-                _write(os.path.join(slot.dirs["cpuacct"], "cpuacct.usage"), "0")
-            if not slot.task_fds:
+            if not slot.thread_fds:
                 slot.open()
+            slot.usage_start = slot.usage_ns()
         except OSError as exc:
             raise RuntimeError_(f"cannot prepare cgroup for {cid}: {exc}") from None
         handle = Handle(cid, cpus, mems)
@@ -180,34 +202,48 @@ class CgroupRuntime(Runtime):
         tid = str(threading.get_native_id()).encode()
         with self._lock:
             try:
-                for fd in handle.slot.task_fds:
+                for fd in handle.slot.thread_fds:
                     os.write(fd, tid)
                 yield
             finally:
                 for fd in self.home_fds:
                     os.write(fd, tid)
 
+    def spawn(self, handle, argv, **kwargs):
+        proc = super().spawn(handle, argv, **kwargs)
+        pid = str(proc.pid).encode()
+        for fd in handle.slot.pid_fds:
+            try:
+                os.write(fd, pid)
+            except ProcessLookupError:
+                pass    # already exited: nothing left to account or freeze
+        return proc
+
     def cgroup_dirs(self, handle: Handle) -> Dict[str, str]:
         return dict(handle.slot.dirs)
 
     def pids(self, handle: Handle) -> List[int]:
+        """Processes in the container, never this daemon (whose spawning
+        thread passes through container cgroups)."""
+        me = os.getpid()
         try:
-            return [int(p) for p in _read(
-                os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs")).split()]
+            return [p for p in (int(x) for x in _read(
+                os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs")).split()) if p != me]
         except (OSError, ValueError):
             return []
 
     def cpu_time(self, handle: Handle) -> Optional[float]:
-        d = handle.slot.dirs.get("cpuacct")
-        if not d:
+        if handle.slot.usage_fd < 0:
             return None
         try:
-            return int(_read(os.path.join(d, "cpuacct.usage"))) / 1e9
+            return (handle.slot.usage_ns() - handle.slot.usage_start) / 1e9
         except (OSError, ValueError):
             return None
 
     def kill_all(self, handle: Handle, sig: int = signal.SIGKILL) -> None:
         """Freeze, signal, thaw: nothing can fork its way out in between."""
+        if not self.pids(handle):
+            return
         freezer = handle.slot.dirs.get("freezer")
         frozen = False
         if freezer and sig == signal.SIGKILL:
@@ -237,8 +273,7 @@ class CgroupRuntime(Runtime):
         slot = self._busy.pop(handle.cid, None)
         if slot is None:
             return
-        if self.pids(handle):
-            self.kill_all(handle)
+        self.kill_all(handle)
         if len(self._pool) < POOL_LIMIT:
             self._pool.append(slot)
         else:

@@ -1,0 +1,117 @@
+"""Task launch throughput and latency through nrmd, against a floor.
+
+N tasks of /bin/true, each in its own 1-cpu slice (enforced by the daemon's
+runtime: cgroups as root), submitted through nrm.client.AsyncClient with a
+bounded number in flight; requests that find no free cpu wait in the
+daemon's queue. The floor is the same N through plain subprocess.Popen, as
+many at a time, in the same run. Also: request round trip (status) p50/p99.
+
+Prints one JSON object. Usage: benchmarks/launch.py [--tasks N] [--inflight K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nrm.client import AsyncClient, Client  # noqa: E402
+from nrm.manifest import parse  # noqa: E402
+from tests.daemon import DaemonProcess  # noqa: E402
+
+MANIFEST = parse({"name": "bench", "app": {"slice": {"cpus": 1, "mems": 1}}})
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+def floor_popen(n: int, inflight: int) -> float:
+    start = time.perf_counter()
+    running = []
+    for _ in range(n):
+        if len(running) >= inflight:
+            running.pop(0).wait()
+        running.append(subprocess.Popen(["/bin/true"]))
+    for p in running:
+        p.wait()
+    return n / (time.perf_counter() - start)
+
+
+async def through_nrm(rundir: str, n: int, inflight: int):
+    """Returns tasks/s, submit-to-start and submit-to-exit latencies."""
+    to_start, to_exit = [], []
+    async with AsyncClient(rundir) as client:
+        sem = asyncio.Semaphore(inflight)
+
+        async def one():
+            async with sem:
+                t0 = time.perf_counter()
+                result = await client.run(
+                    MANIFEST, ["/bin/true"], output=False, wait=True, env={},
+                    on_started=lambda r: to_start.append(time.perf_counter() - t0))
+                to_exit.append(time.perf_counter() - t0)
+                assert result.status == 0, result
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        rate = n / (time.perf_counter() - start)
+    return rate, to_start, to_exit
+
+
+def round_trips(rundir: str, n: int):
+    out = []
+    with Client(rundir) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.status()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=2000)
+    ap.add_argument("--inflight", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    d = DaemonProcess("--hw", "emulated", "--log-level", "warning").start()
+    try:
+        floors, rates, lat_all, starts = [], [], [], []
+        for _ in range(args.repeat):
+            floors.append(floor_popen(args.tasks, args.inflight))
+            rate, started, lat = asyncio.run(through_nrm(d.rundir, args.tasks, args.inflight))
+            rates.append(rate)
+            lat_all.extend(lat)
+            starts.extend(started)
+        rtts = round_trips(d.rundir, 2000)
+        status = Client(d.rundir).status()
+    finally:
+        d.stop()
+    floor, rate = statistics.median(floors), statistics.median(rates)
+    print(json.dumps({
+        "benchmark": "launch",
+        "tasks": args.tasks, "inflight": args.inflight, "repeat": args.repeat,
+        "runtime": status["runtime"]["name"],
+        "nrm_tasks_per_s_median": round(rate, 1),
+        "nrm_tasks_per_s_runs": [round(r, 1) for r in rates],
+        "floor_popen_tasks_per_s_median": round(floor, 1),
+        "ratio_to_floor": round(rate / floor, 3),
+        "run_to_exit_ms_p50": round(pct(lat_all, 50) * 1e3, 3),
+        "run_to_exit_ms_p99": round(pct(lat_all, 99) * 1e3, 3),
+        "submit_to_start_ms_p50": round(pct(starts, 50) * 1e3, 3),
+        "submit_to_start_ms_p99": round(pct(starts, 99) * 1e3, 3),
+        "status_rtt_ms_p50": round(pct(rtts, 50) * 1e3, 3),
+        "status_rtt_ms_p99": round(pct(rtts, 99) * 1e3, 3),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
