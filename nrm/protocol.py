@@ -249,3 +249,41 @@ def reply_tags() -> List[str]:
 
 def downstream_tags() -> List[str]:
     return [t.__struct_config__.tag for t in Downstream.__args__]
+
+
+# ------------------------------------------------------------ reference ---
+
+def _type_name(tp) -> str:
+    name = getattr(tp, "__name__", None) or str(tp)
+    return str(tp).replace("typing.", "") if "[" in str(tp) else name
+
+
+def markdown_reference() -> str:
+    """The field tables of docs/protocol.md, generated from the types above
+    (``python -m nrm.protocol`` prints them; a test keeps the doc in step)."""
+    groups = (("Requests (client -> nrmd)", Request), ("Replies (nrmd -> client)", Reply),
+              ("Downstream (application -> nrmd)", Downstream))
+    out = []
+    for title, union in groups:
+        out.append(f"### {title}\n")
+        for cls in union.__args__:
+            info = msgspec.structs.fields(cls)
+            out.append(f"#### `{cls.__struct_config__.tag}`\n")
+            doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+            if doc:
+                out.append(doc + "\n")
+            out.append("| field | type | default |\n|---|---|---|")
+            for f in info:
+                if f.default is not msgspec.NODEFAULT:
+                    default = repr(f.default)
+                elif f.default_factory is not msgspec.NODEFAULT:
+                    default = repr(f.default_factory())
+                else:
+                    default = "required"
+                out.append(f"| `{f.name}` | `{_type_name(f.type)}` | `{default}` |")
+            out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())
