@@ -82,12 +82,12 @@ def _request_socket(ctx, rundir: str):
 
 
 def _run_request(manifest: Manifest, argv, env, cwd, container, detach, output, wait,
-                 oversubscribe) -> protocol.Run:
+                 oversubscribe, cpus_allowed=None) -> protocol.Run:
     return protocol.Run(
         manifest=manifest.to_dict(), argv=list(argv),
         env=dict(os.environ if env is None else env), cwd=cwd or os.getcwd(),
         container=container, detach=detach, output=output, wait=wait,
-        oversubscribe=oversubscribe)
+        oversubscribe=oversubscribe, cpus_allowed=cpus_allowed)
 
 
 def _apply(result: RunResult, reply) -> None:
@@ -239,10 +239,10 @@ class Client:
               detach: bool = False, env: Optional[Dict[str, str]] = None,
               cwd: Optional[str] = None, stdout: Optional[BinaryIO] = None,
               stderr: Optional[BinaryIO] = None, output: bool = True, wait: bool = False,
-              oversubscribe: bool = False,
+              oversubscribe: bool = False, cpus_allowed: Optional[List[int]] = None,
               on_started: Optional[Callable[[RunResult], None]] = None) -> Run:
         msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
-                           oversubscribe)
+                           oversubscribe, cpus_allowed)
         msg.id = next(self._ids)
         if detach:
             self._detach.add(msg.id)

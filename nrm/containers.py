@@ -157,7 +157,8 @@ class ContainerManager:
     # -- run --------------------------------------------------------------
     def run(self, peer: Peer, manifest: Manifest, argv: List[str], env: Dict[str, str],
             cwd: str, sink: Sink, container_name: Optional[str] = None, detach: bool = False,
-            output: bool = True, wait: bool = False, oversubscribe: bool = False) -> Optional[Task]:
+            output: bool = True, wait: bool = False, oversubscribe: bool = False,
+            cpus_allowed: Optional[List[int]] = None) -> Optional[Task]:
         """Start a task, or queue it when ``wait`` and the slice is busy.
 
         Returns the task, or None when queued; raises RunError.
@@ -176,11 +177,11 @@ class ContainerManager:
         cid = container_name or uuid.uuid4().hex[:12]
         try:
             slice_ = self.resources.allocate(cid, manifest.slice.cpus, manifest.slice.mems,
-                                             oversubscribe)
+                                             oversubscribe, cpus_allowed)
         except SliceError as exc:
             if exc.busy and wait:
                 self.waiting.append((peer, manifest, argv, env, cwd, sink, container_name,
-                                     detach, output, oversubscribe))
+                                     detach, output, oversubscribe, cpus_allowed))
                 return None
             raise RunError("busy" if exc.busy else "no_fit", str(exc)) from None
         try:
@@ -438,10 +439,10 @@ class ContainerManager:
         pending, self.waiting = self.waiting, deque()
         while pending:
             item = pending.popleft()
-            peer, manifest, argv, env, cwd, sink, name, detach, output, oversub = item
+            peer, manifest, argv, env, cwd, sink, name, detach, output, oversub, allowed = item
             try:
                 self.run(peer, manifest, argv, env, cwd, sink, name, detach, output,
-                         wait=True, oversubscribe=oversub)
+                         wait=True, oversubscribe=oversub, cpus_allowed=allowed)
             except RunError as exc:
                 fail = getattr(sink, "failed", None)
                 if fail:

@@ -15,18 +15,35 @@ from typing import Optional
 SEED_DOWNSTREAM_URI = "ipc:///tmp/nrm-downstream-in"
 
 
-def runtime_dir(explicit: Optional[str] = None) -> str:
-    if explicit:
-        return os.path.abspath(explicit)
-    env = os.environ.get("NRM_RUNTIME_DIR")
-    if env:
-        return os.path.abspath(env)
+def default_runtime_dir() -> str:
     if os.geteuid() == 0:
         return "/run/nrm"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return os.path.join(xdg, "nrm")
     return f"/tmp/nrm-{os.getuid()}"
+
+
+def runtime_dir(explicit: Optional[str] = None) -> str:
+    """Clients inside a Slurm step on a host running several slurmd (fake
+    nodes) find their node's daemon at ``<root>/<SLURMD_NODENAME>`` when a
+    daemon was started with ``--node-name``; a root daemon's ``/run/nrm``
+    is tried for unprivileged clients too."""
+    if explicit:
+        return os.path.abspath(explicit)
+    env = os.environ.get("NRM_RUNTIME_DIR")
+    if env:
+        return os.path.abspath(env)
+    node = os.environ.get("SLURMD_NODENAME")
+    candidates = [default_runtime_dir()]
+    if os.geteuid() != 0:
+        candidates.append("/run/nrm")
+    for base in candidates:
+        if node and os.path.exists(os.path.join(base, node, "upstream")):
+            return os.path.join(base, node)
+        if os.path.exists(os.path.join(base, "upstream")):
+            return base
+    return candidates[0]
 
 
 def upstream_uri(rundir: str) -> str:

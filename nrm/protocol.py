@@ -57,6 +57,9 @@ class Run(_Msg, tag="run"):
     output: bool = True
     wait: bool = False
     oversubscribe: bool = False
+    #: cpus the client may use (e.g. its Slurm allocation); the slice is
+    #: taken inside them. None: any cpu of the node.
+    cpus_allowed: Optional[List[int]] = None
 
 
 class Signal(_Msg, tag="signal"):

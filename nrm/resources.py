@@ -47,23 +47,35 @@ class ResourceManager:
     def free_cpus(self) -> List[int]:
         return [c.id for c in self.topology.cpus if c.id not in self._owner]
 
-    def allocate(self, owner: str, ncpus: int, nmems: int, oversubscribe: bool = False) -> Slice:
+    def allocate(self, owner: str, ncpus: int, nmems: int, oversubscribe: bool = False,
+                 allowed: Optional[List[int]] = None) -> Slice:
+        """``allowed`` confines the slice (a batch scheduler's allocation)."""
         total = len(self.topology.cpus)
+        if allowed is not None:
+            node_cpus = {c.id for c in self.topology.cpus}
+            allowed_set = set(allowed) & node_cpus
+            if ncpus > len(allowed_set):
+                raise SliceError(f"slice asks for {ncpus} cpus; the allocation has "
+                                 f"{len(allowed_set)} on this node")
+        else:
+            allowed_set = None
         if ncpus > total:
             raise SliceError(f"slice asks for {ncpus} cpus; this node has {total}")
         if nmems > len(self.topology.nodes):
             raise SliceError(f"slice asks for {nmems} memory nodes; this node has "
                              f"{len(self.topology.nodes)}")
         if oversubscribe:
-            cpus = self._least_loaded(ncpus)
+            cpus = self._least_loaded(ncpus, allowed_set)
             for c in cpus:
                 self._shared_load[c] += 1
             return Slice(tuple(cpus), self._mems_for(cpus, nmems), shared=True)
-        cpus = self._first_fit(ncpus)
+        cpus = self._first_fit(ncpus, allowed_set)
         if cpus is None:
+            free = [c for c in self.free_cpus if allowed_set is None or c in allowed_set]
+            scope = total if allowed_set is None else len(allowed_set)
             raise SliceError(
-                f"slice of {ncpus} cpus does not fit now: {len(self.free_cpus)} of "
-                f"{total} cpus free", busy=True)
+                f"slice of {ncpus} cpus does not fit now: {len(free)} of "
+                f"{scope} cpus free", busy=True)
         for c in cpus:
             self._owner[c] = owner
         return Slice(tuple(cpus), self._mems_for(cpus, nmems))
@@ -75,8 +87,10 @@ class ResourceManager:
             elif self._owner.get(c) == owner:
                 del self._owner[c]
 
-    def _first_fit(self, ncpus: int) -> Optional[List[int]]:
+    def _first_fit(self, ncpus: int, allowed=None) -> Optional[List[int]]:
         free = set(self.free_cpus)
+        if allowed is not None:
+            free &= allowed
         if len(free) < ncpus:
             return None
         nodes = []
@@ -106,10 +120,11 @@ class ResourceManager:
                     chosen.append(c)
         return sorted(chosen)
 
-    def _least_loaded(self, ncpus: int) -> List[int]:
+    def _least_loaded(self, ncpus: int, allowed=None) -> List[int]:
         def load(c):
             return (self._shared_load[c] + (1 if c in self._owner else 0), c)
-        return sorted(sorted(self._shared_load, key=load)[:ncpus])
+        pool = [c for c in self._shared_load if allowed is None or c in allowed]
+        return sorted(sorted(pool, key=load)[:ncpus])
 
     def _mems_for(self, cpus: List[int], nmems: int) -> tuple:
         local = []

@@ -15,8 +15,9 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Deque, Dict, List, Optional
 
 import zmq
 
@@ -28,6 +29,10 @@ from nrm.resources import ResourceManager
 from nrm.runtimes import make_runtime
 
 log = logging.getLogger(__name__)
+
+HISTORY_SAMPLES = 20000
+HISTORY_DECISIONS = 5000
+PROFILE_SERIES_POINTS = 2000
 
 
 class StartupError(Exception):
@@ -67,6 +72,9 @@ class Daemon:
         self.latest_sample: Optional[dict] = None
         self.power_cap: Optional[float] = None
         self.request_counts: Dict[str, int] = {}
+        #: recent samples and decisions, for reports, /api and the dashboard
+        self.power_history: Deque[dict] = deque(maxlen=HISTORY_SAMPLES)
+        self.decision_history: Deque[dict] = deque(maxlen=HISTORY_DECISIONS)
 
     # -- start ------------------------------------------------------------
     def _prepare_rundir(self) -> None:
@@ -190,6 +198,8 @@ class Daemon:
 
     def publish(self, topic: str, body: dict) -> None:
         self.upstream.publish(topic, body)
+        if topic == "decision":
+            self.decision_history.append(body)
         if self.http is not None:
             self.http.on_event(topic, body)
 
@@ -258,7 +268,9 @@ class Daemon:
 
     def _on_sample(self, sample) -> None:
         body = sample.to_dict()
+        body["wall_time"] = time.time()
         self.latest_sample = body
+        self.power_history.append(body)
         if self.controller is not None:
             try:
                 self.controller.on_sample(sample)
@@ -383,6 +395,13 @@ class _ProfileListener:
         cpu_time = getattr(self.daemon.runtime, "cpu_time", None)
         if cpu_time is not None:
             out["cpu_time_s"] = cpu_time(container.handle)
+        t0 = container.created
+        series = [[s["wall_time"], s.get("node_power_w")] for s in self.daemon.power_history
+                  if s["wall_time"] >= t0]
+        step = max(1, len(series) // PROFILE_SERIES_POINTS)
+        out["power_series"] = series[::step]
+        out["decisions"] = [d for d in self.daemon.decision_history
+                            if d.get("container") == container.id][-PROFILE_SERIES_POINTS:]
         return out
 
 

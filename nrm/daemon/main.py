@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import sys
 
@@ -20,6 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--version", action="version", version=f"nrmd {__version__}")
     p.add_argument("--runtime-dir", help="sockets, journal and lock (default: /run/nrm as root, "
                    "else $XDG_RUNTIME_DIR/nrm or /tmp/nrm-UID; env NRM_RUNTIME_DIR)")
+    p.add_argument("--node-name", help="key the runtime dir by this node name "
+                   "(<runtime dir>/<name>), for hosts running several slurmd")
     p.add_argument("--runtime", choices=KINDS, default="auto",
                    help="how slices are enforced (default: cgroup when writable, else affinity)")
     p.add_argument("--hw", choices=("auto", "linux", "emulated"), default="auto",
@@ -54,6 +57,11 @@ def _emulated_options(pairs):
     return out
 
 
+def _rundir(args) -> str:
+    base = args.runtime_dir or os.environ.get("NRM_RUNTIME_DIR") or paths.default_runtime_dir()
+    return os.path.join(base, args.node_name) if args.node_name else base
+
+
 async def _serve(config: Config) -> int:
     daemon = Daemon(config)
     try:
@@ -77,7 +85,7 @@ def main(argv=None) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         config = Config(
-            runtime_dir=args.runtime_dir or "", runtime=args.runtime, hw=args.hw,
+            runtime_dir=_rundir(args), runtime=args.runtime, hw=args.hw,
             hw_root=args.hw_root, sensor_period=args.sensor_period, pmpi_lib=args.pmpi_lib,
             seed_downstream=None if args.seed_downstream == "none" else args.seed_downstream,
             http=args.http, power_group=args.power_group,

@@ -35,4 +35,4 @@ def execute(daemon, req, msg) -> None:
     sink = ClientSink(req, cm.resume, cm.client_gone)
     cm.run(req.peer, manifest, msg.argv, msg.env, msg.cwd, sink,
            container_name=msg.container, detach=msg.detach, output=msg.output and not msg.detach,
-           wait=msg.wait, oversubscribe=msg.oversubscribe)
+           wait=msg.wait, oversubscribe=msg.oversubscribe, cpus_allowed=msg.cpus_allowed)
