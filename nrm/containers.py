@@ -82,7 +82,7 @@ class Task:
     proc: Optional[object] = None
     pid: int = 0
     pidfd: int = -1
-    pipes: Dict[str, int] = field(default_factory=dict)   # stream -> fd
+    pipes: Dict[str, int] = field(default_factory=dict)   # stream name -> fd
     paused: Dict[str, bool] = field(default_factory=dict)
     code: Optional[int] = None
     signal: Optional[int] = None
@@ -118,7 +118,8 @@ class Container:
     extra: Dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "uid": self.uid, "user": user_name(self.uid), "name": self.manifest.name,
+        return {"id": self.id, "uid": self.uid, "user": user_name(self.uid),
+                "name": self.manifest.name,
                 "cpus": list(self.slice.cpus), "mems": list(self.slice.mems),
                 "shared": self.slice.shared, "created": self.created,
                 "power": self.manifest.power.policy,

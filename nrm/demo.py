@@ -8,7 +8,6 @@ libnrm are available, and stops the daemon cleanly.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -49,7 +48,8 @@ class Session:
             time.sleep(0.02)
         say(f"$ nrmd --runtime-dir {self.rundir} &   # pid {self.daemon.pid}")
 
-    def nrm(self, *args: str, show: bool = True, cwd: str = EXAMPLES) -> subprocess.CompletedProcess:
+    def nrm(self, *args: str, show: bool = True,
+            cwd: str = EXAMPLES) -> subprocess.CompletedProcess:
         if show:
             say("$ nrm " + " ".join(shlex.quote(a) for a in args))
         r = subprocess.run([sys.executable, "-m", "nrm.cli.main"] + list(args), env=self.env,

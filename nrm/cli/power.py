@@ -26,7 +26,7 @@ def execute(args) -> int:
     print(f"node: {fmt_watts(sample.get('node_power_w'))}")
     for pkg, p in sorted((sample.get("packages") or {}).items()):
         temp = p.get("temperature_c")
-        print(f"package {pkg}: {fmt_watts(p.get('power_w'))}, dram {fmt_watts(p.get('dram_power_w'))}"
-              f", energy {p.get('energy_j', 0):.1f} J"
+        print(f"package {pkg}: {fmt_watts(p.get('power_w'))}, "
+              f"dram {fmt_watts(p.get('dram_power_w'))}, energy {p.get('energy_j', 0):.1f} J"
               + (f", {temp:.1f} C" if temp is not None else ""))
     return 0

@@ -26,5 +26,6 @@ def add_arguments(p) -> None:
 
 def execute(args) -> int:
     data = client(args).setpower(args.watts)
-    print(f"power cap: {fmt_watts(data.get('cap_w'))}" if data.get("cap_w") else "power cap cleared")
+    cap = data.get("cap_w")
+    print(f"power cap: {fmt_watts(cap)}" if cap else "power cap cleared")
     return 0

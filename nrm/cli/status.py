@@ -23,7 +23,9 @@ def execute(args) -> int:
     for note in rt.get("notes", []):
         print(f"           {note}")
     if hw:
-        label = hw.get("backend", "?") + (" (emulated)" if hw.get("emulated") else "")
+        label = hw.get("backend", "?")
+        if hw.get("emulated") and label != "emulated":
+            label += " (emulated)"
         print(f"hardware:  {label}")
         for note in hw.get("notes", []) or hw.get("reasons", []) or []:
             print(f"           {note}")
