@@ -150,15 +150,44 @@ class CgroupRuntime(Runtime):
         self._reap_stale()
 
     def _reap_stale(self):
-        """Remove container cgroups a previous daemon left behind (empty ones)."""
+        """Kill what a crashed predecessor left in its container cgroups and
+        remove them (`--on-restart kill`, the only mode: tasks are never
+        started twice, and nrm does not adopt orphans)."""
+        killed = 0
+        cs_base = self.base["cpuset"]
+        for name in os.listdir(cs_base):
+            procs = os.path.join(cs_base, name, "cgroup.procs")
+            if not os.path.isfile(procs):
+                continue
+            for _ in range(20):
+                try:
+                    pids = [int(p) for p in _read(procs).split()]
+                except (OSError, ValueError):
+                    break
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        killed += 1
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.01)
+        if killed:
+            log.warning("killed %d processes left by a previous nrmd", killed)
         for c, base in self.base.items():
             for name in os.listdir(base):
                 path = os.path.join(base, name)
                 if os.path.isdir(path):
-                    try:
-                        os.rmdir(path)
-                    except OSError:
-                        log.warning("stale cgroup %s is not empty; left in place", path)
+                    for _ in range(50):
+                        try:
+                            os.rmdir(path)
+                            break
+                        except OSError as exc:
+                            if exc.errno != errno.EBUSY:
+                                log.warning("stale cgroup %s: %s", path, exc.strerror)
+                                break
+                            time.sleep(0.01)
 
     # -- slots -------------------------------------------------------------
     def _new_slot(self) -> Slot:
