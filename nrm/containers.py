@@ -526,8 +526,10 @@ class ContainerManager:
         return [c for c in self.containers.values() if peer.may_touch(c.uid)]
 
     def pids(self) -> List[int]:
+        """Every process in every container; called from the emulated
+        backend's placement thread, hence the snapshot of the dict."""
         out: List[int] = []
-        for c in self.containers.values():
+        for c in list(self.containers.values()):
             out.extend(self.runtime.pids(c.handle))
         return out
 

@@ -14,6 +14,14 @@ actuators are per-package limits (RAPL PL1, or the emulated limit), so:
   making it chatter, and limits are clamped to the hardware bounds, which
   also bounds the integral (no wind-up).
 
+The loop acts at most once per ``period_s`` (1 s by default) on the mean
+node power measured since its previous action. Each package limit is
+itself a feedback loop (firmware RAPL averages over a ~1 s window; the
+emulated limit converges over a few model steps); an outer loop acting
+as fast as the inner one integrates the inner loop's transient and ends
+in a limit cycle. Resetting the window after each action means every
+decision is made on power measured under the limits it set.
+
 The law is a pure function so its behaviour is tested with a table of
 cases; the class only does I/O and bookkeeping.
 """
@@ -30,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CONTROL = "package.power_limit"
 DEFAULT_GAIN = 0.5
+DEFAULT_PERIOD_S = 1.0
 MIN_DEADBAND_W = 0.5
 DEADBAND_FRACTION = 0.02
 FALLBACK_MIN_W = 1.0
@@ -94,9 +103,11 @@ class PowerCapController:
     """Keeps measured node power at or under a cap through package limits."""
 
     def __init__(self, platform: Platform, gain: float = DEFAULT_GAIN,
-                 deadband_w: Optional[float] = None, min_change_w: float = 0.1):
+                 deadband_w: Optional[float] = None, min_change_w: float = 0.1,
+                 period_s: float = DEFAULT_PERIOD_S):
         self.platform = platform
         self.gain = gain
+        self.period_s = period_s
         self.deadband_w = deadband_w
         self.min_change_w = min_change_w
         self._lock = threading.Lock()
@@ -107,6 +118,8 @@ class PowerCapController:
         self._ceiling: Dict[int, float] = {}
         self._shares: Dict[int, float] = {}
         self._measured: Optional[float] = None
+        self._window: list = []
+        self._window_start: Optional[float] = None
         self._writes = 0
         self._errors = 0
 
@@ -146,8 +159,13 @@ class PowerCapController:
             limits = split_cap(cap, sorted(bounds), bounds, self._shares or None)
             self._bounds = bounds
             self._cap = cap
+            self._reset_window()
             self._apply(limits, force=True)
             return dict(self._limits)
+
+    def _reset_window(self) -> None:
+        self._window = []
+        self._window_start = None
 
     def clear(self) -> None:
         """Stop capping and put the original package limits back.
@@ -173,7 +191,14 @@ class PowerCapController:
             self._measured = sample.node_power_w
             if self._cap is None or sample.node_power_w is None or not self._limits:
                 return
-            new = control_law(self._cap, sample.node_power_w, self._limits, self._bounds,
+            if self._window_start is None:
+                self._window_start = sample.time
+            self._window.append(sample.node_power_w)
+            if sample.time - self._window_start < self.period_s:
+                return
+            mean = sum(self._window) / len(self._window)
+            self._reset_window()
+            new = control_law(self._cap, mean, self._limits, self._bounds,
                               self._shares, self.gain, self.deadband_w)
             try:
                 self._apply(new)
@@ -199,7 +224,7 @@ class PowerCapController:
         with self._lock:
             return {"cap_w": self._cap, "limits_w": {str(p): v for p, v in self._limits.items()},
                     "measured_w": self._measured, "writes": self._writes,
-                    "errors": self._errors, "gain": self.gain,
+                    "errors": self._errors, "gain": self.gain, "period_s": self.period_s,
                     "deadband_w": None if self._cap is None else
                     (self.deadband_w if self.deadband_w is not None
                      else default_deadband(self._cap))}

@@ -12,6 +12,7 @@ passes one that hops to its loop (``loop.call_soon_threadsafe``).
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -20,6 +21,14 @@ from typing import Any, Callable, Dict, Hashable, Optional
 from nrm.hw.registry import HardwareError, LogLimiter, Platform, Sample
 
 log = logging.getLogger(__name__)
+
+RECENT_TICKS = 1024     # window of the percentile figures in stats()
+
+
+def _percentile(sorted_values, q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
 
 
 class SensorManager:
@@ -37,6 +46,8 @@ class SensorManager:
         self._latest: Optional[Sample] = None
         self._profiles: Dict[Hashable, Sample] = {}
         self._stats: Dict[str, float] = self._zero_stats()
+        self._recent_lateness: collections.deque = collections.deque(maxlen=RECENT_TICKS)
+        self._recent_duration: collections.deque = collections.deque(maxlen=RECENT_TICKS)
 
     @staticmethod
     def _zero_stats() -> Dict[str, float]:
@@ -73,9 +84,18 @@ class SensorManager:
         return self._latest
 
     def stats(self) -> Dict[str, float]:
-        """Tick counters and timings; lateness is measured against each deadline."""
+        """Tick counters and timings; lateness is measured against each deadline.
+
+        Percentiles cover the last RECENT_TICKS ticks; means and maxima the
+        whole run.
+        """
         with self._lock:
             s = dict(self._stats)
+            late = sorted(self._recent_lateness)
+            dur = sorted(self._recent_duration)
+        for name, values in (("lateness", late), ("duration", dur)):
+            s[f"{name}_p50_s"] = _percentile(values, 0.5)
+            s[f"{name}_p99_s"] = _percentile(values, 0.99)
         n = max(s["ticks"], 1)
         s["mean_duration_s"] = s.pop("total_duration_s") / n
         s["mean_lateness_s"] = s.pop("total_lateness_s") / n
@@ -117,6 +137,8 @@ class SensorManager:
                 st["latest_lateness_s"] = lateness
                 st["max_lateness_s"] = max(st["max_lateness_s"], lateness)
                 st["total_lateness_s"] += lateness
+                self._recent_lateness.append(lateness)
+                self._recent_duration.append(duration)
 
     def _tick(self) -> bool:
         try:

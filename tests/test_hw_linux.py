@@ -223,7 +223,7 @@ def test_no_clock_modulation_register(tmp_path):
     node = FakeNode(tmp_path, msr=True)
     for cpu in range(node.ncpus):
         with open(node.msr_path(cpu), "r+b") as f:
-            f.truncate(0x100)                  # 0x19A reads nothing: not implemented
+            f.truncate(0x100 * 8)              # 0x19A reads nothing: not implemented
     with linux(node) as p:
         assert "cpu.duty_cycle" not in [c.name for c in p.controls()]
         assert any("clock modulation" in r for r in p.describe()["reasons"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
 
+from nrm import slurm
 from nrm.cli.common import client
 from nrm.manifest import load
 
@@ -16,7 +18,8 @@ HELP = "run a command inside a resource slice"
 
 def add_arguments(p) -> None:
     p.add_argument("--container", "-c", metavar="NAME",
-                   help="join or create this container (how MPI ranks share one slice)")
+                   help="join or create this container (how MPI ranks share one slice; "
+                        "default under Slurm: slurm-JOB.STEP)")
     p.add_argument("--detach", "-d", action="store_true",
                    help="return once started; output is discarded, the task outlives nrm")
     p.add_argument("--wait", action="store_true", help="wait for cpus instead of failing")
@@ -48,7 +51,19 @@ def execute(args) -> int:
     manifest = load(args.manifest, cwd=os.getcwd())
     argv = args.command + args.args
     if args.profile or args.profile_json:
-        manifest.power.profile = True
+        manifest = dataclasses.replace(
+            manifest, power=dataclasses.replace(manifest.power, profile=True))
+    container, cpus_allowed, env, bridge = args.container, None, None, None
+    if slurm.in_job():
+        # Tasks of one step on one node share a container, inside the cpus
+        # Slurm gave this task; see nrm.slurm for the rules.
+        container = container or slurm.default_container()
+        cpus_allowed = slurm.step_cpus()
+        manifest = slurm.fit_manifest(manifest, cpus_allowed)
+        bridge = None if args.detach else slurm.PmiBridge.from_env()
+        if bridge is not None:
+            env = bridge.task_env(os.environ)
+            bridge.start()
     c = client(args)
 
     def started(result):
@@ -59,9 +74,10 @@ def execute(args) -> int:
         if args.detach:
             print(f"{result.container} {result.task}", flush=True)
 
-    run = c.start(manifest, argv, container=args.container, detach=args.detach,
+    run = c.start(manifest, argv, container=container, detach=args.detach, env=env,
                   stdout=sys.stdout.buffer, stderr=sys.stderr.buffer, wait=args.wait,
-                  oversubscribe=args.oversubscribe, on_started=started)
+                  oversubscribe=args.oversubscribe, cpus_allowed=cpus_allowed,
+                  on_started=started)
     interrupts = {"n": 0}
 
     def forward(signum, _frame):
@@ -70,7 +86,11 @@ def execute(args) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
-    result = run.wait()
+    try:
+        result = run.wait()
+    finally:
+        if bridge is not None:
+            bridge.close()
     if args.detach:
         return 0
     if args.verbose:

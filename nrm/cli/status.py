@@ -37,10 +37,8 @@ def execute(args) -> int:
           f"{s['waiting']} waiting")
     r = s["requests"]
     print(f"requests:  {r['requests']} received, {r['request_errors']} rejected")
-    d = s.get("downstream") or {}
-    if d:
-        print("downstream: " + ", ".join(f"{k} {v}" for k, v in sorted(d.items())
-                                         if not isinstance(v, dict)))
+    for endpoint, counts in sorted((s.get("downstream") or {}).items()):
+        print(f"{endpoint + ':':11}" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if s.get("power_cap_w") is not None:
         print(f"power cap: {s['power_cap_w']:.1f} W")
     return 0

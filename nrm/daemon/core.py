@@ -72,6 +72,8 @@ class Daemon:
         self.latest_sample: Optional[dict] = None
         self.power_cap: Optional[float] = None
         self.request_counts: Dict[str, int] = {}
+        #: downstream messages refused after decoding (unknown container, foreign sender)
+        self.downstream_rejects: Dict[str, int] = {"unknown_container": 0, "foreign_sender": 0}
         #: recent samples and decisions, for reports, /api and the dashboard
         self.power_history: Deque[dict] = deque(maxlen=HISTORY_SAMPLES)
         self.decision_history: Deque[dict] = deque(maxlen=HISTORY_DECISIONS)
@@ -104,19 +106,12 @@ class Daemon:
             except FileNotFoundError:
                 pass
 
-    def _try(self, what, fn):
-        # TEMPORARY during integration: parts not yet landed are skipped.
-        try:
-            fn()
-        except ImportError as exc:
-            log.warning("%s not available yet: %s", what, exc)
-
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self._prepare_rundir()
-        self._try("hardware", self._start_hardware)
-        prefix = "nrm." + hashlib.sha1(self.rundir.encode()).hexdigest()[:8]
+        self._start_hardware()
+        prefix = "nrm." + _rundir_key(self.rundir)
         try:
             self.runtime = make_runtime(self.config.runtime, prefix)
         except Exception as exc:
@@ -128,8 +123,8 @@ class Daemon:
         self.upstream = Upstream(self.ctx, self.loop, paths.upstream_uri(self.rundir),
                                  paths.events_uri(self.rundir), self._dispatch,
                                  socket_mode=0o666 if os.geteuid() == 0 else 0o600)
-        self._try("downstream", self._start_downstream)
-        self._try("policies", self._start_policies)
+        self._start_downstream()
+        self._start_policies()
         self._start_http()
         if self.platform is not None:
             self.platform.set_task_provider(self.containers.pids)
@@ -144,10 +139,12 @@ class Daemon:
         """Platform first: a crashed predecessor's controls are restored
         before anything else happens."""
         from nrm.hw import open_platform
+        emulated = {"cgroup_name": "nrm.emu." + _rundir_key(self.rundir)}
+        emulated.update(self.config.emulated)
         try:
             self.platform = open_platform(self.config.hw, root=self.config.hw_root,
                                           journal_path=paths.journal_path(self.rundir),
-                                          emulated_options=self.config.emulated or None)
+                                          emulated_options=emulated)
         except Exception as exc:
             raise StartupError(f"hardware: {exc}") from None
         log.info("hardware backend: %s%s", self.platform.backend_name,
@@ -242,8 +239,7 @@ class Daemon:
             self.policies.on_phase_context(container, msg)
 
     def ingest_counter(self, name: str) -> None:
-        counters = self.ingest.counters
-        counters[name] = counters.get(name, 0) + 1
+        self.downstream_rejects[name] = self.downstream_rejects.get(name, 0) + 1
 
     def _sender_owns(self, peer: str, container: Container) -> bool:
         """A downstream sender may only speak for its own container."""
@@ -318,7 +314,10 @@ class Daemon:
             "tasks": {k: v for k, v in self.containers.counters.items()},
             "containers": len(self.containers.containers),
             "waiting": len(self.containers.waiting),
-            "downstream": dict(self.ingest.counters) if self.ingest else None,
+            "downstream": dict(self.ingest.counters, rejected=dict(self.downstream_rejects))
+            if self.ingest else None,
+            "policy": {"decision_latency": self.policies.latency(),
+                       **self.policies.counters} if self.policies else None,
             "sensors": self.sensors.stats() if self.sensors else None,
             "power_cap_w": self.power_cap,
         }
@@ -416,6 +415,11 @@ class _AppsListener:
         if self.daemon.apps is not None:
             self.daemon.apps.forget_container(container.id)
         return None
+
+
+def _rundir_key(rundir: str) -> str:
+    """Daemons on one host (fake Slurm nodes, tests) keep apart in cgroups."""
+    return hashlib.sha1(rundir.encode()).hexdigest()[:8]
 
 
 def _topology(root: str):

@@ -1,0 +1,1 @@
+"""The Linux backend: powercap/MSR RAPL, clock modulation, cpufreq and hwmon under a root."""

@@ -1,0 +1,413 @@
+"""Named signals and controls over hardware domains, with save/restore.
+
+Every backend speaks the same small vocabulary (``package.energy``,
+``cpu.duty_cycle`` ...) so the daemon and the policies never learn where a
+number comes from. The base :class:`Platform` owns what must be identical
+for all backends: validation of names and indices, the rule that the
+original value of a control is journaled (and fsynced) before its first
+write, and putting originals back. Backends only implement the raw hooks.
+
+The daemon must never crash on hardware, so everything that can go wrong
+below this layer surfaces as :class:`HardwareError` carrying the path and a
+reason a sysadmin can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from nrm.hw.topology import Topology, format_cpulist
+
+log = logging.getLogger(__name__)
+
+SIGNAL_NAMES = (
+    "package.energy", "dram.energy", "package.temperature", "core.temperature",
+    "cpu.duty_cycle", "cpu.frequency", "package.power_limit",
+)
+CONTROL_NAMES = ("cpu.duty_cycle", "cpu.frequency", "package.power_limit")
+
+
+class HardwareError(Exception):
+    """A hardware access that failed or was refused; the message says why."""
+
+
+class LogLimiter:
+    """Lets one message per key through every ``interval_s``.
+
+    Hot paths (5 ms sensor ticks, 20 ms thread placement) would otherwise
+    flood the log with the same failure; the suppressed count is reported
+    with the next message so nothing is silently lost.
+    """
+
+    def __init__(self, interval_s: float = 30.0):
+        self.interval_s = interval_s
+        self._last: Dict[str, float] = {}
+        self._suppressed: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> Tuple[bool, int]:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return False, 0
+            self._last[key] = now
+            return True, self._suppressed.pop(key, 0)
+
+    def log(self, logger: logging.Logger, level: int, key: str, msg: str, *args) -> None:
+        ok, suppressed = self.allow(key)
+        if ok:
+            if suppressed:
+                msg += " (%d similar messages suppressed)"
+                args = args + (suppressed,)
+            logger.log(level, msg, *args)
+
+
+@dataclass(frozen=True)
+class SignalInfo:
+    name: str
+    domain: str
+    unit: str
+    aggregation: str
+    description: str
+    indices: Tuple[int, ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "domain": self.domain, "unit": self.unit,
+                "aggregation": self.aggregation, "description": self.description,
+                "indices": list(self.indices)}
+
+
+@dataclass(frozen=True)
+class ControlInfo:
+    """A writable quantity; ``minimum``/``maximum`` are None when unknown."""
+    name: str
+    domain: str
+    unit: str
+    aggregation: str
+    description: str
+    indices: Tuple[int, ...] = ()
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "domain": self.domain, "unit": self.unit,
+                "aggregation": self.aggregation, "description": self.description,
+                "indices": list(self.indices), "minimum": self.minimum,
+                "maximum": self.maximum}
+
+
+@dataclass
+class Sample:
+    """One reading of the node's sensors.
+
+    ``packages[p]`` holds ``energy_j`` (cumulative and wrap-corrected: only
+    differences are meaningful), ``power_w`` (since the previous sample taken
+    from the same platform, None for the first), ``dram_energy_j``,
+    ``dram_power_w`` and ``temperature_c``; any of them is None when the
+    node cannot measure it.
+    """
+    time: float
+    packages: Dict[int, Dict[str, Optional[float]]] = field(default_factory=dict)
+    node_power_w: Optional[float] = None
+    emulated: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"time": self.time,
+                "packages": {str(p): dict(v) for p, v in sorted(self.packages.items())},
+                "node_power_w": self.node_power_w, "emulated": self.emulated}
+
+
+def package_entry(energy_j=None, power_w=None, dram_energy_j=None, dram_power_w=None,
+                  temperature_c=None) -> Dict[str, Optional[float]]:
+    return {"energy_j": energy_j, "power_w": power_w, "dram_energy_j": dram_energy_j,
+            "dram_power_w": dram_power_w, "temperature_c": temperature_c}
+
+
+def node_power(packages: Dict[int, Dict[str, Optional[float]]]) -> Optional[float]:
+    """Sum of package and DRAM power; None until a package has a power value."""
+    total = None
+    for entry in packages.values():
+        for key in ("power_w", "dram_power_w"):
+            v = entry.get(key)
+            if v is not None:
+                total = (total or 0.0) + v
+    return total
+
+
+def format_indices(indices: Iterable[int]) -> str:
+    return format_cpulist(indices) or "none"
+
+
+class Platform:
+    """The node's hardware as named signals and controls.
+
+    Subclasses fill ``_signals``/``_controls`` and implement ``_read``,
+    ``_write`` (returns the applied value), ``_snapshot`` (a JSON-able
+    original) and ``_put_back``. Control writes are serialized by one lock;
+    ``sample()`` may run concurrently from the sensor thread, so backends
+    guard their sampling state separately.
+    """
+
+    backend_name = "base"
+    emulated = False
+
+    def __init__(self, topology: Topology, journal=None):
+        self.topology = topology
+        self.duty_cycle_levels = 16
+        self._journal = journal
+        self._lock = threading.RLock()
+        self._saved: Dict[Tuple[str, int], Any] = {}
+        self._signals: Dict[str, SignalInfo] = {}
+        self._controls: Dict[str, ControlInfo] = {}
+        self._reasons: List[str] = []
+        self._closed = False
+
+    # ------------------------------------------------------------ backend hooks
+
+    def _read(self, name: str, index: int) -> float:
+        raise NotImplementedError
+
+    def _write(self, name: str, index: int, value: float) -> float:
+        raise NotImplementedError
+
+    def _snapshot(self, name: str, index: int) -> Any:
+        raise NotImplementedError
+
+    def _put_back(self, name: str, index: int, original: Any) -> None:
+        raise NotImplementedError
+
+    def _sample(self) -> Sample:
+        raise NotImplementedError
+
+    def _describe_backend(self) -> Dict[str, Any]:
+        return {}
+
+    def _actuation_effective(self) -> bool:
+        return bool(self._controls)
+
+    def _close_backend(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ public
+
+    def signals(self) -> List[SignalInfo]:
+        return list(self._signals.values())
+
+    def controls(self) -> List[ControlInfo]:
+        return list(self._controls.values())
+
+    def signal_info(self, name: str) -> SignalInfo:
+        info = self._signals.get(name)
+        if info is None:
+            raise HardwareError(f"unknown signal {name!r} on the {self.backend_name} backend; "
+                                f"available: {', '.join(self._signals) or 'none'}")
+        return info
+
+    def control_info(self, name: str) -> ControlInfo:
+        info = self._controls.get(name)
+        if info is None:
+            raise HardwareError(f"unknown control {name!r} on the {self.backend_name} backend; "
+                                f"available: {', '.join(self._controls) or 'none'}")
+        return info
+
+    @staticmethod
+    def _check_index(info, index: int) -> int:
+        try:
+            i = int(index)
+        except (TypeError, ValueError):
+            raise HardwareError(f"{info.name}: index {index!r} is not an integer") from None
+        if i != index or i not in info.indices:
+            raise HardwareError(f"{info.name} has no index {index!r} ({info.domain} domain "
+                                f"indices: {format_indices(info.indices)})")
+        return i
+
+    def read(self, name: str, index: int) -> float:
+        info = self.signal_info(name)
+        return float(self._read(name, self._check_index(info, index)))
+
+    def write(self, name: str, index: int, value: float) -> float:
+        info = self.control_info(name)
+        i = self._check_index(info, index)
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise HardwareError(f"{name}[{i}]: value {value!r} is not a number") from None
+        if not math.isfinite(v):
+            raise HardwareError(f"{name}[{i}]: value {value!r} is not finite")
+        with self._lock:
+            if self._closed:
+                raise HardwareError(f"{name}[{i}]: platform is closed")
+            key = (name, i)
+            if key not in self._saved:
+                original = self._snapshot(name, i)
+                if self._journal is not None:
+                    self._journal.append({"backend": self.backend_name, "name": name,
+                                          "index": i, "original": original})
+                self._saved[key] = original
+            return float(self._write(name, i, v))
+
+    def saved(self) -> Dict[str, Dict[int, Any]]:
+        """Originals currently held (what a restore would put back)."""
+        with self._lock:
+            out: Dict[str, Dict[int, Any]] = {}
+            for (name, i), orig in self._saved.items():
+                out.setdefault(name, {})[i] = orig
+            return out
+
+    def restore(self, name: Optional[str] = None, indices: Optional[Iterable[int]] = None) -> None:
+        """Put saved originals back; raise HardwareError listing any failure.
+
+        Entries that fail stay saved (and journaled) so a later restore or
+        the next daemon start retries them.
+        """
+        wanted = None if indices is None else {int(i) for i in indices}
+        failures = []
+        with self._lock:
+            keys = [k for k in self._saved
+                    if (name is None or k[0] == name) and (wanted is None or k[1] in wanted)]
+            done = []
+            for key in keys:
+                try:
+                    self._put_back(key[0], key[1], self._saved[key])
+                    done.append(key)
+                except HardwareError as e:
+                    failures.append(f"{key[0]}[{key[1]}]: {e}")
+            for key in done:
+                del self._saved[key]
+            if done and self._journal is not None:
+                try:
+                    self._journal.drop(self.backend_name, done)
+                except HardwareError as e:
+                    # The hardware is back to its originals; a stale entry only
+                    # means the next start re-applies the same originals.
+                    log.warning("%s", e)
+        if failures:
+            raise HardwareError("restore failed for " + "; ".join(failures))
+
+    def restore_all(self) -> None:
+        self.restore()
+
+    def recover(self) -> List[Dict[str, Any]]:
+        """Put back controls journaled by a previous daemon that did not close.
+
+        Entries that cannot be put back now are kept as saved originals, so
+        a later first write does not mistake a throttled value for the
+        original.
+        """
+        if self._journal is None:
+            return []
+        entries = self._journal.load()
+        if not entries:
+            return []
+        restored, kept = [], []
+        with self._lock:
+            for e in entries:
+                if e.get("backend") != self.backend_name:
+                    log.warning("journal entry %s[%s] was written by the %s backend, this is %s: "
+                                "kept, not restored", e.get("name"), e.get("index"),
+                                e.get("backend"), self.backend_name)
+                    kept.append(e)
+                    continue
+                name, index = e.get("name"), e.get("index")
+                try:
+                    if name not in self._controls:
+                        raise HardwareError("control no longer available")
+                    self._put_back(name, int(index), e.get("original"))
+                    restored.append(e)
+                    log.warning("restored %s[%s] to %r, left by a previous nrmd that did not "
+                                "shut down cleanly", name, index, e.get("original"))
+                except (HardwareError, TypeError, ValueError) as err:
+                    log.error("cannot restore %s[%s] to %r from the journal: %s",
+                              name, index, e.get("original"), err)
+                    kept.append(e)
+                    if name in self._controls and isinstance(index, int):
+                        self._saved[(name, index)] = e.get("original")
+            try:
+                self._journal.rewrite(kept)
+            except HardwareError as err:
+                log.error("%s", err)
+        return restored
+
+    def frequencies(self, cpu: int) -> List[float]:
+        return []
+
+    def sample(self) -> Sample:
+        return self._sample()
+
+    def set_task_provider(self, fn: Optional[Callable[[], Iterable[int]]]) -> None:
+        pass
+
+    def describe(self) -> Dict[str, Any]:
+        d = {
+            "backend": self.backend_name,
+            "emulated": self.emulated,
+            "actuation_effective": self._actuation_effective(),
+            "reasons": list(self._reasons),
+            "signals": [s.name for s in self.signals()],
+            "controls": [c.name for c in self.controls()],
+            "duty_cycle_levels": self.duty_cycle_levels,
+            "packages": self.topology.packages,
+            "cpus": len(self.topology.cpus),
+            "journal": None if self._journal is None else self._journal.path,
+            "saved_controls": {n: sorted(v) for n, v in self.saved().items()},
+        }
+        d.update(self._describe_backend())
+        return d
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self.restore_all()
+            except HardwareError as e:
+                log.error("on close: %s", e)
+            self._closed = True
+            self._close_backend()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_platform(kind: str = "auto", root: str = "/", journal_path: Optional[str] = None,
+                  emulated_options: Optional[Dict[str, Any]] = None) -> Platform:
+    """Open the node's hardware, first restoring controls a crash left behind.
+
+    ``auto`` picks the linux backend when RAPL energy is readable under
+    ``root`` (powercap ``energy_uj`` or MSR 0x611) and the emulated node
+    otherwise, recording why in ``describe()["reasons"]``.
+    """
+    from nrm.hw.journal import Journal
+
+    if kind not in ("auto", "linux", "emulated"):
+        raise HardwareError(f"unknown platform kind {kind!r} (auto, linux or emulated)")
+    journal = Journal(journal_path) if journal_path else None
+    fallback = None
+    if kind == "auto":
+        from nrm.hw.linux.backend import probe_rapl
+        ok, why = probe_rapl(root)
+        kind = "linux" if ok else "emulated"
+        if not ok:
+            fallback = why
+            log.info("no readable RAPL under %s (%s): using the emulated node", root, why)
+    platform: Platform
+    if kind == "linux":
+        from nrm.hw.linux.backend import LinuxPlatform
+        platform = LinuxPlatform(root=root, journal=journal)
+    else:
+        from nrm.hw.emulated import EmulatedPlatform
+        platform = EmulatedPlatform(root=root, journal=journal, options=emulated_options)
+        if fallback:
+            platform._reasons.insert(0, f"emulated because RAPL is not readable: {fallback}")
+    platform.recover()
+    return platform
