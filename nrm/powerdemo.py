@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 EXAMPLES = os.path.join(REPO, "examples")
 POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED")
-IMBALANCE_ARGS = ["-n", "300", "-u", "300000", "-b", "-0.5"]
+IMBALANCE_ARGS = ["-n", "40", "-u", "30000000", "-b", "-0.5"]
+"""~50 ms phases: several periods of the emulated node's 16 ms CPU-bandwidth window."""
 
 
 def build_imbalance() -> Optional[str]:

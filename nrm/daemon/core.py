@@ -320,6 +320,10 @@ class Daemon:
                        **self.policies.counters} if self.policies else None,
             "sensors": self.sensors.stats() if self.sensors else None,
             "power_cap_w": self.power_cap,
+            # controls written and not yet restored (empty when the node is unthrottled)
+            "saved_controls": {name: {str(i): v for i, v in entries.items()}
+                               for name, entries in self.platform.saved().items()}
+            if self.platform else {},
         }
 
     def reports(self, peer: Peer, container: Optional[str]) -> List[dict]:
