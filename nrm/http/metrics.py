@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 _limiter = LogLimiter()
 
 
+#: application-manager counters -> the reason label they are exported under
+_APP_DROP_REASONS = {"dropped_containers": "too_many_containers",
+                     "dropped_apps": "too_many_apps", "dropped_invalid": "invalid"}
+
+
 def _num(value) -> Optional[float]:
     """A float, or None for values that are missing or not numbers."""
     if value is None:
@@ -217,14 +222,18 @@ class DaemonCollector:
                     elif key.startswith("dropped_"):
                         dropped.add_metric([endpoint, key[len("dropped_"):]], count)
             elif isinstance(value, int):
-                # The daemon counts ownership checks (unknown_container,
-                # foreign_sender) next to the per-endpoint tables.
+                # Older daemons counted ownership checks next to the tables.
                 dropped.add_metric(["any", endpoint], value)
+        # Ownership checks (unknown_container, foreign_sender) happen after
+        # decoding, whatever the endpoint.
+        for reason, count in sorted(getattr(self.daemon, "downstream_rejects", {}).items()):
+            dropped.add_metric(["any", reason], count)
         apps = self.daemon.apps
         if apps is not None:
             for key, count in sorted(apps.counters.items()):
                 if key.startswith("dropped_"):
-                    dropped.add_metric(["any", "apps_" + key[len("dropped_"):]], count)
+                    reason = _APP_DROP_REASONS.get(key, key[len("dropped_"):])
+                    dropped.add_metric(["any", reason], count)
             yield CounterMetricFamily("nrm_downstream_messages_handled",
                                       "downstream messages accounted by the application "
                                       "manager", value=apps.counters.get("handled", 0))

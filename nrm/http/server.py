@@ -427,6 +427,16 @@ class IndexHandler(_Base):
             self.write(f.read())
 
 
+def _access_log(handler: tornado.web.RequestHandler) -> None:
+    """Successful requests at debug level: a Prometheus server scraping every
+    few seconds would otherwise fill the daemon's log."""
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.WARNING
+    log.log(level, "http %d %s %s (%s) %.1f ms", status, handler.request.method,
+            handler.request.uri, handler.request.remote_ip,
+            1000.0 * handler.request.request_time())
+
+
 class HttpServer:
     """What ``start_http`` returns to the daemon: ``on_event`` and ``stop``."""
 
@@ -441,7 +451,7 @@ class HttpServer:
             (r"/api/v1/live", LiveHandler, args),
             (r"/api/v1/events", EventsHandler, args),
             (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
-        ], nrm_registry=registry, compress_response=False)
+        ], nrm_registry=registry, compress_response=False, log_function=_access_log)
         try:
             sockets = tornado.netutil.bind_sockets(port, address=host)
         except OSError as exc:

@@ -2,10 +2,10 @@
 
 cgroup v1 is used, since a thread can join a v1 cgroup on its own: the
 spawning thread joins the container's cgroups, forks the task (born inside)
-and returns home, about 30 us each way. cgroup v2 moves whole processes, not
-threads, so there a task is moved right after it is spawned (documented
-window of a few microseconds); v2 is chosen only when its cpuset and memory
-controllers are usable.
+and returns home, about 30 us each way. cgroup v2 is NOT implemented yet
+(v2 moves whole processes, so it needs a spawner process or clone3 with
+CLONE_INTO_CGROUP); on a v2-only machine `--runtime auto` falls back to the
+affinity runtime and `--runtime cgroup` refuses with a clear message.
 
 Creating a cgroup in five hierarchies costs about 1 ms here, so emptied
 container cgroups are kept in a pool, keyed by their cpuset, and reused.

@@ -206,7 +206,8 @@
     frames++;
     setText('frames', frames);
     setText('version', 'nrmd ' + frame.version);
-    setText('backend', (frame.backend || 'no hardware') + (frame.emulated ? ' (emulated)' : ''));
+    setText('backend', (frame.backend || 'no hardware') +
+      (frame.emulated && frame.backend !== 'emulated' ? ' (emulated)' : ''));
     setText('uptime', duration(frame.uptime_s || 0));
     setText('node-power', watts(frame.node_power_w));
     $('node-power').dataset.watts = frame.node_power_w === null ? '' : String(frame.node_power_w);
