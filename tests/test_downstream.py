@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pull(tmp_path):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 100000)  # as Ingest; see tests/test_libnrm.py
     uri = f"ipc://{tmp_path}/down"
     sock.bind(uri)
     yield sock, uri

@@ -15,7 +15,10 @@ wakes once per burst and then drains with non-blocking receives, up to
 ``batch`` messages before it yields to the event loop.  Both sockets have a
 receive high-water mark, so a flood costs bounded memory: beyond it libzmq
 drops (SUB) or pushes back on the senders (PULL), which libnrm turns into
-dropped sends rather than a stalled application.
+dropped sends rather than a stalled application.  Keep the PULL mark high
+(default 100000): measured with libzmq 4.3.5, a PULL that is at its mark
+when a sender exits loses the rest of that sender's stream, its final
+progress and ``exit`` included, although the sender saw them written.
 
 Peer identity: the daemon's ZAP handler sets each ipc connection's
 ``User-Id`` to the kernel-verified ``uid:gid:pid``.  Reading it needs the
