@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nrm-installed
 LIBNRM := $(VENV)/lib/libnrm-pmpi.so
 
-.PHONY: setup system-deps run daemon test lint check-c bench fuzz clean
+.PHONY: setup system-deps run daemon test lint check-c bench clean
 
 setup: system-deps $(STAMP) $(LIBNRM)
 
@@ -45,9 +45,6 @@ bench: setup
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/sensor_tick.py
 	$(PY) benchmarks/interposer.py
-
-fuzz: setup
-	NRM_FUZZ_EXAMPLES=20000 $(VENV)/bin/pytest -q tests -k fuzz
 
 clean:
 	$(MAKE) -s -C libnrm clean || true

@@ -17,6 +17,7 @@ import os
 import pwd
 import signal
 import stat
+import sys
 import time
 import uuid
 from collections import deque
@@ -281,8 +282,7 @@ class ContainerManager:
     def _wrap_perf(self, container, argv):
         if not container.manifest.perfwrapper:
             return argv
-        return [os.path.join(os.path.dirname(os.path.realpath(_python())), "nrm-perfwrapper"),
-                "--"] + list(argv)
+        return [sys.executable, "-m", "nrm.perfwrapper", "--"] + list(argv)
 
     # -- output -----------------------------------------------------------
     def _on_readable(self, task: Task, stream: str) -> None:
@@ -469,14 +469,8 @@ class ContainerManager:
             raise RunError("not_found", f"no container {name}")
         if not peer.may_touch(container.uid):
             raise RunError("denied", f"container {name} belongs to uid {container.uid}")
-        n = len(container.tasks)
         self.runtime.kill_all(container.handle, signal.SIGKILL)
-        for task in container.tasks.values():
-            try:
-                os.killpg(task.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        return n
+        return len(container.tasks)
 
     def cancel_waiting(self, sink: Sink) -> None:
         self.waiting = deque(w for w in self.waiting if w[5] is not sink)
@@ -579,11 +573,6 @@ def _groups(uid: int, gid: int) -> List[int]:
     if pw is None:
         raise RunError("denied", f"uid {uid} has no passwd entry")
     return os.getgrouplist(pw.pw_name, gid)
-
-
-def _python() -> str:
-    import sys
-    return sys.executable
 
 
 _devnull = None

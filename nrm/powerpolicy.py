@@ -124,7 +124,7 @@ class PowerPolicyManager:
                 "p99_us": values[min(len(values) - 1, int(len(values) * 0.99))] * 1e6}
 
     def snapshot(self) -> dict:
-        return {cid: {"policy": s.policy.__class__.__name__, "cpus": s.cpus,
+        return {cid: {"policy": s.policy.policy, "cpus": s.cpus,
                       "settings": {str(c): v for c, v in s.policy.settings().items()},
                       "stats": dict(s.policy.stats)}
                 for cid, s in self.active.items()}

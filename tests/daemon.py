@@ -26,6 +26,17 @@ def nrm_argv() -> List[str]:
     return [sys.executable, "-m", "nrm.cli.main"]
 
 
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02):
+    """Poll until ``predicate()`` is truthy; its value, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
 class DaemonProcess:
     def __init__(self, *extra: str, rundir: Optional[str] = None, env=None):
         self.rundir = rundir or tempfile.mkdtemp(prefix="nrmt-", dir="/tmp")

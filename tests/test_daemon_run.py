@@ -14,20 +14,10 @@ import zmq
 
 from nrm import paths, protocol
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import DaemonProcess
+from tests.daemon import DaemonProcess, wait_for
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 PY = sys.executable
-
-
-def wait_for(predicate, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def containers(daemon):

@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ import pytest
 
 from nrm.http import server
 from tests.conftest import EXAMPLES
-from tests.daemon import DaemonProcess
+from tests.daemon import DaemonProcess, wait_for
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 PY = sys.executable
@@ -57,16 +56,6 @@ def get(d, path: str, timeout: float = 5.0):
 
 def state(d) -> dict:
     return json.loads(get(d, "/api/v1/state")[2])
-
-
-def wait_for(predicate, timeout=15.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")

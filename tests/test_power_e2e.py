@@ -29,7 +29,7 @@ def test_ddcm_slows_the_waiting_rank_and_restores(daemon, imbalance, tmp_path):
     profile_path = tmp_path / "profile.json"
     r = daemon.cli("run", "--profile-json", str(profile_path), str(manifest),
                    "mpiexec", "-n", "2", "-bind-to", "core", imbalance,
-                   "-n", "40", "-u", "30000000", "-b", "-0.5", "-a", timeout=120)
+                   "-n", "60", "-u", "30000000", "-b", "-0.5", "-a", timeout=180)
     assert r.returncode == 0, r.stderr
     rank_cpu = {}
     for line in r.stdout.decode().splitlines():

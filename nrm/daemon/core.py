@@ -399,13 +399,26 @@ class _ProfileListener:
         if cpu_time is not None:
             out["cpu_time_s"] = cpu_time(container.handle)
         t0 = container.created
-        series = [[s["wall_time"], s.get("node_power_w")] for s in self.daemon.power_history
-                  if s["wall_time"] >= t0]
+        series = [[s["wall_time"], s.get("node_power_w")]
+                  for s in _since(self.daemon.power_history, "wall_time", t0)]
         step = max(1, len(series) // PROFILE_SERIES_POINTS)
         out["power_series"] = series[::step]
-        out["decisions"] = [d for d in self.daemon.decision_history
+        out["decisions"] = [d for d in _since(self.daemon.decision_history, "time", t0)
                             if d.get("container") == container.id][-PROFILE_SERIES_POINTS:]
         return out
+
+
+def _since(history, key: str, t0: float) -> List[dict]:
+    """Entries of a time-ordered history from ``t0`` on, reading from the end
+    only as far back as needed: a short task costs nothing, whatever the
+    history's length."""
+    out = []
+    for entry in reversed(history):
+        if entry.get(key, 0) < t0:
+            break
+        out.append(entry)
+    out.reverse()
+    return out
 
 
 class _AppsListener:

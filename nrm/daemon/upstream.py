@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 rl_log = RateLimitedLog(log)
 
 FLUSH_INTERVAL_S = 0.002
-MAX_QUEUED_PER_CLIENT = 256
 
 
 def parse_peer(user_id: Optional[str]) -> Optional[Peer]:
@@ -57,7 +56,11 @@ class Requester:
 
 
 class ClientSink(Sink):
-    """Streams one run's task events to its client, with backpressure."""
+    """Streams one run's task events to its client, with backpressure.
+
+    When the client is full the chunk is queued and the task's pipe stops
+    being read, so the queue holds at most one chunk per stream and the exit.
+    """
 
     def __init__(self, requester: Requester, resume: Callable[[Task], None],
                  gone: Callable[[Task], None]):
@@ -206,8 +209,6 @@ class Upstream:
 
     def schedule_flush(self, sink: ClientSink) -> None:
         if sink not in self._flushing:
-            if len(sink.queue) > MAX_QUEUED_PER_CLIENT:
-                log.warning("client queue over %d messages", MAX_QUEUED_PER_CLIENT)
             self._flushing.append(sink)
         if self._flush_timer is None:
             self._flush_timer = self.loop.call_later(FLUSH_INTERVAL_S, self._flush)

@@ -42,6 +42,21 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
+def _rmdir(path: str) -> None:
+    """A just-emptied cgroup can stay busy for a few ms while its last
+    tasks are released: retry briefly, then leave it with a warning."""
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                log.warning("rmdir %s: %s", path, exc.strerror)
+                return
+            time.sleep(0.005)
+    log.warning("rmdir %s: still busy", path)
+
+
 def v1_mounts(root: str = "/") -> Dict[str, str]:
     """controller -> mount point of the v1 hierarchy holding it."""
     mounts: Dict[str, str] = {}
@@ -175,19 +190,11 @@ class CgroupRuntime(Runtime):
                 time.sleep(0.01)
         if killed:
             log.warning("killed %d processes left by a previous nrmd", killed)
-        for c, base in self.base.items():
+        for base in self.base.values():
             for name in os.listdir(base):
                 path = os.path.join(base, name)
                 if os.path.isdir(path):
-                    for _ in range(50):
-                        try:
-                            os.rmdir(path)
-                            break
-                        except OSError as exc:
-                            if exc.errno != errno.EBUSY:
-                                log.warning("stale cgroup %s: %s", path, exc.strerror)
-                                break
-                            time.sleep(0.01)
+                    _rmdir(path)
 
     # -- slots -------------------------------------------------------------
     def _new_slot(self) -> Slot:
@@ -311,15 +318,7 @@ class CgroupRuntime(Runtime):
     def _destroy(self, slot: Slot) -> None:
         slot.close()
         for d in slot.dirs.values():
-            for _ in range(50):
-                try:
-                    os.rmdir(d)
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        log.warning("rmdir %s: %s", d, exc.strerror)
-                        break
-                    time.sleep(0.002)
+            _rmdir(d)
 
     def close(self) -> None:
         for cid, slot in list(self._busy.items()):

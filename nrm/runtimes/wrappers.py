@@ -4,8 +4,8 @@ runtime (cgroup or affinity); the tool adds the image or the NodeOS
 container. Both refuse to start when their binary is missing.
 
 NodeOS (`argo_nodeos_config`) is not available on any machine we test on:
-the adapter follows its documented command line and is untested; `nrm
-status` says so.
+the adapter's command line (--create_container, --exec, --delete_container)
+is assumed, not verified, and `nrm status` says it is untested.
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ class SingularityRuntime(WrappingRuntime):
 class NodeOSRuntime(WrappingRuntime):
     name = "nodeos"
     binary_names = ("argo_nodeos_config",)
+
+    def __init__(self, inner: Runtime, binary: str = None):
+        super().__init__(inner, binary)
+        self.notes = self.notes + ["untested adapter: its command line is assumed"]
 
     def create(self, cid, cpus, mems) -> Handle:
         handle = super().create(cid, cpus, mems)
