@@ -6,7 +6,12 @@ bounded number in flight; requests that find no free cpu wait in the
 daemon's queue. The floor is the same N through plain subprocess.Popen, as
 many at a time, in the same run. Also: request round trip (status) p50/p99.
 
-Prints one JSON object. Usage: benchmarks/launch.py [--tasks N] [--inflight K]
+The daemon is measured once per `--spawners` setting (0 = launches from
+the daemon's own thread), each with its own floor runs interleaved, so
+every ratio compares numbers taken minutes apart at most.
+
+Prints one JSON object. Usage:
+    benchmarks/launch.py [--tasks N] [--inflight K] [--repeat R] [--spawners 0,1,2]
 """
 
 from __future__ import annotations
@@ -76,18 +81,34 @@ def round_trips(rundir: str, n: int):
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", type=int, default=2000)
-    ap.add_argument("--inflight", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
-    d = DaemonProcess("--hw", "emulated", "--log-level", "warning").start()
+def cpu_s(pid: int) -> float:
+    """utime + stime of one process: robust to a shared machine, unlike rates."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def measure(spawners: int, args) -> dict:
+    d = DaemonProcess("--hw", "emulated", "--log-level", "warning",
+                      "--spawners", str(spawners)).start()
     try:
         floors, rates, lat_all, starts = [], [], [], []
+        daemon_cpu = helper_cpu = 0.0
         for _ in range(args.repeat):
             floors.append(floor_popen(args.tasks, args.inflight))
+            helpers = children(d.proc.pid)
+            before = cpu_s(d.proc.pid), sum(cpu_s(p) for p in helpers)
             rate, started, lat = asyncio.run(through_nrm(d.rundir, args.tasks, args.inflight))
+            daemon_cpu += cpu_s(d.proc.pid) - before[0]
+            helper_cpu += sum(cpu_s(p) for p in helpers) - before[1]
             rates.append(rate)
             lat_all.extend(lat)
             starts.extend(started)
@@ -96,20 +117,40 @@ def main() -> None:
     finally:
         d.stop()
     floor, rate = statistics.median(floors), statistics.median(rates)
-    print(json.dumps({
-        "benchmark": "launch",
-        "tasks": args.tasks, "inflight": args.inflight, "repeat": args.repeat,
+    return {
+        "spawners": spawners,
         "runtime": status["runtime"]["name"],
+        "runtime_notes": status["runtime"].get("notes", []),
         "nrm_tasks_per_s_median": round(rate, 1),
         "nrm_tasks_per_s_runs": [round(r, 1) for r in rates],
         "floor_popen_tasks_per_s_median": round(floor, 1),
+        "floor_popen_tasks_per_s_runs": [round(f, 1) for f in floors],
         "ratio_to_floor": round(rate / floor, 3),
+        "daemon_cpu_us_per_task": round(daemon_cpu / (args.tasks * args.repeat) * 1e6, 1),
+        "spawners_cpu_us_per_task": round(helper_cpu / (args.tasks * args.repeat) * 1e6, 1),
         "run_to_exit_ms_p50": round(pct(lat_all, 50) * 1e3, 3),
         "run_to_exit_ms_p99": round(pct(lat_all, 99) * 1e3, 3),
         "submit_to_start_ms_p50": round(pct(starts, 50) * 1e3, 3),
         "submit_to_start_ms_p99": round(pct(starts, 99) * 1e3, 3),
         "status_rtt_ms_p50": round(pct(rtts, 50) * 1e3, 3),
         "status_rtt_ms_p99": round(pct(rtts, 99) * 1e3, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=2000)
+    ap.add_argument("--inflight", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--spawners", default="0,1,2",
+                    help="comma-separated spawner counts to measure (default 0,1,2)")
+    args = ap.parse_args()
+    results = [measure(int(n), args) for n in args.spawners.split(",")]
+    print(json.dumps({
+        "benchmark": "launch",
+        "tasks": args.tasks, "inflight": args.inflight, "repeat": args.repeat,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "results": results,
     }, indent=2))
 
 

@@ -7,6 +7,11 @@ loop (no SIGCHLD handler, no thread per task), their stdout and stderr are
 read from pipes and handed to a *sink* (the client that asked for the run),
 which may push back: when a client is slow its task's pipes stop being read,
 so output is never dropped and daemon memory stays bounded.
+
+Tasks are launched by spawner processes when the daemon has them (see
+nrm/spawner.py: they reap their tasks and report each wait status, so a
+launch is asynchronous and a container keeps its slice while a launch is in
+flight), else by the daemon's own thread, which then reaps through pidfds.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Callable, Deque, Dict, List, Optional
 from nrm.manifest import Manifest
 from nrm.resources import ResourceManager, Slice, SliceError
 from nrm.runtimes import SCHED_POLICIES, Handle, Runtime
+from nrm.spawner import SpawnError, SpawnerPool, env_list
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,8 @@ class RunError(Exception):
 
 @dataclass
 class Peer:
-    """A kernel-verified requester."""
+    """A verified requester: kernel credentials over ipc, a CURVE key mapped to
+    a user over tcp (then pid is 0: nothing to watch)."""
     uid: int
     gid: int
     pid: int = 0
@@ -80,9 +87,10 @@ class Task:
     sink: Sink
     client_pid: int = 0
     detach: bool = False
-    proc: Optional[object] = None
     pid: int = 0
     pidfd: int = -1
+    local: bool = True          # the daemon is the parent (no spawner)
+    doomed: bool = False        # killed while its launch was in flight
     pipes: Dict[str, int] = field(default_factory=dict)   # stream name -> fd
     paused: Dict[str, bool] = field(default_factory=dict)
     code: Optional[int] = None
@@ -116,6 +124,7 @@ class Container:
     bind_next: int = 0
     tasks_started: int = 0
     ending: bool = False
+    starting: Dict[str, Task] = field(default_factory=dict)    # launches in flight
     extra: Dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -141,7 +150,7 @@ class ContainerListener:
 class ContainerManager:
     def __init__(self, runtime: Runtime, resources: ResourceManager,
                  publish: Callable[[str, dict], None], task_env: Callable[..., Dict[str, str]],
-                 loop: Optional[asyncio.AbstractEventLoop] = None):
+                 loop: Optional[asyncio.AbstractEventLoop] = None, spawners: int = 0):
         self.runtime = runtime
         self.resources = resources
         self.publish = publish
@@ -155,6 +164,20 @@ class ContainerManager:
         self.counters = {"tasks_started": 0, "tasks_finished": 0, "containers_started": 0,
                          "containers_finished": 0, "spawn_failures": 0}
         self.finished_profiles: Deque[dict] = deque(maxlen=64)
+        self.by_pid: Dict[int, Task] = {}        # tasks a spawner reaps
+        self.pool: Optional[SpawnerPool] = None
+        if spawners > 0:
+            self.pool = SpawnerPool(spawners, self.loop, self._on_spawner_exit,
+                                    self._on_spawner_lost, log)
+            self.pool.start()
+            inner = runtime
+            while getattr(inner, "inner", None) is not None:
+                inner = inner.inner
+            if isinstance(inner.exclude_pids, set):
+                inner.exclude_pids = self.pool.helper_pids
+            runtime.notes = list(runtime.notes) + [f"{spawners} spawner processes"]
+        elif not runtime.in_process:
+            raise ValueError(f"runtime {runtime.name} needs spawner processes")
 
     # -- run --------------------------------------------------------------
     def run(self, peer: Peer, manifest: Manifest, argv: List[str], env: Dict[str, str],
@@ -204,7 +227,7 @@ class ContainerManager:
         try:
             return self._start_task(container, peer, argv, env, cwd, sink, detach, output)
         except RunError:
-            if not container.tasks:
+            if not container.tasks and not container.starting:
                 self._end_container(container)
             raise
 
@@ -228,43 +251,78 @@ class ContainerManager:
         return bind_cpus, bind_mems, sched
 
     def _start_task(self, container, peer, argv, env, cwd, sink, detach, output) -> Task:
+        """Start a task; with spawners it is returned still starting and the
+        sink hears `started` (or `failed`) when the spawner answers."""
         task = Task(id=uuid.uuid4().hex[:12], container=container, argv=list(argv), sink=sink,
                     client_pid=peer.pid, detach=detach)
-        drop_root = os.geteuid() == 0 and peer.uid != 0
-        if drop_root:
+        ids: Dict[str, object] = {}
+        if os.geteuid() == 0 and peer.uid != 0:
             groups = _groups(peer.uid, peer.gid)
             _check_cwd_access(cwd, peer.uid, groups)
-        full_env = self.task_env(container, task, env)
-        kwargs = dict(env=full_env, cwd=cwd, stdin=subprocess_devnull())
-        if output:
-            kwargs.update(stdout=-1, stderr=-1)
-        else:
-            kwargs.update(stdout=subprocess_devnull(), stderr=subprocess_devnull())
-        if drop_root:
-            kwargs.update(user=peer.uid, group=peer.gid, extra_groups=groups)
+            ids = {"uid": peer.uid, "gid": peer.gid, "groups": groups}
         bind_cpus, bind_mems, sched = self._spawn_options(container)
         argv = self._wrap_perf(container, argv)
         try:
-            proc = self.runtime.spawn(container.handle, argv, bind_cpus=bind_cpus,
-                                      bind_mems=bind_mems, sched=sched, **kwargs)
-        except (OSError, ValueError) as exc:
-            self.counters["spawn_failures"] += 1
-            msg = getattr(exc, "strerror", None) or str(exc)
-            code = "exec" if isinstance(exc, OSError) else "invalid"
-            if isinstance(exc, PermissionError) and sched is not None:
-                code = "sched"
-            raise RunError(code, f"cannot execute {argv[0]!r}: {msg}") from None
+            envl = env_list(self.task_env(container, task, env))
+        except (ValueError, TypeError) as exc:
+            raise RunError("invalid", f"cannot execute {argv[0]!r}: {exc}") from None
+        if self.pool is None or (not self.pool.alive() and self.runtime.in_process):
+            try:
+                pid, out, err = self.runtime.spawn(
+                    container.handle, argv, bind_cpus=bind_cpus, bind_mems=bind_mems,
+                    sched=sched, env=envl, cwd=cwd, capture=output, **ids)
+            except Exception as exc:
+                self.counters["spawn_failures"] += 1
+                raise _spawn_error(argv, sched, exc) from None
+            task.pidfd = os.pidfd_open(pid)
+            self.loop.add_reader(task.pidfd, self._on_pid_exit, task)
+            self._started(task, peer, pid, out, err)
+            return task
+        try:
+            request = {"argv": self.runtime.wrap(container.handle, argv), "env": envl,
+                       "cwd": cwd, "capture": output, "mems": bind_mems, "sched": sched,
+                       **ids, **self.runtime.placement(container.handle, bind_cpus)}
         except Exception as exc:
             self.counters["spawn_failures"] += 1
             raise RunError("runtime", f"cannot start task: {exc}") from None
-        task.proc = proc
-        task.pid = proc.pid
+        task.local = False
+        container.starting[task.id] = task
+        self.pool.submit(request, lambda result: self._spawned(task, peer, argv, sched, result))
+        return task
+
+    def _spawned(self, task: Task, peer: Peer, argv, sched, result) -> None:
+        container = task.container
+        container.starting.pop(task.id, None)
+        if isinstance(result, SpawnError):
+            self.counters["spawn_failures"] += 1
+            exc = _spawn_error(argv, sched, result.oserror or RuntimeError(str(result)),
+                               result.stage)
+            fail = getattr(task.sink, "failed", None)
+            if fail:
+                fail(exc.code, str(exc))
+            if not container.tasks and not container.starting:
+                self._end_container(container)
+            return
+        if container.id not in self.containers:
+            # torn down while launching (daemon shutdown): never leave it running
+            _killpg(result.pid)
+            for fd in (result.pidfd, result.stdout, result.stderr):
+                if fd >= 0:
+                    os.close(fd)
+            return
+        self.runtime.adopt(container.handle, result.pid)
+        task.pidfd = result.pidfd
+        self.by_pid[result.pid] = task
+        self._started(task, peer, result.pid, result.stdout, result.stderr)
+        if task.doomed:
+            _killpg(task.pid)
+
+    def _started(self, task: Task, peer: Peer, pid: int, out: int, err: int) -> None:
+        container = task.container
+        task.pid = pid
         task.started_at = time.monotonic()
-        task.pidfd = os.pidfd_open(proc.pid)
-        self.loop.add_reader(task.pidfd, self._on_pid_exit, task)
-        if output:
-            for stream, f in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-                fd = f.fileno()
+        if out >= 0:
+            for stream, fd in (("stdout", out), ("stderr", err)):
                 os.set_blocking(fd, False)
                 task.pipes[stream] = fd
                 self.loop.add_reader(fd, self._on_readable, task, stream)
@@ -272,12 +330,11 @@ class ContainerManager:
         container.tasks_started += 1
         self.tasks[task.id] = task
         self.counters["tasks_started"] += 1
-        if not detach and peer.pid:
+        if not task.detach and peer.pid:
             self._watch_client(peer.pid, task)
-        sink.started(task)
+        task.sink.started(task)
         self.publish("task", {"event": "start", "container": container.id, "task": task.id,
                               "pid": task.pid, "argv": task.argv})
-        return task
 
     def _wrap_perf(self, container, argv):
         if not container.manifest.perfwrapper:
@@ -317,7 +374,7 @@ class ContainerManager:
             return
         self.loop.remove_reader(fd)
         task.paused.pop(stream, None)
-        getattr(task.proc, stream).close()
+        os.close(fd)
         if not task.pipes and task.pidfd < 0:
             self._finish(task)
 
@@ -329,14 +386,35 @@ class ContainerManager:
             pid, status = task.pid, 0
         if pid == 0:
             return
+        self._exited(task, status)
+
+    def _on_spawner_exit(self, pid: int, status: int) -> None:
+        task = self.by_pid.pop(pid, None)
+        if task is not None and task.pidfd >= 0:
+            self._exited(task, status)
+
+    def _on_spawner_lost(self, pid: int) -> None:
+        """Its spawner died: the exit is still seen through our pidfd."""
+        task = self.by_pid.get(pid)
+        if task is not None and task.pidfd >= 0:
+            self.loop.add_reader(task.pidfd, self._on_lost_exit, task)
+
+    def _on_lost_exit(self, task: Task) -> None:
+        self.by_pid.pop(task.pid, None)
+        log.warning("task %s (pid %d) exited after its spawner died: status lost, "
+                    "reported as 255", task.id, task.pid)
+        self._exited(task, None)
+
+    def _exited(self, task: Task, status: Optional[int]) -> None:
         self.loop.remove_reader(task.pidfd)
         os.close(task.pidfd)
         task.pidfd = -1
-        if os.WIFSIGNALED(status):
+        if status is None:
+            task.code = 255
+        elif os.WIFSIGNALED(status):
             task.signal = os.WTERMSIG(status)
         else:
             task.code = os.WEXITSTATUS(status)
-        task.proc.returncode = task.status
         if not task.pipes:
             self._finish(task)
         elif not any(task.paused.values()):
@@ -373,7 +451,7 @@ class ContainerManager:
         self.publish("task", {"event": "exit", "container": container.id, "task": task.id,
                               "status": task.status, "code": task.code, "signal": task.signal})
         profile = None
-        if not container.tasks:
+        if not container.tasks and not container.starting:
             profile = self._end_container(container)
         task.sink.exited(task, profile)
 
@@ -413,14 +491,14 @@ class ContainerManager:
     def _force_finish(self, task: Task) -> None:
         """Container teardown while a task is still known: kill and reap now."""
         if task.pidfd >= 0:
-            try:
-                os.killpg(task.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                os.waitpid(task.pid, 0)
-            except ChildProcessError:
-                pass
+            _killpg(task.pid)
+            if task.local:
+                try:
+                    os.waitpid(task.pid, 0)
+                except ChildProcessError:
+                    pass
+            else:
+                self.by_pid.pop(task.pid, None)     # its spawner reaps it
             self.loop.remove_reader(task.pidfd)
             os.close(task.pidfd)
             task.pidfd = -1
@@ -428,7 +506,7 @@ class ContainerManager:
         for stream in list(task.pipes):
             fd = task.pipes.pop(stream)
             self.loop.remove_reader(fd)
-            getattr(task.proc, stream).close()
+            os.close(fd)
         task.finished = True
         task.container.tasks.pop(task.id, None)
         self.tasks.pop(task.id, None)
@@ -441,6 +519,9 @@ class ContainerManager:
         while pending:
             item = pending.popleft()
             peer, manifest, argv, env, cwd, sink, name, detach, output, oversub, allowed = item
+            if name not in self.containers and not self.resources.free_cpus:
+                self.waiting.append(item)   # cannot fit: skip the failing attempt
+                continue
             try:
                 self.run(peer, manifest, argv, env, cwd, sink, name, detach, output,
                          wait=True, oversubscribe=oversub, cpus_allowed=allowed)
@@ -470,7 +551,9 @@ class ContainerManager:
         if not peer.may_touch(container.uid):
             raise RunError("denied", f"container {name} belongs to uid {container.uid}")
         self.runtime.kill_all(container.handle, signal.SIGKILL)
-        return len(container.tasks)
+        for task in container.starting.values():
+            task.doomed = True
+        return len(container.tasks) + len(container.starting)
 
     def cancel_waiting(self, sink: Sink) -> None:
         self.waiting = deque(w for w in self.waiting if w[5] is not sink)
@@ -535,12 +618,38 @@ class ContainerManager:
         return None
 
     def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.drain()
         for container in list(self.containers.values()):
             self._end_container(container)
         for fd, _ in self.client_watch.values():
             self.loop.remove_reader(fd)
             os.close(fd)
         self.client_watch.clear()
+        if self.pool is not None:
+            self.pool.close()
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _spawn_error(argv, sched, exc: BaseException, stage: Optional[str] = None) -> RunError:
+    """The reply for a failed launch, the same with or without spawners."""
+    if stage is None:
+        stage = ("exec" if isinstance(exc, OSError)
+                 else "invalid" if isinstance(exc, (ValueError, TypeError)) else "runtime")
+    msg = getattr(exc, "strerror", None) or str(exc)
+    if stage == "invalid":
+        return RunError("invalid", f"cannot execute {argv[0]!r}: {msg}")
+    if isinstance(exc, PermissionError) and sched is not None:
+        return RunError("sched", f"cannot execute {argv[0]!r}: {msg}")
+    if stage == "exec" or (stage == "place" and isinstance(exc, OSError)):
+        return RunError("exec", f"cannot execute {argv[0]!r}: {msg}")
+    return RunError("runtime", f"cannot start task: {msg}")
 
 
 _USER_CACHE_S = 30.0
@@ -573,16 +682,6 @@ def _groups(uid: int, gid: int) -> List[int]:
     if pw is None:
         raise RunError("denied", f"uid {uid} has no passwd entry")
     return os.getgrouplist(pw.pw_name, gid)
-
-
-_devnull = None
-
-
-def subprocess_devnull() -> int:
-    global _devnull
-    if _devnull is None:
-        _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    return _devnull
 
 
 def _check_cwd_access(cwd: str, uid: int, gids: List[int]) -> None:

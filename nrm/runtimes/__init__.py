@@ -1,16 +1,21 @@
 """Runtimes: how a container's slice is enforced.
 
-`make_runtime("auto")` picks cgroup when this process can write cgroups,
-else affinity.
+`make_runtime("auto")` picks cgroup v2 when the unified hierarchy offers
+the cpuset and memory controllers and spawner processes exist (v2 moves
+whole processes), else cgroup v1 when this process can write it, else cpu
+affinity. `--runtime cgroup` makes the same choice between v2 and v1 and
+refuses when neither works. The reasons for what was not picked go to
+`nrm status`.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 from nrm.runtimes.affinity import AffinityRuntime
 from nrm.runtimes.base import Handle, Runtime, RuntimeError_, SCHED_POLICIES
 from nrm.runtimes.cgroup import CgroupRuntime, cgroup_usable
+from nrm.runtimes.cgroup2 import Cgroup2Runtime, cgroup2_usable
 from nrm.runtimes.wrappers import NodeOSRuntime, SingularityRuntime
 
 KINDS = ("auto", "cgroup", "affinity", "nodeos", "singularity")
@@ -18,28 +23,48 @@ KINDS = ("auto", "cgroup", "affinity", "nodeos", "singularity")
 __all__ = ["make_runtime", "Runtime", "Handle", "RuntimeError_", "SCHED_POLICIES", "KINDS"]
 
 
-def _isolation(prefix: str) -> Tuple[Runtime, str]:
+def _cgroups(prefix: str, spawners: int, root: str) -> Tuple[Runtime, List[str]]:
+    """The best cgroup runtime, or (None, reasons)."""
+    reasons = []
+    reason = cgroup2_usable(root)
+    if reason is None and spawners <= 0:
+        reason = "cgroup v2 needs spawner processes (--spawners 0 was given)"
+    if reason is None:
+        try:
+            return Cgroup2Runtime(prefix, root), []
+        except RuntimeError_ as exc:
+            reason = str(exc)
+    reasons.append(f"cgroup v2 not used: {reason}")
     reason = cgroup_usable()
     if reason is None:
-        return CgroupRuntime(prefix), ""
-    return AffinityRuntime(), reason
+        return CgroupRuntime(prefix), reasons
+    reasons.append(f"cgroup v1 not used: {reason}")
+    return None, reasons
 
 
-def make_runtime(kind: str = "auto", prefix: str = "nrm") -> Runtime:
+def _isolation(prefix: str, spawners: int, root: str) -> Runtime:
+    runtime, reasons = _cgroups(prefix, spawners, root)
+    if runtime is None:
+        runtime = AffinityRuntime()
+    runtime.notes = list(runtime.notes) + reasons
+    return runtime
+
+
+def make_runtime(kind: str = "auto", prefix: str = "nrm", spawners: int = 0,
+                 root: str = "/") -> Runtime:
+    """``root``: where the cgroup2 mount table and hierarchy are looked up."""
     if kind == "auto":
-        runtime, reason = _isolation(prefix)
-        if reason:
-            runtime.notes = list(runtime.notes) + [f"cgroups not used: {reason}"]
-        return runtime
+        return _isolation(prefix, spawners, root)
     if kind == "cgroup":
-        reason = cgroup_usable()
-        if reason:
-            raise RuntimeError_(f"runtime cgroup unavailable: {reason}")
-        return CgroupRuntime(prefix)
+        runtime, reasons = _cgroups(prefix, spawners, root)
+        if runtime is None:
+            raise RuntimeError_("runtime cgroup unavailable: " + "; ".join(reasons))
+        runtime.notes = list(runtime.notes) + reasons
+        return runtime
     if kind == "affinity":
         return AffinityRuntime()
     if kind == "singularity":
-        return SingularityRuntime(_isolation(prefix)[0])
+        return SingularityRuntime(_isolation(prefix, spawners, root))
     if kind == "nodeos":
-        return NodeOSRuntime(_isolation(prefix)[0])
+        return NodeOSRuntime(_isolation(prefix, spawners, root))
     raise RuntimeError_(f"unknown runtime {kind!r}; choose one of {', '.join(KINDS)}")

@@ -26,3 +26,6 @@ class AffinityRuntime(Runtime):
             yield
         finally:
             os.sched_setaffinity(0, saved)
+
+    def placement(self, handle, bind_cpus):
+        return {"join": [], "after": [], "home": [], "cpus": list(bind_cpus or handle.cpus)}

@@ -6,17 +6,21 @@ attributes a child must be born with on the *spawning thread* itself -
 cgroup membership, cpu affinity, NUMA memory policy, scheduling class - forks
 the child, and puts the thread back. The child inherits them all at fork, so
 it is inside its slice before it execs.
+
+The spawning thread is either the daemon's own (no spawners: `spawn`) or a
+single-threaded spawner process (nrm/spawner.py), which does the same to
+itself from the runtime's `placement`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
-import subprocess
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
+
+from nrm.spawner import fork_exec, thread_attributes
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +46,14 @@ SCHED_POLICIES = {
     "SCHED_HPC": 7,
 }
 
-_MPOL_DEFAULT, _MPOL_BIND = 0, 2
-_SYS_set_mempolicy = 238  # x86-64
-_libc = None
-
-
-def _set_mempolicy(mode: int, nodes: Iterable[int]) -> bool:
-    """Thread memory policy, inherited across fork; False when unavailable."""
-    global _libc
-    if os.uname().machine != "x86_64":
-        return False
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    mask = 0
-    for n in nodes:
-        mask |= 1 << n
-    bits = ctypes.c_ulong(mask)
-    ptr = ctypes.byref(bits) if mode != _MPOL_DEFAULT else None
-    return _libc.syscall(_SYS_set_mempolicy, mode, ptr, 64 if ptr else 0) == 0
-
 
 class Runtime:
     name = "base"
     isolates_memory = False
     #: extra text for `nrm status`
     notes: List[str] = []
+    #: helper processes (spawners) that pass through container cgroups
+    exclude_pids: set = frozenset()
 
     def create(self, cid: str, cpus: Sequence[int], mems: Sequence[int]) -> Handle:
         return Handle(cid, cpus, mems)
@@ -76,16 +63,32 @@ class Runtime:
         """Make the calling thread a member of the container (runtime-specific)."""
         yield
 
+    #: False when only a spawner process can place a task (cgroup v2 moves
+    #: whole processes; the daemon is multi-threaded)
+    in_process = True
+
     def spawn(self, handle: Handle, argv: List[str], *, bind_cpus: Optional[Sequence[int]] = None,
               bind_mems: Optional[Sequence[int]] = None, sched: Optional[tuple] = None,
-              **popen_kwargs) -> subprocess.Popen:
-        """Start argv inside the container; raises OSError when exec fails."""
-        with self._membership(handle), _thread_attributes(
-                bind_cpus, bind_mems, sched):
-            proc = subprocess.Popen(self.wrap(handle, argv), start_new_session=True,
-                                    close_fds=True, **popen_kwargs)
-        handle.pgids.add(proc.pid)
-        return proc
+              env=None, cwd=None, capture=False, uid=None, gid=None,
+              groups=None) -> Tuple[int, int, int]:
+        """Start argv inside the container from this thread (the path
+        without spawners); (pid, stdout fd, stderr fd). Raises OSError when
+        exec fails."""
+        with self._membership(handle), thread_attributes(bind_cpus, bind_mems, sched):
+            started = fork_exec(self.wrap(handle, argv), env, cwd, capture, uid, gid, groups)
+        self.adopt(handle, started[0])
+        return started
+
+    def placement(self, handle: Handle, bind_cpus: Optional[Sequence[int]]) -> dict:
+        """What a spawner process does to itself before forking a task of
+        this container: cgroup membership files to write "0" into (join),
+        to write the child's pid into (after), to return to (home), and
+        the affinity to take."""
+        return {"join": [], "after": [], "home": [], "cpus": list(bind_cpus or [])}
+
+    def adopt(self, handle: Handle, pid: int) -> None:
+        """A task of this container started (it leads its own session)."""
+        handle.pgids.add(pid)
 
     def wrap(self, handle: Handle, argv: List[str]) -> List[str]:
         return argv
@@ -119,28 +122,3 @@ class Runtime:
     def describe(self) -> dict:
         return {"name": self.name, "isolates_memory": self.isolates_memory,
                 "notes": list(self.notes)}
-
-
-@contextlib.contextmanager
-def _thread_attributes(cpus, mems, sched):
-    """Apply affinity / memory policy / scheduling to this thread, then undo."""
-    saved_affinity = os.sched_getaffinity(0) if cpus else None
-    saved_sched = None
-    mempolicy_set = False
-    try:
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-        if mems:
-            mempolicy_set = _set_mempolicy(_MPOL_BIND, mems)
-        if sched is not None:
-            policy, priority = sched
-            saved_sched = (os.sched_getscheduler(0), os.sched_getparam(0))
-            os.sched_setscheduler(0, policy, os.sched_param(priority))
-        yield
-    finally:
-        if saved_sched is not None:
-            os.sched_setscheduler(0, saved_sched[0], saved_sched[1])
-        if mempolicy_set:
-            _set_mempolicy(_MPOL_DEFAULT, ())
-        if saved_affinity is not None:
-            os.sched_setaffinity(0, saved_affinity)

@@ -1,11 +1,9 @@
-"""One cgroup per container: cpuset, memory, cpuacct and freezer.
+"""One cgroup per container with cgroup v1: cpuset, memory, cpuacct, freezer.
 
-cgroup v1 is used, since a thread can join a v1 cgroup on its own: the
-spawning thread joins the container's cgroups, forks the task (born inside)
-and returns home, about 30 us each way. cgroup v2 is NOT implemented yet
-(v2 moves whole processes, so it needs a spawner process or clone3 with
-CLONE_INTO_CGROUP); on a v2-only machine `--runtime auto` falls back to the
-affinity runtime and `--runtime cgroup` refuses with a clear message.
+A v1 cgroup can be joined by one thread: the spawning thread (a spawner
+process's only thread, or the daemon's own without spawners) joins the
+container's cgroups, forks the task (born inside) and returns home, about
+30 us each way. cgroup v2 is in nrm/runtimes/cgroup2.py.
 
 Creating a cgroup in five hierarchies costs about 1 ms here, so emptied
 container cgroups are kept in a pool, keyed by their cpuset, and reused.
@@ -142,6 +140,9 @@ class CgroupRuntime(Runtime):
         own = own_v1_paths()
         self.base: Dict[str, str] = {}
         self.home_fds: List[int] = []
+        self.home_tasks: List[str] = []
+        #: helper processes (spawners) that pass through container cgroups
+        self.exclude_pids: set = set()
         for c in self.controllers:
             home = os.path.join(mounts[c], own.get(c, "/").lstrip("/"))
             base = os.path.join(home, prefix)
@@ -151,8 +152,8 @@ class CgroupRuntime(Runtime):
                 raise RuntimeError_(f"cannot create {base}: {exc.strerror}") from None
             self.base[c] = base
             if c in ISOLATING:
-                self.home_fds.append(os.open(os.path.join(home, "tasks"),
-                                             os.O_WRONLY | os.O_CLOEXEC))
+                self.home_tasks.append(os.path.join(home, "tasks"))
+                self.home_fds.append(os.open(self.home_tasks[-1], os.O_WRONLY | os.O_CLOEXEC))
         cs = self.base["cpuset"]
         parent = os.path.dirname(cs)
         for f in ("cpuset.cpus", "cpuset.mems"):
@@ -246,25 +247,33 @@ class CgroupRuntime(Runtime):
                     os.write(fd, tid)
 
     def spawn(self, handle, argv, **kwargs):
-        proc = super().spawn(handle, argv, **kwargs)
-        pid = str(proc.pid).encode()
+        started = super().spawn(handle, argv, **kwargs)
+        pid = str(started[0]).encode()
         for fd in handle.slot.pid_fds:
             try:
                 os.write(fd, pid)
             except ProcessLookupError:
                 pass    # already exited: nothing left to account or freeze
-        return proc
+        return started
+
+    def placement(self, handle, bind_cpus):
+        dirs = handle.slot.dirs
+        return {"join": [os.path.join(dirs[c], "tasks") for c in ISOLATING if c in dirs],
+                "after": [os.path.join(d, "tasks") for c, d in dirs.items()
+                          if c not in ISOLATING],
+                "home": list(self.home_tasks), "cpus": list(bind_cpus or [])}
 
     def cgroup_dirs(self, handle: Handle) -> Dict[str, str]:
         return dict(handle.slot.dirs)
 
     def pids(self, handle: Handle) -> List[int]:
-        """Processes in the container, never this daemon (whose spawning
-        thread passes through container cgroups)."""
+        """Processes in the container, never this daemon nor a spawner
+        (whose spawning threads pass through container cgroups)."""
         me = os.getpid()
         try:
             return [p for p in (int(x) for x in _read(
-                os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs")).split()) if p != me]
+                os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs")).split())
+                if p != me and p not in self.exclude_pids]
         except (OSError, ValueError):
             return []
 

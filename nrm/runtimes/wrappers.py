@@ -28,6 +28,7 @@ class WrappingRuntime(Runtime):
             raise RuntimeError_(
                 f"runtime {self.name} needs one of {', '.join(self.binary_names)} on PATH")
         self.isolates_memory = inner.isolates_memory
+        self.in_process = inner.in_process
         self.notes = [f"{self.binary} over {inner.name}"] + list(inner.notes)
 
     def create(self, cid, cpus, mems) -> Handle:
@@ -35,6 +36,12 @@ class WrappingRuntime(Runtime):
 
     def _membership(self, handle):
         return self.inner._membership(handle)
+
+    def placement(self, handle, bind_cpus):
+        return self.inner.placement(handle, bind_cpus)
+
+    def adopt(self, handle, pid):
+        self.inner.adopt(handle, pid)
 
     def pids(self, handle):
         return self.inner.pids(handle)

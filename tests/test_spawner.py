@@ -1,0 +1,340 @@
+"""Spawner processes: the launch path, with real helpers and real daemons.
+
+The same user-visible semantics must hold with spawners (default) and
+without (`--spawners 0`); a dead spawner must fail its launches cleanly and
+be replaced; a stopped or killed daemon must leave no spawner behind.
+"""
+
+import asyncio
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from nrm.spawner import SpawnError, SpawnerPool, Started, env_list, fork_exec
+from tests.conftest import EXAMPLES, needs_root
+from tests.daemon import DaemonProcess, wait_for
+
+BASIC = os.path.join(EXAMPLES, "basic.yml")
+PY = sys.executable
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def spawner_pids(daemon_pid):
+    try:
+        with open(f"/proc/{daemon_pid}/task/{daemon_pid}/children") as f:
+            kids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    out = []
+    for pid in kids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"nrm.spawner" in f.read():
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+# -- fork_exec ---------------------------------------------------------------
+
+def test_fork_exec_reports_a_missing_program_and_reaps_it():
+    with pytest.raises(FileNotFoundError) as info:
+        fork_exec(["/no/such/program"], [], "/", False)
+    assert info.value.filename == "/no/such/program"
+    try:
+        assert os.waitpid(-1, os.WNOHANG)[0] == 0      # no zombie left for us
+    except ChildProcessError:
+        pass
+
+
+def test_fork_exec_blames_the_cwd_when_chdir_fails():
+    with pytest.raises(FileNotFoundError) as info:
+        fork_exec(["true"], env_list({"PATH": "/usr/bin:/bin"}), "/no/such/dir", False)
+    assert info.value.filename == "/no/such/dir"
+
+
+def test_fork_exec_searches_the_tasks_path_and_captures_output(tmp_path):
+    prog = tmp_path / "hello"
+    prog.write_text("#!/bin/sh\necho out; echo err >&2; exit 4\n")
+    prog.chmod(0o755)
+    pid, out, err = fork_exec(["hello"], env_list({"PATH": str(tmp_path)}), "/", True)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 4
+    assert os.read(out, 100) == b"out\n" and os.read(err, 100) == b"err\n"
+    os.close(out)
+    os.close(err)
+
+
+# -- the pool, without a daemon ------------------------------------------------
+
+class Harness:
+    def __init__(self, count=1):
+        self.exits = {}
+        self.lost = []
+        self.count = count
+
+    async def __aenter__(self):
+        self.loop = asyncio.get_running_loop()
+        self.pool = SpawnerPool(self.count, self.loop, self.exits.__setitem__, self.lost.append)
+        self.pool.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        self.pool.close()
+
+    async def launch(self, argv, capture=False, **extra):
+        done = self.loop.create_future()
+        req = {"argv": argv, "env": env_list({"PATH": os.environ["PATH"]}), "cwd": "/",
+               "capture": capture, **extra}
+        self.pool.submit(req, done.set_result)
+        return await asyncio.wait_for(done, 10)
+
+    async def exit_of(self, pid):
+        for _ in range(1000):
+            if pid in self.exits:
+                return self.exits[pid]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no exit for {pid}")
+
+
+def test_pool_launches_reports_status_and_passes_pipes():
+    async def go():
+        async with Harness() as h:
+            r = await h.launch(["sh", "-c", "echo hi; echo oops >&2; kill -USR1 $$"],
+                               capture=True)
+            assert isinstance(r, Started)
+            status = await h.exit_of(r.pid)
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGUSR1
+            assert os.read(r.stdout, 100) == b"hi\n"
+            assert os.read(r.stderr, 100) == b"oops\n"
+            for fd in (r.pidfd, r.stdout, r.stderr):
+                os.close(fd)
+            # the task led its own session, and was the spawner's child, not ours
+            assert r.pid != os.getpid()
+    asyncio.run(go())
+
+
+def test_pool_exec_failure_is_an_error_not_a_task():
+    async def go():
+        async with Harness() as h:
+            r = await h.launch(["/no/such/program"])
+            assert isinstance(r, SpawnError) and r.stage == "exec"
+            assert r.oserror.errno == errno.ENOENT
+            r = await h.launch(["true"], join=["/no/such/cgroup/tasks"])
+            assert isinstance(r, SpawnError) and r.stage == "place"
+            r = await h.launch(["true"])           # the spawner is still fine
+            assert isinstance(r, Started)
+            assert await h.exit_of(r.pid) == 0
+            os.close(r.pidfd)
+    asyncio.run(go())
+
+
+def test_pool_large_requests_and_bad_arguments():
+    big = "x" * 100000          # over the 64 KiB inline limit: travels in a memfd
+
+    async def go():
+        async with Harness() as h:
+            done = h.loop.create_future()
+            h.pool.submit({"argv": ["sh", "-c", 'printf %s "${#BIG}"'],
+                           "env": env_list({"PATH": os.environ["PATH"], "BIG": big}),
+                           "cwd": "/", "capture": True}, done.set_result)
+            r = await asyncio.wait_for(done, 10)
+            assert isinstance(r, Started), r
+            assert await h.exit_of(r.pid) == 0
+            assert os.read(r.stdout, 100) == str(len(big)).encode()
+            for fd in (r.pidfd, r.stdout, r.stderr):
+                os.close(fd)
+            bad = await h.launch(["tr\0ue"])
+            assert isinstance(bad, SpawnError) and bad.stage == "invalid"
+            assert isinstance(await h.launch(["true"]), Started)
+    asyncio.run(go())
+
+
+def test_pool_applies_affinity_to_the_child_only():
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+
+    async def go():
+        async with Harness() as h:
+            r = await h.launch(["sh", "-c", "grep Cpus_allowed_list /proc/self/status"],
+                               capture=True, cpus=[cpu])
+            assert await h.exit_of(r.pid) == 0
+            line = os.read(r.stdout, 200).decode()
+            for fd in (r.pidfd, r.stdout, r.stderr):
+                os.close(fd)
+            helper = h.pool.helpers[0].proc.pid
+            return line, os.sched_getaffinity(helper)
+    line, helper_cpus = asyncio.run(go())
+    assert line.split()[-1] == str(cpu)
+    assert helper_cpus == os.sched_getaffinity(0)
+
+
+def test_pool_spreads_requests_over_helpers():
+    async def go():
+        async with Harness(count=2) as h:
+            rs = await asyncio.gather(*(h.launch(["sleep", "30"]) for _ in range(4)))
+            parents = set()
+            for r in rs:
+                with open(f"/proc/{r.pid}/stat") as f:
+                    parents.add(int(f.read().rsplit(")", 1)[1].split()[1]))
+            for r in rs:
+                os.kill(r.pid, signal.SIGKILL)
+                await h.exit_of(r.pid)
+                os.close(r.pidfd)
+            return parents, set(h.pool.helper_pids)
+    parents, helpers = asyncio.run(go())
+    assert parents == helpers and len(helpers) == 2
+
+
+def test_dead_spawner_fails_its_launches_and_is_replaced():
+    async def go():
+        async with Harness() as h:
+            running = await h.launch(["sleep", "30"])
+            old = h.pool.helpers[0].proc.pid
+            os.kill(old, signal.SIGSTOP)          # hold it while a launch is in flight
+            pending = h.loop.create_future()
+            h.pool.submit({"argv": ["true"], "env": [], "cwd": "/", "capture": False},
+                          pending.set_result)
+            await asyncio.sleep(0.05)
+            os.kill(old, signal.SIGKILL)
+            failed = await asyncio.wait_for(pending, 10)
+            assert isinstance(failed, SpawnError) and "died" in str(failed)
+            assert h.lost == [running.pid]        # its task's status is lost ...
+            assert _alive(running.pid)            # ... but the task runs on
+            os.kill(running.pid, signal.SIGKILL)
+            os.close(running.pidfd)
+            new = h.pool.helpers[0].proc.pid
+            assert new != old and h.pool.counters["restarts"] == 1
+            r = await h.launch(["true"])
+            assert isinstance(r, Started) and await h.exit_of(r.pid) == 0
+            os.close(r.pidfd)
+            return old, new
+    old, new = asyncio.run(go())
+    assert not _alive(old) and not _alive(new)        # close() stops the helper
+
+
+# -- through a daemon, with and without spawners --------------------------------
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["in-process", "spawner"])
+def nrmd(request):
+    d = DaemonProcess("--hw", "emulated", "--spawners", str(request.param)).start()
+    d.spawners = request.param
+    yield d
+    rc = d.stop()
+    assert rc == 0, d.log()
+    shutil.rmtree(d.rundir, ignore_errors=True)
+
+
+def _containers(d):
+    return json.loads(d.cli("list", "--json").stdout)
+
+
+@pytest.mark.parametrize("cmd,status", [
+    (["true"], 0), (["sh", "-c", "exit 3"], 3), (["sh", "-c", "kill -TERM $$"], 143)])
+def test_exit_status(nrmd, cmd, status):
+    assert nrmd.cli("run", BASIC, *cmd).returncode == status
+
+
+def test_exec_failure_is_127_and_one_line(nrmd):
+    r = nrmd.cli("run", BASIC, "/no/such/program")
+    assert r.returncode == 127
+    assert r.stderr.decode().count("\n") == 1 and b"No such file" in r.stderr
+
+
+def test_status_names_the_spawners(nrmd):
+    notes = json.loads(nrmd.cli("status", "--json").stdout)["runtime"]["notes"]
+    assert ("1 spawner processes" in notes) == (nrmd.spawners == 1)
+    assert len(spawner_pids(nrmd.proc.pid)) == nrmd.spawners
+
+
+def test_ctrl_c_and_output(nrmd):
+    script = textwrap.dedent("""
+        import signal, sys, time
+        signal.signal(signal.SIGINT, lambda *a: (print("got INT", flush=True), sys.exit(42)))
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    p = nrmd.popen_cli("run", BASIC, PY, "-c", script, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"ready\n"
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=10)
+    assert out == b"got INT\n" and p.returncode == 42
+
+
+def test_client_death_and_detach_kill(nrmd):
+    p = nrmd.popen_cli("run", "--container", "orphan", BASIC, "sleep", "600",
+                       stdout=subprocess.PIPE)
+    wait_for(lambda: [c for c in _containers(nrmd) if c["id"] == "orphan" and c["tasks"]])
+    pid = [c for c in _containers(nrmd) if c["id"] == "orphan"][0]["tasks"][0]["pid"]
+    p.kill()
+    p.wait()
+    wait_for(lambda: not _alive(pid))
+    assert nrmd.cli("run", "-d", "--container", "bg", BASIC, "sleep", "600").returncode == 0
+    k = nrmd.cli("kill", "bg")
+    assert k.returncode == 0 and b"1 tasks" in k.stdout
+    wait_for(lambda: not [c for c in _containers(nrmd) if c["id"] == "bg"])
+
+
+@needs_root()
+def test_task_is_in_its_cgroup_and_the_spawner_went_home(nrmd):
+    r = nrmd.cli("run", BASIC, "cat", "/proc/self/cgroup")
+    cpuset = [ln for ln in r.stdout.decode().splitlines() if ":cpuset:" in ln][0]
+    assert "/nrm." in cpuset
+    for pid in spawner_pids(nrmd.proc.pid):
+        with open(f"/proc/{pid}/cgroup") as f:
+            assert "/nrm." not in f.read()
+
+
+def test_killed_spawner_is_replaced_and_its_task_still_ends(tmp_path):
+    d = DaemonProcess("--hw", "emulated", "--spawners", "1").start()
+    go = tmp_path / "go"
+    try:
+        p = d.popen_cli("run", "--container", "c1", BASIC, "sh", "-c",
+                        f"while [ ! -e {go} ]; do sleep 0.02; done; exit 7",
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: [c for c in _containers(d) if c["id"] == "c1" and c["tasks"]])
+        (old,) = spawner_pids(d.proc.pid)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: old not in spawner_pids(d.proc.pid))
+        go.touch()
+        _, err = p.communicate(timeout=20)
+        assert p.returncode == 255, err           # exit seen, status lost
+        new = wait_for(lambda: spawner_pids(d.proc.pid))
+        assert new != [old]
+        assert d.cli("run", BASIC, "sh", "-c", "exit 5").returncode == 5
+        assert "spawner 0" in d.log() and "died" in d.log()
+    finally:
+        assert d.stop() == 0
+
+
+def test_stopped_or_killed_daemon_leaves_no_spawner():
+    d = DaemonProcess("--hw", "emulated", "--spawners", "2").start()
+    helpers = spawner_pids(d.proc.pid)
+    assert len(helpers) == 2
+    assert d.stop() == 0
+    assert not any(_alive(p) for p in helpers)
+    d = DaemonProcess("--hw", "emulated", "--spawners", "2").start()
+    helpers = spawner_pids(d.proc.pid)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(_alive(p) for p in helpers)      # PR_SET_PDEATHSIG
+    DaemonProcess("--hw", "emulated", rundir=d.rundir).start().stop()   # clean up its cgroups
