@@ -9,15 +9,16 @@
 2. A barrier-heavy 2-rank run (examples/imbalance with a tiny work unit):
    wall time with and without the interposer transmitting; slowdown ratio.
 
-usage: python benchmarks/interposer.py [--repeat 5] [--calls 2000000]
-Needs make, mpicc and mpiexec; prints one JSON object.
+usage: python benchmarks/interposer.py [--repeat 5] [--calls 2000000] [--mpi openmpi]
+Needs make and the chosen MPI (default MPICH: mpicc.mpich, mpiexec.mpich;
+openmpi: mpicc.openmpi, mpirun.openmpi and libnrm-pmpi-openmpi.so); prints
+one JSON object.
 """
 
 import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,8 @@ import threading
 import zmq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PMPI = os.path.join(REPO, "libnrm", "build", "libnrm-pmpi.so")
+sys.path.insert(0, REPO)
+from nrm import mpi as mpis  # noqa: E402
 
 
 class Drain:
@@ -71,23 +73,29 @@ def main():
     ap.add_argument("--calls", type=int, default=2000000)
     ap.add_argument("--iterations", type=int, default=20000,
                     help="barriers in the 2-rank run")
+    ap.add_argument("--mpi", choices=("mpich", "openmpi"), default="mpich")
     args = ap.parse_args()
-    if not (shutil.which("mpicc") and shutil.which("mpiexec")):
-        print(json.dumps({"benchmark": "interposer", "skipped": "needs mpicc and mpiexec"}))
+    mpi = mpis.find(args.mpi)
+    if mpi is None:
+        print(json.dumps({"benchmark": "interposer", "mpi": args.mpi,
+                          "skipped": f"{args.mpi} is not installed"}))
         return 0
-    subprocess.run(["make", "-s", "-C", os.path.join(REPO, "libnrm"), "all"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(["make", "-s", "-C", os.path.join(REPO, "libnrm"), "all",
+                    f"MPICC={mpi.mpicc}"], check=True, stdout=subprocess.DEVNULL)
+    PMPI = os.path.join(REPO, "libnrm", "build", mpi.pmpi)
+    launch = mpi.launcher()
     tmp = tempfile.mkdtemp(prefix="nrm-bench-pmpi-")
     bench = os.path.join(tmp, "barrier_bench")
     imb = os.path.join(tmp, "imbalance")
-    subprocess.run(["mpicc", "-O2", "-o", bench,
+    subprocess.run([mpi.mpicc, "-O2", "-o", bench,
                     os.path.join(REPO, "benchmarks", "barrier_bench.c")], check=True)
-    subprocess.run(["mpicc", "-O2", "-o", imb, os.path.join(REPO, "examples", "imbalance.c")],
+    subprocess.run([mpi.mpicc, "-O2", "-o", imb, os.path.join(REPO, "examples", "imbalance.c")],
                    check=True)
     uri = f"ipc://{tmp}/down"
     drain = Drain(uri)
     base_env = {k: v for k, v in os.environ.items()
                 if k not in ("LD_PRELOAD", "NRM_TRANSMIT", "NRM_DOWNSTREAM_URI")}
+    base_env.update(mpi.env())
     variants = {
         "none": base_env,
         "pass_through": dict(base_env, LD_PRELOAD=PMPI, NRM_DOWNSTREAM_URI=uri),
@@ -97,17 +105,17 @@ def main():
     wall = {"none": [], "transmit": []}
     for _ in range(args.repeat):
         for name, env in variants.items():
-            out = run(["mpiexec", "-n", "1", bench, str(args.calls)], env)
+            out = run(launch + ["-n", "1", bench, str(args.calls)], env)
             per_call[name].append(float(re.search(r"ns_per_call=([\d.]+)", out).group(1)))
         for name in wall:
-            out = run(["mpiexec", "-n", "2", "-bind-to", "core", imb, "-n",
-                       str(args.iterations), "-u", "2000", "-b", "0"], variants[name])
+            out = run(launch + ["-n", "2", "-bind-to", "core", imb, "-n",
+                                str(args.iterations), "-u", "2000", "-b", "0"], variants[name])
             wall[name].append(float(re.search(r"time=([\d.]+)s", out).group(1)))
     drain.close()
     med = statistics.median
     base = med(per_call["none"])
     result = {
-        "benchmark": "interposer",
+        "benchmark": "interposer", "mpi": mpi.name,
         "repeat": args.repeat, "calls": args.calls,
         "barrier_ns_per_call": {k: round(med(v), 2) for k, v in per_call.items()},
         "overhead_ns_per_call": {k: round(med(v) - base, 2) for k, v in per_call.items()

@@ -16,23 +16,24 @@ about the interposer.  The checks are therefore:
 import asyncio
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 import zmq
 
+from nrm import mpi
 from nrm.daemon.ingest import Ingest
 from nrm.protocol import DExit, DPhaseContext, DStart
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBNRM = os.path.join(REPO, "libnrm")
-PMPI = os.path.join(LIBNRM, "build", "libnrm-pmpi.so")
+PMPI = os.path.join(LIBNRM, "build", mpi.MPICH.pmpi)
+MPICC, MPIEXEC = mpi.MPICH.mpicc, mpi.MPICH.mpiexec
 
 pytestmark = [
     pytest.mark.mpi,
-    pytest.mark.skipif(shutil.which("mpicc") is None or shutil.which("mpiexec") is None,
-                       reason="needs mpicc and mpiexec (MPICH)"),
+    pytest.mark.skipif(mpi.find("mpich") is None,
+                       reason="needs mpicc.mpich and mpiexec.mpich (MPICH)"),
 ]
 
 ITERATIONS = 300
@@ -43,7 +44,7 @@ def imbalance(tmp_path_factory):
     subprocess.run(["make", "-s", "-C", LIBNRM, "all"], check=True, stdout=subprocess.DEVNULL)
     assert os.path.exists(PMPI)
     exe = tmp_path_factory.mktemp("imb") / "imbalance"
-    subprocess.run(["mpicc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+    subprocess.run([MPICC, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
                     os.path.join(REPO, "examples", "imbalance.c")], check=True)
     return str(exe)
 
@@ -96,7 +97,7 @@ def per_rank(msgs):
 
 @pytest.mark.parametrize("imbalance_factor", [1.0, -0.5])
 def test_two_ranks_phase_contexts(imbalance, tmp_path, imbalance_factor):
-    argv = ["mpiexec", "-n", "2", "-bind-to", "core", imbalance, "-a", "-t",
+    argv = [MPIEXEC, "-n", "2", "-bind-to", "core", imbalance, "-a", "-t",
             "-n", str(ITERATIONS), "-u", "300000", "-b", str(imbalance_factor)]
     msgs, out = run_under_ingest(tmp_path, argv, {
         "LD_PRELOAD": PMPI, "NRM_TRANSMIT": "1", "NRM_RATELIMIT": "1ms",
@@ -146,7 +147,7 @@ def test_two_ranks_phase_contexts(imbalance, tmp_path, imbalance_factor):
 
 
 def test_pass_through_without_transmit(imbalance, tmp_path):
-    argv = ["mpiexec", "-n", "2", imbalance, "-n", "50", "-u", "1000"]
+    argv = [MPIEXEC, "-n", "2", imbalance, "-n", "50", "-u", "1000"]
     for transmit in ({}, {"NRM_TRANSMIT": "0"}):
         msgs, out = run_under_ingest(tmp_path, argv, dict(LD_PRELOAD=PMPI, **transmit))
         assert "iterations=50" in out
@@ -183,9 +184,9 @@ int main(int argc, char **argv) {
 }
 """)
     exe = tmp_path / "coll"
-    subprocess.run(["mpicc", "-Wall", "-o", str(exe), str(src)], check=True)
+    subprocess.run([MPICC, "-Wall", "-o", str(exe), str(src)], check=True)
     subprocess.run(["make", "-s", "-C", LIBNRM, "all"], check=True, stdout=subprocess.DEVNULL)
-    msgs, out = run_under_ingest(tmp_path, ["mpiexec", "-n", "2", str(exe)], {
+    msgs, out = run_under_ingest(tmp_path, [MPIEXEC, "-n", "2", str(exe)], {
         "LD_PRELOAD": PMPI, "NRM_TRANSMIT": "1", "NRM_RATELIMIT": "0"})
     ranks = per_rank(msgs)
     assert set(ranks) == {0, 1}

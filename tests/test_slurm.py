@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from nrm import paths, slurm
+from nrm import mpi, paths, slurm
 from nrm.client import Client
 from nrm.manifest import load
 from tests.daemon import REPO, VENV_BIN
@@ -302,10 +302,10 @@ def test_epilog_run_by_slurm_kills_detached_leftovers(cluster, nodes, tmp_path):
 
 @pytest.fixture(scope="module")
 def imbalance(tmp_path_factory):
-    if shutil.which("mpicc") is None:
-        pytest.skip("needs mpicc (MPICH)")
+    if shutil.which(mpi.MPICH.mpicc) is None:
+        pytest.skip("needs mpicc.mpich (MPICH: the job uses Slurm's pmi2)")
     exe = tmp_path_factory.mktemp("imb") / "imbalance"
-    subprocess.run(["mpicc", "-O2", "-o", str(exe), os.path.join(EXAMPLES, "imbalance.c")],
+    subprocess.run([mpi.MPICH.mpicc, "-O2", "-o", str(exe), os.path.join(EXAMPLES, "imbalance.c")],
                    check=True)
     return str(exe)
 
