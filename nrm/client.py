@@ -22,6 +22,12 @@ Asyncio use, many tasks at once over one connection::
 
 Requests carry an id echoed by every reply, so any number of requests can
 share one DEALER socket.
+
+A remote nrmd (``nrmd --tcp``) is reached with ``uri="tcp://HOST:PORT"`` (or
+``$NRM_URI``) and CurveZMQ key files: ``server_key`` (nrmd's public key,
+``$NRM_CURVE_SERVER_KEY``) and ``key`` (this user's keypair, ``$NRM_CURVE_KEY``).
+Over TCP a running task's stream also carries empty output chunks, nrmd's
+probe of the connection (docs/security.md): writing them is a no-op.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ import asyncio
 import itertools
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Dict, List, Optional
 
 import zmq
 import zmq.asyncio
 
-from nrm import paths, protocol
+from nrm import curve, paths, protocol
 from nrm.manifest import Manifest
 
 DEFAULT_TIMEOUT = 5.0
@@ -55,6 +62,57 @@ class DaemonUnavailable(NrmError):
         super().__init__("unavailable", message)
 
 
+class ConfigError(NrmError):
+    """The client cannot even try: a bad URI or key file."""
+
+    def __init__(self, message: str):
+        super().__init__("config", message)
+
+
+#: what the client's monitor reports: connected, refused, or lost
+_MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                   | zmq.EVENT_DISCONNECTED)
+
+
+def _tcp_config(uri: Optional[str], server_key: Optional[str],
+                key: Optional[str]) -> Optional[curve.ClientConfig]:
+    """None for the local ipc daemon, else the TCP endpoint and its keys."""
+    uri = uri or os.environ.get(curve.ENV_URI)
+    if not uri:
+        return None
+    if not uri.startswith("tcp://"):
+        raise ConfigError(f"{uri}: expected tcp://HOST:PORT (a local nrmd needs no URI)")
+    try:
+        return curve.client_config(uri, server_key, key)
+    except curve.CurveError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _monitor_events(monitor) -> list:
+    from zmq.utils.monitor import recv_monitor_message
+    events = []
+    while True:
+        try:
+            events.append(recv_monitor_message(monitor, zmq.NOBLOCK)["event"])
+        except zmq.Again:
+            return events
+
+
+def _monitor_error(events: list, uri: str) -> Optional[NrmError]:
+    """The most telling of the monitor's events as an error, if any."""
+    if zmq.EVENT_HANDSHAKE_FAILED_AUTH in events:
+        return NrmError("denied", f"nrmd at {uri} refused this client's key "
+                                  "(not in its users file)")
+    if set(events) & {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                      zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}:
+        return NrmError("denied", f"CURVE handshake with {uri} failed "
+                                  "(wrong server key, or not an nrmd --tcp endpoint?)")
+    if zmq.EVENT_DISCONNECTED in events:
+        return DaemonUnavailable("lost the connection to nrmd")
+    return None
+
+
 @dataclass
 class RunResult:
     container: str = ""
@@ -68,17 +126,44 @@ class RunResult:
     profile: Optional[dict] = None
 
 
-def _request_socket(ctx, rundir: str):
-    uri = paths.upstream_uri(rundir)
-    path = uri[len("ipc://"):]
-    if not os.path.exists(path):
-        raise DaemonUnavailable(f"nrmd is not running (no socket at {path})")
+_monitor_ids = itertools.count()
+
+
+def _monitor(sock) -> zmq.Socket:
+    """A monitor set up before the socket connects, never able to block.
+
+    libzmq's I/O thread sends monitor events blocking: an event emitted
+    before our PAIR has connected, or once its queue is full (nobody polls
+    the Client), would stall every connection of the context. So the PAIR
+    connects first, and with no receive limit."""
+    addr = f"inproc://nrm.client.monitor.{os.getpid()}.{next(_monitor_ids)}"
+    sock.monitor(addr, _MONITOR_EVENTS)
+    mon = sock.context.socket(zmq.PAIR)
+    mon.linger = 0
+    mon.rcvhwm = 0
+    mon.connect(addr)
+    return mon
+
+
+def _request_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig] = None,
+                    monitor: bool = False):
+    """(DEALER, its monitor or None), connected to the local or TCP nrmd."""
+    if tcp is not None:
+        uri = tcp.uri
+    else:
+        uri = paths.upstream_uri(rundir)
+        path = uri[len("ipc://"):]
+        if not os.path.exists(path):
+            raise DaemonUnavailable(f"nrmd is not running (no socket at {path})")
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.sndhwm = 0
     sock.rcvhwm = 0
+    if tcp is not None:
+        curve.make_client(sock, tcp)
+    mon = _monitor(sock) if monitor else None
     sock.connect(uri)
-    return sock
+    return sock, mon
 
 
 def _run_request(manifest: Manifest, argv, env, cwd, container, detach, output, wait,
@@ -139,18 +224,29 @@ class Run:
         return self.done
 
     def wait(self) -> RunResult:
+        """Until the exit. A TCP daemon that never completes a handshake
+        (down, firewalled) fails after the client's timeout instead of
+        leaving the caller hanging; a local one is known to be there."""
+        deadline = time.monotonic() + self.client.timeout
         while not self.step(0.2):
-            pass
+            if self.client.tcp is not None and not self.client.connected \
+                    and time.monotonic() >= deadline:
+                raise DaemonUnavailable(f"{self.client.where} did not answer within "
+                                        f"{self.client.timeout:g} s")
         return self.result
 
 
 class Client:
-    def __init__(self, runtime_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, runtime_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+                 uri: Optional[str] = None, server_key: Optional[str] = None,
+                 key: Optional[str] = None):
         self.rundir = paths.runtime_dir(runtime_dir)
         self.timeout = timeout
+        self.tcp = _tcp_config(uri, server_key, key)
+        self.where = self.tcp.uri if self.tcp else "nrmd"
         self.ctx = zmq.Context.instance()
-        self.sock = _request_socket(self.ctx, self.rundir)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.sock, self.monitor = _request_socket(self.ctx, self.rundir, self.tcp, monitor=True)
+        self.connected = False
         self._ids = itertools.count(1)
         self._pending: Dict[int, list] = {}
         self._detach: set = set()
@@ -162,12 +258,23 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Monitor off, then its PAIR, then the socket: in any other order
+        libzmq's I/O thread can block for ever sending the next event."""
+        if self.sock.closed:
+            return
         try:
             self.sock.disable_monitor()
         except zmq.ZMQError:
             pass
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
+
+    def __del__(self):
+        # a Client used as a temporary (Client().status()) closes in order too
+        try:
+            self.close()
+        except Exception:
+            pass
 
     # -- plumbing ---------------------------------------------------------
     def _send(self, msg) -> None:
@@ -187,8 +294,11 @@ class Client:
         poller.register(self.monitor, zmq.POLLIN)
         events = dict(poller.poll(int(timeout * 1000)))
         if self.monitor in events:
-            self.monitor.recv_multipart()
-            raise DaemonUnavailable("lost the connection to nrmd")
+            seen = _monitor_events(self.monitor)
+            self.connected = self.connected or zmq.EVENT_HANDSHAKE_SUCCEEDED in seen
+            error = _monitor_error(seen, self.where)
+            if error is not None:
+                raise error
         if self.sock not in events:
             return
         while True:
@@ -207,14 +317,13 @@ class Client:
         """Send one request and return its single reply's data."""
         msg.id = next(self._ids)
         self._send(msg)
-        deadline_left = self.timeout
-        while deadline_left > 0:
-            for reply, _ in self._receive(msg.id, min(deadline_left, 0.5)):
+        deadline = time.monotonic() + self.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            for reply, _ in self._receive(msg.id, min(left, 0.5)):
                 if isinstance(reply, protocol.Error):
                     raise NrmError(reply.code, reply.message)
                 return reply.data if isinstance(reply, protocol.Ack) else reply
-            deadline_left -= 0.5
-        raise DaemonUnavailable(f"nrmd did not answer within {self.timeout:g} s")
+        raise DaemonUnavailable(f"{self.where} did not answer within {self.timeout:g} s")
 
     # -- verbs ------------------------------------------------------------
     def status(self) -> dict:
@@ -260,7 +369,11 @@ class Client:
         """A SUB socket on the daemon's events (``[topic, json]`` frames)."""
         sock = self.ctx.socket(zmq.SUB)
         sock.linger = 0
-        sock.connect(paths.events_uri(self.rundir))
+        if self.tcp is not None:
+            curve.make_client(sock, self.tcp)
+            sock.connect(self.tcp.events_uri)
+        else:
+            sock.connect(paths.events_uri(self.rundir))
         for t in topics:
             sock.setsockopt(zmq.SUBSCRIBE, t.encode())
         return sock
@@ -269,11 +382,15 @@ class Client:
 class AsyncClient:
     """asyncio flavour: one socket, one reader task, a queue per request."""
 
-    def __init__(self, runtime_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, runtime_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+                 uri: Optional[str] = None, server_key: Optional[str] = None,
+                 key: Optional[str] = None):
         self.rundir = paths.runtime_dir(runtime_dir)
         self.timeout = timeout
+        self.tcp = _tcp_config(uri, server_key, key)
+        self.where = self.tcp.uri if self.tcp else "nrmd"
         self.ctx = zmq.asyncio.Context.instance()
-        self.sock = _request_socket(self.ctx, self.rundir)
+        self.sock, _ = _request_socket(self.ctx, self.rundir, self.tcp)
         self._ids = itertools.count(1)
         self._queues: Dict[int, asyncio.Queue] = {}
         self._reader: Optional[asyncio.Task] = None
@@ -325,7 +442,7 @@ class AsyncClient:
                 reply, _ = await asyncio.wait_for(q.get(), self.timeout)
             except asyncio.TimeoutError:
                 raise DaemonUnavailable(
-                    f"nrmd did not answer within {self.timeout:g} s") from None
+                    f"{self.where} did not answer within {self.timeout:g} s") from None
         finally:
             self._queues.pop(msg.id, None)
         if isinstance(reply, protocol.Error):

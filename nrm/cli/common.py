@@ -9,7 +9,8 @@ from nrm.client import Client
 
 
 def client(args) -> Client:
-    return Client(args.runtime_dir, timeout=args.timeout)
+    return Client(args.runtime_dir, timeout=args.timeout, uri=args.uri,
+                  server_key=args.server_key, key=args.key)
 
 
 def dump_json(data) -> None:

@@ -20,7 +20,10 @@ def add_arguments(p) -> None:
 
 
 def execute(args) -> int:
-    sock = client(args).subscribe(args.topic or [""])
+    # the client stays referenced until closed: a collected one would close its
+    # monitor before its socket, and libzmq blocks sending to a closed monitor
+    conn = client(args)
+    sock = conn.subscribe(args.topic or [""])
     seen = 0
     try:
         while not args.count or seen < args.count:
@@ -37,5 +40,6 @@ def execute(args) -> int:
         pass
     finally:
         sock.close(linger=0)
+        conn.close()
     sys.stdout.flush()
     return 0

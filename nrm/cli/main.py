@@ -10,11 +10,11 @@ import argparse
 import sys
 
 from nrm import __version__
-from nrm.cli import kill, listen, listing, power, report, run, setpower, status
+from nrm.cli import keygen, kill, listen, listing, power, report, run, setpower, status
 from nrm.client import NrmError
 from nrm.manifest import ManifestError
 
-VERBS = (run, listing, kill, listen, status, power, setpower, report)
+VERBS = (run, listing, kill, listen, status, power, setpower, report, keygen)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nrm {__version__}")
     p.add_argument("--runtime-dir", help="where nrmd's sockets are (env NRM_RUNTIME_DIR)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    p.add_argument("--uri", metavar="tcp://HOST:PORT",
+                   help="a remote nrmd's TCP endpoint (env NRM_URI; default: the local nrmd)")
+    p.add_argument("--server-key", metavar="FILE",
+                   help="that nrmd's public key file (env NRM_CURVE_SERVER_KEY)")
+    p.add_argument("--key", metavar="FILE",
+                   help="your keypair file, from nrm keygen (env NRM_CURVE_KEY)")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb in VERBS:

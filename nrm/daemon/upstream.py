@@ -3,8 +3,11 @@
 Every ipc connection passes through our ZAP handler, which receives the
 peer's kernel credentials (``localhost:<uid>:<gid>:<pid>``, SO_PEERCRED) and
 stamps them as the connection's User-Id; each request is therefore
-attributed to a kernel-verified user without passwords. Anything else
-(tcp without keys) is refused at the handshake.
+attributed to a kernel-verified user without passwords. TCP endpoints exist
+only when the admin configures them, and are CURVE servers: the handler
+maps the client's public key to the local user the admin named for it
+(User-Id ``uid:gid:0``; pid 0 marks a remote peer). Anything else (unknown
+keys, NULL or PLAIN on tcp) is refused at the handshake.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from collections import deque
 from typing import Callable, Deque, Dict, Optional
 
 import zmq
+import zmq.utils.z85
+from zmq.utils.monitor import parse_monitor_message
 
-from nrm import protocol
+from nrm import curve, protocol
 from nrm.containers import Peer, Sink, Task
 from nrm.daemon.zmqloop import BatchReader
 from nrm.log import RateLimitedLog
@@ -26,6 +31,12 @@ log = logging.getLogger(__name__)
 rl_log = RateLimitedLog(log)
 
 FLUSH_INTERVAL_S = 0.002
+#: how often a remote (TCP) client streaming a task is checked for life: it
+#: has no pid to watch, so an empty output chunk is sent, which every
+#: client ignores and which fails once the connection is gone.
+REMOTE_PROBE_S = 2.0
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 def parse_peer(user_id: Optional[str]) -> Optional[Peer]:
@@ -107,8 +118,20 @@ class ClientSink(Sink):
             self.resume(self.task)
         return True
 
+    def probe(self) -> bool:
+        """Check a remote client is still connected; False once the sink
+        no longer needs probing (client gone or task over)."""
+        task = self.task
+        if self.dead or task is None or task.finished:
+            return False
+        if not self.queue:      # a queued chunk already tests the connection
+            self._send(protocol.Output(task=task.id, stream="stdout"), b"")
+        return not self.dead
+
     def started(self, task: Task) -> None:
         self.task = task
+        if self.req.peer.pid == 0 and not task.detach:
+            self.req.upstream.watch_remote(self)
         self._send(protocol.Started(container=task.container.id, task=task.id, pid=task.pid,
                                     cpus=list(task.container.slice.cpus),
                                     mems=list(task.container.slice.mems)))
@@ -126,7 +149,8 @@ class ClientSink(Sink):
 
 class Upstream:
     def __init__(self, ctx: zmq.Context, loop, request_uri: str, events_uri: str,
-                 dispatch: Callable[[Requester, object], None], socket_mode: int = 0o666):
+                 dispatch: Callable[[Requester, object], None], socket_mode: int = 0o666,
+                 tcp: Optional[curve.ServerConfig] = None):
         self.loop = loop
         self.dispatch = dispatch
         self.counters: Dict[str, int] = {"requests": 0, "request_errors": 0,
@@ -149,19 +173,88 @@ class Upstream:
         for uri in (request_uri, events_uri):
             if uri.startswith("ipc://"):
                 os.chmod(uri[len("ipc://"):], socket_mode)
+        self.endpoints = [request_uri, events_uri]
+        self.tcp_users: Dict[bytes, curve.User] = {}
+        self._monitors: list = []
+        self._remote: Deque[ClientSink] = deque()
+        self._probe_timer = None
+        if tcp is not None:
+            self._bind_tcp(tcp)
         self._flushing: Deque[ClientSink] = deque()
         self._flush_timer = None
         self.zap_reader = BatchReader(loop, self.zap, self._on_zap, batch=64)
         self.reader = BatchReader(loop, self.router, self._on_request, batch=256)
+
+    # -- tcp ----------------------------------------------------------------
+    def _bind_tcp(self, tcp: curve.ServerConfig) -> None:
+        """Both sockets get a CURVE endpoint after their ipc one; a monitor
+        on each reports handshakes that never reach ZAP (NULL or PLAIN
+        clients fail on the mechanism mismatch)."""
+        self.tcp_users = tcp.users
+        for sock, uri, domain in ((self.router, tcp.request_uri, b"nrm"),
+                                  (self.pub, tcp.events_uri, b"nrm-events")):
+            curve.make_server(sock, tcp.keys, domain)
+            if tcp.host.startswith("["):
+                sock.ipv6 = True
+            sock.bind(uri)
+            self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            mon = sock.get_monitor_socket(HANDSHAKE_FAILURES)
+            self._monitors.append((mon, BatchReader(self.loop, mon, self._on_monitor, batch=64)))
+        log.info("tcp endpoints %s (CURVE; keys for %s)", " ".join(self.endpoints[2:]),
+                 ", ".join(curve.describe(tcp.users)))
+
+    def _on_monitor(self, frames) -> None:
+        try:
+            event = parse_monitor_message([bytes(f) for f in frames])
+        except Exception:
+            return
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return      # refused by _on_zap, which has already logged it
+        self.counters["unauthenticated"] += 1
+        endpoint = event["endpoint"].decode(errors="replace")
+        if event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            rl_log.warning("refused a connection on %s: handshake failed (wrong mechanism: "
+                           "a client without CURVE keys?)", endpoint)
+        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            # the peer hung up first: a NULL client that saw the mismatch before
+            # we did, or a real client exiting at once; not worth a warning
+            rl_log.info("handshake not completed on %s (%s): the client hung up", endpoint,
+                        zmq.strerror(event["value"]))
+        else:
+            rl_log.warning("refused a connection on %s: handshake failed (protocol error "
+                           "%#x: a client with a wrong server key?)", endpoint, event["value"])
+
+    def watch_remote(self, sink: ClientSink) -> None:
+        self._remote.append(sink)
+        if self._probe_timer is None:
+            self._probe_timer = self.loop.call_later(REMOTE_PROBE_S, self._probe_remote)
+
+    def _probe_remote(self) -> None:
+        self._probe_timer = None
+        self._remote = deque(s for s in self._remote if s.probe())
+        if self._remote:
+            self._probe_timer = self.loop.call_later(REMOTE_PROBE_S, self._probe_remote)
 
     # -- identity ---------------------------------------------------------
     def _on_zap(self, frames) -> None:
         frames = [bytes(f) for f in frames]
         version, reqid, _domain, address, _identity, mechanism = frames[:6]
         addr = address.decode(errors="replace")
+        user = None
+        curve_key = frames[6] if mechanism == b"CURVE" and len(frames) > 6 else b""
+        if len(curve_key) == 32:
+            user = self.tcp_users.get(zmq.utils.z85.encode(curve_key))
         if mechanism == b"NULL" and addr.startswith("localhost:"):
             user_id = addr[len("localhost:"):].encode()
             reply = [version, reqid, b"200", b"OK", user_id, b""]
+        elif user is not None:
+            reply = [version, reqid, b"200", b"OK", f"{user.uid}:{user.gid}:0".encode(), b""]
+            rl_log.info("tcp client %s authenticated as %s", addr, user.name)
+        elif len(curve_key) == 32:
+            self.counters["unauthenticated"] += 1
+            rl_log.warning("refused CURVE client %s: key %s is not in the users file", addr,
+                           zmq.utils.z85.encode(curve_key).decode())
+            reply = [version, reqid, b"400", b"unknown key", b"", b""]
         else:
             self.counters["unauthenticated"] += 1
             rl_log.warning("refused connection from %s (%s): no verifiable identity",
@@ -237,6 +330,12 @@ class Upstream:
         self.zap_reader.close()
         if self._flush_timer is not None:
             self._flush_timer.cancel()
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+        for sock, (mon, reader) in zip((self.router, self.pub), self._monitors):
+            reader.close()
+            sock.disable_monitor()
+            mon.close(linger=0)
         for sink in list(self._flushing):
             sink.flush()
         self.router.close()
