@@ -7,22 +7,35 @@ timer); the decisions that come out are written through the hardware
 platform and published as ``decision`` events. When the container ends its
 cpus go back to full speed and the platform restores the values it saved
 before the first write, so the node is never left throttled.
+
+Decision latency is measured from the moment the ingest drained the
+message's batch from the socket (``arrival``, a ``time.perf_counter()``
+value) to the moment the last control it caused was written, so it covers
+the queueing inside the daemon (the messages drained before it in the same
+batch, decoding, the application manager) and not only the policy call.
+Phase contexts that cause no write, and every phase context of a container
+without a policy, go to a second histogram (arrival to handled): the
+baseline the decision latency is compared with.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from typing import Deque, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from nrm.log import RateLimitedLog
+from nrm.policy.latency import LatencyHistogram
 from nrm.policy.manager import DUTY_CYCLE, FREQUENCY, ContainerPolicy, Decision
 
 log = logging.getLogger(__name__)
 rl_log = RateLimitedLog(log)
 
-LATENCY_WINDOW = 4096
+WARMUP_PHASES = 1
+"""The interposer's first phase runs from MPI_Init to the first collective: skew, not slack."""
+
+SETTLE_ROUNDS = 1
+"""A decision lands while the next phase already runs: do not act on that mixed phase."""
 
 
 class _Active:
@@ -31,6 +44,7 @@ class _Active:
         self.cpus = cpus
         self.decisions = 0
         self.lowest: Dict[int, float] = {}
+        self.lowest_hz: Dict[int, float] = {}
         self.last: Dict[int, Dict[str, float]] = {}
         self.write_errors = 0
 
@@ -40,7 +54,9 @@ class PowerPolicyManager:
         self.platform = platform
         self.publish = publish
         self.active: Dict[str, _Active] = {}
-        self.latencies_s: Deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.decision_latency = LatencyHistogram()
+        self.handled_latency = LatencyHistogram()
+        self.write_latency = LatencyHistogram()  # the platform's write alone, per control
         self.counters = {"decisions": 0, "write_errors": 0, "policy_errors": 0}
 
     # -- lifecycle (ContainerListener) -------------------------------------
@@ -54,7 +70,8 @@ class PowerPolicyManager:
             policy = ContainerPolicy(power.policy, cpus, damper_s=power.damper,
                                      slowdown=power.slowdown,
                                      frequencies=freqs if any(freqs.values()) else None,
-                                     levels=16)
+                                     levels=16, warmup_phases=WARMUP_PHASES,
+                                     settle_rounds=SETTLE_ROUNDS)
         except ValueError as exc:
             self.counters["policy_errors"] += 1
             log.warning("container %s: policy %s not started: %s", container.id,
@@ -82,26 +99,38 @@ class PowerPolicyManager:
             "write_errors": state.write_errors,
             "final_settings": {str(c): v for c, v in settings_before.items()},
             "lowest_level": {str(c): v for c, v in state.lowest.items()},
+            "lowest_frequency": {str(c): v for c, v in state.lowest_hz.items()},
             "emulated": bool(getattr(self.platform, "emulated", False)),
         }}
 
     # -- phase contexts ----------------------------------------------------
-    def on_phase_context(self, container, msg) -> None:
+    def on_phase_context(self, container, msg, arrival: Optional[float] = None) -> None:
+        """``arrival``: ``time.perf_counter()`` when the message's batch left the socket."""
         state = self.active.get(container.id)
         if state is None:
+            if arrival is not None:
+                self.handled_latency.record(time.perf_counter() - arrival)
             return
-        start = time.perf_counter()
+        if arrival is None:
+            arrival = time.perf_counter()
         source = msg.rank if msg.rank >= 0 else msg.cpu
         decisions = state.policy.on_phase(source, msg.cpu, msg.aggregation,
                                           msg.computetime / 1e9, msg.totaltime / 1e9, msg.phase)
-        if decisions:
-            self._apply(container.id, state, decisions)
-            self.latencies_s.append(time.perf_counter() - start)
+        written = self._apply(container.id, state, decisions) if decisions else None
+        if written is not None:
+            self.decision_latency.record(written - arrival)
+        else:
+            self.handled_latency.record(time.perf_counter() - arrival)
 
-    def _apply(self, cid: str, state: _Active, decisions: List[Decision]) -> None:
+    def _apply(self, cid: str, state: _Active, decisions: List[Decision]) -> Optional[float]:
+        """Write the decisions; returns when the last successful write ended, if any."""
+        written = None
         for d in decisions:
+            start = time.perf_counter()
             try:
                 applied = self.platform.write(d.control, d.cpu, d.new)
+                written = time.perf_counter()
+                self.write_latency.record(written - start)
             except Exception as exc:
                 state.write_errors += 1
                 self.counters["write_errors"] += 1
@@ -112,16 +141,24 @@ class PowerPolicyManager:
             self.counters["decisions"] += 1
             if d.control == DUTY_CYCLE:
                 state.lowest[d.cpu] = min(state.lowest.get(d.cpu, 16), applied)
+            elif d.control == FREQUENCY:
+                state.lowest_hz[d.cpu] = min(state.lowest_hz.get(d.cpu, applied), applied)
             self.publish("decision", {"container": cid, "cpu": d.cpu, "control": d.control,
                                       "old": d.old, "new": applied, "reason": d.reason})
+        return written
 
     # -- queries -----------------------------------------------------------
     def latency(self) -> dict:
-        values = sorted(self.latencies_s)
-        if not values:
-            return {"count": 0}
-        return {"count": len(values), "p50_us": values[len(values) // 2] * 1e6,
-                "p99_us": values[min(len(values) - 1, int(len(values) * 0.99))] * 1e6}
+        """Arrival to control written: count, p50/p99/max/mean (us), since nrmd started."""
+        out = self.decision_latency.summary()
+        out.pop("histogram")
+        return out
+
+    def status(self) -> dict:
+        """For ``nrm status``: the latencies with their cumulative buckets, and counters."""
+        return {"decision_latency": self.decision_latency.summary(),
+                "handled_latency": self.handled_latency.summary(),
+                "write_latency": self.write_latency.summary(), **self.counters}
 
     def snapshot(self) -> dict:
         return {cid: {"policy": s.policy.policy, "cpus": s.cpus,

@@ -3,14 +3,14 @@ DDCM on the emulated node, launched as users launch MPI."""
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from nrm import mpi
 from tests.conftest import EXAMPLES, needs_root
 
-pytestmark = pytest.mark.skipif(not shutil.which("mpiexec"), reason="MPICH not installed")
+pytestmark = pytest.mark.skipif(mpi.find("mpich") is None, reason="MPICH not installed")
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,15 @@ def imbalance():
     return os.path.join(EXAMPLES, "imbalance")
 
 
-@needs_root()
-def test_ddcm_slows_the_waiting_rank_and_restores(daemon, imbalance, tmp_path):
-    manifest = tmp_path / "ddcm.yml"
-    manifest.write_text("name: ddcm\napp:\n  slice: {cpus: 2, mems: 1}\n"
-                        "  power: {policy: DDCM, profile: true, damper: 1ms, slowdown: 1.1}\n")
+def _run_imbalance(daemon, imbalance, tmp_path, policy):
+    """Rank 0 does twice the work of rank 1; returns (rank -> cpu, profile's policy, status)."""
+    manifest = tmp_path / f"{policy.lower()}.yml"
+    manifest.write_text(f"name: {policy.lower()}\napp:\n  slice: {{cpus: 2, mems: 1}}\n"
+                        f"  power: {{policy: {policy}, profile: true, damper: 1ms, "
+                        "slowdown: 1.1}\n")
     profile_path = tmp_path / "profile.json"
     r = daemon.cli("run", "--profile-json", str(profile_path), str(manifest),
-                   "mpiexec", "-n", "2", "-bind-to", "core", imbalance,
+                   mpi.MPICH.mpiexec, "-n", "2", "-bind-to", "core", imbalance,
                    "-n", "60", "-u", "30000000", "-b", "-0.5", "-a", timeout=180)
     assert r.returncode == 0, r.stderr
     rank_cpu = {}
@@ -36,17 +37,42 @@ def test_ddcm_slows_the_waiting_rank_and_restores(daemon, imbalance, tmp_path):
         if line.startswith("affinity"):
             fields = dict(kv.split("=") for kv in line.split()[1:])
             rank_cpu[int(fields["rank"])] = fields["cpus"]
-    profile = json.loads(profile_path.read_text())
-    policy = profile["policy"]
-    assert policy["name"] == "DDCM" and policy["decisions"] > 0
-    light = rank_cpu[1]
-    assert "," not in light, rank_cpu          # bound to one core by the MPI launcher
-    assert policy["lowest_level"][light] < 16     # the waiting rank's cpu was slowed
-    assert policy["stats"]["resets"] == 1
-    # restored: the emulated actuation is back to unthrottled for every cpu
+    assert "," not in rank_cpu[1], rank_cpu     # bound to one core by the MPI launcher
+    policy_profile = json.loads(profile_path.read_text())["policy"]
+    assert policy_profile["name"] == policy and policy_profile["decisions"] > 0
+    assert policy_profile["stats"]["resets"] == 1
+    # each rank's first phase (MPI_Init to the first barrier) is start-up, not slack
+    assert policy_profile["stats"]["warmup_skipped"] == 2
     status = json.loads(daemon.cli("status", "--json").stdout)
+    return rank_cpu, policy_profile, status
+
+
+def _assert_restored_and_measured(daemon, status):
     assert status["policy"]["write_errors"] == 0
     power = json.loads(daemon.cli("power", "--json").stdout)
     assert power["emulated"] is True
+    # restored: the emulated actuation is back to unthrottled for every cpu
     saved = status["saved_controls"]
     assert not any(saved.get(name) for name in ("cpu.duty_cycle", "cpu.frequency")), saved
+    # decision latency, from the drain of the message to the control written, was recorded
+    latency = status["policy"]["decision_latency"]
+    assert 0 < latency["count"] <= status["policy"]["decisions"]  # >= 1 write per message
+    assert sum(latency["histogram"]["counts"]) == latency["count"]
+    assert 0 < latency["p50_us"] <= latency["max_us"]
+
+
+@needs_root()
+def test_ddcm_slows_the_waiting_rank_and_restores(daemon, imbalance, tmp_path):
+    rank_cpu, policy, status = _run_imbalance(daemon, imbalance, tmp_path, "DDCM")
+    assert policy["lowest_level"][rank_cpu[1]] < 16     # the waiting rank's cpu was slowed
+    _assert_restored_and_measured(daemon, status)
+
+
+@needs_root()
+def test_combined_lowers_the_waiting_ranks_frequency_and_restores(daemon, imbalance, tmp_path):
+    rank_cpu, policy, status = _run_imbalance(daemon, imbalance, tmp_path, "COMBINED")
+    light = rank_cpu[1]
+    top = max(json.loads(daemon.cli("status", "--json").stdout)["hardware"]["model"]
+              ["frequencies_hz"])
+    assert policy["lowest_frequency"][light] < top       # DVFS did the bulk of the slowdown
+    _assert_restored_and_measured(daemon, status)

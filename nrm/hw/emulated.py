@@ -441,7 +441,8 @@ class EmulatedPlatform(Platform):
                 self.place_threads()
             except Exception as e:  # keep placing whatever happens
                 _limiter.log(log, logging.ERROR, "loop", "thread placement failed: %r", e)
-            self._stop.wait(period)
+            self._wake.wait(period)        # a control write places at once
+            self._wake.clear()
 
     def _cleanup_groups(self, stale: bool = False) -> None:
         """Move every task out of our groups (to its origin) and remove them."""
@@ -532,8 +533,9 @@ class EmulatedPlatform(Platform):
         else:
             raise HardwareError(f"unknown control {name!r}")
         if cpus:
+            # _apply wakes the placement thread, which moves the threads: a
+            # /proc scan here would put it on the daemon's decision path
             self._apply(cpus)
-            self.place_threads()
         return applied
 
     def _write(self, name: str, index: int, value: float) -> float:

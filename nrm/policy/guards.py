@@ -88,6 +88,10 @@ class GateResult:
         return bool(self.ready)
 
 
+_NOTHING = GateResult()
+"""The gate waits and dropped nobody: shared, since GateResult is immutable."""
+
+
 @dataclass
 class _Source:
     cpu: int
@@ -195,16 +199,21 @@ class PhaseGate:
             src.phases = 0
 
     def _blocking(self) -> List[int]:
-        ends = [s.last_end for s in self._sources.values() if s.pending]
-        if not ends:
+        # One pass for the frontier, one for the laggards: this runs for every
+        # phase-context message (issue #5 measured the gate at ~11 % of the
+        # daemon's time at 10 k msg/s).
+        frontier = -1
+        for s in self._sources.values():
+            if s.phases > 0 and s.last_end > frontier:
+                frontier = s.last_end
+        if frontier < 0:
             return []
-        frontier = max(ends)
         return [key for key, s in self._sources.items()
-                if not s.pending or s.last_end < frontier]
+                if s.phases == 0 or s.last_end < frontier]
 
     def _try_fire(self, drop_stale: bool = True) -> GateResult:
         if not self._sources:
-            return GateResult()
+            return _NOTHING
         blocking = self._blocking()
         dropped: List[Tuple[int, int]] = []
         if blocking and drop_stale and len(self._sources) > 1:
@@ -213,11 +222,12 @@ class PhaseGate:
                 src = self._sources[key]
                 if self._seq - src.last_seq > allowance:
                     dropped.append((key, src.cpu))
-            for key, _ in dropped:
-                del self._sources[key]
-            blocking = self._blocking()
-        if blocking or not any(s.pending for s in self._sources.values()):
-            return GateResult(dropped=tuple(dropped))
+            if dropped:
+                for key, _ in dropped:
+                    del self._sources[key]
+                blocking = self._blocking()
+        if blocking or not any(s.phases > 0 for s in self._sources.values()):
+            return GateResult(dropped=tuple(dropped)) if dropped else _NOTHING
         ready = tuple(
             Ready(key, s.cpu, s.phases, s.compute_s, s.total_s)
             for key, s in sorted(self._sources.items())

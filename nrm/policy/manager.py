@@ -40,6 +40,9 @@ STAT_KEYS = (
     "resets",           # explicit reset() calls
     "sources_dropped",  # sources removed (explicitly or for staleness)
     "restarts",         # sources whose phase count went backwards
+    "warmup_skipped",   # messages inside a program's first ``warmup_phases`` phases
+    "settle_skipped",   # gate firings not evaluated because the previous one changed a setting
+    "critical_holds",   # cpus not slowed because a slowed cpu was on the critical path
 )
 
 Frequencies = Union[Mapping[int, Sequence[float]], Sequence[float], None]
@@ -86,7 +89,10 @@ class ContainerPolicy:
     ``damper_s`` is in seconds (the manifest parser converts the manifest's
     forms); ``slowdown`` is a factor >= 1.0. Phase contexts naming a cpu
     outside ``cpus`` are ignored: a process must not steer cpus that are not
-    in its container.
+    in its container. Messages that end within a program's first
+    ``warmup_phases`` phases are counted but not acted on (the daemon uses 1),
+    and so are the ``settle_rounds`` gate firings after one that changed a
+    setting (the daemon uses 1): docs/policies.md says why.
     """
 
     def __init__(
@@ -100,6 +106,8 @@ class ContainerPolicy:
         hysteresis: float = dvfs.DEFAULT_HYSTERESIS,
         margin: float = dvfs.DEFAULT_MARGIN,
         stale_rounds: int = DEFAULT_STALE_ROUNDS,
+        warmup_phases: int = 0,
+        settle_rounds: int = 0,
     ) -> None:
         name = str(policy).strip().upper()
         if name not in POLICIES:
@@ -116,7 +124,16 @@ class ContainerPolicy:
             raise ValueError(f"hysteresis must be a fraction >= 0, got {hysteresis!r}")
         if not (isinstance(margin, (int, float)) and math.isfinite(margin) and 0 <= margin < 1):
             raise ValueError(f"margin must be a fraction within [0, 1), got {margin!r}")
+        if isinstance(warmup_phases, bool) or not isinstance(warmup_phases, int) \
+                or warmup_phases < 0:
+            raise ValueError(f"warmup_phases must be an integer >= 0, got {warmup_phases!r}")
+        if isinstance(settle_rounds, bool) or not isinstance(settle_rounds, int) \
+                or settle_rounds < 0:
+            raise ValueError(f"settle_rounds must be an integer >= 0, got {settle_rounds!r}")
         self.policy = name
+        self.warmup_phases = warmup_phases
+        self.settle_rounds = settle_rounds
+        self._settling = 0
         self.cpus: Tuple[int, ...] = tuple(dict.fromkeys(int(c) for c in cpus))
         self.damper_s = float(damper_s)
         self.levels = levels
@@ -153,6 +170,11 @@ class ContainerPolicy:
         self.stats["phases"] += aggregation
         if self.policy == "NONE":
             return []
+        if 0 < phase <= self.warmup_phases:
+            # The first phase of an MPI program runs from MPI_Init to the
+            # first collective: its wait is start-up skew, not slack.
+            self.stats["warmup_skipped"] += 1
+            return []
         result = self._gate.offer(source, cpu, aggregation, compute_s, total_s, phase)
         if result.restarted:
             self.stats["restarts"] += 1
@@ -182,6 +204,7 @@ class ContainerPolicy:
     def reset(self) -> List[Decision]:
         """Everything back to full speed; pending data and slowdown references are dropped."""
         self.stats["resets"] += 1
+        self._settling = 0
         self._gate.clear_pending()
         self._guard.forget()
         decisions: List[Decision] = []
@@ -241,6 +264,17 @@ class ContainerPolicy:
             held = per_cpu.get(item.cpu)
             if held is None or item.work > held.work:
                 per_cpu[item.cpu] = item
+        # A decision is written while the next phase is already running, so
+        # that phase ran partly at the old settings: with settle_rounds, the
+        # policy does not act on it (the slowdown guard still does).
+        settling = self._settling > 0
+        if settling:
+            self._settling -= 1
+            self.stats["settle_skipped"] += 1
+        # When a cpu we slowed is on the critical path, the others' slack is
+        # (partly) our doing: speed that cpu up before cutting anyone else.
+        rescue = any(self._slowed(cpu) and self._critical(cpu, item)
+                     for cpu, item in per_cpu.items())
         decisions: List[Decision] = []
         for cpu in sorted(per_cpu):
             item = per_cpu[cpu]
@@ -252,11 +286,25 @@ class ContainerPolicy:
                 self.stats["slowdown_resets"] += 1
                 decisions += self._set(cpu, self.levels, self._max_hz(cpu), "slowdown")
                 continue
+            if settling:
+                continue
+            if rescue and not self._critical(cpu, item):
+                self.stats["critical_holds"] += 1
+                continue
             level, hz = self._decide(cpu, item)
             changes = self._set(cpu, level, hz, self.policy.lower())
             self.stats["acted"] += len(changes)
             decisions += changes
+        if decisions:
+            self._settling = self.settle_rounds
         return decisions
+
+    def _critical(self, cpu: int, item: Ready) -> bool:
+        """The policy's own test for "this cpu waited (almost) nothing"."""
+        if self.policy == "DVFS":
+            return 1.0 - item.work < self.margin / 2
+        level = self._level[cpu]
+        return item.work * level > level - 0.5
 
     def _decide(self, cpu: int, item: Ready) -> Tuple[int, Optional[float]]:
         level, hz = self._level[cpu], self._hz[cpu]
@@ -269,5 +317,5 @@ class ContainerPolicy:
             return level, new_hz
         assert hz is not None
         new_hz, new_level = combined.next_setting(item.compute_s, item.total_s, hz, level,
-                                                  self._grids[cpu], self.levels, self.margin)
+                                                  self._grids[cpu], self.levels)
         return new_level, new_hz
