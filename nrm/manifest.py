@@ -256,7 +256,19 @@ def _to_str(value: Any, path: str, expected: str = "a non-empty string") -> str:
         raise _bad(path, expected, value)
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise _bad(path, expected + " without control characters", value)
+    if not _utf8(value):
+        raise _bad(path, expected + " in UTF-8", value)
     return value
+
+
+def _utf8(text: str) -> bool:
+    """JSON and YAML escapes can spell lone surrogates ("\\ud800"), which
+    parse but cannot be sent: the client died encoding them (tests/fuzz)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _NAME_EXPECTED = "a non-empty string of at most %d characters" % 255
@@ -397,6 +409,8 @@ def _copy_extra(value: Any, path: str, budget: List[int], depth: int = 0,
     if budget[0] > _EXTRA_MAX_NODES or depth > _EXTRA_MAX_DEPTH:
         raise ManifestError("too large or too deeply nested (at most %d values, depth %d)"
                             % (_EXTRA_MAX_NODES, _EXTRA_MAX_DEPTH), root)
+    if isinstance(value, str) and not _utf8(value):
+        raise _bad(path, "text in UTF-8", value)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -411,12 +425,18 @@ def _copy_extra(value: Any, path: str, budget: List[int], depth: int = 0,
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
-            if not isinstance(k, str):
-                raise _bad(path, "string keys", k)
+            if not isinstance(k, str) or not _utf8(k):
+                raise _bad(path, "string keys in UTF-8", k)
             out[k] = _copy_extra(v, path + "." + k, budget, depth + 1, root)
         return out
     raise _bad(path, "JSON-compatible data (string, number, boolean, null, list, mapping)",
                value)
+
+
+def _key_text(key: Any) -> str:
+    """A key as it appears in a field path; a blank key would name nothing
+    (found by tests/fuzz: ``{"": 1}`` gave an error without a field)."""
+    return key if isinstance(key, str) and key.strip() else _show(key)
 
 
 class _Obj:
@@ -433,7 +453,7 @@ class _Obj:
                     raise _unknown_key(self.sub(key), key, allowed)
 
     def sub(self, key: Any) -> str:
-        key = key if isinstance(key, str) else _show(key)
+        key = _key_text(key)
         return "%s.%s" % (self.path, key) if self.path else key
 
     def get(self, key: str, default: Any = _NOVALUE) -> Any:
@@ -470,7 +490,7 @@ def _parse_nrm(d: Any, base_dir: Optional[str]) -> Manifest:
         raise _bad("manifest", "a mapping at the top level", d)
     for key in d:
         if key not in _TOP_KEYS and not _is_extra(key):
-            raise _unknown_key(key if isinstance(key, str) else _show(key), key,
+            raise _unknown_key(_key_text(key), key,
                                _TOP_KEYS + ("x-*",))
     top = _Obj(d, "", None)
     warnings: List[str] = []
@@ -603,7 +623,7 @@ def _parse_aci(d: Mapping) -> Manifest:
         raise _bad("acKind", "'ImageManifest'", kind)
     for key in d:
         if key not in _ACI_TOP_QUIET:
-            warnings.append("%s: ignored by nrm" % (key if isinstance(key, str) else _show(key)))
+            warnings.append("%s: ignored by nrm" % _key_text(key))
     if "name" not in d:
         raise _missing("name", _NAME_EXPECTED)
     name = _name(d["name"])

@@ -220,6 +220,13 @@ def _decode(decoder, data: bytes, limit: int):
         raise ProtocolError("invalid", f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError("malformed", f"malformed message: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # msgspec checks UTF-8 only when it builds a str; found by tests/fuzz.
+        raise ProtocolError("malformed", f"malformed message: {exc}") from None
+    except RecursionError:
+        # A few kilobytes of brackets reach the interpreter's limit (found
+        # by tests/fuzz); without this the request went unanswered.
+        raise ProtocolError("malformed", "malformed message: nested too deeply") from None
     if msg.v != PROTOCOL_VERSION:
         raise ProtocolError(
             "version", f"protocol version {msg.v} not supported (this is {PROTOCOL_VERSION})")
