@@ -6,10 +6,11 @@ VENV   := $(CURDIR)/.venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nrm-installed
 LIBNRM := $(VENV)/lib/libnrm-pmpi.so
+LIBNRM_OMPI := $(VENV)/lib/libnrm-pmpi-openmpi.so
 
-.PHONY: setup system-deps run daemon test lint check-c bench clean
+.PHONY: setup check-editable system-deps run daemon test lint check-c bench fuzz clean
 
-setup: system-deps $(STAMP) $(LIBNRM)
+setup: system-deps $(STAMP) $(LIBNRM) $(LIBNRM_OMPI)
 
 system-deps:
 	@sh scripts/system-deps.sh
@@ -22,8 +23,18 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
+# A venv copied from another checkout imports that checkout's nrm: reinstall.
+setup: check-editable
+check-editable: $(STAMP)
+	@cd / && $(PY) -c 'import nrm, os, sys; sys.exit(os.path.dirname(nrm.__file__) != "$(CURDIR)/nrm")' \
+	  2>/dev/null || $(VENV)/bin/pip install -q -e '.[test]'
+
 $(LIBNRM): $(VENV)/bin/python $(wildcard libnrm/src/* libnrm/include/* libnrm/fortran/* libnrm/Makefile)
 	$(MAKE) -s -C libnrm install PREFIX=$(VENV)
+
+# The interposer for Open MPI programs, next to MPICH's (nrmd --pmpi-lib).
+$(LIBNRM_OMPI): $(LIBNRM)
+	$(MAKE) -s -C libnrm install PREFIX=$(VENV) MPICC=mpicc.openmpi
 
 run: setup
 	$(PY) -m nrm.demo
@@ -45,6 +56,31 @@ bench: setup
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/sensor_tick.py
 	$(PY) benchmarks/interposer.py
+	$(PY) benchmarks/load.py
+	$(PY) benchmarks/decision_latency.py
+
+# Long fuzzing (issue #7), never part of `make test`: the tests/fuzz
+# properties with FUZZ_EXAMPLES inputs each (the live-daemon ones a quarter,
+# each a batch), then the atheris (libFuzzer) harness for FUZZ_SECONDS per
+# target if atheris installs. Counts go to .hypothesis/fuzz-stats.json*;
+# crashing inputs to .hypothesis/atheris/. Durations: README, "Fuzzing".
+FUZZ_EXAMPLES ?= 20000
+FUZZ_SECONDS  ?= 60
+FUZZ_DIR      := $(CURDIR)/.hypothesis
+
+fuzz: setup
+	@mkdir -p $(FUZZ_DIR)/atheris && rm -f $(FUZZ_DIR)/fuzz-stats.json.rss
+	NRM_FUZZ_LONG=1 NRM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) NRM_FUZZ_STATS=$(FUZZ_DIR)/fuzz-stats.json \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider --timeout=0 tests/fuzz
+	@$(PY) -c 'import atheris' 2>/dev/null || $(VENV)/bin/pip install -q atheris \
+	  || echo "atheris did not install: coverage-guided run skipped"
+	@if $(PY) -c 'import atheris' 2>/dev/null; then for t in request downstream seed manifest; do \
+	  echo "atheris $$t, $(FUZZ_SECONDS) s:"; \
+	  $(PY) tests/fuzz/atheris_harness.py $$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	    -rss_limit_mb=1024 -print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/atheris/ \
+	    > $(FUZZ_DIR)/atheris-$$t.log 2>&1; rc=$$?; \
+	  grep -E '^stat::(number_of_executed_units|peak_rss_mb)|^#[0-9]+[[:space:]]+DONE' $(FUZZ_DIR)/atheris-$$t.log; \
+	  if [ $$rc != 0 ]; then tail -40 $(FUZZ_DIR)/atheris-$$t.log; exit 1; fi; done; fi
 
 clean:
 	$(MAKE) -s -C libnrm clean || true

@@ -15,10 +15,15 @@ wakes once per burst and then drains with non-blocking receives, up to
 ``batch`` messages before it yields to the event loop.  Both sockets have a
 receive high-water mark, so a flood costs bounded memory: beyond it libzmq
 drops (SUB) or pushes back on the senders (PULL), which libnrm turns into
-dropped sends rather than a stalled application.  Keep the PULL mark high
-(default 100000): measured with libzmq 4.3.5, a PULL that is at its mark
-when a sender exits loses the rest of that sender's stream, its final
-progress and ``exit`` included, although the sender saw them written.
+dropped sends rather than a stalled application.  The mark is per
+connected sender, not per socket, and a queued message costs ~250 bytes,
+so the default of 10000 bounds a flood to ~2.5 MB per flooding sender
+(100000 let three unthrottled senders hold 75 MB in nrmd: issue #7,
+benchmarks/load.py).  Do not go near 1000: measured with libzmq 4.3.5, a
+PULL that sits at such a low mark when a sender exits can lose the rest of
+that sender's stream, its final progress and ``exit`` included (issue #4:
+one run in three at 1000; none in 23 runs of 6000 to 60000 unthrottled
+messages at 10000).
 
 Peer identity: the daemon's ZAP handler sets each ipc connection's
 ``User-Id`` to the kernel-verified ``uid:gid:pid``.  Reading it needs the
@@ -127,6 +132,13 @@ class SeedTranslator:
             obj = msgspec.json.decode(data)
         except msgspec.DecodeError as exc:
             raise ProtocolError("malformed", f"malformed seed message: {exc}") from None
+        except UnicodeDecodeError as exc:  # msgspec checks UTF-8 lazily
+            raise ProtocolError("malformed", f"malformed seed message: {exc}") from None
+        except RecursionError:
+            # "[" * 4000 fits the size limit; uncaught, it ended the drain
+            # task and with it the seed endpoint (found by tests/fuzz).
+            raise ProtocolError("malformed", "malformed seed message: nested too deeply") \
+                from None
         if not isinstance(obj, dict):
             raise ProtocolError("malformed", "seed message is not a JSON object")
         if obj.get("type") != "application":
@@ -200,7 +212,7 @@ class Ingest:
 
     def __init__(self, ctx: zmq.Context, uri: str, seed_uri: Optional[str] = None,
                  on_message: Optional[OnMessage] = None, *, batch: int = 1024,
-                 rcvhwm: int = 100000, peer_ids: bool = True,
+                 rcvhwm: int = 10000, peer_ids: bool = True,
                  zap_domain: Optional[str] = "nrm", log_interval: float = 1.0):
         if isinstance(ctx, zmq.asyncio.Context):
             self._ctx = ctx
@@ -221,6 +233,9 @@ class Ingest:
         self._last_log: Optional[float] = None
         self._unlogged: Dict[str, int] = {}
         self._last_problem = ""
+        # perf_counter() when the batch being dispatched was drained: callbacks
+        # read it to measure latency from arrival, queueing in the batch included.
+        self.arrival: Optional[float] = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -305,6 +320,7 @@ class Ingest:
         again = zmq.Again
         zmq_error = zmq.ZMQError
         received = decoded = 0
+        self.arrival = time.perf_counter()
         if self.peer_ids:
             for _ in range(self.batch):
                 try:

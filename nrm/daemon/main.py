@@ -9,11 +9,13 @@ import os
 import resource
 import sys
 
-from nrm import __version__, log as nrmlog, paths
+from nrm import __version__, curve, log as nrmlog, paths
 from nrm.daemon.core import Config, Daemon, StartupError
 from nrm.runtimes import KINDS
 
 log = logging.getLogger("nrmd")
+
+FEW_FDS = 8192      # below this, nrmd warns: about 8 fds per task at worst
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,15 +30,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hw", choices=("auto", "linux", "emulated"), default="auto",
                    help="hardware backend (default: linux when RAPL is readable)")
     p.add_argument("--hw-root", default="/", help="root under which every hardware path resolves")
+    p.add_argument("--topology", choices=("auto", "sysfs", "hwloc"), default="auto",
+                   help="where the cpu/core/package/NUMA topology comes from (default: hwloc's "
+                        "lstopo when installed and --hw-root is /, else sysfs)")
+    p.add_argument("--topology-xml", metavar="FILE",
+                   help="read the topology from this hwloc XML file (lstopo --of xml FILE)")
     p.add_argument("--sensor-period", type=float, default=1.0, metavar="SECONDS",
                    help="sensor sampling period (default 1 s; sustains 5 ms)")
-    p.add_argument("--pmpi-lib", help="PMPI interposer to preload (default: found next to nrm)")
+    p.add_argument("--pmpi-lib", help="PMPI interposer to preload (default: libnrm-pmpi.so, "
+                   "for MPICH, found next to nrm; Open MPI: libnrm-pmpi-openmpi.so)")
     p.add_argument("--seed-downstream", default=paths.SEED_DOWNSTREAM_URI, metavar="URI",
                    help="seed-era downstream SUB endpoint, 'none' to disable "
                         f"(default {paths.SEED_DOWNSTREAM_URI})")
     p.add_argument("--http", metavar="HOST:PORT",
                    help="serve /metrics, /api/v1/state and the dashboard (off by default)")
     p.add_argument("--power-group", help="Unix group whose members may set power caps")
+    p.add_argument("--tcp", metavar="[HOST:]PORT",
+                   help="also serve requests on tcp PORT and events on PORT+1, CURVE only "
+                        f"(host default {curve.DEFAULT_HOST}; off by default)")
+    p.add_argument("--curve-secret-key", metavar="FILE",
+                   help="nrmd's keypair file for --tcp (nrm keygen; mode 0600)")
+    p.add_argument("--curve-users", metavar="FILE",
+                   help="authorized client keys for --tcp: 'USER PUBLIC-KEY' per line")
+    p.add_argument("--spawners", type=int, metavar="N",
+                   help="spawner helper processes that launch tasks (default: one per "
+                        "online cpu; 0: launch from the daemon itself)")
     p.add_argument("--emulated", action="append", default=[], metavar="KEY=VALUE",
                    help="emulated-node model parameter (repeatable)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -62,6 +80,32 @@ def _rundir(args) -> str:
     return os.path.join(base, args.node_name) if args.node_name else base
 
 
+def _raise_nofile() -> None:
+    """Each task holds a pidfd and two pipes in nrmd and each container a few
+    cgroup fds: 1000 tasks need ~8000 fds, far above the usual soft limit of
+    1024 (issue #7), so take all the hard limit allows and say so."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open files limit raised from %d to %d", soft, target)
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target,
+                        exc)
+    else:
+        log.info("open files limit: %d", soft)
+    if soft != resource.RLIM_INFINITY and soft < FEW_FDS:
+        log.warning("open files limit %d allows only about %d tasks at once", soft, soft // 8)
+
+
 async def _serve(config: Config) -> int:
     daemon = Daemon(config)
     try:
@@ -80,22 +124,35 @@ async def _serve(config: Config) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     nrmlog.setup(args.log_level, args.log_format)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    tcp = None      # checked first: a bad key file is the only line the admin sees
+    if args.tcp or args.curve_secret_key or args.curve_users:
+        if not args.tcp:
+            log.error("--curve-secret-key and --curve-users only make sense with --tcp")
+            return 2
+        try:
+            tcp = curve.server_config(args.tcp, args.curve_secret_key, args.curve_users)
+        except curve.CurveError as exc:
+            log.error("%s", exc)
+            return 2
+    _raise_nofile()
     try:
         config = Config(
             runtime_dir=_rundir(args), runtime=args.runtime, hw=args.hw,
             hw_root=args.hw_root, sensor_period=args.sensor_period, pmpi_lib=args.pmpi_lib,
             seed_downstream=None if args.seed_downstream == "none" else args.seed_downstream,
             http=args.http, power_group=args.power_group,
-            emulated=_emulated_options(args.emulated))
+            emulated=_emulated_options(args.emulated), tcp=tcp, spawners=args.spawners)
     except StartupError as exc:
         log.error("%s", exc)
+        return 2
+    if config.spawners is not None and not 0 <= config.spawners <= 256:
+        log.error("--spawners must be between 0 and 256")
         return 2
     if config.sensor_period <= 0:
         log.error("--sensor-period must be positive")
         return 2
+    from nrm.hw import topology
+    topology.configure(args.topology, args.topology_xml)
     try:
         return asyncio.run(_serve(config))
     except KeyboardInterrupt:
