@@ -51,6 +51,8 @@ class Config:
     http: Optional[str] = None
     power_group: Optional[str] = None
     emulated: Dict[str, object] = field(default_factory=dict)
+    #: what to do with tasks a crashed predecessor left running
+    on_restart: str = "kill"
 
 
 class Daemon:
@@ -69,6 +71,8 @@ class Daemon:
         self.apps = None
         self.policies = None
         self.http = None
+        self.statelog = None
+        self.reconciled: Dict[str, int] = {}
         self.latest_sample: Optional[dict] = None
         self.power_cap: Optional[float] = None
         self.request_counts: Dict[str, int] = {}
@@ -111,6 +115,9 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._prepare_rundir()
         self._start_hardware()
+        from nrm.daemon.statelog import StateLog
+        self.statelog = StateLog(os.path.join(self.rundir, "state.log"))
+        previous = self.statelog.load()
         prefix = "nrm." + _rundir_key(self.rundir)
         try:
             self.runtime = make_runtime(self.config.runtime, prefix)
@@ -125,6 +132,7 @@ class Daemon:
                                  socket_mode=0o666 if os.geteuid() == 0 else 0o600)
         self._start_downstream()
         self._start_policies()
+        self._reconcile(previous)
         self._start_http()
         if self.platform is not None:
             self.platform.set_task_provider(self.containers.pids)
@@ -154,6 +162,14 @@ class Daemon:
         self.controller = PowerCapController(self.platform)
         self.sensors = SensorManager(self.platform, self.config.sensor_period,
                                      on_sample=self._sample_from_thread)
+
+    def _reconcile(self, previous) -> None:
+        """Controls are already restored; now the predecessor's tasks."""
+        from nrm.daemon.reconcile import reconcile
+        self.containers.listeners.append(_StateListener(self))
+        self.reconciled = reconcile(self.config.on_restart, previous, self.runtime,
+                                    self.containers)
+        self.statelog.open()
 
     def _start_downstream(self) -> None:
         from nrm.applications import ApplicationManager
@@ -194,11 +210,25 @@ class Daemon:
             req.reply(protocol.Error(code="internal", message=f"internal error: {exc}"))
 
     def publish(self, topic: str, body: dict) -> None:
+        if topic == "task" and self.statelog is not None:
+            self._record_task(body)
         self.upstream.publish(topic, body)
         if topic == "decision":
             self.decision_history.append(body)
         if self.http is not None:
             self.http.on_event(topic, body)
+
+    def _record_task(self, body: dict) -> None:
+        from nrm.daemon.statelog import TaskRecord, pid_start_time
+        event = body.get("event")
+        if event in ("start", "adopt"):
+            task = self.containers.tasks.get(body["task"])
+            self.statelog.task_started(TaskRecord(
+                id=body["task"], container=body["container"], pid=body["pid"],
+                start=pid_start_time(body["pid"]), argv=body["argv"],
+                detach=bool(task and task.detach)))
+        elif event == "exit":
+            self.statelog.task_ended(body["container"], body["task"])
 
     def _task_env(self, container: Container, task, env: Dict[str, str]) -> Dict[str, str]:
         out = dict(env)
@@ -320,6 +350,8 @@ class Daemon:
                        **self.policies.counters} if self.policies else None,
             "sensors": self.sensors.stats() if self.sensors else None,
             "power_cap_w": self.power_cap,
+            "restart": {"on_restart": self.config.on_restart, **self.reconciled,
+                        "state_log": self.statelog.describe() if self.statelog else None},
             # controls written and not yet restored (empty when the node is unthrottled)
             "saved_controls": {name: {str(i): v for i, v in entries.items()}
                                for name, entries in self.platform.saved().items()}
@@ -343,6 +375,8 @@ class Daemon:
         log.info("nrmd stopping")
         if getattr(self, "containers", None) is not None:
             self.containers.shutdown()
+        if self.statelog is not None:
+            self.statelog.close(clean=True)
         if getattr(self, "upstream", None) is not None:
             self.upstream._flush()
         if self.sensors is not None:
@@ -372,6 +406,25 @@ class Daemon:
                 pass
         os.close(self._lock_fd)
         log.info("nrmd stopped")
+
+
+class _StateListener:
+    """Keeps the state log's containers in step with the container manager."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def container_started(self, container: Container) -> None:
+        from nrm.daemon.statelog import ContainerRecord
+        self.daemon.statelog.container_started(ContainerRecord(
+            id=container.id, uid=container.uid, manifest=container.manifest.to_dict(),
+            cpus=list(container.slice.cpus), mems=list(container.slice.mems),
+            shared=container.slice.shared,
+            cgroups=self.daemon.runtime.cgroup_dirs(container.handle)))
+
+    def container_ended(self, container: Container) -> Optional[dict]:
+        self.daemon.statelog.container_ended(container.id)
+        return None
 
 
 class _ProfileListener:
