@@ -260,7 +260,8 @@ class Daemon:
         if container is None:
             self.ingest_counter("unknown_container")
             return
-        if peer is not None and not self._sender_owns(peer, container):
+        if peer is None or not self._sender_owns(peer, container):
+            # no kernel-verified identity is treated like a foreign one
             self.ingest_counter("foreign_sender")
             return
         for topic, event in self.apps.handle(msg):
