@@ -35,6 +35,10 @@ HISTORY_DECISIONS = 5000
 PROFILE_SERIES_POINTS = 2000
 
 
+#: as root, every user's tasks connect downstream; the ZAP handler attributes them
+_DOWNSTREAM_MODE = 0o666 if os.geteuid() == 0 else 0o600
+
+
 class StartupError(Exception):
     """nrmd cannot start; the message is shown to the admin as is."""
 
@@ -177,7 +181,7 @@ class Daemon:
         self.apps = ApplicationManager()
         seed = self.config.seed_downstream
         self.ingest = Ingest(self.ctx, paths.downstream_uri(self.rundir), seed,
-                             self._on_downstream)
+                             self._on_downstream, socket_mode=_DOWNSTREAM_MODE)
         self.loop.create_task(self.ingest.start())
 
     def _start_policies(self) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from typing import Callable, Dict, Optional
 
@@ -201,7 +202,8 @@ class Ingest:
     def __init__(self, ctx: zmq.Context, uri: str, seed_uri: Optional[str] = None,
                  on_message: Optional[OnMessage] = None, *, batch: int = 1024,
                  rcvhwm: int = 100000, peer_ids: bool = True,
-                 zap_domain: Optional[str] = "nrm", log_interval: float = 1.0):
+                 zap_domain: Optional[str] = "nrm", log_interval: float = 1.0,
+                 socket_mode: Optional[int] = None):
         if isinstance(ctx, zmq.asyncio.Context):
             self._ctx = ctx
         else:
@@ -212,6 +214,7 @@ class Ingest:
         self.peer_ids = peer_ids
         self.zap_domain = zap_domain
         self.log_interval = log_interval
+        self.socket_mode = socket_mode
         self._endpoints = [_Endpoint("downstream", uri, zmq.PULL)]
         if seed_uri:
             self._endpoints.append(_Endpoint("seed", seed_uri, zmq.SUB))
@@ -237,6 +240,10 @@ class Ingest:
                 if ep.kind == zmq.SUB:
                     sock.setsockopt(zmq.SUBSCRIBE, b"")
                 sock.bind(ep.uri)
+                if self.socket_mode is not None and ep.uri.startswith("ipc://"):
+                    # every user's tasks must be able to connect; what they
+                    # send is attributed by the ZAP handler, not trusted
+                    os.chmod(ep.uri[len("ipc://"):], self.socket_mode)
                 # The synchronous view of the same socket: non-blocking
                 # receives on it cost no Future per message.
                 ep.raw = zmq.Socket.shadow(sock.underlying)
