@@ -120,7 +120,7 @@ class Daemon:
         self._prepare_rundir()
         self._start_hardware()
         from nrm.daemon.statelog import StateLog
-        self.statelog = StateLog(os.path.join(self.rundir, "state.log"))
+        self.statelog = StateLog(os.path.join(self.rundir, "state.log"), self.loop.call_soon)
         previous = self.statelog.load()
         prefix = "nrm." + _rundir_key(self.rundir)
         try:
@@ -425,7 +425,7 @@ class _StateListener:
             id=container.id, uid=container.uid, manifest=container.manifest.to_dict(),
             cpus=list(container.slice.cpus), mems=list(container.slice.mems),
             shared=container.slice.shared,
-            cgroups=self.daemon.runtime.cgroup_dirs(container.handle)))
+            cgroups=self.daemon.runtime.cgroup_dirs(container.handle)), container.manifest)
 
     def container_ended(self, container: Container) -> Optional[dict]:
         self.daemon.statelog.container_ended(container.id)
