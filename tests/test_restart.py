@@ -1,6 +1,7 @@
 """SIGKILL of nrmd mid-run: the next start restores controls, then kills or
 adopts what the dead daemon left running, and never starts a task twice."""
 
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +30,16 @@ def _crash(d: DaemonProcess) -> None:
     d.proc.wait()
 
 
+@contextlib.contextmanager
+def _stopped_on_failure(d: DaemonProcess):
+    """Before the deliberate crash, a failing test must not leak its daemon."""
+    try:
+        yield
+    except BaseException:
+        d.stop()
+        raise
+
+
 def _listed(d: DaemonProcess):
     return json.loads(d.cli("list", "--json").stdout)
 
@@ -37,11 +48,12 @@ def _listed(d: DaemonProcess):
 @pytest.mark.parametrize("runtime", ["cgroup", "affinity"])
 def test_restart_after_sigkill_kills_orphans(runtime):
     d = DaemonProcess("--hw", "emulated", "--runtime", runtime).start()
-    assert d.cli("run", "-d", "--container", "orphan", BASIC,
-                 "sh", "-c", "sleep 600 & exec sleep 601").returncode == 0
-    pid = _listed(d)[0]["tasks"][0]["pid"]
-    child = wait_for(lambda: open(f"/proc/{pid}/task/{pid}/children").read().split())
-    _crash(d)
+    with _stopped_on_failure(d):
+        assert d.cli("run", "-d", "--container", "orphan", BASIC,
+                     "sh", "-c", "sleep 600 & exec sleep 601").returncode == 0
+        pid = _listed(d)[0]["tasks"][0]["pid"]
+        child = wait_for(lambda: open(f"/proc/{pid}/task/{pid}/children").read().split())
+        _crash(d)
     assert not _gone(pid)                      # orphaned, still running
     d2 = DaemonProcess("--hw", "emulated", "--runtime", runtime, rundir=d.rundir).start()
     try:
@@ -60,12 +72,13 @@ def test_adopt_keeps_the_task_in_its_slice_and_never_restarts_it(tmp_path):
     script = (f"echo started >> {starts}; while [ ! -e {trigger} ]; do sleep 0.02; done; "
               "echo adopted-output; exec sleep 600")
     d = DaemonProcess("--hw", "emulated", "--runtime", "cgroup").start()
-    client = d.popen_cli("run", "--container", "keep", BASIC, "sh", "-c", script,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(starts.exists)
-    before = _listed(d)[0]
-    pid = before["tasks"][0]["pid"]
-    _crash(d)
+    with _stopped_on_failure(d):
+        client = d.popen_cli("run", "--container", "keep", BASIC, "sh", "-c", script,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(starts.exists)
+        before = _listed(d)[0]
+        pid = before["tasks"][0]["pid"]
+        _crash(d)
     _, err = client.communicate(timeout=10)       # the client learns it lost nrmd
     assert client.returncode != 0 and b"lost the connection to nrmd" in err
     d2 = DaemonProcess("--hw", "emulated", "--runtime", "cgroup", "--on-restart", "adopt",
@@ -104,8 +117,9 @@ def test_adopt_keeps_the_task_in_its_slice_and_never_restarts_it(tmp_path):
 @needs_root()
 def test_adopted_task_exit_ends_its_container():
     d = DaemonProcess("--hw", "emulated", "--runtime", "affinity").start()
-    assert d.cli("run", "-d", "--container", "short", BASIC, "sleep", "1.5").returncode == 0
-    _crash(d)
+    with _stopped_on_failure(d):
+        assert d.cli("run", "-d", "--container", "short", BASIC, "sleep", "1.5").returncode == 0
+        _crash(d)
     d2 = DaemonProcess("--hw", "emulated", "--runtime", "affinity", "--on-restart", "adopt",
                        rundir=d.rundir).start()
     try:
@@ -141,10 +155,11 @@ def test_policy_controlled_run_survives_a_crash_restored_first_then_adopted():
     daemon (the sender reconnects by itself), and restores at its end."""
     import sys
     d = DaemonProcess("--hw", "emulated", "--runtime", "cgroup").start()
-    assert d.cli("run", "-d", "--container", "pol", WHOLE_NODE,
-                 sys.executable, "-c", PHASE_SENDER).returncode == 0
-    wait_for(lambda: _status(d)["saved_controls"], timeout=20)
-    _crash(d)
+    with _stopped_on_failure(d):
+        assert d.cli("run", "-d", "--container", "pol", WHOLE_NODE,
+                     sys.executable, "-c", PHASE_SENDER).returncode == 0
+        wait_for(lambda: _status(d)["saved_controls"], timeout=20)
+        _crash(d)
     d2 = DaemonProcess("--hw", "emulated", "--runtime", "cgroup", "--on-restart", "adopt",
                        rundir=d.rundir).start()
     try:
