@@ -562,7 +562,7 @@ class ContainerManager:
             raise RunError("no_fit", f"cpus {cpus} are not all available again")
         try:
             handle = self.runtime.create(cid, slice_.cpus, slice_.mems)
-            self.runtime.adopt(handle, members)
+            self.runtime.take_over(handle, members)
         except Exception as exc:
             self.resources.release(cid, slice_)
             raise RunError("runtime", str(exc)) from None

@@ -116,7 +116,7 @@ class Runtime:
         the cgroup runtime catches those)."""
         self.kill_all(handle, signal.SIGKILL)
 
-    def adopt(self, handle: Handle, pids: Sequence[int]) -> None:
+    def take_over(self, handle: Handle, pids: Sequence[int]) -> None:
         """Put a crashed predecessor's processes into this handle."""
         for pid in pids:
             try:

@@ -175,7 +175,7 @@ class CgroupRuntime(Runtime):
                 pass
         return sorted(pids)
 
-    def adopt(self, handle: Handle, pids: Sequence[int]) -> None:
+    def take_over(self, handle: Handle, pids: Sequence[int]) -> None:
         """Move whole processes (v1 cgroup.procs) into the new slot; the old
         cgroups are emptied and removed by reap_stale()."""
         for c, d in handle.slot.dirs.items():

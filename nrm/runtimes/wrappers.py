@@ -48,8 +48,8 @@ class WrappingRuntime(Runtime):
     def cgroup_dirs(self, handle):
         return self.inner.cgroup_dirs(handle)
 
-    def adopt(self, handle, pids):
-        self.inner.adopt(handle, pids)
+    def take_over(self, handle, pids):
+        self.inner.take_over(handle, pids)
 
     def stale_pids(self, record_cgroups):
         return self.inner.stale_pids(record_cgroups)
