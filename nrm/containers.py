@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import pwd
+import re
 import signal
 import stat
 import sys
@@ -36,6 +37,8 @@ from nrm.spawner import SpawnError, SpawnerPool, env_list
 
 log = logging.getLogger(__name__)
 
+#: names end up in logs, events, metrics labels and Slurm scripts: keep them plain
+CONTAINER_NAME = re.compile(r"[A-Za-z0-9_@+:][A-Za-z0-9._@+:-]{0,127}")
 READ_CHUNK = 65536
 EOF_GRACE_S = 0.2          # wait this long for pipes after the task exited
 KILL_GRACE_S = 2.0         # SIGTERM, then SIGKILL after this long
@@ -98,6 +101,8 @@ class Task:
     started_at: float = 0.0
     eof_timer: Optional[asyncio.TimerHandle] = None
     finished: bool = False
+    #: taken over from a crashed nrmd: not our child, so its exit status is unknown
+    adopted: bool = False
 
     @property
     def status(self) -> int:
@@ -107,8 +112,8 @@ class Task:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "pid": self.pid, "argv": self.argv, "detached": self.detach,
-                "state": "exited" if self.finished else "running",
-                "status": self.status if self.finished else None}
+                "state": "exited" if self.finished else "running", "adopted": self.adopted,
+                "status": self.status if self.finished and not self.adopted else None}
 
 
 @dataclass
@@ -190,6 +195,9 @@ class ContainerManager:
         """
         if not argv:
             raise RunError("invalid", "no command given")
+        if container_name is not None and not CONTAINER_NAME.fullmatch(container_name):
+            raise RunError("invalid", f"container name {container_name[:64]!r}: use 1 to 128 "
+                           "letters, digits and . _ - : @ +, not starting with . or -")
         if container_name is not None:
             existing = self.containers.get(container_name)
             if existing is not None:
@@ -383,7 +391,7 @@ class ContainerManager:
         try:
             pid, status = os.waitpid(task.pid, os.WNOHANG)
         except ChildProcessError:
-            pid, status = task.pid, 0
+            pid, status = task.pid, None    # adopted: init reaped it, status unknown
         if pid == 0:
             return
         self._exited(task, status)
@@ -410,7 +418,8 @@ class ContainerManager:
         os.close(task.pidfd)
         task.pidfd = -1
         if status is None:
-            task.code = 255
+            if not task.adopted:        # a spawner died: its status is lost
+                task.code = 255
         elif os.WIFSIGNALED(status):
             task.signal = os.WTERMSIG(status)
         else:
@@ -449,7 +458,8 @@ class ContainerManager:
         self._unwatch_client(task)
         self.counters["tasks_finished"] += 1
         self.publish("task", {"event": "exit", "container": container.id, "task": task.id,
-                              "status": task.status, "code": task.code, "signal": task.signal})
+                              "status": None if task.adopted else task.status,
+                              "code": task.code, "signal": task.signal})
         profile = None
         if not container.tasks and not container.starting:
             profile = self._end_container(container)
@@ -617,6 +627,65 @@ class ContainerManager:
                 return c
         return None
 
+    # -- adoption after a crash ------------------------------------------------
+    def adopt(self, cid: str, uid: int, manifest: Manifest, cpus: List[int], mems: List[int],
+              shared: bool, tasks: List[tuple], members: List[int]) -> Container:
+        """Take over a crashed predecessor's container: the same cpus, a new
+        runtime handle holding all of its processes (``members``), and its
+        ``tasks`` ((id, pid, argv) of live ones) watched through pidfds.
+
+        They are not our children, so their exit status is unknown. Their
+        stdout and stderr are reopened through /proc when they are still
+        pipes, so that they do not die of SIGPIPE; what they write is
+        published as task output events, since the client that streamed
+        them is gone. Raises RunError when the slice cannot be had again.
+        """
+        try:
+            slice_ = self.resources.allocate(cid, len(cpus), len(mems), shared, list(cpus))
+        except SliceError as exc:
+            raise RunError("no_fit", str(exc)) from None
+        if sorted(slice_.cpus) != sorted(cpus):
+            self.resources.release(cid, slice_)
+            raise RunError("no_fit", f"cpus {cpus} are not all available again")
+        try:
+            handle = self.runtime.create(cid, slice_.cpus, slice_.mems)
+            self.runtime.take_over(handle, members)
+        except Exception as exc:
+            self.resources.release(cid, slice_)
+            raise RunError("runtime", str(exc)) from None
+        handle.image = manifest.image
+        container = Container(cid, uid, manifest, slice_, handle)
+        container.extra["adopted"] = True
+        self.containers[cid] = container
+        self.counters["containers_started"] += 1
+        for listener in self.listeners:
+            try:
+                listener.container_started(container)
+            except Exception:
+                log.exception("listener %s failed at container start", listener)
+        self.publish("container", {"event": "adopt", **container.to_dict()})
+        sink = _EventSink(self.publish)
+        for tid, pid, argv in tasks:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            task = Task(id=tid, container=container, argv=list(argv), sink=sink, detach=True,
+                        pid=pid, pidfd=pidfd, adopted=True, started_at=time.monotonic())
+            self.loop.add_reader(pidfd, self._on_pid_exit, task)
+            for stream, n in (("stdout", 1), ("stderr", 2)):
+                fd = _reopen_pipe(pid, n)
+                if fd >= 0:
+                    task.pipes[stream] = fd
+                    self.loop.add_reader(fd, self._on_readable, task, stream)
+            container.tasks[tid] = task
+            self.tasks[tid] = task
+            self.publish("task", {"event": "adopt", "container": cid, "task": tid,
+                                  "pid": pid, "argv": task.argv})
+        if not container.tasks:
+            self._end_container(container)
+        return container
+
     def shutdown(self) -> None:
         if self.pool is not None:
             self.pool.drain()
@@ -682,6 +751,30 @@ def _groups(uid: int, gid: int) -> List[int]:
     if pw is None:
         raise RunError("denied", f"uid {uid} has no passwd entry")
     return os.getgrouplist(pw.pw_name, gid)
+
+
+class _EventSink(Sink):
+    """Output of adopted tasks, whose client is gone: published as events."""
+
+    def __init__(self, publish: Callable[[str, dict], None]):
+        self.publish = publish
+
+    def output(self, task: "Task", stream: str, data: bytes) -> bool:
+        self.publish("task", {"event": "output", "container": task.container.id,
+                              "task": task.id, "stream": stream,
+                              "data": data.decode("utf-8", "replace")})
+        return True
+
+
+def _reopen_pipe(pid: int, fd: int) -> int:
+    """A new read end of the pipe a process writes to, or -1."""
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        if not os.readlink(path).startswith("pipe:"):
+            return -1
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 def _check_cwd_access(cwd: str, uid: int, gids: List[int]) -> None:

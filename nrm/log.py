@@ -41,7 +41,7 @@ class RateLimitedLog:
         self.interval = interval
         self._last: Dict[Tuple[int, str], Tuple[float, int]] = {}
 
-    def log(self, level: int, fmt: str, *args) -> None:
+    def log(self, level: int, fmt: str, *args, exc_info=False) -> None:
         now = time.monotonic()
         key = (level, fmt)
         last, suppressed = self._last.get(key, (0.0, 0))
@@ -52,10 +52,13 @@ class RateLimitedLog:
         if suppressed:
             fmt = fmt + " (%d similar suppressed)"
             args = args + (suppressed,)
-        self.logger.log(level, fmt, *args)
+        self.logger.log(level, fmt, *args, exc_info=exc_info)
 
     def info(self, fmt, *args):
         self.log(logging.INFO, fmt, *args)
 
     def warning(self, fmt, *args):
         self.log(logging.WARNING, fmt, *args)
+
+    def error(self, fmt, *args, exc_info=False):
+        self.log(logging.ERROR, fmt, *args, exc_info=exc_info)

@@ -16,9 +16,13 @@ checks that every tag declared here is documented there.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import Annotated, Dict, List, Optional, Union
 
 import msgspec
+
+#: downstream integers: anything wider than 64 bits is malformed, not a bigint
+#: that later arithmetic chokes on
+I64 = Annotated[int, msgspec.Meta(ge=-(2 ** 63), le=2 ** 63 - 1)]
 
 PROTOCOL_VERSION = 1
 
@@ -149,14 +153,14 @@ class DStart(_Msg, tag="start"):
     container: str = ""
     task: str = ""
     app: str = ""
-    pid: int = 0
+    pid: I64 = 0
 
 
 class DProgress(_Msg, tag="progress"):
     container: str = ""
     task: str = ""
     app: str = ""
-    payload: int = 0
+    payload: I64 = 0
 
 
 class DPhaseContext(_Msg, tag="phase_context"):
@@ -168,12 +172,12 @@ class DPhaseContext(_Msg, tag="phase_context"):
     container: str = ""
     task: str = ""
     app: str = ""
-    rank: int = -1
-    cpu: int = 0
-    phase: int = 0
-    aggregation: int = 1
-    computetime: int = 0
-    totaltime: int = 0
+    rank: I64 = -1
+    cpu: I64 = 0
+    phase: I64 = 0
+    aggregation: I64 = 1
+    computetime: I64 = 0
+    totaltime: I64 = 0
 
 
 class DPerformance(_Msg, tag="performance"):
@@ -264,6 +268,8 @@ def downstream_tags() -> List[str]:
 # ------------------------------------------------------------ reference ---
 
 def _type_name(tp) -> str:
+    if tp == I64 or tp == "I64":
+        return "int64"
     name = getattr(tp, "__name__", None) or str(tp)
     return str(tp).replace("typing.", "") if "[" in str(tp) else name
 

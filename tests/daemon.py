@@ -38,18 +38,21 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02):
 
 
 class DaemonProcess:
-    def __init__(self, *extra: str, rundir: Optional[str] = None, env=None):
+    def __init__(self, *extra: str, rundir: Optional[str] = None, env=None,
+                 wrapper: Optional[List[str]] = None):
         self.rundir = rundir or tempfile.mkdtemp(prefix="nrmt-", dir="/tmp")
         self.log_path = os.path.join(self.rundir, "nrmd.log")
         self.seed_uri = "ipc://" + os.path.join(self.rundir, "seed")
         self.args = list(extra)
+        self.wrapper = list(wrapper or [])     # e.g. setpriv, to run as another user
         self.env = dict(os.environ, **(env or {}))
         self.env["NRM_RUNTIME_DIR"] = self.rundir
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 10.0) -> "DaemonProcess":
-        argv = nrmd_argv() + ["--runtime-dir", self.rundir, "--seed-downstream", self.seed_uri,
-                              "--log-level", "debug"] + self.args
+        argv = self.wrapper + nrmd_argv() + [
+            "--runtime-dir", self.rundir, "--seed-downstream", self.seed_uri,
+            "--log-level", "debug"] + self.args
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=self.env, cwd=REPO)

@@ -143,6 +143,30 @@ def test_remove_kills_pools_and_close_removes_everything(tree):
     assert sorted(os.listdir(f"{home}/nrm.t")) == ["cgroup.subtree_control", "supervisor"]
 
 
+def test_a_predecessors_processes_are_taken_over(tmp_path):
+    root = str(tmp_path)
+    home = fake_tree(root, kill=False)
+    victim = _sleeper()
+    try:
+        _write(f"{home}/nrm.t/c1-1/cgroup.procs", f"{victim.pid}\n")
+        rt = Cgroup2Runtime("nrm.t", root=root)
+        stale = {"unified": f"{home}/nrm.t/c1-1"}
+        assert rt.stale_pids(stale) == [victim.pid]
+        assert rt.stale_pids({"unified": f"{home}/elsewhere/c1-1"}) == []
+        h = rt.create("kept", [0], [0])
+        _write(f"{h.cgdir}/cgroup.procs", "")
+        rt.take_over(h, [victim.pid])
+        assert _read(f"{h.cgdir}/cgroup.procs") == str(victim.pid)
+        _write(f"{home}/nrm.t/c1-1/cgroup.procs", "")     # the kernel would have moved it
+        assert rt.reap_stale() == []
+        assert victim.poll() is None and os.path.exists(h.cgdir)
+        assert not os.path.exists(f"{home}/nrm.t/c1-1")
+        rt.close()
+    finally:
+        victim.kill()
+        victim.wait()
+
+
 def test_stale_container_cgroups_are_killed_and_removed_at_start(tmp_path):
     root = str(tmp_path)
     home = fake_tree(root, kill=False)
@@ -150,6 +174,7 @@ def test_stale_container_cgroups_are_killed_and_removed_at_start(tmp_path):
     _write(f"{home}/nrm.t/c1-1/cgroup.procs", f"{victim.pid}\n")
     _write(f"{home}/nrm.t/supervisor/cgroup.procs", "1\n")
     rt = Cgroup2Runtime("nrm.t", root=root)
+    assert rt.reap_stale() == [victim.pid]         # the daemon calls it after reconciling
     assert victim.wait(5) == -signal.SIGKILL
     assert os.path.exists(f"{home}/nrm.t/supervisor")
     assert not os.path.exists(f"{home}/nrm.t/c1-1")

@@ -35,6 +35,10 @@ HISTORY_DECISIONS = 5000
 PROFILE_SERIES_POINTS = 2000
 
 
+#: as root, every user's tasks connect downstream; the ZAP handler attributes them
+_DOWNSTREAM_MODE = 0o666 if os.geteuid() == 0 else 0o600
+
+
 class StartupError(Exception):
     """nrmd cannot start; the message is shown to the admin as is."""
 
@@ -55,6 +59,8 @@ class Config:
     spawners: Optional[int] = None
     #: TCP endpoints with CurveZMQ (nrm.curve.ServerConfig); None: ipc only
     tcp: Optional[object] = None
+    #: what to do with tasks a crashed predecessor left running
+    on_restart: str = "kill"
 
 
 class Daemon:
@@ -74,6 +80,8 @@ class Daemon:
         self.app_events = None      # EventCoalescer: one event per app per 10 ms at most
         self.policies = None
         self.http = None
+        self.statelog = None
+        self.reconciled: Dict[str, int] = {}
         self.latest_sample: Optional[dict] = None
         self.power_cap: Optional[float] = None
         self.request_counts: Dict[str, int] = {}
@@ -116,6 +124,9 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._prepare_rundir()
         self._start_hardware()
+        from nrm.daemon.statelog import StateLog
+        self.statelog = StateLog(os.path.join(self.rundir, "state.log"), self.loop.call_soon)
+        previous = self.statelog.load()
         prefix = "nrm." + _rundir_key(self.rundir)
         try:
             spawners = self.config.spawners
@@ -137,6 +148,7 @@ class Daemon:
             raise StartupError(f"cannot open the upstream endpoints: {exc}") from None
         self._start_downstream()
         self._start_policies()
+        self._reconcile(previous)
         self._start_http()
         if self.platform is not None:
             self.platform.set_task_provider(self.containers.pids)
@@ -167,6 +179,14 @@ class Daemon:
         self.sensors = SensorManager(self.platform, self.config.sensor_period,
                                      on_sample=self._sample_from_thread)
 
+    def _reconcile(self, previous) -> None:
+        """Controls are already restored; now the predecessor's tasks."""
+        from nrm.daemon.reconcile import reconcile
+        self.containers.listeners.append(_StateListener(self))
+        self.reconciled = reconcile(self.config.on_restart, previous, self.runtime,
+                                    self.containers)
+        self.statelog.open()
+
     def _start_downstream(self) -> None:
         from nrm.applications import ApplicationManager
         from nrm.daemon.coalesce import EventCoalescer
@@ -175,7 +195,7 @@ class Daemon:
         self.apps = ApplicationManager()
         seed = self.config.seed_downstream
         self.ingest = Ingest(self.ctx, paths.downstream_uri(self.rundir), seed,
-                             self._on_downstream)
+                             self._on_downstream, socket_mode=_DOWNSTREAM_MODE)
         self.loop.create_task(self.ingest.start())
 
     def _start_policies(self) -> None:
@@ -208,11 +228,25 @@ class Daemon:
             req.reply(protocol.Error(code="internal", message=f"internal error: {exc}"))
 
     def publish(self, topic: str, body: dict) -> None:
+        if topic == "task" and self.statelog is not None:
+            self._record_task(body)
         self.upstream.publish(topic, body)
         if topic == "decision":
             self.decision_history.append(body)
         if self.http is not None:
             self.http.on_event(topic, body)
+
+    def _record_task(self, body: dict) -> None:
+        from nrm.daemon.statelog import TaskRecord, pid_start_time
+        event = body.get("event")
+        if event in ("start", "adopt"):
+            task = self.containers.tasks.get(body["task"])
+            self.statelog.task_started(TaskRecord(
+                id=body["task"], container=body["container"], pid=body["pid"],
+                start=pid_start_time(body["pid"]), argv=body["argv"],
+                detach=bool(task and task.detach)))
+        elif event == "exit":
+            self.statelog.task_ended(body["container"], body["task"])
 
     def _task_env(self, container: Container, task, env: Dict[str, str]) -> Dict[str, str]:
         out = dict(env)
@@ -244,7 +278,8 @@ class Daemon:
         if container is None:
             self.ingest_counter("unknown_container")
             return
-        if peer is not None and not self._sender_owns(peer, container):
+        if peer is None or not self._sender_owns(peer, container):
+            # no kernel-verified identity is treated like a foreign one
             self.ingest_counter("foreign_sender")
             return
         for topic, event in self.apps.handle(msg):
@@ -343,6 +378,8 @@ class Daemon:
             "policy": self.policies.status() if self.policies else None,
             "sensors": self.sensors.stats() if self.sensors else None,
             "power_cap_w": self.power_cap,
+            "restart": {"on_restart": self.config.on_restart, **self.reconciled,
+                        "state_log": self.statelog.describe() if self.statelog else None},
             # controls written and not yet restored (empty when the node is unthrottled)
             "saved_controls": {name: {str(i): v for i, v in entries.items()}
                                for name, entries in self.platform.saved().items()}
@@ -366,6 +403,8 @@ class Daemon:
         log.info("nrmd stopping")
         if getattr(self, "containers", None) is not None:
             self.containers.shutdown()
+        if self.statelog is not None:
+            self.statelog.close(clean=True)
         if getattr(self, "upstream", None) is not None:
             self.upstream._flush()
         if self.sensors is not None:
@@ -395,6 +434,25 @@ class Daemon:
                 pass
         os.close(self._lock_fd)
         log.info("nrmd stopped")
+
+
+class _StateListener:
+    """Keeps the state log's containers in step with the container manager."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def container_started(self, container: Container) -> None:
+        from nrm.daemon.statelog import ContainerRecord
+        self.daemon.statelog.container_started(ContainerRecord(
+            id=container.id, uid=container.uid, manifest=container.manifest.to_dict(),
+            cpus=list(container.slice.cpus), mems=list(container.slice.mems),
+            shared=container.slice.shared,
+            cgroups=self.daemon.runtime.cgroup_dirs(container.handle)), container.manifest)
+
+    def container_ended(self, container: Container) -> Optional[dict]:
+        self.daemon.statelog.container_ended(container.id)
+        return None
 
 
 class _ProfileListener:

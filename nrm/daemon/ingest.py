@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from typing import Callable, Dict, Optional
 
@@ -48,10 +49,12 @@ import zmq
 import zmq.asyncio
 
 from nrm import protocol
+from nrm.log import RateLimitedLog
 from nrm.protocol import (DExit, DPhaseContext, DProgress, DStart, MAX_DOWNSTREAM_BYTES,
                           ProtocolError)
 
 log = logging.getLogger(__name__)
+rl_log = RateLimitedLog(log, 10.0)
 
 OnMessage = Callable[[object, Optional[str]], None]
 
@@ -92,6 +95,13 @@ class _BoundedMap(collections.OrderedDict):
 
 def _seed_int(obj: dict, key: str) -> int:
     """Seed-era numbers arrive quoted ("12"); later senders did not quote."""
+    value = _seed_int_any(obj, key)
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ProtocolError("invalid", f"seed field {key!r} does not fit 64 bits")
+    return value
+
+
+def _seed_int_any(obj: dict, key: str) -> int:
     value = obj.get(key)
     if isinstance(value, bool) or value is None:
         raise ProtocolError("invalid", f"seed field {key!r} missing or not a number")
@@ -213,7 +223,8 @@ class Ingest:
     def __init__(self, ctx: zmq.Context, uri: str, seed_uri: Optional[str] = None,
                  on_message: Optional[OnMessage] = None, *, batch: int = 1024,
                  rcvhwm: int = 10000, peer_ids: bool = True,
-                 zap_domain: Optional[str] = "nrm", log_interval: float = 1.0):
+                 zap_domain: Optional[str] = "nrm", log_interval: float = 1.0,
+                 socket_mode: Optional[int] = None):
         if isinstance(ctx, zmq.asyncio.Context):
             self._ctx = ctx
         else:
@@ -224,6 +235,7 @@ class Ingest:
         self.peer_ids = peer_ids
         self.zap_domain = zap_domain
         self.log_interval = log_interval
+        self.socket_mode = socket_mode
         self._endpoints = [_Endpoint("downstream", uri, zmq.PULL)]
         if seed_uri:
             self._endpoints.append(_Endpoint("seed", seed_uri, zmq.SUB))
@@ -252,6 +264,10 @@ class Ingest:
                 if ep.kind == zmq.SUB:
                     sock.setsockopt(zmq.SUBSCRIBE, b"")
                 sock.bind(ep.uri)
+                if self.socket_mode is not None and ep.uri.startswith("ipc://"):
+                    # every user's tasks must be able to connect; what they
+                    # send is attributed by the ZAP handler, not trusted
+                    os.chmod(ep.uri[len("ipc://"):], self.socket_mode)
                 # The synchronous view of the same socket: non-blocking
                 # receives on it cost no Future per message.
                 ep.raw = zmq.Socket.shadow(sock.underlying)
@@ -297,7 +313,13 @@ class Ingest:
         drain = self._drain_seed if ep.kind == zmq.SUB else self._drain_v1
         while True:
             await ep.asock.poll(flags=zmq.POLLIN)
-            if drain(ep) >= self.batch:
+            try:
+                n = drain(ep)
+            except Exception:   # never stop draining: log, count, go on
+                ep.counters["callback_errors"] += 1
+                rl_log.error("downstream %s drain failed", ep.name, exc_info=True)
+                n = 0
+            if n >= self.batch:
                 # Awaiting an already-complete poll would not yield: give
                 # the rest of the daemon its turn explicitly.
                 await asyncio.sleep(0)
@@ -333,6 +355,9 @@ class Ingest:
                 except ProtocolError as exc:
                     self._reject(ep, exc)
                     continue
+                except Exception as exc:    # a decoder bug must not end the endpoint
+                    self._drop(ep, "dropped_malformed", exc)
+                    continue
                 decoded += 1
                 try:
                     peer = frame.get("User-Id") or None
@@ -353,6 +378,9 @@ class Ingest:
                     msg = decode(data)
                 except ProtocolError as exc:
                     self._reject(ep, exc)
+                    continue
+                except Exception as exc:    # a decoder bug must not end the endpoint
+                    self._drop(ep, "dropped_malformed", exc)
                     continue
                 decoded += 1
                 try:

@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spawners", type=int, metavar="N",
                    help="spawner helper processes that launch tasks (default: one per "
                         "online cpu; 0: launch from the daemon itself)")
+    p.add_argument("--on-restart", choices=("kill", "adopt"), default="kill",
+                   help="tasks a crashed nrmd left running: kill them (default) or adopt "
+                        "them (they keep their slices; exit status unknown)")
     p.add_argument("--emulated", action="append", default=[], metavar="KEY=VALUE",
                    help="emulated-node model parameter (repeatable)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -140,7 +143,7 @@ def main(argv=None) -> int:
             runtime_dir=_rundir(args), runtime=args.runtime, hw=args.hw,
             hw_root=args.hw_root, sensor_period=args.sensor_period, pmpi_lib=args.pmpi_lib,
             seed_downstream=None if args.seed_downstream == "none" else args.seed_downstream,
-            http=args.http, power_group=args.power_group,
+            http=args.http, power_group=args.power_group, on_restart=args.on_restart,
             emulated=_emulated_options(args.emulated), tcp=tcp, spawners=args.spawners)
     except StartupError as exc:
         log.error("%s", exc)

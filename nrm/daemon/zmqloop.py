@@ -16,7 +16,10 @@ from typing import Callable
 
 import zmq
 
+from nrm.log import RateLimitedLog
+
 log = logging.getLogger(__name__)
+rl_log = RateLimitedLog(log, 10.0)     # a poisonous message kind must not flood the log
 
 
 class BatchReader:
@@ -54,7 +57,7 @@ class BatchReader:
             try:
                 self.handle(msg)
             except Exception:
-                log.exception("handler failed; message dropped")
+                rl_log.error("handler failed; message dropped", exc_info=True)
         self.kick()
 
     def close(self) -> None:

@@ -114,7 +114,36 @@ class Runtime:
                 handle.pgids.discard(pgid)
 
     def remove(self, handle: Handle) -> None:
-        pass
+        """Container end: what its tasks left behind in their process
+        groups dies with it (a process that calls setsid() escapes; only
+        the cgroup runtime catches those)."""
+        self.kill_all(handle, signal.SIGKILL)
+
+    def take_over(self, handle: Handle, pids: Sequence[int]) -> None:
+        """Put a crashed predecessor's processes into this handle."""
+        for pid in pids:
+            try:
+                os.sched_setaffinity(pid, handle.cpus)
+            except OSError:
+                pass
+            try:
+                handle.pgids.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+
+    def cgroup_dirs(self, handle: Handle) -> dict:
+        """controller -> directory of the container's cgroups (none here)."""
+        return {}
+
+    def stale_pids(self, record_cgroups: dict) -> List[int]:
+        """Processes a predecessor left in a container's isolation, beyond
+        its recorded tasks (none known without cgroups)."""
+        return []
+
+    def reap_stale(self) -> List[int]:
+        """Kill and clean what a crashed predecessor left; called once the
+        daemon has adopted what it wants. Returns the pids killed."""
+        return []
 
     def close(self) -> None:
         pass

@@ -163,17 +163,42 @@ class CgroupRuntime(Runtime):
         self._busy: Dict[str, Slot] = {}
         self._counter = 0
         self._lock = threading.Lock()
-        self._reap_stale()
 
-    def _reap_stale(self):
-        """Kill what a crashed predecessor left in its container cgroups and
-        remove them (`--on-restart kill`, the only mode: tasks are never
-        started twice, and nrm does not adopt orphans)."""
-        killed = 0
+    def stale_pids(self, record_cgroups: dict) -> List[int]:
+        """Every process still in a predecessor's container cgroups."""
+        pids: set = set()
+        for d in record_cgroups.values():
+            if not os.path.realpath(d).startswith(tuple(self.base.values())):
+                continue     # never trust a path the log did not get from us
+            try:
+                pids.update(int(p) for p in _read(os.path.join(d, "cgroup.procs")).split())
+            except (OSError, ValueError):
+                pass
+        return sorted(pids)
+
+    def take_over(self, handle: Handle, pids: Sequence[int]) -> None:
+        """Move whole processes (v1 cgroup.procs) into the new slot; the old
+        cgroups are emptied and removed by reap_stale()."""
+        for c, d in handle.slot.dirs.items():
+            for pid in pids:
+                try:
+                    _write(os.path.join(d, "cgroup.procs"), str(pid))
+                except ProcessLookupError:
+                    pass
+                except OSError as exc:
+                    log.warning("adopting pid %d into %s: %s", pid, d, exc.strerror)
+
+    def reap_stale(self) -> List[int]:
+        """Kill what a crashed predecessor left in its container cgroups (not
+        adopted into new ones) and remove them. Tasks are never started
+        twice. Returns the pids killed."""
+        killed: set = set()
+        mine = {os.path.basename(d) for s in list(self._busy.values()) + self._pool
+                for d in s.dirs.values()}
         cs_base = self.base["cpuset"]
         for name in os.listdir(cs_base):
             procs = os.path.join(cs_base, name, "cgroup.procs")
-            if not os.path.isfile(procs):
+            if name in mine or not os.path.isfile(procs):
                 continue
             for _ in range(20):
                 try:
@@ -185,17 +210,16 @@ class CgroupRuntime(Runtime):
                 for pid in pids:
                     try:
                         os.kill(pid, signal.SIGKILL)
-                        killed += 1
+                        killed.add(pid)
                     except ProcessLookupError:
                         pass
                 time.sleep(0.01)
-        if killed:
-            log.warning("killed %d processes left by a previous nrmd", killed)
         for base in self.base.values():
             for name in os.listdir(base):
                 path = os.path.join(base, name)
-                if os.path.isdir(path):
+                if os.path.isdir(path) and name not in mine:
                     _rmdir(path)
+        return sorted(killed)
 
     # -- slots -------------------------------------------------------------
     def _new_slot(self) -> Slot:

@@ -173,20 +173,36 @@ class Cgroup2Runtime(Runtime):
         self._pool: List[str] = []
         self._busy: Dict[str, str] = {}
         self._counter = 0
-        self._reap_stale()
 
-    def _reap_stale(self) -> None:
-        """Kill what a crashed predecessor left in its container cgroups and
-        remove them, as the v1 runtime does."""
-        killed = 0
+    def stale_pids(self, record_cgroups: dict) -> List[int]:
+        """Every process still in a predecessor's container cgroup."""
+        d = record_cgroups.get("unified", "")
+        if not d or os.path.dirname(os.path.realpath(d)) != os.path.realpath(self.base):
+            return []       # never trust a path the log did not get from us
+        return _procs(d)
+
+    def take_over(self, handle: Handle, pids: Sequence[int]) -> None:
+        for pid in pids:
+            try:
+                _write(os.path.join(handle.cgdir, "cgroup.procs"), str(pid))
+            except ProcessLookupError:
+                pass
+            except OSError as exc:
+                log.warning("adopting pid %d into %s: %s", pid, handle.cgdir, exc.strerror)
+
+    def reap_stale(self) -> List[int]:
+        """Kill what a crashed predecessor left in its container cgroups (not
+        taken over by new ones) and remove them, as the v1 runtime does."""
+        mine = set(self._pool) | set(self._busy.values())
+        killed: List[int] = []
         for name in os.listdir(self.base):
             path = os.path.join(self.base, name)
-            if name == SUPERVISOR or not os.path.isdir(path):
+            if name == SUPERVISOR or path in mine or not os.path.isdir(path):
                 continue
-            killed += self._kill_dir(path, signal.SIGKILL)
+            killed.extend(p for p in _procs(path) if p != os.getpid())
+            self._kill_dir(path, signal.SIGKILL)
             _rmdir(path)
-        if killed:
-            log.warning("killed %d processes left by a previous nrmd", killed)
+        return killed
 
     def _kill_dir(self, path: str, sig: int) -> int:
         """Signal every process of a cgroup; cgroup.kill when the kernel has

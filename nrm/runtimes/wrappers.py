@@ -52,6 +52,18 @@ class WrappingRuntime(Runtime):
     def remove(self, handle):
         self.inner.remove(handle)
 
+    def cgroup_dirs(self, handle):
+        return self.inner.cgroup_dirs(handle)
+
+    def take_over(self, handle, pids):
+        self.inner.take_over(handle, pids)
+
+    def stale_pids(self, record_cgroups):
+        return self.inner.stale_pids(record_cgroups)
+
+    def reap_stale(self):
+        return self.inner.reap_stale()
+
     def close(self):
         self.inner.close()
 

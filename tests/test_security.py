@@ -1,0 +1,111 @@
+"""Who may do what: permissions on the runtime dir, and downstream senders
+that lie about their container."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+from nrm import protocol
+from nrm.downstream import Client as Reporter
+from tests.conftest import EXAMPLES, needs_root
+from tests.daemon import wait_for
+
+BASIC = os.path.join(EXAMPLES, "basic.yml")
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _downstream(daemon):
+    return json.loads(daemon.cli("status", "--json").stdout)["downstream"]
+
+
+@needs_root()
+def test_runtime_dir_permissions(daemon):
+    r = daemon.rundir
+    assert _mode(r) == 0o755
+    wait_for(lambda: os.path.exists(os.path.join(r, "seed")))    # bound by the ingest task
+    # every user submits work and reports progress: identity comes from the
+    # kernel (SO_PEERCRED via ZAP), not from who may open the socket
+    for name in ("upstream", "events", "downstream", "seed"):
+        assert _mode(os.path.join(r, name)) == 0o666, name
+    assert _mode(os.path.join(r, "nrmd.pid")) == 0o644
+    assert _mode(os.path.join(r, "state.log")) == 0o600
+
+
+@needs_root()
+def test_an_unprivileged_task_reports_downstream(daemon):
+    """A root daemon's downstream socket must take a user's libnrm program."""
+    where = tempfile.mkdtemp(prefix="nrmt-user-")
+    os.chmod(where, 0o755)
+    exe = os.path.join(where, "progress")
+    lib = os.path.join(sys.prefix, "lib")
+    subprocess.run(["cc", "-o", str(exe), os.path.join(EXAMPLES, "progress.c"),
+                    "-I" + os.path.join(sys.prefix, "include"), "-L" + lib, "-lnrm",
+                    "-Wl,-rpath," + lib], check=True)
+    listen = daemon.popen_cli("listen", "--json", "--topic", "progress", "-n", "1",
+                              stdout=subprocess.PIPE)
+    time.sleep(0.5)
+    r = subprocess.run(NOBODY + [sys.executable, "-m", "nrm.cli.main", "run", BASIC,
+                                 str(exe), "300", "200000"],
+                       env=dict(daemon.env, PYTHONPATH=os.getcwd()), cwd="/",
+                       capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    out, _ = listen.communicate(timeout=10)
+    assert json.loads(out)["topic"] == "progress"
+    assert _downstream(daemon)["rejected"]["foreign_sender"] == 0
+    shutil.rmtree(where)
+
+
+def test_a_process_cannot_speak_for_another_container(daemon):
+    """Claiming a container id is not enough: the sender must be one of its
+    processes (checked through the kernel-reported pid)."""
+    p = daemon.popen_cli("run", "--container", "victim", BASIC, "sleep", "30")
+    try:
+        wait_for(lambda: any(c["id"] == "victim" for c in json.loads(
+            daemon.cli("list", "--json").stdout)))
+        before = _downstream(daemon)["rejected"]["foreign_sender"]
+        liar = Reporter("liar", uri=protocol_uri(daemon), container="victim", task="x",
+                        ratelimit=0)
+        for _ in range(10):
+            liar.phase_context(0, 1, 2)
+        liar.close()
+        wait_for(lambda: _downstream(daemon)["rejected"]["foreign_sender"] >= before + 12)
+        time.sleep(0.2)
+        # start, 10 phase contexts, exit: all refused
+        assert _downstream(daemon)["rejected"]["foreign_sender"] == before + 12
+    finally:
+        daemon.cli("kill", "victim")
+        p.wait(timeout=10)
+
+
+def protocol_uri(daemon):
+    from nrm import paths
+    assert protocol.PROTOCOL_VERSION
+    return paths.downstream_uri(daemon.rundir)
+
+
+def test_container_names_are_plain(daemon):
+    for bad in ("../x", "a/b", "x" * 129, "-rf", ".hidden", "sp ace", "new\nline"):
+        r = daemon.cli("run", f"--container={bad}", BASIC, "true")
+        assert r.returncode != 0 and b"container name" in r.stderr, bad
+    assert daemon.cli("run", "--container", "slurm-12.0", BASIC, "true").returncode == 0
+
+
+def test_downstream_integers_wider_than_64_bits_are_malformed(daemon):
+    import zmq
+    from nrm import paths
+    before = _downstream(daemon)["downstream"]["dropped_malformed"]
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.linger = 1000
+    sock.connect(paths.downstream_uri(daemon.rundir))
+    sock.send(b'{"type":"phase_context","container":"c","cpu":' + b"9" * 30 + b"}")
+    sock.close()
+    wait_for(lambda: _downstream(daemon)["downstream"]["dropped_malformed"] == before + 1)
