@@ -174,7 +174,17 @@ class ContainerManager:
         if spawners > 0:
             self.pool = SpawnerPool(spawners, self.loop, self._on_spawner_exit,
                                     self._on_spawner_lost, log)
-            self.pool.start()
+            try:
+                self.pool.start()
+            except OSError as exc:
+                self.pool.close()
+                self.pool = None
+                if not runtime.in_process:
+                    raise RuntimeError(f"cannot start spawner processes: {exc}") from None
+                log.warning("cannot start spawner processes (%s): launching from the "
+                            "daemon itself", exc)
+                runtime.notes = list(runtime.notes) + [f"spawner processes unavailable: {exc}"]
+        if self.pool is not None:
             inner = runtime
             while getattr(inner, "inner", None) is not None:
                 inner = inner.inner

@@ -80,7 +80,8 @@ def test_cgroups_unusable_auto_falls_back_and_cgroup_refuses():
         r = as_nobody(nrmd_argv() + ["--runtime-dir", rundir, "--hw", "emulated",
                                      "--runtime", "cgroup"], env=env)
         assert r.returncode != 0
-        assert _errors(r.stderr) == ["runtime cgroup unavailable: not root"]
+        (err,) = _errors(r.stderr)
+        assert err.startswith("runtime cgroup unavailable:") and "not root" in err
         d = DaemonProcess("--hw", "emulated", rundir=rundir, env={"PYTHONPATH": os.getcwd()},
                           wrapper=NOBODY)
         d.log_path = rundir + ".log"
@@ -90,7 +91,7 @@ def test_cgroups_unusable_auto_falls_back_and_cgroup_refuses():
                                env=dict(env, NRM_RUNTIME_DIR=rundir))
             runtime = json.loads(status.stdout)["runtime"]
             assert runtime["name"] == "affinity" and not runtime["isolates_memory"]
-            assert any("cgroups not used: not root" in n for n in runtime["notes"])
+            assert any("not root" in n for n in runtime["notes"]), runtime["notes"]
         finally:
             assert d.stop() == 0
             os.unlink(d.log_path)

@@ -137,8 +137,11 @@ class Daemon:
             raise StartupError(str(exc)) from None
         topology = self.platform.topology if self.platform else _topology(self.config.hw_root)
         self.resources = ResourceManager(topology)
-        self.containers = ContainerManager(self.runtime, self.resources, self.publish,
-                                           self._task_env, self.loop, spawners=spawners)
+        try:
+            self.containers = ContainerManager(self.runtime, self.resources, self.publish,
+                                               self._task_env, self.loop, spawners=spawners)
+        except (RuntimeError, ValueError) as exc:
+            raise StartupError(str(exc)) from None
         try:
             self.upstream = Upstream(self.ctx, self.loop, paths.upstream_uri(self.rundir),
                                      paths.events_uri(self.rundir), self._dispatch,
