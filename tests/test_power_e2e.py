@@ -3,6 +3,7 @@ DDCM on the emulated node, launched as users launch MPI."""
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -32,11 +33,10 @@ def _run_imbalance(daemon, imbalance, tmp_path, policy):
                    mpi.MPICH.mpiexec, "-n", "2", "-bind-to", "core", imbalance,
                    "-n", "60", "-u", "30000000", "-b", "-0.5", "-a", timeout=180)
     assert r.returncode == 0, r.stderr
-    rank_cpu = {}
-    for line in r.stdout.decode().splitlines():
-        if line.startswith("affinity"):
-            fields = dict(kv.split("=") for kv in line.split()[1:])
-            rank_cpu[int(fields["rank"])] = fields["cpus"]
+    out = r.stdout.decode()
+    rank_cpu = {int(rank): cpus for rank, cpus in
+                re.findall(r"affinity rank=(\d+) cpus=([\d,]+)", out)}
+    assert sorted(rank_cpu) == [0, 1], out
     assert "," not in rank_cpu[1], rank_cpu     # bound to one core by the MPI launcher
     policy_profile = json.loads(profile_path.read_text())["policy"]
     assert policy_profile["name"] == policy and policy_profile["decisions"] > 0
