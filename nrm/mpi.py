@@ -58,3 +58,23 @@ def find(name: str) -> Optional[Mpi]:
     """The MPI called ``name`` when its compiler and launcher are installed."""
     mpi = {"mpich": MPICH, "openmpi": OPENMPI}[name]
     return mpi if mpi.available() else None
+
+
+#: launcher programs (after following symlinks) and the MPI they belong to
+_LAUNCHERS = {
+    "orterun": OPENMPI, "prterun": OPENMPI, "mpirun.openmpi": OPENMPI,
+    "mpiexec.openmpi": OPENMPI,
+    "mpiexec.hydra": MPICH, "mpiexec.mpich": MPICH, "mpirun.mpich": MPICH,
+}
+
+
+def launched_by(argv: List[str], path: Optional[str] = None) -> Optional[Mpi]:
+    """The MPI whose launcher ``argv`` runs, or None when it is no known
+    launcher. Debian's `mpiexec`/`mpirun` are alternatives symlinks, so the
+    name is read after resolving them (with the task's PATH)."""
+    if not argv:
+        return None
+    exe = shutil.which(argv[0], path=path) if os.sep not in argv[0] else argv[0]
+    if exe is None:
+        return None
+    return _LAUNCHERS.get(os.path.basename(os.path.realpath(exe)))

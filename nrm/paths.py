@@ -67,11 +67,13 @@ def lib_dirs():
     return [os.path.join(sys.prefix, "lib"), "/usr/local/lib", "/usr/lib"]
 
 
-def find_pmpi_lib(explicit: Optional[str] = None) -> Optional[str]:
+def find_pmpi_lib(explicit: Optional[str] = None,
+                  name: str = "libnrm-pmpi.so") -> Optional[str]:
+    """``name``: libnrm-pmpi.so (MPICH and its ABI) or libnrm-pmpi-openmpi.so."""
     if explicit:
         return explicit
     for d in lib_dirs():
-        path = os.path.join(d, "libnrm-pmpi.so")
+        path = os.path.join(d, name)
         if os.path.exists(path):
             return path
     return None

@@ -162,3 +162,23 @@ def test_daemon_preloads_the_open_mpi_interposer(nrmd, imbalance, tmp_path):
     assert set(ranks) == {0, 1}
     for phases in ranks.values():
         assert sum(e["aggregation"] for e in phases) == ITERATIONS + 1
+
+
+def test_launchers_are_recognised():
+    assert mpi.launched_by([OMPI.mpiexec, "-n", "2", "x"]) is mpi.OPENMPI
+    assert mpi.launched_by(["mpiexec.mpich", "-n", "2", "x"]) is mpi.MPICH
+    assert mpi.launched_by(["/bin/true"]) is None
+    assert mpi.launched_by(["no-such-launcher"]) is None
+    assert mpi.launched_by([]) is None
+
+
+def test_the_daemon_picks_the_open_mpi_interposer_by_itself(imbalance, tmp_path):
+    """No --pmpi-lib: the launcher tells which interposer to preload."""
+    d = DaemonProcess("--hw", "emulated", "--sensor-period", "0.2").start()
+    try:
+        events, out, code = run_collecting(d, manifest(tmp_path, "DDCM"),
+                                           imbalance_argv(imbalance, -0.5), OMPI.env())
+        assert code == 0 and f"iterations={ITERATIONS}" in out
+        assert set(per_rank(events)) == {0, 1}
+    finally:
+        assert d.stop() == 0

@@ -21,7 +21,7 @@ from typing import Deque, Dict, List, Optional
 
 import zmq
 
-from nrm import __version__, paths, protocol
+from nrm import __version__, mpi, paths, protocol
 from nrm.containers import Container, ContainerManager, Peer, RunError
 from nrm.daemon.commands import COMMANDS
 from nrm.daemon.upstream import Requester, Upstream
@@ -267,7 +267,10 @@ class Daemon:
             out["ARGO_NRM_DOWNSTREAM_IN_URI"] = self.config.seed_downstream
         power = container.manifest.power
         if power.policy != "NONE":
-            lib = paths.find_pmpi_lib(self.config.pmpi_lib)
+            # the interposer must match the MPI the launcher belongs to
+            flavor = mpi.launched_by(task.argv, out.get("PATH"))
+            lib = paths.find_pmpi_lib(self.config.pmpi_lib,
+                                      (flavor or mpi.MPICH).pmpi)
             if lib:
                 pre = out.get("LD_PRELOAD")
                 out["LD_PRELOAD"] = f"{lib} {pre}" if pre else lib

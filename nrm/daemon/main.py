@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="read the topology from this hwloc XML file (lstopo --of xml FILE)")
     p.add_argument("--sensor-period", type=float, default=1.0, metavar="SECONDS",
                    help="sensor sampling period (default 1 s; sustains 5 ms)")
-    p.add_argument("--pmpi-lib", help="PMPI interposer to preload (default: libnrm-pmpi.so, "
-                   "for MPICH, found next to nrm; Open MPI: libnrm-pmpi-openmpi.so)")
+    p.add_argument("--pmpi-lib", help="PMPI interposer to preload for every task (default: "
+                   "the one matching the task's MPI launcher, found next to nrm)")
     p.add_argument("--seed-downstream", default=paths.SEED_DOWNSTREAM_URI, metavar="URI",
                    help="seed-era downstream SUB endpoint, 'none' to disable "
                         f"(default {paths.SEED_DOWNSTREAM_URI})")
