@@ -232,8 +232,19 @@ class ContainerManager:
         except Exception as exc:
             self.resources.release(cid, slice_)
             raise RunError("runtime", str(exc)) from None
+        container = self._register(cid, peer.uid, manifest, slice_, handle, "start")
+        try:
+            return self._start_task(container, peer, argv, env, cwd, sink, detach, output)
+        except RunError:
+            if not container.tasks and not container.starting:
+                self._end_container(container)
+            raise
+
+    def _register(self, cid: str, uid: int, manifest: Manifest, slice_: Slice, handle: Handle,
+                  event: str) -> Container:
+        """A new container with its slice and isolation: tell the managers."""
         handle.image = manifest.image
-        container = Container(cid, peer.uid, manifest, slice_, handle)
+        container = Container(cid, uid, manifest, slice_, handle)
         self.containers[cid] = container
         self.counters["containers_started"] += 1
         for listener in self.listeners:
@@ -241,13 +252,8 @@ class ContainerManager:
                 listener.container_started(container)
             except Exception:
                 log.exception("listener %s failed at container start", listener)
-        self.publish("container", {"event": "start", **container.to_dict()})
-        try:
-            return self._start_task(container, peer, argv, env, cwd, sink, detach, output)
-        except RunError:
-            if not container.tasks and not container.starting:
-                self._end_container(container)
-            raise
+        self.publish("container", {"event": event, **container.to_dict()})
+        return container
 
     def _spawn_options(self, container: Container):
         m = container.manifest
@@ -663,17 +669,8 @@ class ContainerManager:
         except Exception as exc:
             self.resources.release(cid, slice_)
             raise RunError("runtime", str(exc)) from None
-        handle.image = manifest.image
-        container = Container(cid, uid, manifest, slice_, handle)
+        container = self._register(cid, uid, manifest, slice_, handle, "adopt")
         container.extra["adopted"] = True
-        self.containers[cid] = container
-        self.counters["containers_started"] += 1
-        for listener in self.listeners:
-            try:
-                listener.container_started(container)
-            except Exception:
-                log.exception("listener %s failed at container start", listener)
-        self.publish("container", {"event": "adopt", **container.to_dict()})
         sink = _EventSink(self.publish)
         for tid, pid, argv in tasks:
             try:

@@ -35,22 +35,13 @@ from typing import Dict, List, Optional, Sequence
 
 from nrm.hw.topology import format_cpulist
 from nrm.runtimes.base import Handle, Runtime, RuntimeError_
+from nrm.runtimes.cgroup import _read, _write
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("cpuset", "memory")
 POOL_LIMIT = 64
 SUPERVISOR = "supervisor"
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read().strip()
-
-
-def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
 
 
 def _rmdir(path: str) -> bool:
