@@ -24,6 +24,8 @@ import zmq
 from nrm import __version__, mpi, paths, protocol
 from nrm.containers import Container, ContainerManager, Peer, RunError
 from nrm.daemon.commands import COMMANDS
+from nrm.daemon.reconcile import reconcile
+from nrm.daemon.statelog import ContainerRecord, StateLog, TaskRecord, pid_start_time
 from nrm.daemon.upstream import Requester, Upstream
 from nrm.resources import ResourceManager
 from nrm.runtimes import make_runtime
@@ -124,7 +126,6 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._prepare_rundir()
         self._start_hardware()
-        from nrm.daemon.statelog import StateLog
         self.statelog = StateLog(os.path.join(self.rundir, "state.log"), self.loop.call_soon)
         previous = self.statelog.load()
         prefix = "nrm." + _rundir_key(self.rundir)
@@ -184,7 +185,6 @@ class Daemon:
 
     def _reconcile(self, previous) -> None:
         """Controls are already restored; now the predecessor's tasks."""
-        from nrm.daemon.reconcile import reconcile
         self.containers.listeners.append(_StateListener(self))
         self.reconciled = reconcile(self.config.on_restart, previous, self.runtime,
                                     self.containers)
@@ -240,7 +240,6 @@ class Daemon:
             self.http.on_event(topic, body)
 
     def _record_task(self, body: dict) -> None:
-        from nrm.daemon.statelog import TaskRecord, pid_start_time
         event = body.get("event")
         if event in ("start", "adopt"):
             task = self.containers.tasks.get(body["task"])
@@ -449,7 +448,6 @@ class _StateListener:
         self.daemon = daemon
 
     def container_started(self, container: Container) -> None:
-        from nrm.daemon.statelog import ContainerRecord
         self.daemon.statelog.container_started(ContainerRecord(
             id=container.id, uid=container.uid, manifest=container.manifest.to_dict(),
             cpus=list(container.slice.cpus), mems=list(container.slice.mems),
