@@ -598,8 +598,13 @@ class ContainerManager:
         if entry is None:
             try:
                 fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                # gone while the launch was in flight (a spawner answers
+                # later): nothing else would ever kill this task
+                self.client_gone(task)
+                return
             except OSError:
-                return     # already gone: the first send will notice
+                return
             entry = (fd, set())
             self.client_watch[pid] = entry
             self.loop.add_reader(fd, self._on_client_exit, pid)

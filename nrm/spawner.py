@@ -3,7 +3,7 @@
 Why helper processes: `fork_exec` of a task costs ~550 us of the daemon's
 time and cannot run in parallel inside one Python process, so a lone daemon
 launches no faster than `Popen` in a loop. nrmd therefore starts N small,
-single-threaded *spawners* (one per online cpu by default) and hands each
+single-threaded *spawners* (one per cpu, at most 4, by default) and hands each
 launch to the least loaded one over a socketpair. A spawner joins the
 task's cgroups itself (being single-threaded, moving the whole process is
 the same as moving the thread, which is also what cgroup v2 requires),
@@ -72,6 +72,14 @@ def env_list(env: Dict[str, str]) -> List[bytes]:
     return out
 
 
+def _fork_exec_tail(gid, groups, uid) -> tuple:
+    """The private fork_exec's last arguments, as this Python's subprocess
+    passes them: 3.11 added process_group and allow_vfork (3.11-3.13 agree)."""
+    if sys.version_info >= (3, 11):
+        return (-1, gid, groups, uid, -1, None, True)
+    return (gid, groups, uid, -1, None)
+
+
 def fork_exec(argv: Sequence, env: Optional[List[bytes]], cwd: Optional[str], capture: bool,
               uid: Optional[int] = None, gid: Optional[int] = None,
               groups: Optional[List[int]] = None) -> Tuple[int, int, int]:
@@ -92,7 +100,7 @@ def fork_exec(argv: Sequence, env: Optional[List[bytes]], cwd: Optional[str], ca
         pid = _posixsubprocess.fork_exec(
             args, executables, True, (errpipe_w,), cwd, env,
             devnull(), -1, -1, out_w, -1, err_w, errpipe_r, errpipe_w,
-            True, True, -1, gid, groups, uid, -1, None, True)
+            True, True, *_fork_exec_tail(gid, groups, uid))
     except BaseException:
         os.close(errpipe_r)
         if capture:
@@ -188,6 +196,8 @@ def thread_attributes(cpus, mems, sched):
 
 MAX_MSG = 1 << 16          # larger requests travel in a memfd
 RECV_FDS = 3
+REPLY_TEXT = 1024         # error texts are cut so that a reply always fits
+REPLY_MAX = 8192
 
 
 class _Membership:
@@ -220,8 +230,11 @@ class _Membership:
 
 def _stage_error(sock, rid, stage: str, exc: BaseException) -> None:
     num = getattr(exc, "errno", None) or 0
-    text = getattr(exc, "strerror", None) or str(exc)
-    _send(sock, ("err", rid, stage, num, text, getattr(exc, "filename", None)), [])
+    text = (getattr(exc, "strerror", None) or str(exc))[:REPLY_TEXT]
+    filename = getattr(exc, "filename", None)
+    if isinstance(filename, (str, bytes)):
+        filename = filename[:REPLY_TEXT]     # a user's argv[0] may be huge
+    _send(sock, ("err", rid, stage, num, text, filename), [])
 
 
 def _send(sock, msg, fds) -> None:
@@ -484,17 +497,24 @@ class SpawnerPool:
     def _on_readable(self, helper: _Helper) -> None:
         while self.helpers[helper.index] is helper:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(helper.sock, 4096, RECV_FDS)
+                data, fds, flags, _addr = socket.recv_fds(helper.sock, REPLY_MAX, RECV_FDS)
             except BlockingIOError:
                 return
             except OSError:
-                data, fds = b"", []
-            if not data:
+                data, fds, flags = b"", [], 0
+            try:
+                msg = marshal.loads(data) if data and not flags & socket.MSG_TRUNC else None
+            except (EOFError, ValueError, TypeError):
+                msg = None
+            if msg is None:
+                # gone, or a reply we cannot trust: treat the helper as dead
                 for fd in fds:
                     os.close(fd)
+                if data:
+                    helper.proc.kill()
                 self._died(helper)
                 return
-            self._dispatch(helper, marshal.loads(data), fds)
+            self._dispatch(helper, msg, fds)
 
     def _dispatch(self, helper: _Helper, msg: tuple, fds: List[int]) -> None:
         kind = msg[0]

@@ -101,6 +101,26 @@ def test_kill_uses_cgroup_kill_when_present(tree):
     rt.close()
 
 
+def test_kill_spares_a_spawner_inside_for_a_launch(tree):
+    """cgroup.kill would take the spawner too: signal the others one by one."""
+    root, _ = tree
+    rt = Cgroup2Runtime("nrm.t", root=root)
+    h = rt.create("job", [0], [0])
+    victim, spawner = _sleeper(), _sleeper()
+    try:
+        rt.exclude_pids = {spawner.pid}
+        _write(f"{h.cgdir}/cgroup.procs", f"{victim.pid}\n{spawner.pid}\n")
+        _write(f"{h.cgdir}/cgroup.kill", "")
+        rt.kill_all(h)
+        assert victim.wait(5) == -signal.SIGKILL
+        assert _read(f"{h.cgdir}/cgroup.kill") == "" and spawner.poll() is None
+    finally:
+        spawner.kill()
+        spawner.wait()
+        _write(f"{h.cgdir}/cgroup.procs", "")
+        rt.close()
+
+
 def test_kill_without_cgroup_kill_signals_each_process(tmp_path):
     root = str(tmp_path)
     fake_tree(root, kill=False)

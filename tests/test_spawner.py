@@ -256,6 +256,15 @@ def test_exec_failure_is_127_and_one_line(nrmd):
     assert r.stderr.decode().count("\n") == 1 and b"No such file" in r.stderr
 
 
+def test_a_huge_program_name_fails_cleanly_and_frees_the_slice(nrmd):
+    """The error reply names the program: it must still fit the spawner's
+    reply, or the launch would never answer and its slice never free."""
+    r = nrmd.cli("run", BASIC, "/no/" + "x" * 20000, timeout=30)
+    assert r.returncode == 127 and r.stderr.count(b"\n") == 1
+    assert json.loads(nrmd.cli("list", "--json").stdout) == []
+    assert nrmd.cli("run", BASIC, "true").returncode == 0
+
+
 def test_status_names_the_spawners(nrmd):
     notes = json.loads(nrmd.cli("status", "--json").stdout)["runtime"]["notes"]
     assert ("1 spawner processes" in notes) == (nrmd.spawners == 1)

@@ -32,13 +32,17 @@ from nrm.runtimes import make_runtime
 
 log = logging.getLogger(__name__)
 
+#: launches are bound by the daemon's own ~0.5 ms per task, not by spawners:
+#: more than a few only cost memory (a Python interpreter each)
+MAX_DEFAULT_SPAWNERS = 4
 HISTORY_SAMPLES = 20000
 HISTORY_DECISIONS = 5000
 PROFILE_SERIES_POINTS = 2000
 
 
-#: as root, every user's tasks connect downstream; the ZAP handler attributes them
-_DOWNSTREAM_MODE = 0o666 if os.geteuid() == 0 else 0o600
+#: as root, every user submits work and every user's tasks report: identity
+#: comes from the ZAP handler, not from the file mode
+_SOCKET_MODE = 0o666 if os.geteuid() == 0 else 0o600
 
 
 class StartupError(Exception):
@@ -57,7 +61,8 @@ class Config:
     http: Optional[str] = None
     power_group: Optional[str] = None
     emulated: Dict[str, object] = field(default_factory=dict)
-    #: spawner helper processes; None: one per online cpu; 0: spawn in-process
+    #: spawner helper processes; None: one per usable cpu, at most MAX_DEFAULT_SPAWNERS;
+    #: 0: spawn in-process
     spawners: Optional[int] = None
     #: TCP endpoints with CurveZMQ (nrm.curve.ServerConfig); None: ipc only
     tcp: Optional[object] = None
@@ -132,7 +137,7 @@ class Daemon:
         try:
             spawners = self.config.spawners
             if spawners is None:
-                spawners = len(os.sched_getaffinity(0))
+                spawners = min(len(os.sched_getaffinity(0)), MAX_DEFAULT_SPAWNERS)
             self.runtime = make_runtime(self.config.runtime, prefix, spawners=spawners)
         except Exception as exc:
             raise StartupError(str(exc)) from None
@@ -146,7 +151,7 @@ class Daemon:
         try:
             self.upstream = Upstream(self.ctx, self.loop, paths.upstream_uri(self.rundir),
                                      paths.events_uri(self.rundir), self._dispatch,
-                                     socket_mode=0o666 if os.geteuid() == 0 else 0o600,
+                                     socket_mode=_SOCKET_MODE,
                                      tcp=self.config.tcp)
         except zmq.ZMQError as exc:
             raise StartupError(f"cannot open the upstream endpoints: {exc}") from None
@@ -198,7 +203,7 @@ class Daemon:
         self.apps = ApplicationManager()
         seed = self.config.seed_downstream
         self.ingest = Ingest(self.ctx, paths.downstream_uri(self.rundir), seed,
-                             self._on_downstream, socket_mode=_DOWNSTREAM_MODE)
+                             self._on_downstream, socket_mode=_SOCKET_MODE)
         self.loop.create_task(self.ingest.start())
 
     def _start_policies(self) -> None:
@@ -266,10 +271,11 @@ class Daemon:
             out["ARGO_NRM_DOWNSTREAM_IN_URI"] = self.config.seed_downstream
         power = container.manifest.power
         if power.policy != "NONE":
-            # the interposer must match the MPI the launcher belongs to
-            flavor = mpi.launched_by(task.argv, out.get("PATH"))
-            lib = paths.find_pmpi_lib(self.config.pmpi_lib,
-                                      (flavor or mpi.MPICH).pmpi)
+            lib = self.config.pmpi_lib
+            if not lib:
+                # the interposer must match the MPI the launcher belongs to
+                flavor = mpi.launched_by(task.argv, out.get("PATH")) or mpi.MPICH
+                lib = paths.find_pmpi_lib(None, flavor.pmpi)
             if lib:
                 pre = out.get("LD_PRELOAD")
                 out["LD_PRELOAD"] = f"{lib} {pre}" if pre else lib
@@ -305,20 +311,23 @@ class Daemon:
         """
         cache = container.extra.setdefault("senders", {})
         known = cache.get(peer)
-        if known is not None:
-            return known
+        now = time.monotonic()
+        if known is True or (known is not None and now < known):
+            return known is True
         try:
             uid, _gid, pid = (int(x) for x in peer.split(":"))
         except ValueError:
             return False
         if uid != 0 and uid != container.uid:
-            known = False
+            ok = False
         else:
-            known = pid in self.runtime.pids(container.handle) or _descends_from(
+            ok = pid in self.runtime.pids(container.handle) or _descends_from(
                 pid, [t.pid for t in container.tasks.values()])
         if len(cache) < 4096:
-            cache[peer] = known
-        return known
+            # a yes is final; a no holds for a second only: a task's first
+            # message can beat the spawner's answer that makes its pid known
+            cache[peer] = True if ok else now + 1.0
+        return ok
 
     # -- sensors ----------------------------------------------------------
     def _sample_from_thread(self, sample) -> None:

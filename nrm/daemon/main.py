@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="authorized client keys for --tcp: 'USER PUBLIC-KEY' per line")
     p.add_argument("--spawners", type=int, metavar="N",
                    help="spawner helper processes that launch tasks (default: one per "
-                        "online cpu; 0: launch from the daemon itself)")
+                        "usable cpu, at most 4; 0: launch from the daemon itself)")
     p.add_argument("--on-restart", choices=("kill", "adopt"), default="kill",
                    help="tasks a crashed nrmd left running: kill them (default) or adopt "
                         "them (they keep their slices; exit status unknown)")

@@ -168,7 +168,7 @@ class CgroupRuntime(Runtime):
         """Every process still in a predecessor's container cgroups."""
         pids: set = set()
         for d in record_cgroups.values():
-            if not os.path.realpath(d).startswith(tuple(self.base.values())):
+            if os.path.dirname(os.path.realpath(d)) not in self.base.values():
                 continue     # never trust a path the log did not get from us
             try:
                 pids.update(int(p) for p in _read(os.path.join(d, "cgroup.procs")).split())

@@ -200,10 +200,12 @@ class Cgroup2Runtime(Runtime):
         it (atomic against forks), else rounds of signals (no v2 freezer
         dance: tasks that fork in between are caught by the next round)."""
         me = os.getpid()
-        victims = [p for p in _procs(path) if p != me and p not in self.exclude_pids]
+        procs = _procs(path)
+        victims = [p for p in procs if p != me and p not in self.exclude_pids]
         if not victims:
             return 0
-        if sig == signal.SIGKILL and self.can_kill:
+        # cgroup.kill would also take a spawner that is inside for a launch
+        if sig == signal.SIGKILL and self.can_kill and len(victims) == len(procs):
             try:
                 _write(os.path.join(path, "cgroup.kill"), "1")
                 return len(victims)
