@@ -151,6 +151,13 @@ class ContainerListener:
         """May return a fragment merged into the container's exit profile."""
         return None
 
+    def task_started(self, task: Task) -> None:
+        """A task runs (launched, or adopted after a restart)."""
+
+    def task_ended(self, task: Task) -> None:
+        """A task's exit was seen (not called for tasks killed with their
+        container: container_ended covers them)."""
+
 
 class ContainerManager:
     def __init__(self, runtime: Runtime, resources: ResourceManager,
@@ -247,13 +254,21 @@ class ContainerManager:
         container = Container(cid, uid, manifest, slice_, handle)
         self.containers[cid] = container
         self.counters["containers_started"] += 1
-        for listener in self.listeners:
-            try:
-                listener.container_started(container)
-            except Exception:
-                log.exception("listener %s failed at container start", listener)
+        self._tell("container_started", container)
         self.publish("container", {"event": event, **container.to_dict()})
         return container
+
+    def _tell(self, hook: str, arg) -> None:
+        """Call a lifecycle hook on every listener that has it; a failing
+        listener is logged, never fatal to the container."""
+        for listener in self.listeners:
+            fn = getattr(listener, hook, None)
+            if fn is None:
+                continue
+            try:
+                fn(arg)
+            except Exception:
+                log.exception("listener %s failed in %s", listener, hook)
 
     def _spawn_options(self, container: Container):
         m = container.manifest
@@ -357,6 +372,7 @@ class ContainerManager:
         if not task.detach and peer.pid:
             self._watch_client(peer.pid, task)
         task.sink.started(task)
+        self._tell("task_started", task)
         self.publish("task", {"event": "start", "container": container.id, "task": task.id,
                               "pid": task.pid, "argv": task.argv})
 
@@ -473,6 +489,7 @@ class ContainerManager:
         self.tasks.pop(task.id, None)
         self._unwatch_client(task)
         self.counters["tasks_finished"] += 1
+        self._tell("task_ended", task)
         self.publish("task", {"event": "exit", "container": container.id, "task": task.id,
                               "status": None if task.adopted else task.status,
                               "code": task.code, "signal": task.signal})
@@ -692,6 +709,7 @@ class ContainerManager:
                     self.loop.add_reader(fd, self._on_readable, task, stream)
             container.tasks[tid] = task
             self.tasks[tid] = task
+            self._tell("task_started", task)
             self.publish("task", {"event": "adopt", "container": cid, "task": tid,
                                   "pid": pid, "argv": task.argv})
         if not container.tasks:

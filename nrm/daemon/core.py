@@ -236,24 +236,11 @@ class Daemon:
             req.reply(protocol.Error(code="internal", message=f"internal error: {exc}"))
 
     def publish(self, topic: str, body: dict) -> None:
-        if topic == "task" and self.statelog is not None:
-            self._record_task(body)
         self.upstream.publish(topic, body)
         if topic == "decision":
             self.decision_history.append(body)
         if self.http is not None:
             self.http.on_event(topic, body)
-
-    def _record_task(self, body: dict) -> None:
-        event = body.get("event")
-        if event in ("start", "adopt"):
-            task = self.containers.tasks.get(body["task"])
-            self.statelog.task_started(TaskRecord(
-                id=body["task"], container=body["container"], pid=body["pid"],
-                start=pid_start_time(body["pid"]), argv=body["argv"],
-                detach=bool(task and task.detach)))
-        elif event == "exit":
-            self.statelog.task_ended(body["container"], body["task"])
 
     def _task_env(self, container: Container, task, env: Dict[str, str]) -> Dict[str, str]:
         out = dict(env)
@@ -451,7 +438,7 @@ class Daemon:
 
 
 class _StateListener:
-    """Keeps the state log's containers in step with the container manager."""
+    """Keeps the state log in step with the container manager's containers and tasks."""
 
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
@@ -466,6 +453,14 @@ class _StateListener:
     def container_ended(self, container: Container) -> Optional[dict]:
         self.daemon.statelog.container_ended(container.id)
         return None
+
+    def task_started(self, task) -> None:
+        self.daemon.statelog.task_started(TaskRecord(
+            id=task.id, container=task.container.id, pid=task.pid,
+            start=pid_start_time(task.pid), argv=task.argv, detach=task.detach))
+
+    def task_ended(self, task) -> None:
+        self.daemon.statelog.task_ended(task.container.id, task.id)
 
 
 class _ProfileListener:
