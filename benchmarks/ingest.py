@@ -11,9 +11,8 @@ expected to be zero; it is measured, not assumed.
 
 usage: python benchmarks/ingest.py [--senders 4] [--messages 200000] [--repeat 3]
 "ingest" is the daemon's configuration: a ZAP handler sets User-Id and
-Ingest reads it per message (peer_ids=True).  Two variants are printed
-next to it: peer_ids=True with no ZAP handler (every lookup fails), and
-peer_ids=False (plain bytes receive, no identity).
+Ingest reads it per message.  A variant with no ZAP handler (every lookup
+fails) is printed next to it.
 
 Prints one JSON object.
 """
@@ -103,7 +102,7 @@ def zap_handler(ctx, stop):
     sock.close(linger=0)
 
 
-def ingest_run(uri, senders, per_sender, peer_ids, zap=True):
+def ingest_run(uri, senders, per_sender, zap=True):
     counted = [0]
 
     def on_message(msg, peer):
@@ -115,7 +114,7 @@ def ingest_run(uri, senders, per_sender, peer_ids, zap=True):
         zap_thread = threading.Thread(target=zap_handler, args=(ctx, stop))
         if zap:
             zap_thread.start()
-        ingest = Ingest(ctx, uri, None, on_message, peer_ids=peer_ids)
+        ingest = Ingest(ctx, uri, None, on_message)
         await ingest.start()
         procs, go = start_senders(uri, senders, per_sender)
         await asyncio.sleep(0.3)
@@ -151,15 +150,14 @@ def main():
     per_sender = args.messages // args.senders
     expected = per_sender * args.senders
     tmp = tempfile.mkdtemp(prefix="nrm-bench-ingest-")
-    raw, full, nozap, cheap, loss = [], [], [], [], []
+    raw, full, nozap, loss = [], [], [], []
     for i in range(args.repeat):
         got, el = raw_run(f"ipc://{tmp}/raw{i}", args.senders, per_sender)
         raw.append(got / el)
         loss.append(expected - got)
-        for n, (peer_ids, zap, out) in enumerate(((True, True, full), (True, False, nozap),
-                                                  (False, False, cheap))):
+        for n, (zap, out) in enumerate(((True, full), (False, nozap))):
             decoded, payload, el = ingest_run(f"ipc://{tmp}/ing{i}-{n}", args.senders,
-                                              per_sender, peer_ids, zap)
+                                              per_sender, zap)
             out.append(decoded / el)
             loss.append(expected - decoded)
             assert payload == decoded
@@ -169,10 +167,8 @@ def main():
         "senders": args.senders, "messages_per_run": expected, "repeat": args.repeat,
         "raw_pull_msgs_per_s": round(med(raw)),
         "ingest_msgs_per_s": round(med(full)),
-        "ingest_peer_ids_without_zap_msgs_per_s": round(med(nozap)),
-        "ingest_no_peer_ids_msgs_per_s": round(med(cheap)),
+        "ingest_without_zap_msgs_per_s": round(med(nozap)),
         "ingest_vs_raw": round(med(full) / med(raw), 3),
-        "ingest_no_peer_ids_vs_raw": round(med(cheap) / med(raw), 3),
         "lost_messages_total": sum(loss),
         "target": {"ingest_msgs_per_s": 200000, "ingest_vs_raw": 0.25},
     }
