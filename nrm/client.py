@@ -236,7 +236,10 @@ class Run:
         return self.result
 
 
-class Client:
+class _Endpoint:
+    """Where the daemon is (ipc in a runtime dir, or tcp with CURVE keys);
+    shared by the blocking and the asyncio client."""
+
     def __init__(self, runtime_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
                  uri: Optional[str] = None, server_key: Optional[str] = None,
                  key: Optional[str] = None):
@@ -244,6 +247,11 @@ class Client:
         self.timeout = timeout
         self.tcp = _tcp_config(uri, server_key, key)
         self.where = self.tcp.uri if self.tcp else "nrmd"
+
+
+class Client(_Endpoint):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.ctx = zmq.Context.instance()
         self.sock, self.monitor = _request_socket(self.ctx, self.rundir, self.tcp, monitor=True)
         self.connected = False
@@ -379,16 +387,11 @@ class Client:
         return sock
 
 
-class AsyncClient:
+class AsyncClient(_Endpoint):
     """asyncio flavour: one socket, one reader task, a queue per request."""
 
-    def __init__(self, runtime_dir: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
-                 uri: Optional[str] = None, server_key: Optional[str] = None,
-                 key: Optional[str] = None):
-        self.rundir = paths.runtime_dir(runtime_dir)
-        self.timeout = timeout
-        self.tcp = _tcp_config(uri, server_key, key)
-        self.where = self.tcp.uri if self.tcp else "nrmd"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.ctx = zmq.asyncio.Context.instance()
         self.sock, _ = _request_socket(self.ctx, self.rundir, self.tcp)
         self._ids = itertools.count(1)

@@ -16,6 +16,7 @@ interpreter exit) that flushes and says goodbye within ``NRM_LINGER`` ms.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -144,46 +145,47 @@ class Client:
     def active(self) -> bool:
         return self._sender is not None and not self._sender.closed
 
-    def progress(self, amount: int = 1) -> bool:
-        """Add ``amount`` to the progress counter (sent at most once per period)."""
+    @contextlib.contextmanager
+    def _open(self):
+        """The sender, locked, or None when inactive or closed (calls then
+        succeed doing nothing: a program runs the same outside nrm)."""
         sender = self._sender
         if sender is None:
-            return True
+            yield None
+            return
         with sender.lock:
-            if sender.closed:
+            yield None if sender.closed else sender
+
+    def progress(self, amount: int = 1) -> bool:
+        """Add ``amount`` to the progress counter (sent at most once per period)."""
+        with self._open() as sender:
+            if sender is None:
                 return True
             sender.acc += int(amount)
             now = time.monotonic_ns()
             if self._last_progress is not None and now - self._last_progress < self.ratelimit_ns:
                 return True
-            if not sender.send(protocol.encode(DProgress(payload=sender.acc, **self._ids))):
-                return False  # kept in the accumulator for the next send
-            sender.acc = 0
-            self._last_progress = now
-            return True
+            return self._send_progress(sender, now)
 
     def flush(self) -> bool:
         """Send accumulated progress now, regardless of the rate limit."""
-        sender = self._sender
-        if sender is None:
-            return True
-        with sender.lock:
-            if sender.closed or not sender.acc:
+        with self._open() as sender:
+            if sender is None or not sender.acc:
                 return True
-            if not sender.send(protocol.encode(DProgress(payload=sender.acc, **self._ids))):
-                return False
-            sender.acc = 0
-            self._last_progress = time.monotonic_ns()
-            return True
+            return self._send_progress(sender, time.monotonic_ns())
+
+    def _send_progress(self, sender: "_Sender", now: int) -> bool:
+        if not sender.send(protocol.encode(DProgress(payload=sender.acc, **self._ids))):
+            return False  # kept in the accumulator for the next send
+        sender.acc = 0
+        self._last_progress = now
+        return True
 
     def phase_context(self, cpu: int, computetime: int, totaltime: int,
                       aggregation: int = 1) -> bool:
         """``aggregation`` phases on ``cpu`` took these totals (ns)."""
-        sender = self._sender
-        if sender is None:
-            return True
-        with sender.lock:
-            if sender.closed:
+        with self._open() as sender:
+            if sender is None:
                 return True
             self._phases += aggregation
             msg = DPhaseContext(rank=self.rank, cpu=cpu, phase=self._phases,
@@ -192,11 +194,8 @@ class Client:
             return sender.send(protocol.encode(msg))
 
     def performance(self, event: str, payload: float, interval: float) -> bool:
-        sender = self._sender
-        if sender is None:
-            return True
-        with sender.lock:
-            if sender.closed:
+        with self._open() as sender:
+            if sender is None:
                 return True
             msg = DPerformance(event=event, payload=float(payload), interval=float(interval),
                                **self._ids)

@@ -556,32 +556,25 @@ def _either(top: _Obj, app: _Obj, key: str) -> Optional[Tuple[str, Any]]:
     return None
 
 
+def _opt(obj: _Obj, key: str, default: Any, parse: Callable[[Any, str], Any]) -> Any:
+    """``obj[key]`` parsed (errors name ``obj``'s path + key), or the default."""
+    return parse(obj.value[key], obj.sub(key)) if key in obj.value else default
+
+
 def _power_from(po: _Obj, parse_duration_bare: Callable[[Decimal], Decimal]) -> Power:
-    defaults = Power()
-    policy = defaults.policy
-    if "policy" in po.value:
-        policy = _power_policy(po.value["policy"], po.sub("policy"))
-    profile = defaults.profile
-    if "profile" in po.value:
-        profile = _to_bool(po.value["profile"], po.sub("profile"))
-    damper = defaults.damper
-    if "damper" in po.value:
-        damper = parse_duration(po.value["damper"], po.sub("damper"), parse_duration_bare)
-    slowdown = defaults.slowdown
-    if "slowdown" in po.value:
-        slowdown = _slowdown(po.value["slowdown"], po.sub("slowdown"))
-    return Power(policy, profile, damper, slowdown)
+    d = Power()
+    return Power(_opt(po, "policy", d.policy, _power_policy),
+                 _opt(po, "profile", d.profile, _to_bool),
+                 _opt(po, "damper", d.damper,
+                      lambda v, path: parse_duration(v, path, parse_duration_bare)),
+                 _opt(po, "slowdown", d.slowdown, _slowdown))
 
 
 def _monitoring_from(mo: _Obj, bare: Callable[[Decimal], Decimal]) -> Monitoring:
-    defaults = Monitoring()
-    enabled = defaults.enabled
-    if "enabled" in mo.value:
-        enabled = _to_bool(mo.value["enabled"], mo.sub("enabled"))
-    ratelimit = defaults.ratelimit
-    if "ratelimit" in mo.value:
-        ratelimit = parse_duration(mo.value["ratelimit"], mo.sub("ratelimit"), bare)
-    return Monitoring(enabled, ratelimit)
+    d = Monitoring()
+    return Monitoring(_opt(mo, "enabled", d.enabled, _to_bool),
+                      _opt(mo, "ratelimit", d.ratelimit,
+                           lambda v, path: parse_duration(v, path, bare)))
 
 
 def _finish(m: Manifest) -> Manifest:

@@ -85,22 +85,13 @@ class SignalInfo:
 
 
 @dataclass(frozen=True)
-class ControlInfo:
+class ControlInfo(SignalInfo):
     """A writable quantity; ``minimum``/``maximum`` are None when unknown."""
-    name: str
-    domain: str
-    unit: str
-    aggregation: str
-    description: str
-    indices: Tuple[int, ...] = ()
     minimum: Optional[float] = None
     maximum: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "domain": self.domain, "unit": self.unit,
-                "aggregation": self.aggregation, "description": self.description,
-                "indices": list(self.indices), "minimum": self.minimum,
-                "maximum": self.maximum}
+        return {**super().to_dict(), "minimum": self.minimum, "maximum": self.maximum}
 
 
 @dataclass
