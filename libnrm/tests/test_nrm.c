@@ -13,16 +13,7 @@
 #include "nrm.h"
 #include "../src/nrm_internal.h"
 
-static int failures;
-
-#define CHECK(cond)                                                             \
-	do {                                                                    \
-		if (!(cond)) {                                                  \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__,  \
-				__LINE__, #cond);                               \
-			failures++;                                             \
-		}                                                               \
-	} while (0)
+#include "check.h"
 
 static char uri[256];
 

@@ -8,16 +8,7 @@
 
 #include "../src/phase.h"
 
-static int failures;
-
-#define CHECK(cond)                                                             \
-	do {                                                                    \
-		if (!(cond)) {                                                  \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__,  \
-				__LINE__, #cond);                               \
-			failures++;                                             \
-		}                                                               \
-	} while (0)
+#include "check.h"
 
 #define MAXMSG 100000
 
