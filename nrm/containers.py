@@ -562,6 +562,8 @@ class ContainerManager:
         while pending:
             item = pending.popleft()
             peer, manifest, argv, env, cwd, sink, name, detach, output, oversub, allowed = item
+            if peer.pid and not _alive(peer.pid):
+                continue    # its client gave up waiting (Ctrl-C, killed): nobody to run for
             if name not in self.containers and not self.resources.free_cpus:
                 self.waiting.append(item)   # cannot fit: skip the failing attempt
                 continue
@@ -597,9 +599,6 @@ class ContainerManager:
         for task in container.starting.values():
             task.doomed = True
         return len(container.tasks) + len(container.starting)
-
-    def cancel_waiting(self, sink: Sink) -> None:
-        self.waiting = deque(w for w in self.waiting if w[5] is not sink)
 
     def client_gone(self, task: Task) -> None:
         """The client that streams this task vanished: kill the task."""
@@ -657,13 +656,6 @@ class ContainerManager:
         for c in list(self.containers.values()):
             out.extend(self.runtime.pids(c.handle))
         return out
-
-    def container_of_pid(self, pid: int) -> Optional[Container]:
-        """Which container a process belongs to (its own or an ancestor task)."""
-        for c in self.containers.values():
-            if pid in self.runtime.pids(c.handle):
-                return c
-        return None
 
     # -- adoption after a crash ------------------------------------------------
     def adopt(self, cid: str, uid: int, manifest: Manifest, cpus: List[int], mems: List[int],
@@ -794,6 +786,16 @@ class _EventSink(Sink):
                               "task": task.id, "stream": stream,
                               "data": data.decode("utf-8", "replace")})
         return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _reopen_pipe(pid: int, fd: int) -> int:

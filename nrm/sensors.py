@@ -173,10 +173,6 @@ class SensorManager:
             self._profiles[key] = s
         return s
 
-    def cancel_profile(self, key: Hashable) -> None:
-        with self._lock:
-            self._profiles.pop(key, None)
-
     def end_profile(self, key: Hashable) -> Dict[str, Any]:
         """Energy, duration, average power and final temperatures since begin_profile.
 

@@ -190,6 +190,22 @@ def test_busy_slice_fails_or_waits(daemon, tmp_path):
     assert out == b"ran\n" and waiter.returncode == 0
 
 
+def test_a_waiter_that_gives_up_is_never_run(daemon, tmp_path):
+    full = tmp_path / "full.yml"
+    ncpus = json.loads(daemon.cli("status", "--json").stdout)["resources"]["cpus"]
+    full.write_text(f"name: full\napp:\n  slice: {{cpus: {ncpus}, mems: 1}}\n")
+    assert daemon.cli("run", "-d", "--container", "hog2", str(full), "sleep", "600").returncode == 0
+    marker = tmp_path / "ran"
+    waiter = daemon.popen_cli("run", "--wait", BASIC, "touch", str(marker))
+    wait_for(lambda: json.loads(daemon.cli("status", "--json").stdout)["waiting"] == 1)
+    waiter.kill()
+    waiter.wait()
+    assert daemon.cli("kill", "hog2").returncode == 0
+    wait_for(lambda: json.loads(daemon.cli("status", "--json").stdout)["waiting"] == 0)
+    assert daemon.cli("run", BASIC, "true").returncode == 0     # the queue moved on
+    assert not marker.exists()
+
+
 def test_oversubscribe_on_request(daemon, tmp_path):
     full = tmp_path / "full.yml"
     ncpus = json.loads(daemon.cli("status", "--json").stdout)["resources"]["cpus"]

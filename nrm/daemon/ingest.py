@@ -321,11 +321,6 @@ class Ingest:
                 # the rest of the daemon its turn explicitly.
                 await asyncio.sleep(0)
 
-    def drain_once(self, name: str = "downstream") -> int:
-        """Drain one batch synchronously (for callers that run their own loop)."""
-        ep = next(e for e in self._endpoints if e.name == name)
-        return (self._drain_seed if ep.kind == zmq.SUB else self._drain_v1)(ep)
-
     def _drain(self, ep: _Endpoint, decode) -> int:
         """Receive and dispatch up to one batch; return how many arrived.
         Locals hoisted out of the loop: it runs for every message."""
