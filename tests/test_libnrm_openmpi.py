@@ -111,7 +111,11 @@ def per_rank(events):
 
 
 def imbalance_argv(exe, factor):
-    return OMPI.launcher() + ["-n", "2", exe, "-a", "-t", "-n", str(ITERATIONS),
+    # one core per rank, as users launch MPI: with --oversubscribe Open MPI
+    # otherwise binds nothing, and two ranks sharing a core under a loaded
+    # test run distort the work ratio the test measures
+    return OMPI.launcher() + ["--bind-to", "core:overload-allowed", "-n", "2", exe, "-a", "-t",
+                              "-n", str(ITERATIONS),
                               "-u", "300000", "-b", str(factor)]
 
 
