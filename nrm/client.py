@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Dict, List, Optional
 
 import zmq
-import zmq.asyncio
 
 from nrm import curve, paths, protocol
 from nrm.manifest import Manifest
+from nrm.zmqloop import BatchReader
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -388,15 +388,18 @@ class Client(_Endpoint):
 
 
 class AsyncClient(_Endpoint):
-    """asyncio flavour: one socket, one reader task, a queue per request."""
+    """asyncio flavour: one plain socket drained in batches from the loop,
+    one reply queue per request. zmq.asyncio would cost a future and a
+    poller round per message, which made the client, not nrmd, the largest
+    consumer of cpu in a launch storm (benchmarks/launch.py)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.ctx = zmq.asyncio.Context.instance()
+        self.ctx = zmq.Context.instance()
         self.sock, _ = _request_socket(self.ctx, self.rundir, self.tcp)
         self._ids = itertools.count(1)
         self._queues: Dict[int, asyncio.Queue] = {}
-        self._reader: Optional[asyncio.Task] = None
+        self._reader: Optional[BatchReader] = None
 
     async def __aenter__(self):
         return self
@@ -406,41 +409,36 @@ class AsyncClient(_Endpoint):
 
     async def close(self) -> None:
         if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
+            self._reader.close()
+            self._reader = None
         self.sock.close(linger=0)
 
-    async def _read(self) -> None:
-        sock = self.sock
-        while True:
-            frames = await sock.recv_multipart()
-            while True:
-                reply = protocol.decode_reply(frames[0])
-                q = self._queues.get(reply.id)
-                if q is not None:
-                    q.put_nowait((reply, frames[1] if len(frames) > 1 else None))
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                    if isinstance(frames, asyncio.Future):
-                        frames = await frames
-                except zmq.Again:
-                    break
+    def _on_reply(self, frames) -> None:
+        reply = protocol.decode_reply(frames[0])
+        q = self._queues.get(reply.id)
+        if q is not None:
+            q.put_nowait((reply, frames[1] if len(frames) > 1 else None))
 
     def _open(self, msg) -> asyncio.Queue:
-        if self._reader is None:
-            self._reader = asyncio.ensure_future(self._read())
         msg.id = next(self._ids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[msg.id] = q
         return q
 
+    def _send(self, msg) -> None:
+        """Never blocks: the DEALER has no send limit and its pipe exists
+        from connect() on. The send may consume the socket's edge-triggered
+        readiness, hence the kick."""
+        if self._reader is None:
+            self._reader = BatchReader(asyncio.get_running_loop(), self.sock, self._on_reply,
+                                       batch=256, copy=True)
+        self.sock.send(protocol.encode(msg), zmq.NOBLOCK)
+        self._reader.kick()
+
     async def call(self, msg):
         q = self._open(msg)
         try:
-            await self.sock.send(protocol.encode(msg))
+            self._send(msg)
             try:
                 reply, _ = await asyncio.wait_for(q.get(), self.timeout)
             except asyncio.TimeoutError:
@@ -466,7 +464,7 @@ class AsyncClient(_Endpoint):
         q = self._open(msg)
         result = RunResult()
         try:
-            await self.sock.send(protocol.encode(msg))
+            self._send(msg)
             while True:
                 reply, payload = await q.get()
                 if isinstance(reply, protocol.Error):

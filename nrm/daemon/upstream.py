@@ -24,7 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from nrm import curve, protocol
 from nrm.containers import Peer, Sink, Task
-from nrm.daemon.zmqloop import BatchReader
+from nrm.zmqloop import BatchReader
 from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -166,10 +166,14 @@ class Upstream:
         self.router.maxmsgsize = protocol.MAX_REQUEST_BYTES + 4096
         self.router.linger = 200
         self.router.bind(request_uri)
-        self.pub = ctx.socket(zmq.PUB)
+        # XPUB, not PUB: it tells us which topics someone listens to, so an
+        # event nobody wants is never encoded nor sent (4 per task)
+        self.pub = ctx.socket(zmq.XPUB)
         self.pub.sndhwm = 10000
         self.pub.linger = 0
         self.pub.bind(events_uri)
+        self._subscriptions: set = set()
+        self._wanted: Dict[str, bool] = {}
         for uri in (request_uri, events_uri):
             if uri.startswith("ipc://"):
                 os.chmod(uri[len("ipc://"):], socket_mode)
@@ -184,6 +188,8 @@ class Upstream:
         self._flush_timer = None
         self.zap_reader = BatchReader(loop, self.zap, self._on_zap, batch=64)
         self.reader = BatchReader(loop, self.router, self._on_request, batch=256)
+        self.sub_reader = BatchReader(loop, self.pub, self._on_subscription, batch=64,
+                                      multipart=False, copy=True)
 
     # -- tcp ----------------------------------------------------------------
     def _bind_tcp(self, tcp: curve.ServerConfig) -> None:
@@ -296,8 +302,7 @@ class Upstream:
             if exc.errno != zmq.EHOSTUNREACH:
                 log.warning("send to client failed: %s", exc)
             result = "gone"
-        if self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self.reader.kick()
+        self.reader.kick()      # the send may have consumed the input edge
         return result
 
     def schedule_flush(self, sink: ClientSink) -> None:
@@ -318,16 +323,40 @@ class Upstream:
             self._flush_timer = self.loop.call_later(FLUSH_INTERVAL_S, self._flush)
 
     # -- events -----------------------------------------------------------
+    def _on_subscription(self, frame: bytes) -> None:
+        """XPUB hands over a topic's first subscription and its last
+        unsubscription (a listener that disconnects unsubscribes)."""
+        if not frame or frame[0] not in (0, 1):
+            return
+        topic = frame[1:]
+        if frame[0]:
+            self._subscriptions.add(topic)
+        else:
+            self._subscriptions.discard(topic)
+        self._wanted.clear()
+
+    def wanted(self, topic: str) -> bool:
+        """Whether any listener subscribed to a prefix of ``topic``."""
+        hit = self._wanted.get(topic)
+        if hit is None:
+            t = topic.encode()
+            hit = self._wanted[topic] = any(t.startswith(p) for p in self._subscriptions)
+        return hit
+
     def publish(self, topic: str, body: dict) -> None:
+        if not self.wanted(topic):
+            return
         body.setdefault("time", time.time())
         try:
             self.pub.send_multipart(protocol.encode_event(topic, body), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+        self.sub_reader.kick()      # the send may have consumed the input edge
 
     def close(self) -> None:
         self.reader.close()
         self.zap_reader.close()
+        self.sub_reader.close()
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         if self._probe_timer is not None:

@@ -35,6 +35,21 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
+def _read_procs(path: str) -> bytes:
+    """A cgroup.procs file, freshly opened: v1 caches the pid list of an
+    open file for a second, so a kept fd would read a stale list."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 def _write(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
@@ -295,9 +310,9 @@ class CgroupRuntime(Runtime):
         (whose spawning threads pass through container cgroups)."""
         me = os.getpid()
         try:
-            return [p for p in (int(x) for x in _read(
-                os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs")).split())
-                if p != me and p not in self.exclude_pids]
+            data = _read_procs(os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs"))
+            return [p for p in (int(x) for x in data.split())
+                    if p != me and p not in self.exclude_pids]
         except (OSError, ValueError):
             return []
 
