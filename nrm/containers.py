@@ -51,6 +51,7 @@ def new_id() -> str:
     syscall and ~3 us. Ids grant nothing: every request is authorized by uid."""
     return f"{next(_next_id) & 0xFFFFFFFFFFFF:012x}"
 
+
 #: names end up in logs, events, metrics labels and Slurm scripts: keep them plain
 CONTAINER_NAME = re.compile(r"[A-Za-z0-9_@+:][A-Za-z0-9._@+:-]{0,127}")
 READ_CHUNK = 65536
