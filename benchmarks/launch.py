@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -101,12 +102,15 @@ def measure(spawners: int, args) -> dict:
                       "--spawners", str(spawners)).start()
     try:
         floors, rates, lat_all, starts = [], [], [], []
-        daemon_cpu = helper_cpu = 0.0
+        daemon_cpu = helper_cpu = client_cpu = 0.0
         for _ in range(args.repeat):
             floors.append(floor_popen(args.tasks, args.inflight))
             helpers = children(d.proc.pid)
             before = cpu_s(d.proc.pid), sum(cpu_s(p) for p in helpers)
+            own = resource.getrusage(resource.RUSAGE_SELF)
             rate, started, lat = asyncio.run(through_nrm(d.rundir, args.tasks, args.inflight))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            client_cpu += (after.ru_utime + after.ru_stime) - (own.ru_utime + own.ru_stime)
             daemon_cpu += cpu_s(d.proc.pid) - before[0]
             helper_cpu += sum(cpu_s(p) for p in helpers) - before[1]
             rates.append(rate)
@@ -128,6 +132,7 @@ def measure(spawners: int, args) -> dict:
         "ratio_to_floor": round(rate / floor, 3),
         "daemon_cpu_us_per_task": round(daemon_cpu / (args.tasks * args.repeat) * 1e6, 1),
         "spawners_cpu_us_per_task": round(helper_cpu / (args.tasks * args.repeat) * 1e6, 1),
+        "client_cpu_us_per_task": round(client_cpu / (args.tasks * args.repeat) * 1e6, 1),
         "run_to_exit_ms_p50": round(pct(lat_all, 50) * 1e3, 3),
         "run_to_exit_ms_p99": round(pct(lat_all, 99) * 1e3, 3),
         "submit_to_start_ms_p50": round(pct(starts, 50) * 1e3, 3),
