@@ -339,6 +339,8 @@ class Upstream:
         """Whether any listener subscribed to a prefix of ``topic``."""
         hit = self._wanted.get(topic)
         if hit is None:
+            if len(self._wanted) > 256:     # topics are a fixed few; never grow
+                self._wanted.clear()
             t = topic.encode()
             hit = self._wanted[topic] = any(t.startswith(p) for p in self._subscriptions)
         return hit
