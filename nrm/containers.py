@@ -37,7 +37,7 @@ from nrm.spawner import SpawnError, SpawnerPool, env_list
 
 log = logging.getLogger(__name__)
 
-#: clients with no task left whose pidfd is kept, beyond which all are closed
+#: watched clients beyond which one left with no task is no longer kept
 IDLE_CLIENT_WATCHES = 256
 
 
@@ -643,18 +643,16 @@ class ContainerManager:
 
     def _unwatch_client(self, task: Task) -> None:
         """An idle client keeps its pidfd (a launch loop would otherwise
-        open and register one per task) until it exits, or until too many
-        idle ones pile up."""
+        open and register one per task) until it exits; past
+        IDLE_CLIENT_WATCHES watches, a client going idle is dropped at once."""
         entry = self.client_watch.get(task.client_pid)
         if entry is None:
             return
         entry[1].discard(task.id)
         if not entry[1] and len(self.client_watch) > IDLE_CLIENT_WATCHES:
-            for pid, (fd, ids) in list(self.client_watch.items()):
-                if not ids:
-                    self.loop.remove_reader(fd)
-                    os.close(fd)
-                    del self.client_watch[pid]
+            self.loop.remove_reader(entry[0])
+            os.close(entry[0])
+            del self.client_watch[task.client_pid]
 
     def _on_client_exit(self, pid: int) -> None:
         fd, ids = self.client_watch.pop(pid)

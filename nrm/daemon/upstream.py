@@ -173,7 +173,6 @@ class Upstream:
         self.pub.linger = 0
         self.pub.bind(events_uri)
         self._subscriptions: set = set()
-        self._wanted: Dict[str, bool] = {}
         for uri in (request_uri, events_uri):
             if uri.startswith("ipc://"):
                 os.chmod(uri[len("ipc://"):], socket_mode)
@@ -333,17 +332,13 @@ class Upstream:
             self._subscriptions.add(topic)
         else:
             self._subscriptions.discard(topic)
-        self._wanted.clear()
 
     def wanted(self, topic: str) -> bool:
         """Whether any listener subscribed to a prefix of ``topic``."""
-        hit = self._wanted.get(topic)
-        if hit is None:
-            if len(self._wanted) > 256:     # topics are a fixed few; never grow
-                self._wanted.clear()
-            t = topic.encode()
-            hit = self._wanted[topic] = any(t.startswith(p) for p in self._subscriptions)
-        return hit
+        if not self._subscriptions:
+            return False
+        t = topic.encode()
+        return any(t.startswith(p) for p in self._subscriptions)
 
     def publish(self, topic: str, body: dict) -> None:
         if not self.wanted(topic):

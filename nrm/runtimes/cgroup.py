@@ -31,20 +31,16 @@ POOL_LIMIT = 64
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read().strip()
-
-
-def _read_procs(path: str) -> bytes:
-    """A cgroup.procs file, freshly opened: v1 caches the pid list of an
-    open file for a second, so a kept fd would read a stale list."""
+    """A cgroup file, freshly opened each time (v1 caches the pid list of an
+    open cgroup.procs for a second, so a kept fd would read a stale list),
+    with raw os calls: pids() runs once per container end."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = []
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:
-                return b"".join(chunks)
+                return b"".join(chunks).decode().strip()
             chunks.append(chunk)
     finally:
         os.close(fd)
@@ -310,7 +306,7 @@ class CgroupRuntime(Runtime):
         (whose spawning threads pass through container cgroups)."""
         me = os.getpid()
         try:
-            data = _read_procs(os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs"))
+            data = _read(os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs"))
             return [p for p in (int(x) for x in data.split())
                     if p != me and p not in self.exclude_pids]
         except (OSError, ValueError):
