@@ -11,7 +11,8 @@ unchanged anywhere.  Inside, it follows libnrm's rules: a PUSH socket that
 queues while connecting (no sleep), non-blocking sends that never stall
 the program, progress rate-limited by ``NRM_RATELIMIT`` (default 10 ms)
 with the calls in between accumulated, and a ``close()`` (also run at
-interpreter exit) that flushes and says goodbye within ``NRM_LINGER`` ms.
+interpreter exit) that flushes, says goodbye and waits for nrm to have
+read it all (``nrm/hangup.py``), within ``NRM_LINGER`` ms.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import weakref
 from typing import Optional
 
-from nrm import protocol
+from nrm import hangup, protocol
 from nrm.protocol import DExit, DPerformance, DPhaseContext, DProgress, DStart
 
 DEFAULT_RATELIMIT_NS = 10_000_000
@@ -74,6 +75,7 @@ class _Sender:
         self.sock.setsockopt(zmq.SNDHWM, SNDHWM)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
         self.sock.connect(uri)
+        self.uri = uri
         self.linger_ms = linger_ms
         self.lock = threading.Lock()
         self.closed = False
@@ -93,13 +95,16 @@ class _Sender:
             if self.closed:
                 return
             self.closed = True
+            deadline = time.monotonic() + self.linger_ms / 1000
             self.sock.setsockopt(self._zmq.SNDTIMEO, self.linger_ms)
             if self.acc:
                 self.send(protocol.encode(DProgress(payload=self.acc, **self.ids)), block=True)
                 self.acc = 0
             self.send(protocol.encode(DExit(**self.ids)), block=True)
-            self.sock.close(linger=self.linger_ms)
+            held = hangup.hold_connections(self.uri)
+            self.sock.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
             self.ctx.term()
+            hangup.release_when_read(held, deadline)
 
 
 class Client:

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from tests import slow_receiver
 from tests.daemon import REPO, DaemonProcess
 
 EXAMPLES = os.path.join(REPO, "examples")
@@ -20,3 +21,10 @@ def daemon():
 
 def needs_root():
     return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, setuid)")
+
+
+@pytest.fixture
+def slow_pull(tmp_path):
+    """A downstream PULL that is always behind (tests/slow_receiver.py)."""
+    with slow_receiver.slow_pull(tmp_path) as endpoint:
+        yield endpoint

@@ -10,6 +10,8 @@ import zmq
 
 from nrm.downstream import Client, parse_duration_ns
 from nrm.protocol import DExit, DPhaseContext, DProgress, DStart, decode_downstream
+from nrm.daemon.ingest import RCVHWM
+from tests.slow_receiver import drain_slowly
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pull(tmp_path):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, 100000)  # as Ingest; see tests/test_libnrm.py
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)  # as Ingest
     uri = f"ipc://{tmp_path}/down"
     sock.bind(uri)
     yield sock, uri
@@ -116,3 +118,31 @@ def test_progress_example_script(pull):
     assert "iterations=200" in out and "reporting=on" in out
     msgs = drain(sock)
     assert sum(m.payload for m in msgs if isinstance(m, DProgress)) == 200
+
+
+FLOOD = """
+import sys
+from nrm.downstream import Client
+c = Client("flood", ratelimit=0)
+accepted = 0
+while accepted < int(sys.argv[1]):  # as fast as the socket takes them
+    accepted += c.phase_context(0, 1, 2)
+c.close()
+print(accepted)
+"""
+
+
+def test_flood_then_exit_loses_nothing_when_receiver_is_behind(slow_pull):
+    """A sender that hangs up on a full receiver would lose the kernel's
+    backlog, exit included; close() waits until it has been read."""
+    sock, uri = slow_pull
+    env = dict(os.environ, NRM_DOWNSTREAM_URI=uri, NRM_LINGER="60000",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", FLOOD, "4000"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    msgs = drain_slowly(sock, proc)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    phases = [m for m in msgs if isinstance(m, DPhaseContext)]
+    assert len(phases) == int(out) == 4000
+    assert all(a.phase < b.phase for a, b in zip(phases, phases[1:]))

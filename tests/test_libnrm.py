@@ -17,6 +17,8 @@ import zmq
 
 from nrm import mpi
 from nrm.protocol import DExit, DPhaseContext, DProgress, DStart, decode_downstream
+from nrm.daemon.ingest import RCVHWM
+from tests.slow_receiver import drain_slowly
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBNRM = os.path.join(REPO, "libnrm")
@@ -39,12 +41,7 @@ def built():
 def pull(tmp_path):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
-    # As Ingest does.  With libzmq 4.3.5, a PULL that has reached its
-    # receive high-water mark when a sender exits loses the rest of that
-    # sender's stream, although the sender saw it written (issue #4: an
-    # unthrottled sender's exit went missing one run in three at the
-    # default HWM of 1000, never at 100000).
-    sock.setsockopt(zmq.RCVHWM, 100000)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)  # as Ingest
     uri = f"ipc://{tmp_path}/downstream"
     sock.bind(uri)
     yield sock, uri
@@ -101,6 +98,19 @@ def test_progress_without_rate_limit_still_exact(built, pull):
     progress = [m for m in msgs if isinstance(m, DProgress)]
     assert sum(m.payload for m in progress) == 6000
     assert len(progress) > 1
+
+
+def test_flood_then_exit_loses_nothing_when_receiver_is_behind(built, slow_pull):
+    """nrm_fini must not hang up before a full receiver has read its
+    backlog (libzmq drops it), or the exit and the tail of the sum vanish."""
+    sock, uri = slow_pull
+    env = dict(os.environ, NRM_DOWNSTREAM_URI=uri, NRM_RATELIMIT="0", NRM_LINGER="60000")
+    proc = subprocess.Popen([f"{built}/sender", "2", "200000", "1"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    msgs = drain_slowly(sock, proc)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert sum(m.payload for m in msgs if isinstance(m, DProgress)) == 400000 == int(out)
 
 
 def test_seed_era_program_compiles_unchanged_and_reports(built, pull, tmp_path):

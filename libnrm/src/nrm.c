@@ -11,13 +11,21 @@
 #include "nrm.h"
 #include "nrm_internal.h"
 
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
+#include <linux/sockios.h>
 #include <zmq.h>
 
 #define NRM_DEFAULT_RATELIMIT_NS 10000000ULL
@@ -27,6 +35,7 @@
 #define NRM_SNDHWM 1000
 #define NRM_FIELD_MAX 256
 #define NRM_MSG_MAX 2048
+#define NRM_HELD_MAX 8
 
 struct nrm_state {
 	pthread_mutex_t lock;
@@ -40,6 +49,7 @@ struct nrm_state {
 	char ids[3 * (NRM_FIELD_MAX + 16)];
 	char container[NRM_FIELD_MAX];
 	char app[NRM_FIELD_MAX];
+	char ipc_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 };
 
 static uint64_t now_ns(void)
@@ -190,6 +200,70 @@ static int send_progress_locked(struct nrm_context *ctxt, struct nrm_state *st,
 	return 0;
 }
 
+/*
+ * Hang up only once the daemon has read everything.  libzmq 4.3
+ * (zeromq/libzmq#4660) drops what the kernel still holds for a receiver
+ * whose queue is full when the sender closes: the hang-up stops the
+ * receiving engine from reading the rest, so the last messages of a
+ * flooding application (its exit included) would be lost.  Linger only
+ * waits until the data is in the kernel.  So nrm_fini keeps duplicates
+ * of its connections to the daemon's ipc path across zmq_close (no
+ * hang-up yet) and releases them once SIOCOUTQ says the peer consumed
+ * every byte, or the linger bound has passed.  nrm/hangup.py does the
+ * same for Python senders.
+ */
+static int hold_connections(const char *path, int *held, int max)
+{
+	struct sockaddr_un peer;
+	struct dirent *entry;
+	socklen_t len;
+	DIR *dir;
+	int n = 0, fd;
+
+	if (*path == '\0' || (dir = opendir("/proc/self/fd")) == NULL)
+		return 0;
+	while (n < max && (entry = readdir(dir)) != NULL) {
+		fd = atoi(entry->d_name);
+		if (entry->d_name[0] == '.' || fd == dirfd(dir))
+			continue;
+		len = sizeof(peer);
+		if (getpeername(fd, (struct sockaddr *)&peer, &len) != 0 ||
+		    peer.sun_family != AF_UNIX || len <= offsetof(struct sockaddr_un, sun_path) ||
+		    strncmp(peer.sun_path, path, sizeof(peer.sun_path)) != 0)
+			continue;
+		fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+		if (fd >= 0)
+			held[n++] = fd;
+	}
+	closedir(dir);
+	return n;
+}
+
+/* An fd whose queue cannot be read counts as read: never wait blind. */
+static int any_unread(const int *held, int n)
+{
+	int i, unread;
+
+	for (i = 0; i < n; i++)
+		if (ioctl(held[i], SIOCOUTQ, &unread) == 0 && unread > 0)
+			return 1;
+	return 0;
+}
+
+static void release_when_read(int *held, int n, uint64_t deadline_ns)
+{
+	struct timespec pause = { 0, 500000 };
+	int i;
+
+	while (any_unread(held, n) && now_ns() < deadline_ns) {
+		nanosleep(&pause, NULL);
+		if (pause.tv_nsec < 10000000)
+			pause.tv_nsec *= 2;
+	}
+	for (i = 0; i < n; i++)
+		close(held[i]);
+}
+
 static void destroy_state(struct nrm_state *st)
 {
 	if (st->sock != NULL) {
@@ -228,6 +302,8 @@ int nrm_init(struct nrm_context *ctxt, const char *app_name)
 	if (st->linger_ms < 0)
 		st->linger_ms = NRM_DEFAULT_LINGER_MS;
 	st->rank = rank_from_env();
+	if (strncmp(uri, "ipc://", 6) == 0 && uri[6] != '@')
+		snprintf(st->ipc_path, sizeof(st->ipc_path), "%s", uri + 6);
 
 	container = getenv("NRM_CONTAINER_ID");
 	if (container == NULL)
@@ -371,10 +447,12 @@ int nrm_fini(struct nrm_context *ctxt)
 {
 	struct nrm_state *st = state_of(ctxt);
 	char buf[NRM_MSG_MAX];
-	int len, rc = 0;
+	int len, rc = 0, held, fds[NRM_HELD_MAX];
+	uint64_t deadline;
 
 	if (st == NULL)
 		return 0;
+	deadline = now_ns() + (uint64_t)st->linger_ms * 1000000ULL;
 	pthread_mutex_lock(&st->lock);
 	/* The last messages are the ones the daemon must not miss: wait for
 	 * queue space, but never longer than the linger bound. */
@@ -385,7 +463,9 @@ int nrm_fini(struct nrm_context *ctxt)
 	if (send_locked(st, buf, len, 0) != 0)
 		rc = -1;
 	pthread_mutex_unlock(&st->lock);
+	held = hold_connections(st->ipc_path, fds, NRM_HELD_MAX);
 	destroy_state(st);
+	release_when_read(fds, held, deadline);
 	memset(ctxt, 0, sizeof(*ctxt));
 	return rc;
 }

@@ -63,6 +63,13 @@ COUNTER_NAMES = ("received", "decoded", "dropped_malformed", "dropped_unknown",
 # era name only the uuid) and whose phases are counted; bounded so that a
 # program inventing uuids cannot grow the daemon.
 _SEED_MEMORY = 4096
+# Messages queued per sender.  A queued message keeps ~1 kB of libzmq's
+# receive buffers alive, so this bounds what a flooding sender costs.  It
+# used to be 10000 for want of a better defence against libzmq dropping
+# an exiting sender's backlog when the queue is full (zeromq/libzmq#4660);
+# nrm's senders now wait until their data is read before they hang up
+# (nrm/hangup.py, nrm_fini), so the mark can be low.
+RCVHWM = 1000
 
 
 def _classify(exc: ProtocolError) -> str:
@@ -220,7 +227,7 @@ class Ingest:
 
     def __init__(self, ctx: zmq.Context, uri: str, seed_uri: Optional[str] = None,
                  on_message: Optional[OnMessage] = None, *, batch: int = 1024,
-                 rcvhwm: int = 10000,
+                 rcvhwm: int = RCVHWM,
                  zap_domain: Optional[str] = "nrm", log_interval: float = 1.0,
                  socket_mode: Optional[int] = None):
         if isinstance(ctx, zmq.asyncio.Context):
