@@ -198,6 +198,7 @@ MAX_MSG = 1 << 16          # larger requests travel in a memfd
 RECV_FDS = 3
 REPLY_TEXT = 1024         # error texts are cut so that a reply always fits
 REPLY_MAX = 8192
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: `flags & socket.MSG_TRUNC` builds an enum per reply
 
 
 class _Membership:
@@ -503,7 +504,7 @@ class SpawnerPool:
             except OSError:
                 data, fds, flags = b"", [], 0
             try:
-                msg = marshal.loads(data) if data and not flags & socket.MSG_TRUNC else None
+                msg = marshal.loads(data) if data and not flags & _MSG_TRUNC else None
             except (EOFError, ValueError, TypeError):
                 msg = None
             if msg is None:

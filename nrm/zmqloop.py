@@ -21,6 +21,28 @@ from nrm.log import RateLimitedLog
 log = logging.getLogger(__name__)
 rl_log = RateLimitedLog(log, 10.0)     # a poisonous message kind must not flood the log
 
+# pyzmq's multipart helpers combine flags as enum members, which costs more
+# than the send itself; on the per-task path plain ints are used instead.
+NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: list, copy: bool = True) -> None:
+    """``send_multipart(frames, NOBLOCK)``, minus the enum arithmetic."""
+    more = NOBLOCK | _SNDMORE
+    for frame in frames[:-1]:
+        sock.send(frame, more, copy=copy)
+    sock.send(frames[-1], NOBLOCK, copy=copy)
+
+
+def recv_frames(sock: zmq.Socket, copy: bool = True) -> list:
+    """``recv_multipart(NOBLOCK)``, minus the enum arithmetic."""
+    parts = [sock.recv(NOBLOCK, copy=copy)]
+    while sock.get(_RCVMORE):
+        parts.append(sock.recv(NOBLOCK, copy=copy))
+    return parts
+
 
 class BatchReader:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
@@ -45,10 +67,10 @@ class BatchReader:
     def _wake(self) -> None:
         self._scheduled = False
         sock = self.sock
-        recv = sock.recv_multipart if self.multipart else sock.recv
+        copy = self.copy
         for _ in range(self.batch):
             try:
-                msg = recv(zmq.NOBLOCK, copy=self.copy)
+                msg = recv_frames(sock, copy) if self.multipart else sock.recv(NOBLOCK, copy=copy)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:

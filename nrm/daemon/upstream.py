@@ -24,7 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from nrm import curve, protocol
 from nrm.containers import Peer, Sink, Task
-from nrm.zmqloop import BatchReader
+from nrm.zmqloop import BatchReader, send_frames
 from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ class Upstream:
         if payload is not None:
             frames.append(payload)
         try:
-            self.router.send_multipart(frames, zmq.NOBLOCK, copy=len(payload or b"") < 65536)
+            send_frames(self.router, frames, copy=len(payload or b"") < 65536)
             result = "ok"
         except zmq.Again:
             result = "full"
@@ -345,7 +345,7 @@ class Upstream:
             return
         body.setdefault("time", time.time())
         try:
-            self.pub.send_multipart(protocol.encode_event(topic, body), zmq.NOBLOCK)
+            send_frames(self.pub, protocol.encode_event(topic, body))
         except zmq.ZMQError:
             pass
         self.sub_reader.kick()      # the send may have consumed the input edge
