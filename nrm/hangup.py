@@ -74,18 +74,14 @@ def any_unread(fds: List[int]) -> bool:
     return False
 
 
-def release_when_read(fds: List[int], deadline: float) -> bool:
+def release_when_read(fds: List[int], deadline: float) -> None:
     """Wait (until ``deadline``, a ``time.monotonic()``) for the peer to
-    read all that is queued on ``fds``, then close them.  True when every
-    byte was read in time."""
+    read all that is queued on ``fds``, then close them."""
     pause = 0.0005
     try:
-        while any_unread(fds):
-            if time.monotonic() >= deadline:
-                return False
+        while any_unread(fds) and time.monotonic() < deadline:
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
-        return True
     finally:
         for fd in fds:
             os.close(fd)

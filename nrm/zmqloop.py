@@ -23,24 +23,24 @@ rl_log = RateLimitedLog(log, 10.0)     # a poisonous message kind must not flood
 
 # pyzmq's multipart helpers combine flags as enum members, which costs more
 # than the send itself; on the per-task path plain ints are used instead.
-NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 
 
 def send_frames(sock: zmq.Socket, frames: list, copy: bool = True) -> None:
     """``send_multipart(frames, NOBLOCK)``, minus the enum arithmetic."""
-    more = NOBLOCK | _SNDMORE
+    more = _NOBLOCK | _SNDMORE
     for frame in frames[:-1]:
         sock.send(frame, more, copy=copy)
-    sock.send(frames[-1], NOBLOCK, copy=copy)
+    sock.send(frames[-1], _NOBLOCK, copy=copy)
 
 
 def recv_frames(sock: zmq.Socket, copy: bool = True) -> list:
     """``recv_multipart(NOBLOCK)``, minus the enum arithmetic."""
-    parts = [sock.recv(NOBLOCK, copy=copy)]
+    parts = [sock.recv(_NOBLOCK, copy=copy)]
     while sock.get(_RCVMORE):
-        parts.append(sock.recv(NOBLOCK, copy=copy))
+        parts.append(sock.recv(_NOBLOCK, copy=copy))
     return parts
 
 
@@ -70,7 +70,7 @@ class BatchReader:
         copy = self.copy
         for _ in range(self.batch):
             try:
-                msg = recv_frames(sock, copy) if self.multipart else sock.recv(NOBLOCK, copy=copy)
+                msg = recv_frames(sock, copy) if self.multipart else sock.recv(_NOBLOCK, copy=copy)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
