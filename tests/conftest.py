@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from tests import slow_receiver
+from tests import receivers
 from tests.daemon import REPO, DaemonProcess
 
 EXAMPLES = os.path.join(REPO, "examples")
@@ -24,7 +24,14 @@ def needs_root():
 
 
 @pytest.fixture
+def pull(tmp_path):
+    """A downstream PULL with nrmd's receive mark (tests/receivers.py)."""
+    with receivers.pull_socket(tmp_path) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
 def slow_pull(tmp_path):
-    """A downstream PULL that is always behind (tests/slow_receiver.py)."""
-    with slow_receiver.slow_pull(tmp_path) as endpoint:
+    """A downstream PULL that is always behind (tests/receivers.py)."""
+    with receivers.pull_socket(tmp_path, receivers.SLOW_RCVHWM) as endpoint:
         yield endpoint

@@ -6,26 +6,12 @@ import sys
 import threading
 
 import pytest
-import zmq
 
 from nrm.downstream import Client, parse_duration_ns
 from nrm.protocol import DExit, DPhaseContext, DProgress, DStart, decode_downstream
-from nrm.daemon.ingest import RCVHWM
-from tests.slow_receiver import drain_slowly
+from tests.receivers import drain_slowly
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def pull(tmp_path):
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, RCVHWM)  # as Ingest
-    uri = f"ipc://{tmp_path}/down"
-    sock.bind(uri)
-    yield sock, uri
-    sock.close(linger=0)
-    ctx.term()
 
 
 def drain(sock, until_exit=True):

@@ -17,8 +17,7 @@ import zmq
 
 from nrm import mpi
 from nrm.protocol import DExit, DPhaseContext, DProgress, DStart, decode_downstream
-from nrm.daemon.ingest import RCVHWM
-from tests.slow_receiver import drain_slowly
+from tests.receivers import drain_slowly
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBNRM = os.path.join(REPO, "libnrm")
@@ -35,18 +34,6 @@ def built():
     subprocess.run(["make", "-s", "-C", LIBNRM, "all", "tests"], check=True,
                    stdout=subprocess.DEVNULL)
     return BUILD
-
-
-@pytest.fixture
-def pull(tmp_path):
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, RCVHWM)  # as Ingest
-    uri = f"ipc://{tmp_path}/downstream"
-    sock.bind(uri)
-    yield sock, uri
-    sock.close(linger=0)
-    ctx.term()
 
 
 def run_and_collect(sock, uri, argv, exits=1, env=None, timeout=60):

@@ -1,6 +1,7 @@
-"""A downstream receiver that is always behind, as nrmd is under a flood.
+"""Downstream receivers for the senders' tests: a PULL that keeps nrmd's
+receive mark, and one that is always behind, as nrmd is under a flood.
 
-Its receive queue is tiny and it reads slowly, so a sender that floods
+The slow one's queue is tiny and it reads slowly, so a sender that floods
 it and exits hangs up while the queue is full: the case where libzmq 4.3
 loses what the kernel still holds (zeromq/libzmq#4660) unless the sender
 waits for its data to be read (nrm/hangup.py, libnrm's nrm_fini).
@@ -11,16 +12,18 @@ import time
 
 import zmq
 
+from nrm.daemon.ingest import RCVHWM
 from nrm.protocol import DExit, decode_downstream
 
-RCVHWM = 10
+SLOW_RCVHWM = 10
 
 
 @contextlib.contextmanager
-def slow_pull(directory):
+def pull_socket(directory, rcvhwm=RCVHWM):
+    """A bound PULL and its uri; by default with the mark nrmd's ingest uses."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, RCVHWM)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
     uri = f"ipc://{directory}/downstream"
     sock.bind(uri)
     try:
