@@ -149,12 +149,16 @@ def test_two_open_mpi_ranks_report_their_imbalance(nrmd, imbalance, tmp_path,
         own_ratio = own[rank][0] / own[rank][1]
         assert abs(reported - own_ratio) <= 0.1 * own_ratio, (rank, reported, own[rank])
 
+    # The work ratio between ranks is the machine's doing, not the
+    # interposer's (whose accuracy is checked above, against each rank's
+    # own clock): on 2 shared vCPUs a full CI run measured 0.552 and 0.566
+    # for 0.5. 20 % still tells the ranks apart (swapped: 2.0, unseen: 1.0).
     least = {r: min(e["computetime"] / e["aggregation"] for e in ps[1:])
              for r, ps in ranks.items()}
     for rank in ranks:
         expected = work[rank] / work[heaviest]
         measured = least[rank] / least[heaviest]
-        assert abs(measured - expected) <= 0.1 * expected, (rank, least)
+        assert abs(measured - expected) <= 0.2 * expected, (rank, least)
 
 
 def test_daemon_preloads_the_open_mpi_interposer(nrmd, imbalance, tmp_path):
