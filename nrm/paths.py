@@ -67,6 +67,19 @@ def lib_dirs():
     return [os.path.join(sys.prefix, "lib"), "/usr/local/lib", "/usr/lib"]
 
 
+def find_spawner() -> Optional[str]:
+    """nrm-spawner, nrmd's launch helper (libnrm/src/spawner.c): installed
+    next to libnrm, or in this checkout's libnrm build."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [os.path.join(os.path.dirname(d), "libexec", "nrm", "nrm-spawner")
+                  for d in lib_dirs()]
+    candidates.append(os.path.join(here, "libnrm", "build", "nrm-spawner"))
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
 def find_pmpi_lib(explicit: Optional[str] = None,
                   name: str = "libnrm-pmpi.so") -> Optional[str]:
     """``name``: libnrm-pmpi.so (MPICH and its ABI) or libnrm-pmpi-openmpi.so."""

@@ -4,13 +4,14 @@ Why helper processes: `fork_exec` of a task costs ~550 us of the daemon's
 time and cannot run in parallel inside one Python process, so a lone daemon
 launches no faster than `Popen` in a loop. nrmd therefore starts N small,
 single-threaded *spawners* (one per cpu, at most 4, by default) and hands each
-launch to the least loaded one over a socketpair. A spawner joins the
-task's cgroups itself (being single-threaded, moving the whole process is
-the same as moving the thread, which is also what cgroup v2 requires),
-applies affinity, NUMA policy and scheduling class to itself, forks the
-task - born inside its slice, no `preexec_fn`, no extra exec - and returns
-home. It passes back the pid, a pidfd and the output pipes' read ends with
-SCM_RIGHTS.
+launch to the least loaded one over a socketpair.
+
+A spawner is `nrm-spawner` (libnrm/src/spawner.c), built and installed with
+libnrm. Its vfork child places itself - cgroup membership files, affinity,
+NUMA policy, scheduling class, then credentials - and execs: the task is
+born inside its slice, with no `preexec_fn` and no extra exec, and the
+spawner itself never leaves its own cgroups. It passes back the pid, a pidfd
+and the output pipes' read ends with SCM_RIGHTS. The wire format is below.
 
 Who reaps: the spawner is the task's parent, so the spawner reaps it and
 sends the wait status to the daemon. If a spawner dies, its requests in
@@ -18,25 +19,25 @@ flight fail with a `runtime` error, it is restarted, and its running tasks
 (now children of init) are followed through the pidfds the daemon holds:
 their exit is seen, their status is lost and reported as 255.
 
-This module imports only the standard library: a spawner starts in ~20 ms
-and carries no daemon state.
+`fork_exec` and `thread_attributes` are the in-process launch path
+(`nrmd --spawners 0`).
 """
-
 from __future__ import annotations
 
 import _posixsubprocess
 import contextlib
 import ctypes
 import errno as errno_mod
-import marshal
 import os
 import select
-import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from nrm.paths import find_spawner
 
 # -- one fork-exec -----------------------------------------------------------
 
@@ -143,7 +144,6 @@ def fork_exec(argv: Sequence, env: Optional[List[bytes]], cwd: Optional[str], ca
 
 _MPOL_DEFAULT, _MPOL_BIND = 0, 2
 _SYS_set_mempolicy = 238  # x86-64
-_PR_SET_PDEATHSIG = 1
 _libc = None
 
 
@@ -193,183 +193,61 @@ def thread_attributes(cpus, mems, sched):
 
 
 # -- the helper process ------------------------------------------------------
+#
+# The helper is libnrm/src/spawner.c (`nrm-spawner FD PARENT_PID`). Wire format,
+# little-endian host order, one SOCK_SEQPACKET message each way:
+#
+#   request  header (64 bytes): magic "NRMS" (u32 0x4e524d53), flags (u32, 1 =
+#            capture output), id (u64), uid, gid, sched policy, sched priority
+#            (i32, -1 = unchanged), then u32 counts: groups, cpus, mems, argv,
+#            executables, env, membership files, and a u32 of padding; then the
+#            i32 groups, cpus and mems; then NUL-terminated strings: cwd (empty =
+#            unchanged), argv, the executables to try in order, env, and the
+#            cgroup membership files the child writes "0" into before it execs.
+#            Larger than MAX_MSG: a one-byte message carries a memfd holding it.
+#   reply    32 bytes: kind (u32: 0 hello, 1 ok, 2 error, 3 exit), pid (i32),
+#            id (u64; the protocol version in hello), stage (1 place, 2 exec,
+#            3 invalid), errno, wait status, what a failure names (1 the
+#            program, 2 the cwd) - all i32. An ok reply carries the pidfd and,
+#            with capture, the stdout and stderr read ends (SCM_RIGHTS).
 
+PROTOCOL = 1
+MAGIC = 0x4E524D53
 MAX_MSG = 1 << 16          # larger requests travel in a memfd
 RECV_FDS = 3
-REPLY_TEXT = 1024         # error texts are cut so that a reply always fits
-REPLY_MAX = 8192
+_FLAG_CAPTURE = 1
+_HEADER = struct.Struct("=IIQiiiiIIIIIIII")
+_REPLY = struct.Struct("=IiQiiii")
+_HELLO, _OK, _ERR, _EXIT = 0, 1, 2, 3
+_STAGES = {1: "place", 2: "exec", 3: "invalid"}
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: `flags & socket.MSG_TRUNC` builds an enum per reply
 
 
-class _Membership:
-    """Open cgroup membership files by path: slots are pooled, so the same
-    few paths recur, and an open fd makes a move one write(2)."""
-
-    def __init__(self):
-        self.fds: Dict[str, int] = {}
-
-    def write(self, path: str, value: bytes) -> None:
-        for attempt in (0, 1):
-            fd = self.fds.get(path)
-            if fd is None:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                if len(self.fds) > 512:
-                    for old in self.fds.values():
-                        os.close(old)
-                    self.fds.clear()
-                self.fds[path] = fd
-            try:
-                os.write(fd, value)
-                return
-            except OSError as exc:
-                # a removed cgroup leaves a stale fd (ENODEV): reopen once
-                del self.fds[path]
-                os.close(fd)
-                if attempt or exc.errno not in (errno_mod.ENODEV, errno_mod.ENOENT):
-                    raise
-
-
-def _stage_error(sock, rid, stage: str, exc: BaseException) -> None:
-    num = getattr(exc, "errno", None) or 0
-    text = (getattr(exc, "strerror", None) or str(exc))[:REPLY_TEXT]
-    filename = getattr(exc, "filename", None)
-    if isinstance(filename, (str, bytes)):
-        filename = filename[:REPLY_TEXT]     # a user's argv[0] may be huge
-    _send(sock, ("err", rid, stage, num, text, filename), [])
-
-
-def _send(sock, msg, fds) -> None:
-    data = marshal.dumps(msg)
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
-
-
-def _launch(sock, req: dict, member: _Membership):
-    """Join, fork-exec, and the error reply when that fails; None then."""
-    rid = req["id"]
-    try:
-        for path in req.get("join", ()):
-            member.write(path, b"0")
-        attrs = thread_attributes(req.get("cpus"), req.get("mems"), req.get("sched"))
-        attrs.__enter__()
-    except Exception as exc:
-        _stage_error(sock, rid, "place", exc)
-        return None
-    try:
-        return fork_exec(req["argv"], req["env"], req["cwd"], req["capture"],
-                         req.get("uid"), req.get("gid"), req.get("groups"))
-    except (OSError, ValueError, TypeError) as exc:
-        _stage_error(sock, rid, "exec" if isinstance(exc, OSError) else "invalid", exc)
-        return None
-    finally:
-        attrs.__exit__(None, None, None)
-
-
-def _handle(sock, req: dict, member: _Membership, children: set) -> None:
-    try:
-        started = _launch(sock, req, member)
-    finally:
-        try:
-            for path in req.get("home", ()):
-                member.write(path, b"0")
-        except OSError:
-            # never linger inside a container's cgroup: die, the daemon restarts us
-            os._exit(3)
-    if started is None:
-        return
-    pid, out_r, err_r = started
-    children.add(pid)
-    pid_s = str(pid).encode()
-    for path in req.get("after", ()):
-        try:
-            member.write(path, pid_s)
-        except OSError:
-            pass        # already gone: nothing left to account or freeze
-    pidfd = os.pidfd_open(pid)
-    fds = [pidfd] + ([out_r, err_r] if out_r >= 0 else [])
-    try:
-        _send(sock, ("ok", req["id"], pid), fds)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _reap(sock, children: set) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        if pid in children:
-            children.discard(pid)
-            _send(sock, ("exit", pid, status), [])
-
-
-def _recv_request(sock) -> Optional[dict]:
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 1)
-    if not data and not fds:
-        return None
-    if fds:
-        with os.fdopen(fds[0], "rb") as f:
-            data = f.read()
-    return marshal.loads(data)
-
-
-def _noop(*_):
-    pass
-
-
-def serve(fd: int, parent: int) -> int:
-    """The helper's loop: requests in, pids and exit statuses out, until
-    the daemon closes its end (or dies: PR_SET_PDEATHSIG)."""
-    _libc_().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        return 0
-    # handlers, not SIG_IGN: ignored signals would survive into the tasks
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-        signal.signal(sig, _noop)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    sock = socket.socket(fileno=fd)
-    member = _Membership()
-    children: set = set()
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    while True:
-        try:
-            ready = poller.poll()
-        except InterruptedError:
-            ready = []
-        for rfd, _ev in ready:
-            if rfd == wake_r:
-                try:
-                    os.read(wake_r, 4096)
-                except BlockingIOError:
-                    pass
-                continue
-            try:
-                req = _recv_request(sock)
-            except OSError:
-                return 0
-            if req is None:
-                return 0
-            try:
-                _handle(sock, req, member, children)
-            except (BrokenPipeError, ConnectionError):
-                return 0
-        try:
-            _reap(sock, children)
-        except (BrokenPipeError, ConnectionError):
-            return 0
-
-
-def _main() -> None:
-    sys.exit(serve(int(sys.argv[1]), int(sys.argv[2])))
+def encode_request(rid: int, req: dict) -> Tuple[bytes, bytes, Optional[bytes]]:
+    """(message, argv[0], cwd) for a launch request; ValueError when it
+    cannot travel (a NUL inside a string, as exec itself would refuse)."""
+    argv = [os.fsencode(a) for a in req["argv"]]
+    env = req["env"]
+    if env is None:
+        env = [k + b"=" + v for k, v in os.environb.items()]
+    cwd = os.fsencode(req["cwd"]) if req.get("cwd") else b""
+    files = [os.fsencode(p) for p in req.get("join", ())]
+    strings = [cwd, *argv, *_executables(argv[0], env), *env, *files]
+    body = b"\0".join(strings) + b"\0"
+    if body.count(b"\0") != len(strings):
+        raise ValueError("embedded null byte")
+    uid, gid = req.get("uid"), req.get("gid")
+    groups = list(req.get("groups") or ()) if gid is not None else []
+    cpus, mems = list(req.get("cpus") or ()), list(req.get("mems") or ())
+    policy, priority = req.get("sched") or (-1, 0)
+    ints = groups + cpus + mems
+    header = _HEADER.pack(MAGIC, _FLAG_CAPTURE if req["capture"] else 0, rid,
+                          -1 if uid is None else uid, -1 if gid is None else gid,
+                          policy, priority, len(groups), len(cpus), len(mems), len(argv),
+                          len(strings) - 1 - len(argv) - len(env) - len(files), len(env),
+                          len(files), 0)
+    return (header + struct.pack(f"={len(ints)}i", *ints) + body,
+            argv[0], cwd or None)
 
 
 # -- the daemon's side ---------------------------------------------------------
@@ -395,13 +273,16 @@ class _Helper:
         self.index = index
         self.proc = proc
         self.sock = sock
-        self.pending: Dict[int, Callable] = {}
+        self.greeted = False
+        #: request id -> (done, argv[0], cwd): replies carry no strings
+        self.pending: Dict[int, Tuple[Callable, bytes, Optional[bytes]]] = {}
         self.tasks: set = set()
         self.outq: List[Tuple[bytes, List[int]]] = []
         self.writing = False
 
 
 RESTARTS_PER_MINUTE = 10
+HELLO_TIMEOUT_S = 5.0
 
 
 class SpawnerPool:
@@ -428,21 +309,34 @@ class SpawnerPool:
         self.counters = {"spawned": 0, "failed": 0, "helper_deaths": 0, "restarts": 0}
 
     def start(self) -> None:
+        """Start every helper and wait for each to say hello: a missing or
+        stale nrm-spawner is an error here, at startup, not at first launch."""
         for i in range(self.count):
             self._start_helper(i)
+        deadline = time.monotonic() + HELLO_TIMEOUT_S
+        for helper in self.helpers:
+            while helper is not None and not helper.greeted:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([helper.sock], [], [], left)[0]:
+                    raise OSError(errno_mod.ETIMEDOUT, "nrm-spawner did not answer")
+                self._on_readable(helper)
+                if self.helpers[helper.index] is not helper:
+                    raise OSError(errno_mod.EPROTO, "nrm-spawner exited at startup "
+                                  f"(protocol {PROTOCOL} expected)")
 
     def alive(self) -> int:
         return sum(1 for h in self.helpers if h is not None)
 
     def _start_helper(self, index: int) -> None:
+        program = find_spawner()
+        if program is None:
+            raise OSError(errno_mod.ENOENT, "nrm-spawner not found (it is built with "
+                          "libnrm: run make setup)")
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (f"import sys; sys.path.insert(0, {root!r}); "
-                "from nrm.spawner import _main; _main()")
         try:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(theirs.fileno()),
-                                     str(os.getpid())], pass_fds=(theirs.fileno(),),
-                                    stdin=subprocess.DEVNULL, cwd="/")
+            proc = subprocess.Popen([program, str(theirs.fileno()), str(os.getpid())],
+                                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                    cwd="/", env={})
         finally:
             theirs.close()
         mine.setblocking(False)
@@ -460,15 +354,17 @@ class SpawnerPool:
             return
         helper = min(live, key=lambda h: len(h.pending))
         self.next_id += 1
-        request["id"] = self.next_id
-        data = marshal.dumps(request)
+        try:
+            data, argv0, cwd = encode_request(self.next_id, request)
+        except (ValueError, TypeError) as exc:
+            self.loop.call_soon(done, SpawnError("invalid", None, str(exc)))
+            return
         fds: List[int] = []
         if len(data) > MAX_MSG:
             fd = os.memfd_create("nrm-spawn", os.MFD_CLOEXEC)
             os.write(fd, data)
-            os.lseek(fd, 0, os.SEEK_SET)
             data, fds = b"\0", [fd]
-        helper.pending[self.next_id] = done
+        helper.pending[self.next_id] = (done, argv0, cwd)
         helper.outq.append((data, fds))
         self._flush(helper)
 
@@ -498,16 +394,20 @@ class SpawnerPool:
     def _on_readable(self, helper: _Helper) -> None:
         while self.helpers[helper.index] is helper:
             try:
-                data, fds, flags, _addr = socket.recv_fds(helper.sock, REPLY_MAX, RECV_FDS)
+                data, fds, flags, _addr = socket.recv_fds(helper.sock, _REPLY.size + 1,
+                                                          RECV_FDS)
             except BlockingIOError:
                 return
             except OSError:
                 data, fds, flags = b"", [], 0
-            try:
-                msg = marshal.loads(data) if data and not flags & _MSG_TRUNC else None
-            except (EOFError, ValueError, TypeError):
+            msg = (_REPLY.unpack(data) if len(data) == _REPLY.size and not flags & _MSG_TRUNC
+                   else None)
+            if msg is not None and msg[0] == _HELLO and msg[2] != PROTOCOL:
+                if self.log is not None:
+                    self.log.error("nrm-spawner speaks protocol %d, nrmd %d: rebuild "
+                                   "libnrm (make setup)", msg[2], PROTOCOL)
                 msg = None
-            if msg is None:
+            if msg is None or (msg[0] == _HELLO) == helper.greeted:
                 # gone, or a reply we cannot trust: treat the helper as dead
                 for fd in fds:
                     os.close(fd)
@@ -518,23 +418,27 @@ class SpawnerPool:
             self._dispatch(helper, msg, fds)
 
     def _dispatch(self, helper: _Helper, msg: tuple, fds: List[int]) -> None:
-        kind = msg[0]
-        if kind == "exit":
-            helper.tasks.discard(msg[1])
-            self.on_exit(msg[1], msg[2])
+        kind, pid, rid, stage, num, status, what = msg
+        if kind == _HELLO:
+            helper.greeted = True
             return
-        done = helper.pending.pop(msg[1], None)
-        if kind == "ok":
+        if kind == _EXIT:
+            helper.tasks.discard(pid)
+            self.on_exit(pid, status)
+            return
+        done, argv0, cwd = helper.pending.pop(rid, (None, b"", None))
+        if kind == _OK:
             self.counters["spawned"] += 1
-            pid = msg[2]
             helper.tasks.add(pid)
             out, err = (fds[1], fds[2]) if len(fds) == 3 else (-1, -1)
             result = Started(pid, fds[0], out, err)
         else:
             self.counters["failed"] += 1
-            _, _, stage, num, text, filename = msg
+            filename = (os.fsdecode(argv0) if what == 1 else
+                        os.fsdecode(cwd) if what == 2 and cwd else None)
+            text = os.strerror(num) if num else "failed"
             exc = OSError(num, text, filename) if num else None
-            result = SpawnError(stage, exc, text)
+            result = SpawnError(_STAGES.get(stage, "invalid"), exc, text)
         if done is not None:
             done(result)
         elif isinstance(result, Started):
@@ -559,7 +463,7 @@ class SpawnerPool:
                 self.log.warning("spawner %d (pid %d) died with %s; %d launches failed, "
                                  "%d tasks lose their exit status", helper.index,
                                  helper.proc.pid, code, len(helper.pending), len(helper.tasks))
-        for done in helper.pending.values():
+        for done, _argv0, _cwd in helper.pending.values():
             done(SpawnError("place", None, "the spawner died during the launch"))
         helper.pending.clear()
         if self.closing:
@@ -603,7 +507,3 @@ class SpawnerPool:
         for helper in list(self.helpers):
             if helper is not None:
                 self._died(helper)
-
-
-if __name__ == "__main__":
-    _main()

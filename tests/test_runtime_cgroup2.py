@@ -83,8 +83,7 @@ def test_container_cgroup_gets_its_slice_and_a_placement(tree):
     assert _read(f"{h.cgdir}/cpuset.mems") == "0"
     assert _read(f"{h.cgdir}/memory.oom.group") == "1"
     p = rt.placement(h, [3])
-    assert p == {"join": [f"{h.cgdir}/cgroup.procs"], "after": [],
-                 "home": [f"{home}/nrm.t/supervisor/cgroup.procs"], "cpus": [3]}
+    assert p == {"join": [f"{h.cgdir}/cgroup.procs"], "cpus": [3]}
     with pytest.raises(Exception, match="spawner"):
         rt.spawn(h, ["true"])
     rt.close()
@@ -202,7 +201,7 @@ def test_stale_container_cgroups_are_killed_and_removed_at_start(tmp_path):
     rt.close()
 
 
-def test_a_real_spawner_joins_the_container_then_goes_home(tree):
+def test_a_real_spawners_child_joins_the_container_and_the_spawner_stays_home(tree):
     root, home = tree
     rt = Cgroup2Runtime("nrm.t", root=root)
     h = rt.create("job", [0], [0])
@@ -231,9 +230,9 @@ def test_a_real_spawner_joins_the_container_then_goes_home(tree):
             pool.close()
 
     assert asyncio.run(launch()) == 0
-    # the spawner wrote itself ("0") into the container, then back home
+    # the child wrote itself ("0") into the container; the spawner never moved
     assert _read(f"{h.cgdir}/cgroup.procs") == "0"
-    assert _read(f"{home}/nrm.t/supervisor/cgroup.procs") == "0"
+    assert _read(f"{home}/nrm.t/supervisor/cgroup.procs") == ""
     rt.close()
 
 

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -18,7 +20,9 @@ import time
 
 import pytest
 
-from nrm.spawner import SpawnError, SpawnerPool, Started, env_list, fork_exec
+from nrm.paths import find_spawner
+from nrm.spawner import (PROTOCOL, SpawnError, SpawnerPool, Started, encode_request,
+                         env_list, fork_exec)
 from tests.conftest import EXAMPLES, needs_root
 from tests.daemon import DaemonProcess, wait_for
 
@@ -44,7 +48,7 @@ def spawner_pids(daemon_pid):
     for pid in kids:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"nrm.spawner" in f.read():
+                if b"nrm-spawner" in f.read():
                     out.append(pid)
         except OSError:
             pass
@@ -226,6 +230,101 @@ def test_dead_spawner_fails_its_launches_and_is_replaced():
             return old, new
     old, new = asyncio.run(go())
     assert not _alive(old) and not _alive(new)        # close() stops the helper
+
+
+# -- nrm-spawner itself -------------------------------------------------------
+
+REPLY = struct.Struct("=IiQiiii")
+
+
+@pytest.fixture
+def raw_spawner():
+    """A real nrm-spawner on a socketpair, spoken to byte by byte."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen([find_spawner(), str(theirs.fileno()), str(os.getpid())],
+                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+    theirs.close()
+    mine.settimeout(10)
+    kind, pid, version, *_ = REPLY.unpack(mine.recv(64))
+    assert (kind, pid, version) == (0, proc.pid, PROTOCOL)
+    yield mine
+    mine.close()
+    assert proc.wait(timeout=10) == 0          # our end closed: it exits
+
+
+def test_spawner_refuses_garbage_and_goes_on(raw_spawner):
+    good, _, _ = encode_request(7, {"argv": ["true"], "env": [], "cwd": "/",
+                                    "capture": False})
+    for bad in (b"x", b"\0" * 200, good[:70], b"\1" + good[1:],
+                good[:-1] + b"x",                               # last string unterminated
+                good[:40] + struct.pack("=I", 1 << 30) + good[44:]):   # absurd argv count
+        raw_spawner.send(bad)
+        kind, _, _, stage, err, _, _ = REPLY.unpack(raw_spawner.recv(64))
+        assert (kind, stage, err) == (2, 3, errno.EINVAL), bad[:80]
+    raw_spawner.send(good)
+    data, fds, _, _ = socket.recv_fds(raw_spawner, 64, 3)
+    kind, pid, rid, *_ = REPLY.unpack(data)
+    assert (kind, rid, len(fds)) == (1, 7, 1)
+    kind, exited, _, _, _, status, _ = REPLY.unpack(raw_spawner.recv(64))
+    assert (kind, exited, status) == (3, pid, 0)
+    os.close(fds[0])
+
+
+def test_a_stale_or_missing_spawner_is_a_startup_error(tmp_path, monkeypatch):
+    liar = tmp_path / "nrm-spawner"
+    liar.write_text(f"#!{PY}\nimport os, socket, struct, sys, time\n"
+                    "s = socket.socket(fileno=int(sys.argv[1]))\n"
+                    "s.send(struct.pack('=IiQiiii', 0, os.getpid(), 99, 0, 0, 0, 0))\n"
+                    "time.sleep(30)\n")
+    liar.chmod(0o755)
+
+    async def start():
+        pool = SpawnerPool(1, asyncio.get_running_loop(), print, print)
+        try:
+            pool.start()
+        finally:
+            pool.close()
+
+    monkeypatch.setattr("nrm.spawner.find_spawner", lambda: str(liar))
+    with pytest.raises(OSError, match="protocol 1"):
+        asyncio.run(start())
+    monkeypatch.setattr("nrm.spawner.find_spawner", lambda: None)
+    with pytest.raises(OSError, match="nrm-spawner not found"):
+        asyncio.run(start())
+
+
+@needs_root()
+def test_a_recreated_cgroup_is_joined_through_a_fresh_fd():
+    """The spawner keeps membership files open; a cgroup removed and made
+    again under the same path leaves it a stale fd (ENODEV)."""
+    base = "/sys/fs/cgroup/cpuacct"
+    if not os.access(base, os.W_OK):
+        pytest.skip("no writable cgroup v1 cpuacct hierarchy")
+    cg = os.path.join(base, f"nrm-test-stale-{os.getpid()}")
+
+    async def in_cgroup(h):
+        r = await h.launch(["sleep", "30"], join=[os.path.join(cg, "tasks")])
+        assert isinstance(r, Started), r
+        with open(f"/proc/{r.pid}/cgroup") as f:
+            joined = any(line.endswith(":" + cg[len(base):]) for line in f.read().split())
+        os.kill(r.pid, signal.SIGKILL)
+        await h.exit_of(r.pid)
+        os.close(r.pidfd)
+        return joined
+
+    async def go():
+        async with Harness() as h:
+            os.mkdir(cg)
+            try:
+                assert await in_cgroup(h)
+                await asyncio.sleep(0.05)
+                os.rmdir(cg)
+                os.mkdir(cg)
+                assert await in_cgroup(h)
+            finally:
+                await asyncio.sleep(0.05)
+                os.rmdir(cg)
+    asyncio.run(go())
 
 
 # -- through a daemon, with and without spawners --------------------------------

@@ -28,4 +28,4 @@ class AffinityRuntime(Runtime):
             os.sched_setaffinity(0, saved)
 
     def placement(self, handle, bind_cpus):
-        return {"join": [], "after": [], "home": [], "cpus": list(bind_cpus or handle.cpus)}
+        return {"join": [], "cpus": list(bind_cpus or handle.cpus)}

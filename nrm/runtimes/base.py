@@ -80,11 +80,10 @@ class Runtime:
         return started
 
     def placement(self, handle: Handle, bind_cpus: Optional[Sequence[int]]) -> dict:
-        """What a spawner process does to itself before forking a task of
-        this container: cgroup membership files to write "0" into (join),
-        to write the child's pid into (after), to return to (home), and
-        the affinity to take."""
-        return {"join": [], "after": [], "home": [], "cpus": list(bind_cpus or [])}
+        """Where a spawner's child places itself before it execs a task of
+        this container: the cgroup membership files it writes "0" into
+        (join), and the affinity it takes (cpus)."""
+        return {"join": [], "cpus": list(bind_cpus or [])}
 
     def adopt(self, handle: Handle, pid: int) -> None:
         """A task of this container started (it leads its own session)."""

@@ -101,9 +101,11 @@ ISOLATING = ("cpuset", "memory")
 class Slot:
     """A container cgroup directory in every hierarchy, with open fds.
 
-    The spawning thread joins the isolating hierarchies (cpuset, memory)
-    before it forks; the accounting ones (cpuacct, freezer) receive the new
-    pid right after, which halves the migrations on the launch path.
+    A spawner's child writes itself into every hierarchy before it execs.
+    Without spawners, the daemon's launching thread joins the isolating
+    hierarchies (cpuset, memory) before it forks and the accounting ones
+    (cpuacct, freezer) receive the new pid right after, which halves the
+    migrations of that thread.
     """
 
     def __init__(self, name: str, dirs: Dict[str, str]):
@@ -293,10 +295,8 @@ class CgroupRuntime(Runtime):
 
     def placement(self, handle, bind_cpus):
         dirs = handle.slot.dirs
-        return {"join": [os.path.join(dirs[c], "tasks") for c in ISOLATING if c in dirs],
-                "after": [os.path.join(d, "tasks") for c, d in dirs.items()
-                          if c not in ISOLATING],
-                "home": list(self.home_tasks), "cpus": list(bind_cpus or [])}
+        return {"join": [os.path.join(d, "tasks") for d in dirs.values()],
+                "cpus": list(bind_cpus or [])}
 
     def cgroup_dirs(self, handle: Handle) -> Dict[str, str]:
         return dict(handle.slot.dirs)

@@ -248,8 +248,7 @@ class Cgroup2Runtime(Runtime):
         return handle
 
     def placement(self, handle, bind_cpus):
-        return {"join": [os.path.join(handle.cgdir, "cgroup.procs")], "after": [],
-                "home": [os.path.join(self.supervisor, "cgroup.procs")],
+        return {"join": [os.path.join(handle.cgdir, "cgroup.procs")],
                 "cpus": list(bind_cpus or [])}
 
     def spawn(self, handle, argv, **kwargs):

@@ -1,0 +1,538 @@
+/*
+ * nrm-spawner: nrmd's launch helper.
+ *
+ * nrmd starts a few of these (one per cpu, at most 4) and hands each task
+ * launch to one of them over a SOCK_SEQPACKET socketpair; the wire format
+ * is described, and encoded on the daemon's side, in nrm/spawner.py.
+ *
+ * Why C: per launch, a Python helper spent ~80 us of its own CPU and had
+ * to move itself into the task's cgroups and back (four migrations) so
+ * that the child would be born inside its slice. Here the vfork child
+ * places itself - cgroup membership files, affinity, memory policy,
+ * scheduling class, credentials - between vfork and execve: the task is
+ * inside its slice before it runs a single instruction of its own, and
+ * this process never leaves home.
+ *
+ * The child only makes system calls and touches its own stack: it shares
+ * our memory until it execs or exits.
+ *
+ * Usage: nrm-spawner FD PARENT_PID. Exits when the daemon closes its end
+ * or dies (PR_SET_PDEATHSIG).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+
+#define PROTOCOL 1
+#define MAGIC 0x4e524d53u /* "NRMS" */
+#define MAX_MSG (1 << 16)
+#define FLAG_CAPTURE 1u
+#define MAX_CPUS 8192
+
+enum { REPLY_HELLO = 0, REPLY_OK = 1, REPLY_ERR = 2, REPLY_EXIT = 3 };
+enum { STAGE_PLACE = 1, STAGE_EXEC = 2, STAGE_INVALID = 3 };
+/* what a failure names, for the daemon's message */
+enum { WHAT_NONE = 0, WHAT_PROGRAM = 1, WHAT_CWD = 2 };
+
+struct reply {
+	uint32_t kind;
+	int32_t pid;
+	uint64_t id;
+	int32_t stage, err, status, what;
+};
+
+/* what the child reports through its close-on-exec pipe when it fails */
+struct failure {
+	int32_t stage, err, what;
+};
+
+struct request {
+	uint64_t id;
+	int32_t uid, gid, policy, priority;
+	uint32_t flags;
+	uint32_t ngroups, ncpus, nmems, nargv, nexe, nenv, njoin;
+	const int32_t *groups, *cpus, *mems;
+	const char *cwd;
+	char **argv, **exe, **env, **join;
+	/* the storage the pointers above point into */
+	char *buf;
+	char **vec;
+};
+
+static int sock = -1;
+
+static int send_reply(const struct reply *r, const int *fds, int nfds)
+{
+	struct iovec iov = { (void *)r, sizeof *r };
+	union {
+		char buf[CMSG_SPACE(3 * sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+	if (nfds > 0) {
+		memset(&u, 0, sizeof u);
+		msg.msg_control = u.buf;
+		msg.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
+		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+		memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
+	}
+	for (;;) {
+		if (sendmsg(sock, &msg, MSG_NOSIGNAL) >= 0)
+			return 0;
+		if (errno != EINTR)
+			return -1;
+	}
+}
+
+static int send_error(uint64_t id, int stage, int err, int what)
+{
+	struct reply r = { .kind = REPLY_ERR, .id = id, .stage = stage,
+			   .err = err, .what = what };
+	return send_reply(&r, NULL, 0);
+}
+
+/* -- decoding ------------------------------------------------------------ */
+
+struct cursor {
+	const char *p, *end;
+};
+
+static int take(struct cursor *c, void *out, size_t n)
+{
+	if ((size_t)(c->end - c->p) < n)
+		return -1;
+	memcpy(out, c->p, n);
+	c->p += n;
+	return 0;
+}
+
+static const int32_t *take_ints(struct cursor *c, uint32_t n)
+{
+	const int32_t *start = (const int32_t *)c->p;
+	if (n > (size_t)(c->end - c->p) / sizeof(int32_t))
+		return NULL;
+	c->p += n * sizeof(int32_t);
+	return start;
+}
+
+/* n NUL-terminated strings into vec[0..n-1], vec[n] = NULL */
+static int take_strings(struct cursor *c, uint32_t n, char **vec)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		const char *nul = memchr(c->p, 0, c->end - c->p);
+		if (nul == NULL)
+			return -1;
+		vec[i] = (char *)c->p;
+		c->p = nul + 1;
+	}
+	vec[n] = NULL;
+	return 0;
+}
+
+/* Takes ownership of buf (malloc'd, len bytes). The int arrays are read in
+ * place: the daemon aligns them (the header is 64 bytes). */
+static int decode(char *buf, size_t len, struct request *r)
+{
+	struct cursor c = { buf, buf + len };
+	uint32_t magic, pad;
+	memset(r, 0, sizeof *r);
+	r->buf = buf;
+	if (take(&c, &magic, 4) || magic != MAGIC || take(&c, &r->flags, 4) ||
+	    take(&c, &r->id, 8) || take(&c, &r->uid, 4) || take(&c, &r->gid, 4) ||
+	    take(&c, &r->policy, 4) || take(&c, &r->priority, 4) ||
+	    take(&c, &r->ngroups, 4) || take(&c, &r->ncpus, 4) ||
+	    take(&c, &r->nmems, 4) || take(&c, &r->nargv, 4) ||
+	    take(&c, &r->nexe, 4) || take(&c, &r->nenv, 4) ||
+	    take(&c, &r->njoin, 4) || take(&c, &pad, 4))
+		return -1;
+	if (((uintptr_t)c.p & 3) != 0)
+		return -1;
+	if (!(r->groups = take_ints(&c, r->ngroups)) ||
+	    !(r->cpus = take_ints(&c, r->ncpus)) ||
+	    !(r->mems = take_ints(&c, r->nmems)))
+		return -1;
+	/* every string is at least its NUL: bound the counts by the length */
+	size_t left = c.end - c.p;
+	if (r->nargv == 0 || r->nexe == 0 || r->nargv > left || r->nexe > left ||
+	    r->nenv > left || r->njoin > left ||
+	    (size_t)r->nargv + r->nexe + r->nenv + r->njoin + 1 > left)
+		return -1;
+	r->vec = calloc((size_t)r->nargv + r->nexe + r->nenv + r->njoin + 4,
+			sizeof(char *));
+	if (r->vec == NULL)
+		return -1;
+	char *cwd[2];
+	r->argv = r->vec;
+	r->exe = r->argv + r->nargv + 1;
+	r->env = r->exe + r->nexe + 1;
+	r->join = r->env + r->nenv + 1;
+	if (take_strings(&c, 1, cwd) || take_strings(&c, r->nargv, r->argv) ||
+	    take_strings(&c, r->nexe, r->exe) || take_strings(&c, r->nenv, r->env) ||
+	    take_strings(&c, r->njoin, r->join))
+		return -1;
+	r->cwd = cwd[0][0] ? cwd[0] : NULL;
+	return 0;
+}
+
+static void release(struct request *r)
+{
+	free(r->vec);
+	free(r->buf);
+}
+
+/* -- the child, between vfork and execve ----------------------------------- */
+
+static cpu_set_t cpus_buf;
+static unsigned long mems_buf[MAX_CPUS / (8 * sizeof(unsigned long))];
+
+static void fail(int errpipe, int stage, int err, int what)
+{
+	struct failure f = { stage, err, what };
+	ssize_t n = write(errpipe, &f, sizeof f);
+	(void)n;
+	_exit(127);
+}
+
+/* Never returns. Only system calls: the parent's memory is shared.
+ * join_fds: the membership files, opened by the parent. */
+static void child(const struct request *r, const int *join_fds, int devnull,
+		  int out_w, int err_w, int errpipe)
+{
+	sigset_t none;
+	sigemptyset(&none);
+	syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof(uint64_t));
+	for (uint32_t i = 0; i < r->njoin; i++)
+		if (write(join_fds[i], "0", 1) != 1)
+			fail(errpipe, STAGE_PLACE, errno, WHAT_NONE);
+	if (r->ncpus && syscall(SYS_sched_setaffinity, 0, sizeof cpus_buf, &cpus_buf) < 0)
+		fail(errpipe, STAGE_PLACE, errno, WHAT_NONE);
+	if (r->nmems && syscall(SYS_set_mempolicy, 2 /* MPOL_BIND */, mems_buf,
+				(unsigned long)MAX_CPUS) < 0 && errno != ENOSYS)
+		fail(errpipe, STAGE_PLACE, errno, WHAT_NONE);
+	if (r->policy >= 0) {
+		struct sched_param sp = { .sched_priority = r->priority };
+		if (syscall(SYS_sched_setscheduler, 0, r->policy, &sp) < 0)
+			fail(errpipe, STAGE_PLACE, errno, WHAT_NONE);
+	}
+	if (syscall(SYS_setsid) < 0)
+		fail(errpipe, STAGE_EXEC, errno, WHAT_NONE);
+	if (dup2(devnull, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0)
+		fail(errpipe, STAGE_EXEC, errno, WHAT_NONE);
+	if (r->gid >= 0) {
+		if (syscall(SYS_setgroups, (size_t)r->ngroups, r->groups) < 0 ||
+		    syscall(SYS_setresgid, r->gid, r->gid, r->gid) < 0)
+			fail(errpipe, STAGE_EXEC, errno, WHAT_NONE);
+	}
+	if (r->uid >= 0 && syscall(SYS_setresuid, r->uid, r->uid, r->uid) < 0)
+		fail(errpipe, STAGE_EXEC, errno, WHAT_NONE);
+	/* as the user: the daemon's own access must not open a door */
+	if (r->cwd != NULL && chdir(r->cwd) < 0)
+		fail(errpipe, STAGE_EXEC, errno, WHAT_CWD);
+	/* everything we hold is close-on-exec already; this is the guard */
+	syscall(SYS_close_range, 3u, ~0u, 4u /* CLOSE_RANGE_CLOEXEC */);
+	int saved = 0;
+	for (uint32_t i = 0; i < r->nexe; i++) {
+		execve(r->exe[i], r->argv, r->env);
+		if (errno != ENOENT && errno != ENOTDIR && saved == 0)
+			saved = errno;
+	}
+	fail(errpipe, STAGE_EXEC, saved ? saved : errno, WHAT_PROGRAM);
+}
+
+/* -- one launch ------------------------------------------------------------ */
+
+static int devnull_fd = -1;
+
+/* Membership files stay open: containers' cgroups are pooled, the same few
+ * paths recur, and an open fd saves the child a kernfs lookup, an open and
+ * a close (~60 us per launch here). A cgroup removed since leaves a stale
+ * fd (ENODEV): the launch is retried once with fresh opens. */
+#define MEMBERSHIP_CACHE 64
+static struct {
+	char *path;
+	int fd;
+} membership[MEMBERSHIP_CACHE];
+static int memberships;
+
+static void forget_memberships(void)
+{
+	for (int i = 0; i < memberships; i++) {
+		free(membership[i].path);
+		close(membership[i].fd);
+	}
+	memberships = 0;
+}
+
+static int membership_fd(const char *path)
+{
+	for (int i = 0; i < memberships; i++)
+		if (strcmp(membership[i].path, path) == 0)
+			return membership[i].fd;
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	if (memberships == MEMBERSHIP_CACHE)
+		forget_memberships();
+	char *copy = strdup(path);
+	if (copy == NULL) {
+		close(fd);
+		errno = ENOMEM;
+		return -1;
+	}
+	membership[memberships].path = copy;
+	membership[memberships].fd = fd;
+	memberships++;
+	return fd;
+}
+
+static int build_masks(const struct request *r)
+{
+	CPU_ZERO(&cpus_buf);
+	for (uint32_t i = 0; i < r->ncpus; i++) {
+		if (r->cpus[i] < 0 || r->cpus[i] >= CPU_SETSIZE)
+			return -1;
+		CPU_SET(r->cpus[i], &cpus_buf);
+	}
+	memset(mems_buf, 0, sizeof mems_buf);
+	for (uint32_t i = 0; i < r->nmems; i++) {
+		unsigned n = (unsigned)r->mems[i];
+		if (n >= MAX_CPUS)
+			return -1;
+		mems_buf[n / (8 * sizeof(unsigned long))] |= 1ul << (n % (8 * sizeof(unsigned long)));
+	}
+	return 0;
+}
+
+static void close_all(int *fds, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
+}
+
+/* returns -1 only when the daemon's socket failed */
+static int launch(const struct request *r, int retry)
+{
+	int out[2] = { -1, -1 }, err[2] = { -1, -1 }, errpipe[2];
+	int join_fds[r->njoin + 1];
+	if (build_masks(r) < 0)
+		return send_error(r->id, STAGE_INVALID, EINVAL, WHAT_NONE);
+	for (uint32_t i = 0; i < r->njoin; i++)
+		if ((join_fds[i] = membership_fd(r->join[i])) < 0)
+			return send_error(r->id, STAGE_PLACE, errno, WHAT_NONE);
+	if (r->flags & FLAG_CAPTURE) {
+		if (pipe2(out, O_CLOEXEC) < 0)
+			return send_error(r->id, STAGE_PLACE, errno, WHAT_NONE);
+		if (pipe2(err, O_CLOEXEC) < 0) {
+			int e = errno;
+			close_all(out, 2);
+			return send_error(r->id, STAGE_PLACE, e, WHAT_NONE);
+		}
+	}
+	if (pipe2(errpipe, O_CLOEXEC) < 0) {
+		int e = errno;
+		close_all(out, 2);
+		close_all(err, 2);
+		return send_error(r->id, STAGE_PLACE, e, WHAT_NONE);
+	}
+	int out_w = out[1] >= 0 ? out[1] : devnull_fd;
+	int err_w = err[1] >= 0 ? err[1] : devnull_fd;
+	pid_t pid = vfork();
+	if (pid == 0)
+		child(r, join_fds, devnull_fd, out_w, err_w, errpipe[1]);
+	int vfork_errno = errno;
+	close(errpipe[1]);
+	if (out[1] >= 0)
+		close(out[1]);
+	if (err[1] >= 0)
+		close(err[1]);
+	if (pid < 0) {
+		close(errpipe[0]);
+		close(out[0]);
+		close(err[0]);
+		return send_error(r->id, STAGE_PLACE, vfork_errno, WHAT_NONE);
+	}
+	struct failure f;
+	ssize_t n;
+	do
+		n = read(errpipe[0], &f, sizeof f);
+	while (n < 0 && errno == EINTR);
+	close(errpipe[0]);
+	if (n != 0) {
+		int fds[2] = { out[0], err[0] };
+		close_all(fds, 2);
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		if (n != sizeof f)
+			return send_error(r->id, STAGE_EXEC, EIO, WHAT_NONE);
+		if (retry && f.stage == STAGE_PLACE && (f.err == ENODEV || f.err == ENOENT)) {
+			forget_memberships();
+			return launch(r, 0);
+		}
+		return send_error(r->id, f.stage, f.err, f.what);
+	}
+	int fds[3] = { (int)syscall(SYS_pidfd_open, pid, 0), out[0], err[0] };
+	if (fds[0] < 0) {
+		/* the daemon could not follow it: it must not run */
+		int e = errno;
+		kill(pid, SIGKILL);
+		close_all(fds, 3);
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		return send_error(r->id, STAGE_PLACE, e, WHAT_NONE);
+	}
+	struct reply ok = { .kind = REPLY_OK, .id = r->id, .pid = pid };
+	int rc = send_reply(&ok, fds, out[0] >= 0 ? 3 : 1);
+	close_all(fds, 3);
+	return rc;
+}
+
+/* -- the loop --------------------------------------------------------------- */
+
+/* A request: one message, or a memfd with it when it is too large. NULL
+ * with *closed set when the daemon hung up. */
+static char *receive(size_t *len, int *closed)
+{
+	char *buf = malloc(MAX_MSG);
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	struct iovec iov = { buf, MAX_MSG };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
+			      .msg_control = u.buf, .msg_controllen = sizeof u.buf };
+	*closed = 0;
+	if (buf == NULL)
+		return NULL;
+	ssize_t n;
+	do
+		n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n <= 0) {
+		*closed = n == 0 || (errno != EAGAIN);
+		free(buf);
+		return NULL;
+	}
+	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+	if (c == NULL || c->cmsg_type != SCM_RIGHTS) {
+		*len = (size_t)n;
+		return buf;
+	}
+	int fd;
+	memcpy(&fd, CMSG_DATA(c), sizeof fd);
+	free(buf);
+	struct stat st;
+	buf = NULL;
+	if (fstat(fd, &st) == 0 && st.st_size > 0 && st.st_size < (1 << 30) &&
+	    (buf = malloc(st.st_size)) != NULL) {
+		if (pread(fd, buf, st.st_size, 0) != st.st_size) {
+			free(buf);
+			buf = NULL;
+		}
+		*len = st.st_size;
+	}
+	close(fd);
+	return buf;
+}
+
+static int reap(void)
+{
+	for (;;) {
+		int status;
+		pid_t pid = waitpid(-1, &status, WNOHANG);
+		if (pid <= 0)
+			return 0;
+		struct reply r = { .kind = REPLY_EXIT, .pid = pid, .status = status };
+		if (send_reply(&r, NULL, 0) < 0)
+			return -1;
+	}
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 3)
+		return 2;
+	sock = atoi(argv[1]);
+	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+	if (getppid() != (pid_t)atoi(argv[2]))
+		return 0;
+	fcntl(sock, F_SETFD, FD_CLOEXEC);
+	devnull_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+	/* blocked here, unblocked in each child: a ^C meant for the tasks'
+	 * terminal does not kill us, and nothing we ignore leaks into them */
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGCHLD);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGHUP);
+	sigaddset(&set, SIGQUIT);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	sigemptyset(&set);
+	sigaddset(&set, SIGCHLD);
+	int sigfd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+	if (devnull_fd < 0 || sigfd < 0)
+		return 3;
+	struct reply hello = { .kind = REPLY_HELLO, .id = PROTOCOL, .pid = getpid() };
+	if (send_reply(&hello, NULL, 0) < 0)
+		return 0;
+	struct pollfd pfd[2] = { { sock, POLLIN, 0 }, { sigfd, POLLIN, 0 } };
+	for (;;) {
+		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+			return 3;
+		if (pfd[1].revents) {
+			struct signalfd_siginfo si;
+			while (read(sigfd, &si, sizeof si) > 0)
+				;
+		}
+		if (pfd[0].revents) {
+			size_t len = 0;
+			int closed;
+			char *buf = receive(&len, &closed);
+			if (closed)
+				return 0;
+			struct request r;
+			if (buf == NULL)
+				continue;
+			if (decode(buf, len, &r) < 0) {
+				uint64_t id = 0;
+				if (len >= 16)
+					memcpy(&id, buf + 8, 8);
+				release(&r);
+				if (send_error(id, STAGE_INVALID, EINVAL, WHAT_NONE) < 0)
+					return 0;
+				continue;
+			}
+			int rc = launch(&r, 1);
+			release(&r);
+			if (rc < 0)
+				return 0;
+		}
+		if (reap() < 0)
+			return 0;
+	}
+}
