@@ -89,12 +89,22 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int):
+def spawners(pid: int):
+    """The daemon's nrm-spawner children (tasks are its children too)."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+            kids = [int(p) for p in f.read().split()]
     except OSError:
         return []
+    out = []
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/comm") as f:
+                if f.read().strip() == "nrm-spawner":
+                    out.append(kid)
+        except OSError:
+            pass
+    return out
 
 
 def measure(spawners: int, args) -> dict:
@@ -105,7 +115,7 @@ def measure(spawners: int, args) -> dict:
         daemon_cpu = helper_cpu = client_cpu = 0.0
         for _ in range(args.repeat):
             floors.append(floor_popen(args.tasks, args.inflight))
-            helpers = children(d.proc.pid)
+            helpers = spawners(d.proc.pid)
             before = cpu_s(d.proc.pid), sum(cpu_s(p) for p in helpers)
             own = resource.getrusage(resource.RUSAGE_SELF)
             rate, started, lat = asyncio.run(through_nrm(d.rundir, args.tasks, args.inflight))

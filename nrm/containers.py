@@ -9,9 +9,9 @@ which may push back: when a client is slow its task's pipes stop being read,
 so output is never dropped and daemon memory stays bounded.
 
 Tasks are launched by spawner processes when the daemon has them (see
-nrm/spawner.py: they reap their tasks and report each wait status, so a
-launch is asynchronous and a container keeps its slice while a launch is in
-flight), else by the daemon's own thread, which then reaps through pidfds.
+nrm/spawner.py: a launch is asynchronous, and a container keeps its slice
+while a launch is in flight), else by the daemon's own thread. Either way
+each task is the daemon's child, reaped through its pidfd.
 """
 
 from __future__ import annotations
@@ -107,7 +107,6 @@ class Task:
     detach: bool = False
     pid: int = 0
     pidfd: int = -1
-    local: bool = True          # the daemon is the parent (no spawner)
     doomed: bool = False        # killed while its launch was in flight
     pipes: Dict[str, int] = field(default_factory=dict)   # stream name -> fd
     paused: Dict[str, bool] = field(default_factory=dict)
@@ -191,11 +190,9 @@ class ContainerManager:
         self.counters = {"tasks_started": 0, "tasks_finished": 0, "containers_started": 0,
                          "containers_finished": 0, "spawn_failures": 0}
         self.finished_profiles: Deque[dict] = deque(maxlen=64)
-        self.by_pid: Dict[int, Task] = {}        # tasks a spawner reaps
         self.pool: Optional[SpawnerPool] = None
         if spawners > 0:
-            self.pool = SpawnerPool(spawners, self.loop, self._on_spawner_exit,
-                                    self._on_spawner_lost, log)
+            self.pool = SpawnerPool(spawners, self.loop, log)
             try:
                 self.pool.start()
             except OSError as exc:
@@ -339,7 +336,6 @@ class ContainerManager:
         except Exception as exc:
             self.counters["spawn_failures"] += 1
             raise RunError("runtime", f"cannot start task: {exc}") from None
-        task.local = False
         container.starting[task.id] = task
         self.pool.submit(request, lambda result: self._spawned(task, peer, argv, sched, result))
         return task
@@ -360,13 +356,14 @@ class ContainerManager:
         if container.id not in self.containers:
             # torn down while launching (daemon shutdown): never leave it running
             _killpg(result.pid)
+            _reap(result.pid)
             for fd in (result.pidfd, result.stdout, result.stderr):
                 if fd >= 0:
                     os.close(fd)
             return
         self.runtime.adopt(container.handle, result.pid)
         task.pidfd = result.pidfd
-        self.by_pid[result.pid] = task
+        self.loop.add_reader(task.pidfd, self._on_pid_exit, task)
         self._started(task, peer, result.pid, result.stdout, result.stderr)
         if task.doomed:
             _killpg(task.pid)
@@ -443,30 +440,12 @@ class ContainerManager:
             return
         self._exited(task, status)
 
-    def _on_spawner_exit(self, pid: int, status: int) -> None:
-        task = self.by_pid.pop(pid, None)
-        if task is not None and task.pidfd >= 0:
-            self._exited(task, status)
-
-    def _on_spawner_lost(self, pid: int) -> None:
-        """Its spawner died: the exit is still seen through our pidfd."""
-        task = self.by_pid.get(pid)
-        if task is not None and task.pidfd >= 0:
-            self.loop.add_reader(task.pidfd, self._on_lost_exit, task)
-
-    def _on_lost_exit(self, task: Task) -> None:
-        self.by_pid.pop(task.pid, None)
-        log.warning("task %s (pid %d) exited after its spawner died: status lost, "
-                    "reported as 255", task.id, task.pid)
-        self._exited(task, None)
-
     def _exited(self, task: Task, status: Optional[int]) -> None:
         self.loop.remove_reader(task.pidfd)
         os.close(task.pidfd)
         task.pidfd = -1
-        if status is None:
-            if not task.adopted:        # a spawner died: its status is lost
-                task.code = 255
+        if status is None:      # adopted from a crashed nrmd: not ours to wait for
+            pass
         elif os.WIFSIGNALED(status):
             task.signal = os.WTERMSIG(status)
         else:
@@ -550,13 +529,7 @@ class ContainerManager:
         """Container teardown while a task is still known: kill and reap now."""
         if task.pidfd >= 0:
             _killpg(task.pid)
-            if task.local:
-                try:
-                    os.waitpid(task.pid, 0)
-                except ChildProcessError:
-                    pass
-            else:
-                self.by_pid.pop(task.pid, None)     # its spawner reaps it
+            _reap(task.pid)
             self.loop.remove_reader(task.pidfd)
             os.close(task.pidfd)
             task.pidfd = -1
@@ -743,6 +716,16 @@ def _killpg(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap(pid: int) -> None:
+    """Kill a task whose group was just killed (it may have left its group)
+    and wait for it; an adopted task is not our child."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError, PermissionError):
         pass
 
 

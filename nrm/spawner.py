@@ -13,11 +13,11 @@ born inside its slice, with no `preexec_fn` and no extra exec, and the
 spawner itself never leaves its own cgroups. It passes back the pid, a pidfd
 and the output pipes' read ends with SCM_RIGHTS. The wire format is below.
 
-Who reaps: the spawner is the task's parent, so the spawner reaps it and
-sends the wait status to the daemon. If a spawner dies, its requests in
-flight fail with a `runtime` error, it is restarted, and its running tasks
-(now children of init) are followed through the pidfds the daemon holds:
-their exit is seen, their status is lost and reported as 255.
+Who reaps: the daemon. The spawner's child is made with CLONE_PARENT, so
+every task is the daemon's own child, reaped through the pidfd the spawner
+passes back: a task's exit wakes the daemon directly, and a spawner that
+dies costs its running tasks nothing. Its requests in flight fail with a
+`runtime` error and it is restarted.
 
 `fork_exec` and `thread_attributes` are the in-process launch path
 (`nrmd --spawners 0`).
@@ -205,20 +205,22 @@ def thread_attributes(cpus, mems, sched):
 #            unchanged), argv, the executables to try in order, env, and the
 #            cgroup membership files the child writes "0" into before it execs.
 #            Larger than MAX_MSG: a one-byte message carries a memfd holding it.
-#   reply    32 bytes: kind (u32: 0 hello, 1 ok, 2 error, 3 exit), pid (i32),
+#   reply    32 bytes: kind (u32: 0 hello, 1 ok, 2 error, 3 reap), pid (i32),
 #            id (u64; the protocol version in hello), stage (1 place, 2 exec,
-#            3 invalid), errno, wait status, what a failure names (1 the
-#            program, 2 the cwd) - all i32. An ok reply carries the pidfd and,
-#            with capture, the stdout and stderr read ends (SCM_RIGHTS).
+#            3 invalid), errno, an unused i32, what a failure names (1 the
+#            program, 2 the cwd) - all i32. An ok reply carries the task's
+#            pidfd and, with capture, the stdout and stderr read ends
+#            (SCM_RIGHTS). A reap reply carries the pidfd of a child that
+#            failed before exec: the daemon's zombie, for it to reap.
 
-PROTOCOL = 1
+PROTOCOL = 2
 MAGIC = 0x4E524D53
 MAX_MSG = 1 << 16          # larger requests travel in a memfd
 RECV_FDS = 3
 _FLAG_CAPTURE = 1
 _HEADER = struct.Struct("=IIQiiiiIIIIIIII")
 _REPLY = struct.Struct("=IiQiiii")
-_HELLO, _OK, _ERR, _EXIT = 0, 1, 2, 3
+_HELLO, _OK, _ERR, _REAP = 0, 1, 2, 3
 _STAGES = {1: "place", 2: "exec", 3: "invalid"}
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: `flags & socket.MSG_TRUNC` builds an enum per reply
 
@@ -276,7 +278,6 @@ class _Helper:
         self.greeted = False
         #: request id -> (done, argv[0], cwd): replies carry no strings
         self.pending: Dict[int, Tuple[Callable, bytes, Optional[bytes]]] = {}
-        self.tasks: set = set()
         self.outq: List[Tuple[bytes, List[int]]] = []
         self.writing = False
 
@@ -288,17 +289,13 @@ HELLO_TIMEOUT_S = 5.0
 class SpawnerPool:
     """N spawner helpers driven from the daemon's event loop.
 
-    ``on_exit(pid, status)`` receives each task's wait status;
-    ``on_lost(pid)`` names a task whose spawner died (its status is lost).
-    Requests go to the helper with the fewest in flight.
+    Requests go to the helper with the fewest in flight. A Started task is
+    the caller's child: the caller reaps it (its pidfd becomes readable).
     """
 
-    def __init__(self, count: int, loop, on_exit: Callable[[int, int], None],
-                 on_lost: Callable[[int], None], log=None):
+    def __init__(self, count: int, loop, log=None):
         self.count = count
         self.loop = loop
-        self.on_exit = on_exit
-        self.on_lost = on_lost
         self.log = log
         self.helpers: List[Optional[_Helper]] = [None] * count
         #: live helpers' pids, shared with the runtime (they pass through cgroups)
@@ -418,18 +415,17 @@ class SpawnerPool:
             self._dispatch(helper, msg, fds)
 
     def _dispatch(self, helper: _Helper, msg: tuple, fds: List[int]) -> None:
-        kind, pid, rid, stage, num, status, what = msg
+        kind, pid, rid, stage, num, _unused, what = msg
         if kind == _HELLO:
             helper.greeted = True
             return
-        if kind == _EXIT:
-            helper.tasks.discard(pid)
-            self.on_exit(pid, status)
+        if kind == _REAP:
+            if fds:
+                self._reap_failed(pid, fds[0])
             return
         done, argv0, cwd = helper.pending.pop(rid, (None, b"", None))
         if kind == _OK:
             self.counters["spawned"] += 1
-            helper.tasks.add(pid)
             out, err = (fds[1], fds[2]) if len(fds) == 3 else (-1, -1)
             result = Started(pid, fds[0], out, err)
         else:
@@ -444,6 +440,24 @@ class SpawnerPool:
         elif isinstance(result, Started):
             for fd in fds:
                 os.close(fd)
+
+    def _reap_failed(self, pid: int, pidfd: int) -> None:
+        """A child that never exec'd: reap it once it is a zombie."""
+        def reap():
+            self.loop.remove_reader(pidfd)
+            os.close(pidfd)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        try:
+            gone = os.waitpid(pid, os.WNOHANG)[0] != 0
+        except ChildProcessError:
+            gone = True
+        if gone:
+            os.close(pidfd)
+        else:
+            self.loop.add_reader(pidfd, reap)
 
     # -- failure and shutdown ------------------------------------------------
     def _died(self, helper: _Helper) -> None:
@@ -460,17 +474,13 @@ class SpawnerPool:
         if not self.closing:
             self.counters["helper_deaths"] += 1
             if self.log is not None:
-                self.log.warning("spawner %d (pid %d) died with %s; %d launches failed, "
-                                 "%d tasks lose their exit status", helper.index,
-                                 helper.proc.pid, code, len(helper.pending), len(helper.tasks))
+                self.log.warning("spawner %d (pid %d) died with %s; %d launches failed",
+                                 helper.index, helper.proc.pid, code, len(helper.pending))
         for done, _argv0, _cwd in helper.pending.values():
             done(SpawnError("place", None, "the spawner died during the launch"))
         helper.pending.clear()
         if self.closing:
             return      # the daemon already ended every container
-        for pid in helper.tasks:
-            self.on_lost(pid)
-        helper.tasks.clear()
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < 60] + [now]
         if len(self.restarts) > RESTARTS_PER_MINUTE:

@@ -89,13 +89,11 @@ def test_fork_exec_searches_the_tasks_path_and_captures_output(tmp_path):
 
 class Harness:
     def __init__(self, count=1):
-        self.exits = {}
-        self.lost = []
         self.count = count
 
     async def __aenter__(self):
         self.loop = asyncio.get_running_loop()
-        self.pool = SpawnerPool(self.count, self.loop, self.exits.__setitem__, self.lost.append)
+        self.pool = SpawnerPool(self.count, self.loop)
         self.pool.start()
         return self
 
@@ -110,9 +108,11 @@ class Harness:
         return await asyncio.wait_for(done, 10)
 
     async def exit_of(self, pid):
+        """Tasks are our children (the spawner's child is made CLONE_PARENT)."""
         for _ in range(1000):
-            if pid in self.exits:
-                return self.exits[pid]
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
             await asyncio.sleep(0.01)
         raise AssertionError(f"no exit for {pid}")
 
@@ -129,8 +129,6 @@ def test_pool_launches_reports_status_and_passes_pipes():
             assert os.read(r.stderr, 100) == b"oops\n"
             for fd in (r.pidfd, r.stdout, r.stderr):
                 os.close(fd)
-            # the task led its own session, and was the spawner's child, not ours
-            assert r.pid != os.getpid()
     asyncio.run(go())
 
 
@@ -191,18 +189,19 @@ def test_pool_applies_affinity_to_the_child_only():
 def test_pool_spreads_requests_over_helpers():
     async def go():
         async with Harness(count=2) as h:
-            rs = await asyncio.gather(*(h.launch(["sleep", "30"]) for _ in range(4)))
-            parents = set()
+            launches = [asyncio.ensure_future(h.launch(["sleep", "30"])) for _ in range(4)]
+            await asyncio.sleep(0)              # all four submitted, none answered yet
+            in_flight = [len(helper.pending) for helper in h.pool.helpers]
+            rs = await asyncio.gather(*launches)
             for r in rs:
-                with open(f"/proc/{r.pid}/stat") as f:
-                    parents.add(int(f.read().rsplit(")", 1)[1].split()[1]))
-            for r in rs:
+                assert isinstance(r, Started)
+                with open(f"/proc/{r.pid}/stat") as f:      # our child, whoever launched it
+                    assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
                 os.kill(r.pid, signal.SIGKILL)
                 await h.exit_of(r.pid)
                 os.close(r.pidfd)
-            return parents, set(h.pool.helper_pids)
-    parents, helpers = asyncio.run(go())
-    assert parents == helpers and len(helpers) == 2
+            return in_flight
+    assert asyncio.run(go()) == [2, 2]
 
 
 def test_dead_spawner_fails_its_launches_and_is_replaced():
@@ -218,9 +217,10 @@ def test_dead_spawner_fails_its_launches_and_is_replaced():
             os.kill(old, signal.SIGKILL)
             failed = await asyncio.wait_for(pending, 10)
             assert isinstance(failed, SpawnError) and "died" in str(failed)
-            assert h.lost == [running.pid]        # its task's status is lost ...
-            assert _alive(running.pid)            # ... but the task runs on
+            assert _alive(running.pid)            # its task runs on, still our child
             os.kill(running.pid, signal.SIGKILL)
+            status = await h.exit_of(running.pid)
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
             os.close(running.pidfd)
             new = h.pool.helpers[0].proc.pid
             assert new != old and h.pool.counters["restarts"] == 1
@@ -265,8 +265,7 @@ def test_spawner_refuses_garbage_and_goes_on(raw_spawner):
     data, fds, _, _ = socket.recv_fds(raw_spawner, 64, 3)
     kind, pid, rid, *_ = REPLY.unpack(data)
     assert (kind, rid, len(fds)) == (1, 7, 1)
-    kind, exited, _, _, _, status, _ = REPLY.unpack(raw_spawner.recv(64))
-    assert (kind, exited, status) == (3, pid, 0)
+    assert os.waitpid(pid, 0) == (pid, 0)            # our child, not the spawner's
     os.close(fds[0])
 
 
@@ -279,14 +278,14 @@ def test_a_stale_or_missing_spawner_is_a_startup_error(tmp_path, monkeypatch):
     liar.chmod(0o755)
 
     async def start():
-        pool = SpawnerPool(1, asyncio.get_running_loop(), print, print)
+        pool = SpawnerPool(1, asyncio.get_running_loop())
         try:
             pool.start()
         finally:
             pool.close()
 
     monkeypatch.setattr("nrm.spawner.find_spawner", lambda: str(liar))
-    with pytest.raises(OSError, match="protocol 1"):
+    with pytest.raises(OSError, match=f"protocol {PROTOCOL} expected"):
         asyncio.run(start())
     monkeypatch.setattr("nrm.spawner.find_spawner", lambda: None)
     with pytest.raises(OSError, match="nrm-spawner not found"):
@@ -409,7 +408,7 @@ def test_task_is_in_its_cgroup_and_the_spawner_went_home(nrmd):
             assert "/nrm." not in f.read()
 
 
-def test_killed_spawner_is_replaced_and_its_task_still_ends(tmp_path):
+def test_killed_spawner_is_replaced_and_its_task_keeps_its_status(tmp_path):
     d = DaemonProcess("--hw", "emulated", "--spawners", "1").start()
     go = tmp_path / "go"
     try:
@@ -422,7 +421,7 @@ def test_killed_spawner_is_replaced_and_its_task_still_ends(tmp_path):
         wait_for(lambda: old not in spawner_pids(d.proc.pid))
         go.touch()
         _, err = p.communicate(timeout=20)
-        assert p.returncode == 255, err           # exit seen, status lost
+        assert p.returncode == 7, err             # the daemon is the task's parent
         new = wait_for(lambda: spawner_pids(d.proc.pid))
         assert new != [old]
         assert d.cli("run", BASIC, "sh", "-c", "exit 5").returncode == 5

@@ -7,14 +7,16 @@
  *
  * Why C: per launch, a Python helper spent ~80 us of its own CPU and had
  * to move itself into the task's cgroups and back (four migrations) so
- * that the child would be born inside its slice. Here the vfork child
- * places itself - cgroup membership files, affinity, memory policy,
- * scheduling class, credentials - between vfork and execve: the task is
+ * that the child would be born inside its slice. Here the child places
+ * itself - cgroup membership files, affinity, memory policy, scheduling
+ * class, session, credentials, cwd - between clone and execve: the task is
  * inside its slice before it runs a single instruction of its own, and
  * this process never leaves home.
  *
- * The child only makes system calls and touches its own stack: it shares
- * our memory until it execs or exits.
+ * The child is a vfork (CLONE_VM | CLONE_VFORK) on its own stack, made
+ * with CLONE_PARENT: it is nrmd's child, not ours, so nrmd reaps it through
+ * the pidfd we pass back. The child only makes system calls: it shares our
+ * memory until it execs or exits.
  *
  * Usage: nrm-spawner FD PARENT_PID. Exits when the daemon closes its end
  * or dies (PR_SET_PDEATHSIG).
@@ -22,19 +24,16 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #ifndef SYS_pidfd_open
@@ -44,13 +43,13 @@
 #define SYS_close_range 436
 #endif
 
-#define PROTOCOL 1
+#define PROTOCOL 2
 #define MAGIC 0x4e524d53u /* "NRMS" */
 #define MAX_MSG (1 << 16)
 #define FLAG_CAPTURE 1u
 #define MAX_CPUS 8192
 
-enum { REPLY_HELLO = 0, REPLY_OK = 1, REPLY_ERR = 2, REPLY_EXIT = 3 };
+enum { REPLY_HELLO = 0, REPLY_OK = 1, REPLY_ERR = 2, REPLY_REAP = 3 };
 enum { STAGE_PLACE = 1, STAGE_EXEC = 2, STAGE_INVALID = 3 };
 /* what a failure names, for the daemon's message */
 enum { WHAT_NONE = 0, WHAT_PROGRAM = 1, WHAT_CWD = 2 };
@@ -265,7 +264,34 @@ static void child(const struct request *r, const int *join_fds, int devnull,
 
 /* -- one launch ------------------------------------------------------------ */
 
+struct child_args {
+	const struct request *r;
+	const int *join_fds;
+	int out_w, err_w, errpipe;
+};
+
 static int devnull_fd = -1;
+
+static int child_main(void *arg)
+{
+	const struct child_args *a = arg;
+	child(a->r, a->join_fds, devnull_fd, a->out_w, a->err_w, a->errpipe);
+	return 127;
+}
+
+/* The child's own stack: it shares our memory (CLONE_VM), and we are
+ * suspended (CLONE_VFORK) until it execs or exits, so one suffices. */
+static char child_stack[128 * 1024] __attribute__((aligned(16)));
+
+/* A child that failed before exec is the daemon's zombie (CLONE_PARENT):
+ * the daemon reaps it through this pidfd. */
+static int send_reap(pid_t pid, int pidfd)
+{
+	struct reply r = { .kind = REPLY_REAP, .pid = pid };
+	int rc = send_reply(&r, &pidfd, 1);
+	close(pidfd);
+	return rc;
+}
 
 /* Membership files stay open: containers' cgroups are pooled, the same few
  * paths recur, and an open fd saves the child a kernfs lookup, an open and
@@ -361,10 +387,15 @@ static int launch(const struct request *r, int retry)
 	}
 	int out_w = out[1] >= 0 ? out[1] : devnull_fd;
 	int err_w = err[1] >= 0 ? err[1] : devnull_fd;
-	pid_t pid = vfork();
-	if (pid == 0)
-		child(r, join_fds, devnull_fd, out_w, err_w, errpipe[1]);
-	int vfork_errno = errno;
+	/* CLONE_PARENT: the task is nrmd's child, so nrmd reaps it through its
+	 * pidfd, with no hop through us, and a spawner's death costs no task
+	 * its exit status */
+	struct child_args args = { r, join_fds, out_w, err_w, errpipe[1] };
+	int pidfd = -1;
+	pid_t pid = clone(child_main, child_stack + sizeof child_stack,
+			  CLONE_VM | CLONE_VFORK | CLONE_PARENT | CLONE_PIDFD | SIGCHLD,
+			  &args, &pidfd);
+	int clone_errno = errno;
 	close(errpipe[1]);
 	if (out[1] >= 0)
 		close(out[1]);
@@ -374,7 +405,7 @@ static int launch(const struct request *r, int retry)
 		close(errpipe[0]);
 		close(out[0]);
 		close(err[0]);
-		return send_error(r->id, STAGE_PLACE, vfork_errno, WHAT_NONE);
+		return send_error(r->id, STAGE_PLACE, clone_errno, WHAT_NONE);
 	}
 	struct failure f;
 	ssize_t n;
@@ -385,8 +416,8 @@ static int launch(const struct request *r, int retry)
 	if (n != 0) {
 		int fds[2] = { out[0], err[0] };
 		close_all(fds, 2);
-		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
-			;
+		if (send_reap(pid, pidfd) < 0)
+			return -1;
 		if (n != sizeof f)
 			return send_error(r->id, STAGE_EXEC, EIO, WHAT_NONE);
 		if (retry && f.stage == STAGE_PLACE && (f.err == ENODEV || f.err == ENOENT)) {
@@ -395,16 +426,7 @@ static int launch(const struct request *r, int retry)
 		}
 		return send_error(r->id, f.stage, f.err, f.what);
 	}
-	int fds[3] = { (int)syscall(SYS_pidfd_open, pid, 0), out[0], err[0] };
-	if (fds[0] < 0) {
-		/* the daemon could not follow it: it must not run */
-		int e = errno;
-		kill(pid, SIGKILL);
-		close_all(fds, 3);
-		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
-			;
-		return send_error(r->id, STAGE_PLACE, e, WHAT_NONE);
-	}
+	int fds[3] = { pidfd, out[0], err[0] };
 	struct reply ok = { .kind = REPLY_OK, .id = r->id, .pid = pid };
 	int rc = send_reply(&ok, fds, out[0] >= 0 ? 3 : 1);
 	close_all(fds, 3);
@@ -459,19 +481,6 @@ static char *receive(size_t *len, int *closed)
 	return buf;
 }
 
-static int reap(void)
-{
-	for (;;) {
-		int status;
-		pid_t pid = waitpid(-1, &status, WNOHANG);
-		if (pid <= 0)
-			return 0;
-		struct reply r = { .kind = REPLY_EXIT, .pid = pid, .status = status };
-		if (send_reply(&r, NULL, 0) < 0)
-			return -1;
-	}
-}
-
 int main(int argc, char **argv)
 {
 	if (argc != 3)
@@ -486,53 +495,37 @@ int main(int argc, char **argv)
 	 * terminal does not kill us, and nothing we ignore leaks into them */
 	sigset_t set;
 	sigemptyset(&set);
-	sigaddset(&set, SIGCHLD);
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGHUP);
 	sigaddset(&set, SIGQUIT);
 	sigprocmask(SIG_BLOCK, &set, NULL);
-	sigemptyset(&set);
-	sigaddset(&set, SIGCHLD);
-	int sigfd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
-	if (devnull_fd < 0 || sigfd < 0)
+	if (devnull_fd < 0)
 		return 3;
 	struct reply hello = { .kind = REPLY_HELLO, .id = PROTOCOL, .pid = getpid() };
 	if (send_reply(&hello, NULL, 0) < 0)
 		return 0;
-	struct pollfd pfd[2] = { { sock, POLLIN, 0 }, { sigfd, POLLIN, 0 } };
 	for (;;) {
-		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
-			return 3;
-		if (pfd[1].revents) {
-			struct signalfd_siginfo si;
-			while (read(sigfd, &si, sizeof si) > 0)
-				;
-		}
-		if (pfd[0].revents) {
-			size_t len = 0;
-			int closed;
-			char *buf = receive(&len, &closed);
-			if (closed)
-				return 0;
-			struct request r;
-			if (buf == NULL)
-				continue;
-			if (decode(buf, len, &r) < 0) {
-				uint64_t id = 0;
-				if (len >= 16)
-					memcpy(&id, buf + 8, 8);
-				release(&r);
-				if (send_error(id, STAGE_INVALID, EINVAL, WHAT_NONE) < 0)
-					return 0;
-				continue;
-			}
-			int rc = launch(&r, 1);
+		size_t len = 0;
+		int closed;
+		char *buf = receive(&len, &closed);
+		if (closed)
+			return 0;
+		struct request r;
+		if (buf == NULL)
+			continue;
+		if (decode(buf, len, &r) < 0) {
+			uint64_t id = 0;
+			if (len >= 16)
+				memcpy(&id, buf + 8, 8);
 			release(&r);
-			if (rc < 0)
+			if (send_error(id, STAGE_INVALID, EINVAL, WHAT_NONE) < 0)
 				return 0;
+			continue;
 		}
-		if (reap() < 0)
+		int rc = launch(&r, 1);
+		release(&r);
+		if (rc < 0)
 			return 0;
 	}
 }
