@@ -89,7 +89,7 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def spawners(pid: int):
+def spawner_pids(pid: int):
     """The daemon's nrm-spawner children (tasks are its children too)."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -115,7 +115,7 @@ def measure(spawners: int, args) -> dict:
         daemon_cpu = helper_cpu = client_cpu = 0.0
         for _ in range(args.repeat):
             floors.append(floor_popen(args.tasks, args.inflight))
-            helpers = spawners(d.proc.pid)
+            helpers = spawner_pids(d.proc.pid)
             before = cpu_s(d.proc.pid), sum(cpu_s(p) for p in helpers)
             own = resource.getrusage(resource.RUSAGE_SELF)
             rate, started, lat = asyncio.run(through_nrm(d.rundir, args.tasks, args.inflight))

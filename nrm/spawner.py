@@ -22,6 +22,7 @@ dies costs its running tasks nothing. Its requests in flight fail with a
 `fork_exec` and `thread_attributes` are the in-process launch path
 (`nrmd --spawners 0`).
 """
+
 from __future__ import annotations
 
 import _posixsubprocess
@@ -207,8 +208,9 @@ def thread_attributes(cpus, mems, sched):
 #            Larger than MAX_MSG: a one-byte message carries a memfd holding it.
 #   reply    32 bytes: kind (u32: 0 hello, 1 ok, 2 error, 3 reap), pid (i32),
 #            id (u64; the protocol version in hello), stage (1 place, 2 exec,
-#            3 invalid), errno, an unused i32, what a failure names (1 the
-#            program, 2 the cwd) - all i32. An ok reply carries the task's
+#            3 invalid), errno, what a failure names (1 the program, 2 the
+#            cwd), reserved - all i32. At most 64 membership files, and the
+#            first reply is a hello. An ok reply carries the task's
 #            pidfd and, with capture, the stdout and stderr read ends
 #            (SCM_RIGHTS). A reap reply carries the pidfd of a child that
 #            failed before exec: the daemon's zombie, for it to reap.
@@ -234,7 +236,8 @@ def encode_request(rid: int, req: dict) -> Tuple[bytes, bytes, Optional[bytes]]:
         env = [k + b"=" + v for k, v in os.environb.items()]
     cwd = os.fsencode(req["cwd"]) if req.get("cwd") else b""
     files = [os.fsencode(p) for p in req.get("join", ())]
-    strings = [cwd, *argv, *_executables(argv[0], env), *env, *files]
+    executables = _executables(argv[0], env)
+    strings = [cwd, *argv, *executables, *env, *files]
     body = b"\0".join(strings) + b"\0"
     if body.count(b"\0") != len(strings):
         raise ValueError("embedded null byte")
@@ -246,8 +249,7 @@ def encode_request(rid: int, req: dict) -> Tuple[bytes, bytes, Optional[bytes]]:
     header = _HEADER.pack(MAGIC, _FLAG_CAPTURE if req["capture"] else 0, rid,
                           -1 if uid is None else uid, -1 if gid is None else gid,
                           policy, priority, len(groups), len(cpus), len(mems), len(argv),
-                          len(strings) - 1 - len(argv) - len(env) - len(files), len(env),
-                          len(files), 0)
+                          len(executables), len(env), len(files), 0)
     return (header + struct.pack(f"={len(ints)}i", *ints) + body,
             argv[0], cwd or None)
 
@@ -397,14 +399,8 @@ class SpawnerPool:
                 return
             except OSError:
                 data, fds, flags = b"", [], 0
-            msg = (_REPLY.unpack(data) if len(data) == _REPLY.size and not flags & _MSG_TRUNC
-                   else None)
-            if msg is not None and msg[0] == _HELLO and msg[2] != PROTOCOL:
-                if self.log is not None:
-                    self.log.error("nrm-spawner speaks protocol %d, nrmd %d: rebuild "
-                                   "libnrm (make setup)", msg[2], PROTOCOL)
-                msg = None
-            if msg is None or (msg[0] == _HELLO) == helper.greeted:
+            msg = self._trusted(helper, data, flags, fds)
+            if msg is None:
                 # gone, or a reply we cannot trust: treat the helper as dead
                 for fd in fds:
                     os.close(fd)
@@ -414,14 +410,30 @@ class SpawnerPool:
                 return
             self._dispatch(helper, msg, fds)
 
+    def _trusted(self, helper: _Helper, data: bytes, flags: int, fds: List[int]):
+        """The reply, or None: a hello first and only first, in our
+        protocol; an ok with 1 or 3 fds, a reap with 1, an error with none."""
+        if len(data) != _REPLY.size or flags & _MSG_TRUNC:
+            return None
+        msg = _REPLY.unpack(data)
+        kind = msg[0]
+        if (kind == _HELLO) == helper.greeted:
+            return None
+        if kind == _HELLO and msg[2] != PROTOCOL:
+            if self.log is not None:
+                self.log.error("nrm-spawner speaks protocol %d, nrmd %d: rebuild "
+                               "libnrm (make setup)", msg[2], PROTOCOL)
+            return None
+        allowed = {_HELLO: (0,), _OK: (1, 3), _ERR: (0,), _REAP: (1,)}.get(kind, ())
+        return msg if len(fds) in allowed else None
+
     def _dispatch(self, helper: _Helper, msg: tuple, fds: List[int]) -> None:
-        kind, pid, rid, stage, num, _unused, what = msg
+        kind, pid, rid, stage, num, what, _reserved = msg
         if kind == _HELLO:
             helper.greeted = True
             return
         if kind == _REAP:
-            if fds:
-                self._reap_failed(pid, fds[0])
+            self._reap_failed(pid, fds[0])
             return
         done, argv0, cwd = helper.pending.pop(rid, (None, b"", None))
         if kind == _OK:

@@ -58,7 +58,7 @@ struct reply {
 	uint32_t kind;
 	int32_t pid;
 	uint64_t id;
-	int32_t stage, err, status, what;
+	int32_t stage, err, what, reserved;
 };
 
 /* what the child reports through its close-on-exec pipe when it fails */
@@ -297,7 +297,7 @@ static int send_reap(pid_t pid, int pidfd)
  * paths recur, and an open fd saves the child a kernfs lookup, an open and
  * a close (~60 us per launch here). A cgroup removed since leaves a stale
  * fd (ENODEV): the launch is retried once with fresh opens. */
-#define MEMBERSHIP_CACHE 64
+#define MEMBERSHIP_CACHE 64	/* also the most one request may name */
 static struct {
 	char *path;
 	int fd;
@@ -321,8 +321,6 @@ static int membership_fd(const char *path)
 	int fd = open(path, O_WRONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -1;
-	if (memberships == MEMBERSHIP_CACHE)
-		forget_memberships();
 	char *copy = strdup(path);
 	if (copy == NULL) {
 		close(fd);
@@ -364,9 +362,12 @@ static void close_all(int *fds, int n)
 static int launch(const struct request *r, int retry)
 {
 	int out[2] = { -1, -1 }, err[2] = { -1, -1 }, errpipe[2];
-	int join_fds[r->njoin + 1];
-	if (build_masks(r) < 0)
+	int join_fds[MEMBERSHIP_CACHE];
+	if (r->njoin > MEMBERSHIP_CACHE || build_masks(r) < 0)
 		return send_error(r->id, STAGE_INVALID, EINVAL, WHAT_NONE);
+	/* room for all of this request's files: none may close under us */
+	if (memberships + r->njoin > MEMBERSHIP_CACHE)
+		forget_memberships();
 	for (uint32_t i = 0; i < r->njoin; i++)
 		if ((join_fds[i] = membership_fd(r->join[i])) < 0)
 			return send_error(r->id, STAGE_PLACE, errno, WHAT_NONE);
@@ -513,7 +514,7 @@ int main(int argc, char **argv)
 			return 0;
 		struct request r;
 		if (buf == NULL)
-			continue;
+			return 3;	/* unreadable: the daemon fails what is in flight */
 		if (decode(buf, len, &r) < 0) {
 			uint64_t id = 0;
 			if (len >= 16)
