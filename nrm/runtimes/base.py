@@ -7,9 +7,10 @@ cgroup membership, cpu affinity, NUMA memory policy, scheduling class - forks
 the child, and puts the thread back. The child inherits them all at fork, so
 it is inside its slice before it execs.
 
-The spawning thread is either the daemon's own (no spawners: `spawn`) or a
-single-threaded spawner process (nrm/spawner.py), which does the same to
-itself from the runtime's `placement`.
+That is the daemon's own thread when it has no spawners (`spawn`). A
+spawner (nrm/spawner.py) applies the runtime's `placement` in its vfork
+child instead, between clone and exec: the same result, and the spawner
+itself never moves.
 """
 
 from __future__ import annotations
