@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nrm.client import AsyncClient, Client  # noqa: E402
 from nrm.manifest import parse  # noqa: E402
-from tests.daemon import DaemonProcess  # noqa: E402
+from tests.daemon import DaemonProcess, spawner_pids  # noqa: E402
 
 MANIFEST = parse({"name": "bench", "app": {"slice": {"cpus": 1, "mems": 1}}})
 
@@ -87,24 +87,6 @@ def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def spawner_pids(pid: int):
-    """The daemon's nrm-spawner children (tasks are its children too)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-    out = []
-    for kid in kids:
-        try:
-            with open(f"/proc/{kid}/comm") as f:
-                if f.read().strip() == "nrm-spawner":
-                    out.append(kid)
-        except OSError:
-            pass
-    return out
 
 
 def measure(spawners: int, args) -> dict:

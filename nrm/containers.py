@@ -204,11 +204,6 @@ class ContainerManager:
                             "daemon itself", exc)
                 runtime.notes = list(runtime.notes) + [f"spawner processes unavailable: {exc}"]
         if self.pool is not None:
-            inner = runtime
-            while getattr(inner, "inner", None) is not None:
-                inner = inner.inner
-            if isinstance(inner.exclude_pids, set):
-                inner.exclude_pids = self.pool.helper_pids
             runtime.notes = list(runtime.notes) + [f"{spawners} spawner processes"]
         elif not runtime.in_process:
             raise ValueError(f"runtime {runtime.name} needs spawner processes")

@@ -224,6 +224,7 @@ _HEADER = struct.Struct("=IIQiiiiIIIIIIII")
 _REPLY = struct.Struct("=IiQiiii")
 _HELLO, _OK, _ERR, _REAP = 0, 1, 2, 3
 _STAGES = {1: "place", 2: "exec", 3: "invalid"}
+_FDS_ALLOWED = {_HELLO: (0,), _OK: (1, 3), _ERR: (0,), _REAP: (1,)}   # fds each reply carries
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: `flags & socket.MSG_TRUNC` builds an enum per reply
 
 
@@ -300,8 +301,6 @@ class SpawnerPool:
         self.loop = loop
         self.log = log
         self.helpers: List[Optional[_Helper]] = [None] * count
-        #: live helpers' pids, shared with the runtime (they pass through cgroups)
-        self.helper_pids: set = set()
         self.next_id = 0
         self.closing = False
         self.restarts: List[float] = []
@@ -341,7 +340,6 @@ class SpawnerPool:
         mine.setblocking(False)
         helper = _Helper(index, proc, mine)
         self.helpers[index] = helper
-        self.helper_pids.add(proc.pid)
         self.loop.add_reader(mine.fileno(), self._on_readable, helper)
 
     # -- requests ----------------------------------------------------------
@@ -424,8 +422,7 @@ class SpawnerPool:
                 self.log.error("nrm-spawner speaks protocol %d, nrmd %d: rebuild "
                                "libnrm (make setup)", msg[2], PROTOCOL)
             return None
-        allowed = {_HELLO: (0,), _OK: (1, 3), _ERR: (0,), _REAP: (1,)}.get(kind, ())
-        return msg if len(fds) in allowed else None
+        return msg if len(fds) in _FDS_ALLOWED.get(kind, ()) else None
 
     def _dispatch(self, helper: _Helper, msg: tuple, fds: List[int]) -> None:
         kind, pid, rid, stage, num, what, _reserved = msg
@@ -476,7 +473,6 @@ class SpawnerPool:
         if self.helpers[helper.index] is not helper:
             return
         self.helpers[helper.index] = None
-        self.helper_pids.discard(helper.proc.pid)
         self._detach(helper)
         try:
             code = helper.proc.wait(timeout=1)

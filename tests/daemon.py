@@ -37,6 +37,44 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02):
     raise AssertionError("condition not met in time")
 
 
+def spawner_pids(daemon_pid: int) -> List[int]:
+    """The daemon's nrm-spawner children. Its tasks are its children too:
+    call this with no launch in flight (a task between clone and exec
+    still bears the spawner's name)."""
+    try:
+        with open(f"/proc/{daemon_pid}/task/{daemon_pid}/children") as f:
+            kids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    out = []
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/comm") as f:
+                if f.read().strip() == "nrm-spawner":
+                    out.append(kid)
+        except OSError:
+            pass
+    return out
+
+
+CTRL_C_SCRIPT = """
+import signal, sys, time
+signal.signal(signal.SIGINT, lambda *a: (print("got INT", flush=True), sys.exit(42)))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def check_ctrl_c_reaches_the_task(daemon: "DaemonProcess", manifest: str) -> None:
+    """`nrm run` forwards the client's SIGINT: the task's handler runs."""
+    p = daemon.popen_cli("run", manifest, sys.executable, "-c", CTRL_C_SCRIPT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"ready\n"
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=10)
+    assert out == b"got INT\n" and p.returncode == 42
+
+
 class DaemonProcess:
     def __init__(self, *extra: str, rundir: Optional[str] = None, env=None,
                  wrapper: Optional[List[str]] = None):

@@ -3,10 +3,8 @@
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -14,7 +12,7 @@ import zmq
 
 from nrm import paths, protocol
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import DaemonProcess, wait_for
+from tests.daemon import DaemonProcess, check_ctrl_c_reaches_the_task, wait_for
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 PY = sys.executable
@@ -77,21 +75,7 @@ def test_task_environment(daemon):
 
 
 def test_ctrl_c_reaches_the_task(daemon):
-    script = textwrap.dedent("""
-        import signal, sys, time
-        def h(*a):
-            print("got INT", flush=True); sys.exit(42)
-        signal.signal(signal.SIGINT, h)
-        print("ready", flush=True)
-        time.sleep(60)
-    """)
-    p = daemon.popen_cli("run", BASIC, PY, "-c", script, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    assert p.stdout.readline() == b"ready\n"
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=10)
-    assert out == b"got INT\n"
-    assert p.returncode == 42
+    check_ctrl_c_reaches_the_task(daemon, BASIC)
 
 
 def test_client_death_kills_task(daemon):

@@ -100,22 +100,19 @@ def test_kill_uses_cgroup_kill_when_present(tree):
     rt.close()
 
 
-def test_kill_spares_a_spawner_inside_for_a_launch(tree):
-    """cgroup.kill would take the spawner too: signal the others one by one."""
+def test_kill_spares_the_daemon_itself(tree):
+    """cgroup.kill would take this process too: signal the others one by one."""
     root, _ = tree
     rt = Cgroup2Runtime("nrm.t", root=root)
     h = rt.create("job", [0], [0])
-    victim, spawner = _sleeper(), _sleeper()
+    victim = _sleeper()
     try:
-        rt.exclude_pids = {spawner.pid}
-        _write(f"{h.cgdir}/cgroup.procs", f"{victim.pid}\n{spawner.pid}\n")
+        _write(f"{h.cgdir}/cgroup.procs", f"{victim.pid}\n{os.getpid()}\n")
         _write(f"{h.cgdir}/cgroup.kill", "")
         rt.kill_all(h)
         assert victim.wait(5) == -signal.SIGKILL
-        assert _read(f"{h.cgdir}/cgroup.kill") == "" and spawner.poll() is None
+        assert _read(f"{h.cgdir}/cgroup.kill") == ""
     finally:
-        spawner.kill()
-        spawner.wait()
         _write(f"{h.cgdir}/cgroup.procs", "")
         rt.close()
 
@@ -133,12 +130,11 @@ def test_kill_without_cgroup_kill_signals_each_process(tmp_path):
     rt.close()
 
 
-def test_pids_never_include_the_daemon_or_a_spawner(tree):
+def test_pids_never_include_the_daemon(tree):
     root, _ = tree
     rt = Cgroup2Runtime("nrm.t", root=root)
     h = rt.create("job", [0], [0])
-    rt.exclude_pids.add(999999)
-    _write(f"{h.cgdir}/cgroup.procs", f"{os.getpid()}\n999999\n12345\n")
+    _write(f"{h.cgdir}/cgroup.procs", f"{os.getpid()}\n12345\n")
     assert rt.pids(h) == [12345]
     rt.close()
 

@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -24,7 +23,7 @@ from nrm.paths import find_spawner
 from nrm.spawner import (PROTOCOL, SpawnError, SpawnerPool, Started, encode_request,
                          env_list, fork_exec)
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import DaemonProcess, wait_for
+from tests.daemon import DaemonProcess, check_ctrl_c_reaches_the_task, spawner_pids, wait_for
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 PY = sys.executable
@@ -36,23 +35,6 @@ def _alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def spawner_pids(daemon_pid):
-    try:
-        with open(f"/proc/{daemon_pid}/task/{daemon_pid}/children") as f:
-            kids = [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-    out = []
-    for pid in kids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"nrm-spawner" in f.read():
-                    out.append(pid)
-        except OSError:
-            pass
-    return out
 
 
 # -- fork_exec ---------------------------------------------------------------
@@ -370,18 +352,7 @@ def test_status_names_the_spawners(nrmd):
 
 
 def test_ctrl_c_and_output(nrmd):
-    script = textwrap.dedent("""
-        import signal, sys, time
-        signal.signal(signal.SIGINT, lambda *a: (print("got INT", flush=True), sys.exit(42)))
-        print("ready", flush=True)
-        time.sleep(60)
-    """)
-    p = nrmd.popen_cli("run", BASIC, PY, "-c", script, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE)
-    assert p.stdout.readline() == b"ready\n"
-    p.send_signal(signal.SIGINT)
-    out, _ = p.communicate(timeout=10)
-    assert out == b"got INT\n" and p.returncode == 42
+    check_ctrl_c_reaches_the_task(nrmd, BASIC)
 
 
 def test_client_death_and_detach_kill(nrmd):

@@ -47,7 +47,7 @@
 #define MAGIC 0x4e524d53u /* "NRMS" */
 #define MAX_MSG (1 << 16)
 #define FLAG_CAPTURE 1u
-#define MAX_CPUS 8192
+#define MAX_NODES 8192	/* bits in the memory policy's node mask */
 
 enum { REPLY_HELLO = 0, REPLY_OK = 1, REPLY_ERR = 2, REPLY_REAP = 3 };
 enum { STAGE_PLACE = 1, STAGE_EXEC = 2, STAGE_INVALID = 3 };
@@ -206,7 +206,7 @@ static void release(struct request *r)
 /* -- the child, between vfork and execve ----------------------------------- */
 
 static cpu_set_t cpus_buf;
-static unsigned long mems_buf[MAX_CPUS / (8 * sizeof(unsigned long))];
+static unsigned long mems_buf[MAX_NODES / (8 * sizeof(unsigned long))];
 
 static void fail(int errpipe, int stage, int err, int what)
 {
@@ -230,7 +230,7 @@ static void child(const struct request *r, const int *join_fds, int devnull,
 	if (r->ncpus && syscall(SYS_sched_setaffinity, 0, sizeof cpus_buf, &cpus_buf) < 0)
 		fail(errpipe, STAGE_PLACE, errno, WHAT_NONE);
 	if (r->nmems && syscall(SYS_set_mempolicy, 2 /* MPOL_BIND */, mems_buf,
-				(unsigned long)MAX_CPUS) < 0 && errno != ENOSYS)
+				(unsigned long)MAX_NODES) < 0 && errno != ENOSYS)
 		fail(errpipe, STAGE_PLACE, errno, WHAT_NONE);
 	if (r->policy >= 0) {
 		struct sched_param sp = { .sched_priority = r->priority };
@@ -344,7 +344,7 @@ static int build_masks(const struct request *r)
 	memset(mems_buf, 0, sizeof mems_buf);
 	for (uint32_t i = 0; i < r->nmems; i++) {
 		unsigned n = (unsigned)r->mems[i];
-		if (n >= MAX_CPUS)
+		if (n >= MAX_NODES)
 			return -1;
 		mems_buf[n / (8 * sizeof(unsigned long))] |= 1ul << (n % (8 * sizeof(unsigned long)));
 	}

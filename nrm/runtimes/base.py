@@ -53,8 +53,6 @@ class Runtime:
     isolates_memory = False
     #: extra text for `nrm status`
     notes: List[str] = []
-    #: helper processes (spawners) that pass through container cgroups
-    exclude_pids: set = frozenset()
 
     def create(self, cid: str, cpus: Sequence[int], mems: Sequence[int]) -> Handle:
         return Handle(cid, cpus, mems)

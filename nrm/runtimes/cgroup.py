@@ -153,9 +153,6 @@ class CgroupRuntime(Runtime):
         own = own_v1_paths()
         self.base: Dict[str, str] = {}
         self.home_fds: List[int] = []
-        self.home_tasks: List[str] = []
-        #: helper processes (spawners) that pass through container cgroups
-        self.exclude_pids: set = set()
         for c in self.controllers:
             home = os.path.join(mounts[c], own.get(c, "/").lstrip("/"))
             base = os.path.join(home, prefix)
@@ -165,8 +162,8 @@ class CgroupRuntime(Runtime):
                 raise RuntimeError_(f"cannot create {base}: {exc.strerror}") from None
             self.base[c] = base
             if c in ISOLATING:
-                self.home_tasks.append(os.path.join(home, "tasks"))
-                self.home_fds.append(os.open(self.home_tasks[-1], os.O_WRONLY | os.O_CLOEXEC))
+                self.home_fds.append(os.open(os.path.join(home, "tasks"),
+                                             os.O_WRONLY | os.O_CLOEXEC))
         cs = self.base["cpuset"]
         parent = os.path.dirname(cs)
         for f in ("cpuset.cpus", "cpuset.mems"):
@@ -302,13 +299,13 @@ class CgroupRuntime(Runtime):
         return dict(handle.slot.dirs)
 
     def pids(self, handle: Handle) -> List[int]:
-        """Processes in the container, never this daemon nor a spawner
-        (whose spawning threads pass through container cgroups)."""
+        """Processes in the container, never this daemon (whose launching
+        thread passes through container cgroups without spawners)."""
         me = os.getpid()
         try:
             data = _read(os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs"))
             return [p for p in (int(x) for x in data.split())
-                    if p != me and p not in self.exclude_pids]
+                    if p != me]
         except (OSError, ValueError):
             return []
 

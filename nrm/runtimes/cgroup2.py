@@ -149,7 +149,6 @@ class Cgroup2Runtime(Runtime):
         self.home = os.path.join(self.mount, own_unified_path(root).lstrip("/"))
         self.base = os.path.join(self.home, prefix)
         self.supervisor = os.path.join(self.base, SUPERVISOR)
-        self.exclude_pids: set = set()
         self.notes = ["cgroup v2 (cpuset, memory); untested on a real cgroup v2 kernel"]
         try:
             os.makedirs(self.supervisor, exist_ok=True)
@@ -201,10 +200,10 @@ class Cgroup2Runtime(Runtime):
         dance: tasks that fork in between are caught by the next round)."""
         me = os.getpid()
         procs = _procs(path)
-        victims = [p for p in procs if p != me and p not in self.exclude_pids]
+        victims = [p for p in procs if p != me]
         if not victims:
             return 0
-        # cgroup.kill would also take a spawner that is inside for a launch
+        # cgroup.kill would also take this process, were it inside
         if sig == signal.SIGKILL and self.can_kill and len(victims) == len(procs):
             try:
                 _write(os.path.join(path, "cgroup.kill"), "1")
@@ -222,7 +221,7 @@ class Cgroup2Runtime(Runtime):
             if sig != signal.SIGKILL:
                 break
             time.sleep(0.005)
-            victims = [p for p in _procs(path) if p != me and p not in self.exclude_pids]
+            victims = [p for p in _procs(path) if p != me]
             if not victims:
                 break
         return count
@@ -259,7 +258,7 @@ class Cgroup2Runtime(Runtime):
 
     def pids(self, handle: Handle) -> List[int]:
         me = os.getpid()
-        return [p for p in _procs(handle.cgdir) if p != me and p not in self.exclude_pids]
+        return [p for p in _procs(handle.cgdir) if p != me]
 
     @staticmethod
     def _usage_us(path: str) -> int:
