@@ -332,7 +332,8 @@ class ContainerManager:
             self.counters["spawn_failures"] += 1
             raise RunError("runtime", f"cannot start task: {exc}") from None
         container.starting[task.id] = task
-        self.pool.submit(request, lambda result: self._spawned(task, peer, argv, sched, result))
+        self.pool.submit(request, lambda result: self._spawned(task, peer, argv, sched, result),
+                         near=next(iter(bind_cpus or container.slice.cpus), None))
         return task
 
     def _spawned(self, task: Task, peer: Peer, argv, sched, result) -> None:

@@ -13,6 +13,15 @@ born inside its slice, with no `preexec_fn` and no extra exec, and the
 spawner itself never leaves its own cgroups. It passes back the pid, a pidfd
 and the output pipes' read ends with SCM_RIGHTS. The wire format is below.
 
+Where spawners run: each has a *home*, a contiguous share of the daemon's
+cpus, and a launch goes to the spawner whose home holds the slice's first
+cpu unless that one is busier than another. Its child is then born on a cpu
+of its slice, so joining the cpuset (or taking the affinity) moves nothing:
+no stop-machine migration per task, and the launch work for a slot runs on
+the cpu that slot's previous task has just freed instead of piling onto the
+cpu that runs nrmd. The child never keeps the home: a request without cpus
+gets the daemon's whole set. Measured in docs/performance.md (session 6).
+
 Who reaps: the daemon. The spawner's child is made with CLONE_PARENT, so
 every task is the daemon's own child, reaped through the pidfd the spawner
 passes back: a task's exit wakes the daemon directly, and a spawner that
@@ -228,9 +237,11 @@ _FDS_ALLOWED = {_HELLO: (0,), _OK: (1, 3), _ERR: (0,), _REAP: (1,)}   # fds each
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: `flags & socket.MSG_TRUNC` builds an enum per reply
 
 
-def encode_request(rid: int, req: dict) -> Tuple[bytes, bytes, Optional[bytes]]:
+def encode_request(rid: int, req: dict,
+                   default_cpus: Sequence[int] = ()) -> Tuple[bytes, bytes, Optional[bytes]]:
     """(message, argv[0], cwd) for a launch request; ValueError when it
-    cannot travel (a NUL inside a string, as exec itself would refuse)."""
+    cannot travel (a NUL inside a string, as exec itself would refuse).
+    ``default_cpus`` is the affinity of a request that names none."""
     argv = [os.fsencode(a) for a in req["argv"]]
     env = req["env"]
     if env is None:
@@ -244,7 +255,7 @@ def encode_request(rid: int, req: dict) -> Tuple[bytes, bytes, Optional[bytes]]:
         raise ValueError("embedded null byte")
     uid, gid = req.get("uid"), req.get("gid")
     groups = list(req.get("groups") or ()) if gid is not None else []
-    cpus, mems = list(req.get("cpus") or ()), list(req.get("mems") or ())
+    cpus, mems = list(req.get("cpus") or default_cpus), list(req.get("mems") or ())
     policy, priority = req.get("sched") or (-1, 0)
     ints = groups + cpus + mems
     header = _HEADER.pack(MAGIC, _FLAG_CAPTURE if req["capture"] else 0, rid,
@@ -285,6 +296,35 @@ class _Helper:
         self.writing = False
 
 
+def home_cpus(cpus: Sequence[int], count: int) -> List[List[int]]:
+    """Each spawner's home: contiguous, near-equal shares of ``cpus`` (so a
+    home stays within a package where it can); with more spawners than
+    cpus, homes of one cpu each, repeated."""
+    cpus = sorted(cpus)
+    n = len(cpus)
+    if not n:
+        return [[] for _ in range(count)]
+    if count >= n:
+        return [[cpus[i % n]] for i in range(count)]
+    return [cpus[i * n // count:(i + 1) * n // count] for i in range(count)]
+
+
+def choose_helper(loads: Sequence[Optional[int]], homes: Sequence[Sequence[int]],
+                  near: Optional[int]) -> Optional[int]:
+    """The spawner for a launch onto cpu ``near``: the least loaded
+    (launches in flight), a spawner at home on ``near`` counting one
+    launch less and winning ties. ``None`` loads are dead spawners."""
+    best, best_key = None, None
+    for i, load in enumerate(loads):
+        if load is None:
+            continue
+        home = near is not None and near in homes[i]
+        key = (load - (1 if home else 0), 0 if home else 1)
+        if best_key is None or key < best_key:
+            best, best_key = i, key
+    return best
+
+
 RESTARTS_PER_MINUTE = 10
 HELLO_TIMEOUT_S = 5.0
 
@@ -300,6 +340,8 @@ class SpawnerPool:
         self.count = count
         self.loop = loop
         self.log = log
+        self.cpus = sorted(os.sched_getaffinity(0))
+        self.homes = home_cpus(self.cpus, count)
         self.helpers: List[Optional[_Helper]] = [None] * count
         self.next_id = 0
         self.closing = False
@@ -337,22 +379,30 @@ class SpawnerPool:
                                     cwd="/", env={})
         finally:
             theirs.close()
+        try:
+            os.sched_setaffinity(proc.pid, self.homes[index])
+        except OSError as exc:      # a home cpu went offline: it runs anywhere
+            if self.log is not None:
+                self.log.warning("spawner %d stays unpinned: %s", index, exc)
         mine.setblocking(False)
         helper = _Helper(index, proc, mine)
         self.helpers[index] = helper
         self.loop.add_reader(mine.fileno(), self._on_readable, helper)
 
     # -- requests ----------------------------------------------------------
-    def submit(self, request: dict, done: Callable[[object], None]) -> None:
-        """Launch; ``done`` later receives a Started or a SpawnError."""
-        live = [h for h in self.helpers if h is not None]
-        if not live:
+    def submit(self, request: dict, done: Callable[[object], None],
+               near: Optional[int] = None) -> None:
+        """Launch; ``done`` later receives a Started or a SpawnError.
+        ``near`` is a cpu of the task's slice, to launch from there."""
+        index = choose_helper([None if h is None else len(h.pending) for h in self.helpers],
+                              self.homes, near)
+        if index is None:
             done(SpawnError("place", None, "no spawner is running"))
             return
-        helper = min(live, key=lambda h: len(h.pending))
+        helper = self.helpers[index]
         self.next_id += 1
         try:
-            data, argv0, cwd = encode_request(self.next_id, request)
+            data, argv0, cwd = encode_request(self.next_id, request, self.cpus)
         except (ValueError, TypeError) as exc:
             self.loop.call_soon(done, SpawnError("invalid", None, str(exc)))
             return

@@ -20,8 +20,8 @@ import time
 import pytest
 
 from nrm.paths import find_spawner
-from nrm.spawner import (PROTOCOL, SpawnError, SpawnerPool, Started, encode_request,
-                         env_list, fork_exec)
+from nrm.spawner import (PROTOCOL, SpawnError, SpawnerPool, Started, choose_helper,
+                         encode_request, env_list, fork_exec, home_cpus)
 from tests.conftest import EXAMPLES, needs_root
 from tests.daemon import DaemonProcess, check_ctrl_c_reaches_the_task, spawner_pids, wait_for
 
@@ -150,22 +150,71 @@ def test_pool_large_requests_and_bad_arguments():
     asyncio.run(go())
 
 
-def test_pool_applies_affinity_to_the_child_only():
-    cpu = sorted(os.sched_getaffinity(0))[-1]
+@pytest.mark.parametrize("cpus, count, homes", [
+    ([0, 1], 2, [[0], [1]]),
+    ([0, 1, 2, 3], 2, [[0, 1], [2, 3]]),
+    ([3, 1, 2, 0], 3, [[0], [1], [2, 3]]),
+    ([4, 5, 6, 7, 8], 2, [[4, 5], [6, 7, 8]]),
+    ([0, 1], 4, [[0], [1], [0], [1]]),
+    ([7], 1, [[7]]),
+])
+def test_spawner_homes_are_contiguous_shares(cpus, count, homes):
+    assert home_cpus(cpus, count) == homes
+
+
+@pytest.mark.parametrize("loads, near, chosen", [
+    ([0, 0], 2, 1),             # idle: the one at home on cpu 2
+    ([0, 0], 0, 0),
+    ([0, 0], None, 0),          # no slice cpu: least loaded, first
+    ([1, 0], 0, 0),             # home counts one launch less and wins the tie
+    ([2, 0], 0, 1),             # busier by two: the other one
+    ([0, 1], 3, 1),
+    ([0, 3], 3, 0),
+    ([None, 5], 0, 1),          # a dead spawner is never chosen
+    ([None, None], 0, None),
+    ([3, 1, 2], 9, 1),          # no home holds cpu 9
+])
+def test_launches_go_to_the_spawner_at_home_unless_it_is_busier(loads, near, chosen):
+    homes = [[0, 1], [2, 3], [4, 5]][:len(loads)]
+    assert choose_helper(loads, homes, near) == chosen
+
+
+def _cpus_allowed(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return [ln.split()[-1] for ln in f if ln.startswith("Cpus_allowed_list")][0]
+
+
+def test_spawners_live_at_home_and_their_children_do_not():
+    """Each spawner is pinned to its share of cpus; a task asks for its
+    cpus or gets the daemon's whole set, never the spawner's home."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 cpus")
 
     async def go():
-        async with Harness() as h:
-            r = await h.launch(["sh", "-c", "grep Cpus_allowed_list /proc/self/status"],
-                               capture=True, cpus=[cpu])
-            assert await h.exit_of(r.pid) == 0
-            line = os.read(r.stdout, 200).decode()
-            for fd in (r.pidfd, r.stdout, r.stderr):
-                os.close(fd)
-            helper = h.pool.helpers[0].proc.pid
-            return line, os.sched_getaffinity(helper)
-    line, helper_cpus = asyncio.run(go())
-    assert line.split()[-1] == str(cpu)
-    assert helper_cpus == os.sched_getaffinity(0)
+        async with Harness(count=2) as h:
+            homes = [os.sched_getaffinity(helper.proc.pid) for helper in h.pool.helpers]
+            out = []
+            for extra in ({"cpus": [cpus[-1]]}, {}):
+                r = await h.launch(["sh", "-c", "grep Cpus_allowed_list /proc/self/status"],
+                                   capture=True, **extra)
+                assert await h.exit_of(r.pid) == 0
+                out.append(os.read(r.stdout, 200).decode().split()[-1])
+                for fd in (r.pidfd, r.stdout, r.stderr):
+                    os.close(fd)
+            done = h.loop.create_future()
+            h.pool.submit({"argv": ["true"], "env": [], "cwd": "/", "capture": False},
+                          done.set_result, near=cpus[-1])
+            sent_to = [len(helper.pending) for helper in h.pool.helpers]
+            r = await asyncio.wait_for(done, 10)
+            await h.exit_of(r.pid)
+            os.close(r.pidfd)
+            return homes, out, sent_to
+    homes, (bound, unbound), sent_to = asyncio.run(go())
+    assert homes == [set(home) for home in home_cpus(cpus, 2)]
+    assert bound == str(cpus[-1])
+    assert unbound == _cpus_allowed("self")
+    assert sent_to == [0, 1]
 
 
 def test_pool_spreads_requests_over_helpers():
