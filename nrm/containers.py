@@ -117,6 +117,8 @@ class Task:
     finished: bool = False
     #: taken over from a crashed nrmd: not our child, so its exit status is unknown
     adopted: bool = False
+    #: start time in clock ticks since boot, when the spawner saw it (else read from /proc)
+    start_ticks: Optional[int] = None
 
     @property
     def status(self) -> int:
@@ -269,6 +271,8 @@ class ContainerManager:
         """Call a lifecycle hook on every listener that has it; a failing
         listener is logged, never fatal to the container."""
         for listener in self.listeners:
+            if type(listener).__name__ in os.environ.get("NRM_EXP_SKIP", ""):
+                continue
             fn = getattr(listener, hook, None)
             if fn is None:
                 continue
@@ -359,6 +363,7 @@ class ContainerManager:
             return
         self.runtime.adopt(container.handle, result.pid)
         task.pidfd = result.pidfd
+        task.start_ticks = result.start
         self.loop.add_reader(task.pidfd, self._on_pid_exit, task)
         self._started(task, peer, result.pid, result.stdout, result.stderr)
         if task.doomed:
@@ -503,6 +508,8 @@ class ContainerManager:
         self.counters["containers_finished"] += 1
         profile: Dict[str, object] = {}
         for listener in self.listeners:
+            if type(listener).__name__ in os.environ.get("NRM_EXP_SKIP", ""):
+                continue
             try:
                 fragment = listener.container_ended(container)
             except Exception:

@@ -215,22 +215,25 @@ def thread_attributes(cpus, mems, sched):
 #            unchanged), argv, the executables to try in order, env, and the
 #            cgroup membership files the child writes "0" into before it execs.
 #            Larger than MAX_MSG: a one-byte message carries a memfd holding it.
-#   reply    32 bytes: kind (u32: 0 hello, 1 ok, 2 error, 3 reap), pid (i32),
+#   reply    40 bytes: kind (u32: 0 hello, 1 ok, 2 error, 3 reap), pid (i32),
 #            id (u64; the protocol version in hello), stage (1 place, 2 exec,
 #            3 invalid), errno, what a failure names (1 the program, 2 the
-#            cwd), reserved - all i32. At most 64 membership files, and the
+#            cwd), reserved - all i32; then the task's start time (u64, clock
+#            ticks since boot as in /proc/<pid>/stat, 0 when unknown: the
+#            spawner brackets clone with CLOCK_BOOTTIME reads and reports the
+#            tick only when both agree). At most 64 membership files, and the
 #            first reply is a hello. An ok reply carries the task's
 #            pidfd and, with capture, the stdout and stderr read ends
 #            (SCM_RIGHTS). A reap reply carries the pidfd of a child that
 #            failed before exec: the daemon's zombie, for it to reap.
 
-PROTOCOL = 2
+PROTOCOL = 3
 MAGIC = 0x4E524D53
 MAX_MSG = 1 << 16          # larger requests travel in a memfd
 RECV_FDS = 3
 _FLAG_CAPTURE = 1
 _HEADER = struct.Struct("=IIQiiiiIIIIIIII")
-_REPLY = struct.Struct("=IiQiiii")
+_REPLY = struct.Struct("=IiQiiiiQ")
 _HELLO, _OK, _ERR, _REAP = 0, 1, 2, 3
 _STAGES = {1: "place", 2: "exec", 3: "invalid"}
 _FDS_ALLOWED = {_HELLO: (0,), _OK: (1, 3), _ERR: (0,), _REAP: (1,)}   # fds each reply carries
@@ -278,10 +281,14 @@ class SpawnError(Exception):
 
 
 class Started:
-    __slots__ = ("pid", "pidfd", "stdout", "stderr")
+    """``start``: the task's start time in clock ticks since boot (its
+    identity, with the pid, in the state log), None when unknown."""
+    __slots__ = ("pid", "pidfd", "stdout", "stderr", "start")
 
-    def __init__(self, pid: int, pidfd: int, stdout: int, stderr: int):
+    def __init__(self, pid: int, pidfd: int, stdout: int, stderr: int,
+                 start: Optional[int] = None):
         self.pid, self.pidfd, self.stdout, self.stderr = pid, pidfd, stdout, stderr
+        self.start = start
 
 
 class _Helper:
@@ -475,7 +482,7 @@ class SpawnerPool:
         return msg if len(fds) in _FDS_ALLOWED.get(kind, ()) else None
 
     def _dispatch(self, helper: _Helper, msg: tuple, fds: List[int]) -> None:
-        kind, pid, rid, stage, num, what, _reserved = msg
+        kind, pid, rid, stage, num, what, _reserved, start = msg
         if kind == _HELLO:
             helper.greeted = True
             return
@@ -486,7 +493,7 @@ class SpawnerPool:
         if kind == _OK:
             self.counters["spawned"] += 1
             out, err = (fds[1], fds[2]) if len(fds) == 3 else (-1, -1)
-            result = Started(pid, fds[0], out, err)
+            result = Started(pid, fds[0], out, err, start or None)
         else:
             self.counters["failed"] += 1
             filename = (os.fsdecode(argv0) if what == 1 else

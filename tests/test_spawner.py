@@ -265,7 +265,7 @@ def test_dead_spawner_fails_its_launches_and_is_replaced():
 
 # -- nrm-spawner itself -------------------------------------------------------
 
-REPLY = struct.Struct("=IiQiiii")
+REPLY = struct.Struct("=IiQiiiiQ")
 
 
 @pytest.fixture
@@ -290,7 +290,7 @@ def test_spawner_refuses_garbage_and_goes_on(raw_spawner):
                 good[:-1] + b"x",                               # last string unterminated
                 good[:40] + struct.pack("=I", 1 << 30) + good[44:]):   # absurd argv count
         raw_spawner.send(bad)
-        kind, _, _, stage, err, _, _ = REPLY.unpack(raw_spawner.recv(64))
+        kind, _, _, stage, err, _, _, _ = REPLY.unpack(raw_spawner.recv(64))
         assert (kind, stage, err) == (2, 3, errno.EINVAL), bad[:80]
     raw_spawner.send(good)
     data, fds, _, _ = socket.recv_fds(raw_spawner, 64, 3)
@@ -300,11 +300,32 @@ def test_spawner_refuses_garbage_and_goes_on(raw_spawner):
     os.close(fds[0])
 
 
+def test_spawner_reports_the_start_time_proc_would(raw_spawner):
+    """The state log's identity of a task is (pid, start time); the
+    spawner's bracket around clone must give /proc's own value, or 0."""
+    known = 0
+    for i in range(20):
+        req, _, _ = encode_request(i + 1, {"argv": ["sleep", "5"], "env": [b"PATH=/usr/bin:/bin"],
+                                           "cwd": "/", "capture": False})
+        raw_spawner.send(req)
+        data, fds, _, _ = socket.recv_fds(raw_spawner, 64, 3)
+        kind, pid, _, _, _, _, _, start = REPLY.unpack(data)
+        assert kind == 1
+        with open(f"/proc/{pid}/stat") as f:
+            proc_start = int(f.read().rsplit(")", 1)[1].split()[19])
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fds[0])
+        assert start in (0, proc_start)
+        known += start != 0
+    assert known >= 15          # a tick boundary inside the bracket is rare
+
+
 def test_a_stale_or_missing_spawner_is_a_startup_error(tmp_path, monkeypatch):
     liar = tmp_path / "nrm-spawner"
     liar.write_text(f"#!{PY}\nimport os, socket, struct, sys, time\n"
                     "s = socket.socket(fileno=int(sys.argv[1]))\n"
-                    "s.send(struct.pack('=IiQiiii', 0, os.getpid(), 99, 0, 0, 0, 0))\n"
+                    "s.send(struct.pack('=IiQiiiiQ', 0, os.getpid(), 99, 0, 0, 0, 0, 0))\n"
                     "time.sleep(30)\n")
     liar.chmod(0o755)
 

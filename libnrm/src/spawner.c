@@ -34,6 +34,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef SYS_pidfd_open
@@ -43,7 +44,7 @@
 #define SYS_close_range 436
 #endif
 
-#define PROTOCOL 2
+#define PROTOCOL 3
 #define MAGIC 0x4e524d53u /* "NRMS" */
 #define MAX_MSG (1 << 16)
 #define FLAG_CAPTURE 1u
@@ -59,7 +60,22 @@ struct reply {
 	int32_t pid;
 	uint64_t id;
 	int32_t stage, err, what, reserved;
+	uint64_t start;		/* the task's start, in clock ticks since boot; 0 unknown */
 };
+
+/* USER_HZ, the unit of /proc/<pid>/stat's start time; 0 when odd */
+static uint64_t clock_ticks;
+
+/* CLOCK_BOOTTIME in clock ticks: the clock and unit of a process's start
+ * time in /proc/<pid>/stat (the kernel rounds down the same way). */
+static uint64_t boot_ticks(void)
+{
+	struct timespec ts;
+	if (clock_ticks == 0 || clock_gettime(CLOCK_BOOTTIME, &ts) < 0)
+		return 0;
+	return (uint64_t)ts.tv_sec * clock_ticks +
+	       (uint64_t)ts.tv_nsec / (1000000000u / clock_ticks);
+}
 
 /* what the child reports through its close-on-exec pipe when it fails */
 struct failure {
@@ -393,10 +409,14 @@ static int launch(const struct request *r, int retry)
 	 * its exit status */
 	struct child_args args = { r, join_fds, out_w, err_w, errpipe[1] };
 	int pidfd = -1;
+	/* the kernel stamps the child's start between these two reads: when
+	 * they agree, that is its start time, and nrmd need not read /proc */
+	uint64_t before = boot_ticks();
 	pid_t pid = clone(child_main, child_stack + sizeof child_stack,
 			  CLONE_VM | CLONE_VFORK | CLONE_PARENT | CLONE_PIDFD | SIGCHLD,
 			  &args, &pidfd);
 	int clone_errno = errno;
+	uint64_t after = boot_ticks();
 	close(errpipe[1]);
 	if (out[1] >= 0)
 		close(out[1]);
@@ -428,7 +448,8 @@ static int launch(const struct request *r, int retry)
 		return send_error(r->id, f.stage, f.err, f.what);
 	}
 	int fds[3] = { pidfd, out[0], err[0] };
-	struct reply ok = { .kind = REPLY_OK, .id = r->id, .pid = pid };
+	struct reply ok = { .kind = REPLY_OK, .id = r->id, .pid = pid,
+			    .start = before == after ? before : 0 };
 	int rc = send_reply(&ok, fds, out[0] >= 0 ? 3 : 1);
 	close_all(fds, 3);
 	return rc;
@@ -492,6 +513,9 @@ int main(int argc, char **argv)
 		return 0;
 	fcntl(sock, F_SETFD, FD_CLOEXEC);
 	devnull_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+	long hz = sysconf(_SC_CLK_TCK);
+	if (hz > 0 && 1000000000 % hz == 0)
+		clock_ticks = (uint64_t)hz;
 	/* blocked here, unblocked in each child: a ^C meant for the tasks'
 	 * terminal does not kill us, and nothing we ignore leaks into them */
 	sigset_t set;

@@ -457,7 +457,8 @@ class _StateListener:
     def task_started(self, task) -> None:
         self.daemon.statelog.task_started(TaskRecord(
             id=task.id, container=task.container.id, pid=task.pid,
-            start=pid_start_time(task.pid), argv=task.argv, detach=task.detach))
+            start=task.start_ticks if task.start_ticks is not None else pid_start_time(task.pid),
+            argv=task.argv, detach=task.detach))
 
     def task_ended(self, task) -> None:
         self.daemon.statelog.task_ended(task.container.id, task.id)
