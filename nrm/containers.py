@@ -178,10 +178,14 @@ class ContainerListener:
 class ContainerManager:
     def __init__(self, runtime: Runtime, resources: ResourceManager,
                  publish: Callable[[str, dict], None], task_env: Callable[..., Dict[str, str]],
-                 loop: Optional[asyncio.AbstractEventLoop] = None, spawners: int = 0):
+                 loop: Optional[asyncio.AbstractEventLoop] = None, spawners: int = 0,
+                 wants: Optional[Callable[[str], bool]] = None):
         self.runtime = runtime
         self.resources = resources
         self.publish = publish
+        #: whether an event on a topic would reach anyone: a launch storm
+        #: with no listener then builds none of its four events per task
+        self.wants = wants or (lambda topic: True)
         self.task_env = task_env
         self.loop = loop or asyncio.get_event_loop()
         self.containers: Dict[str, Container] = {}
@@ -264,7 +268,8 @@ class ContainerManager:
         self.containers[cid] = container
         self.counters["containers_started"] += 1
         self._tell("container_started", container)
-        self.publish("container", {"event": event, **container.to_dict()})
+        if self.wants("container"):
+            self.publish("container", {"event": event, **container.to_dict()})
         return container
 
     def _tell(self, hook: str, arg) -> None:
@@ -386,8 +391,9 @@ class ContainerManager:
             self._watch_client(peer.pid, task)
         task.sink.started(task)
         self._tell("task_started", task)
-        self.publish("task", {"event": "start", "container": container.id, "task": task.id,
-                              "pid": task.pid, "argv": task.argv})
+        if self.wants("task"):
+            self.publish("task", {"event": "start", "container": container.id,
+                                  "task": task.id, "pid": task.pid, "argv": task.argv})
 
     def _wrap_perf(self, container, argv):
         if not container.manifest.perfwrapper:
@@ -485,9 +491,10 @@ class ContainerManager:
         self._unwatch_client(task)
         self.counters["tasks_finished"] += 1
         self._tell("task_ended", task)
-        self.publish("task", {"event": "exit", "container": container.id, "task": task.id,
-                              "status": None if task.adopted else task.status,
-                              "code": task.code, "signal": task.signal})
+        if self.wants("task"):
+            self.publish("task", {"event": "exit", "container": container.id, "task": task.id,
+                                  "status": None if task.adopted else task.status,
+                                  "code": task.code, "signal": task.signal})
         profile = None
         if not container.tasks and not container.starting:
             profile = self._end_container(container)
@@ -523,8 +530,9 @@ class ContainerManager:
                            "duration_s": time.monotonic() - container.started_mono,
                            "cpus": list(container.slice.cpus), **profile}
             self.finished_profiles.append(profile_out)
-        self.publish("container", {"event": "exit", "id": container.id,
-                                   "name": container.manifest.name, "profile": profile_out})
+        if self.wants("container"):
+            self.publish("container", {"event": "exit", "id": container.id,
+                                       "name": container.manifest.name, "profile": profile_out})
         self._retry_waiting()
         return profile_out if container.manifest.power.profile else None
 

@@ -145,7 +145,8 @@ class Daemon:
         self.resources = ResourceManager(topology)
         try:
             self.containers = ContainerManager(self.runtime, self.resources, self.publish,
-                                               self._task_env, self.loop, spawners=spawners)
+                                               self._task_env, self.loop, spawners=spawners,
+                                               wants=self.wants)
         except (RuntimeError, ValueError) as exc:
             raise StartupError(str(exc)) from None
         try:
@@ -234,6 +235,13 @@ class Daemon:
         except Exception as exc:
             log.exception("request %s failed", name)
             req.reply(protocol.Error(code="internal", message=f"internal error: {exc}"))
+
+    def wants(self, topic: str) -> bool:
+        """Whether an event on ``topic`` would reach anyone (a subscriber,
+        the dashboard, the decision history)."""
+        upstream = getattr(self, "upstream", None)
+        return (self.http is not None or topic == "decision"
+                or (upstream is not None and upstream.wanted(topic)))
 
     def publish(self, topic: str, body: dict) -> None:
         self.upstream.publish(topic, body)
