@@ -4,15 +4,17 @@ After a SIGKILL the daemon's memory is gone, but its tasks may still run.
 The next start must find every one of them, to kill it or adopt it, and
 must never mistake an unrelated process that reused a pid for one of ours:
 each task is recorded with its pid *and* the kernel's start time of that
-pid (field 22 of /proc/<pid>/stat), and both must match.
+pid (field 22 of /proc/<pid>/stat; nrm-spawner reports it with the launch,
+else it is read from /proc), and both must match.
 
 The log is append-only JSON lines in the runtime dir, without fsync (the
 runtime dir is a tmpfs under /run and only has to outlive the daemon, not
 the machine). Records made during one turn of the event loop go out in one
 write(2) at its end (``defer``): a launch burst costs one system call, and
 a crash can lose only the records of the turn it interrupts. All of it
-costs about 16 us of daemon time per task (measured; a launch costs about
-1 ms). The log is rewritten from memory when it grows past COMPACT_BYTES.
+costs about 10 us per task in isolation, and 25-40 us of daemon cpu per
+task in a launch storm (A/B with the log disabled; a launch costs about
+1.2 ms of cpu in all: docs/performance.md). The log is rewritten from memory when it grows past COMPACT_BYTES.
 A write that fails (a full disk) is logged at a bounded rate and counted;
 the daemon keeps running and `nrm status` says that reconciliation after a
 crash would be incomplete.
