@@ -276,8 +276,6 @@ class ContainerManager:
         """Call a lifecycle hook on every listener that has it; a failing
         listener is logged, never fatal to the container."""
         for listener in self.listeners:
-            if type(listener).__name__ in os.environ.get("NRM_EXP_SKIP", ""):
-                continue
             fn = getattr(listener, hook, None)
             if fn is None:
                 continue
@@ -515,8 +513,6 @@ class ContainerManager:
         self.counters["containers_finished"] += 1
         profile: Dict[str, object] = {}
         for listener in self.listeners:
-            if type(listener).__name__ in os.environ.get("NRM_EXP_SKIP", ""):
-                continue
             try:
                 fragment = listener.container_ended(container)
             except Exception:

@@ -304,9 +304,9 @@ class _Helper:
 
 
 def home_cpus(cpus: Sequence[int], count: int) -> List[List[int]]:
-    """Each spawner's home: contiguous, near-equal shares of ``cpus`` (so a
-    home stays within a package where it can); with more spawners than
-    cpus, homes of one cpu each, repeated."""
+    """Each spawner's home: near-equal shares of ``cpus``, contiguous in
+    cpu number; with more spawners than cpus, homes of one cpu each,
+    repeated."""
     cpus = sorted(cpus)
     n = len(cpus)
     if not n:

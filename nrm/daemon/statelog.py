@@ -14,7 +14,8 @@ write(2) at its end (``defer``): a launch burst costs one system call, and
 a crash can lose only the records of the turn it interrupts. All of it
 costs about 10 us per task in isolation, and 25-40 us of daemon cpu per
 task in a launch storm (A/B with the log disabled; a launch costs about
-1.2 ms of cpu in all: docs/performance.md). The log is rewritten from memory when it grows past COMPACT_BYTES.
+1.2 ms of cpu in all: docs/performance.md). The log is rewritten from
+memory when it grows past COMPACT_BYTES.
 A write that fails (a full disk) is logged at a bounded rate and counted;
 the daemon keeps running and `nrm status` says that reconciliation after a
 crash would be incomplete.
