@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,31 @@ def check_ctrl_c_reaches_the_task(daemon: "DaemonProcess", manifest: str) -> Non
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=10)
     assert out == b"got INT\n" and p.returncode == 42
+
+
+def check_client_death_kills_the_task(daemon: "DaemonProcess", manifest: str) -> None:
+    """A client killed while its task runs takes the task and its
+    container with it (unless it ran with --detach)."""
+    def orphan():
+        listed = json.loads(daemon.cli("list", "--json").stdout)
+        return [c for c in listed if c["id"] == "orphan"]
+    p = daemon.popen_cli("run", "--container", "orphan", manifest, "sleep", "600",
+                         stdout=subprocess.PIPE)
+    wait_for(lambda: orphan() and orphan()[0]["tasks"])
+    pid = orphan()[0]["tasks"][0]["pid"]
+    p.kill()
+    p.wait()
+    wait_for(lambda: not orphan())
+    wait_for(lambda: not _running(pid))
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class DaemonProcess:

@@ -12,7 +12,8 @@ import zmq
 
 from nrm import paths, protocol
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import DaemonProcess, check_ctrl_c_reaches_the_task, wait_for
+from tests.daemon import (DaemonProcess, check_client_death_kills_the_task,
+                          check_ctrl_c_reaches_the_task, wait_for)
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 PY = sys.executable
@@ -79,14 +80,7 @@ def test_ctrl_c_reaches_the_task(daemon):
 
 
 def test_client_death_kills_task(daemon):
-    p = daemon.popen_cli("run", "--container", "orphan", BASIC, "sleep", "600",
-                         stdout=subprocess.PIPE)
-    wait_for(lambda: [c for c in containers(daemon) if c["id"] == "orphan" and c["tasks"]])
-    task_pid = [c for c in containers(daemon) if c["id"] == "orphan"][0]["tasks"][0]["pid"]
-    p.kill()
-    p.wait()
-    wait_for(lambda: not [c for c in containers(daemon) if c["id"] == "orphan"])
-    assert not os.path.exists(f"/proc/{task_pid}") or _is_zombie(task_pid)
+    check_client_death_kills_the_task(daemon, BASIC)
 
 
 def _is_zombie(pid):

@@ -23,7 +23,8 @@ from nrm.paths import find_spawner
 from nrm.spawner import (PROTOCOL, SpawnError, SpawnerPool, Started, choose_helper,
                          encode_request, env_list, fork_exec, home_cpus)
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import DaemonProcess, check_ctrl_c_reaches_the_task, spawner_pids, wait_for
+from tests.daemon import (DaemonProcess, check_client_death_kills_the_task,
+                          check_ctrl_c_reaches_the_task, spawner_pids, wait_for)
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 PY = sys.executable
@@ -426,13 +427,7 @@ def test_ctrl_c_and_output(nrmd):
 
 
 def test_client_death_and_detach_kill(nrmd):
-    p = nrmd.popen_cli("run", "--container", "orphan", BASIC, "sleep", "600",
-                       stdout=subprocess.PIPE)
-    wait_for(lambda: [c for c in _containers(nrmd) if c["id"] == "orphan" and c["tasks"]])
-    pid = [c for c in _containers(nrmd) if c["id"] == "orphan"][0]["tasks"][0]["pid"]
-    p.kill()
-    p.wait()
-    wait_for(lambda: not _alive(pid))
+    check_client_death_kills_the_task(nrmd, BASIC)
     assert nrmd.cli("run", "-d", "--container", "bg", BASIC, "sleep", "600").returncode == 0
     k = nrmd.cli("kill", "bg")
     assert k.returncode == 0 and b"1 tasks" in k.stdout
