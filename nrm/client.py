@@ -124,6 +124,8 @@ class RunResult:
     code: Optional[int] = None
     signal: Optional[int] = None
     profile: Optional[dict] = None
+    #: when nrmd saw the task start, in this node's ``time.monotonic()``
+    started_at: Optional[float] = None
 
 
 _monitor_ids = itertools.count()
@@ -167,21 +169,22 @@ def _request_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig] = None,
 
 
 def _run_request(manifest: Manifest, argv, env, cwd, container, detach, output, wait,
-                 oversubscribe, cpus_allowed=None) -> protocol.Run:
+                 oversubscribe, cpus_allowed=None, started=True) -> protocol.Run:
     return protocol.Run(
         manifest=manifest.to_dict(), argv=list(argv),
         env=dict(os.environ if env is None else env), cwd=cwd or os.getcwd(),
         container=container, detach=detach, output=output, wait=wait,
-        oversubscribe=oversubscribe, cpus_allowed=cpus_allowed)
+        oversubscribe=oversubscribe, cpus_allowed=cpus_allowed, started=started)
 
 
 def _apply(result: RunResult, reply) -> None:
-    if isinstance(reply, protocol.Started):
+    if isinstance(reply, (protocol.Started, protocol.Exit)):
         result.container, result.task, result.pid = reply.container, reply.task, reply.pid
         result.cpus, result.mems = list(reply.cpus), list(reply.mems)
-    elif isinstance(reply, protocol.Exit):
+    if isinstance(reply, protocol.Exit):
         result.status, result.code, result.signal = reply.status, reply.code, reply.signal
         result.profile = reply.profile
+        result.started_at = reply.started_at
 
 
 class Run:
@@ -459,8 +462,12 @@ class AsyncClient(_Endpoint):
                   on_output: Optional[Callable[[str, bytes], None]] = None,
                   on_started: Optional[Callable[[RunResult], None]] = None,
                   wait: bool = False, oversubscribe: bool = False) -> RunResult:
+        """Run to completion (or to the start, with ``detach``). nrmd sends
+        a ``started`` reply only when ``on_started`` or ``detach`` needs it:
+        the result is complete either way, and a launch storm saves one
+        message per run through both sides' zmq I/O threads."""
         msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
-                           oversubscribe)
+                           oversubscribe, started=detach or on_started is not None)
         q = self._open(msg)
         result = RunResult()
         try:

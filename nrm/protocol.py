@@ -16,6 +16,7 @@ checks that every tag declared here is documented there.
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Dict, List, Optional, Union
 
 import msgspec
@@ -64,6 +65,10 @@ class Run(_Msg, tag="run"):
     #: cpus the client may use (e.g. its Slurm allocation); the slice is
     #: taken inside them. None: any cpu of the node.
     cpus_allowed: Optional[List[int]] = None
+    #: send a ``started`` reply once the task runs (always with ``detach``).
+    #: A client that only waits for the exit says false and saves a message
+    #: per run: ``exit`` carries the same facts.
+    started: bool = True
 
 
 class Signal(_Msg, tag="signal"):
@@ -134,7 +139,11 @@ class Output(_Msg, tag="output"):
 
 
 class Exit(_Msg, tag="exit"):
-    """``status`` is the shell-style status: code, or 128+signal."""
+    """``status`` is the shell-style status: code, or 128+signal.
+    ``started_at`` is when nrmd knew the task had started, in seconds of
+    the node's CLOCK_MONOTONIC (comparable with a local client's own);
+    ``pid``, ``cpus`` and ``mems`` repeat ``started``'s for the clients
+    that asked for no ``started`` reply."""
     id: int = 0
     task: str = ""
     container: str = ""
@@ -142,6 +151,10 @@ class Exit(_Msg, tag="exit"):
     signal: Optional[int] = None
     status: int = 0
     profile: Optional[Dict[str, object]] = None
+    pid: int = 0
+    cpus: List[int] = []
+    mems: List[int] = []
+    started_at: Optional[float] = None
 
 
 Reply = Union[Error, Ack, Started, Output, Exit]
@@ -285,7 +298,7 @@ def markdown_reference() -> str:
         for cls in union.__args__:
             info = msgspec.structs.fields(cls)
             out.append(f"#### `{cls.__struct_config__.tag}`\n")
-            doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+            doc = " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split())
             if doc:
                 out.append(doc + "\n")
             out.append("| field | type | default |\n|---|---|---|")

@@ -7,10 +7,12 @@ NrmError on the request that caused them.
 """
 
 import asyncio
+import time
 
 import pytest
+import zmq
 
-from nrm import protocol
+from nrm import paths, protocol
 from nrm.client import AsyncClient, NrmError
 from nrm.manifest import parse
 
@@ -78,6 +80,51 @@ def test_started_callback_and_detach(daemon):
         return seen, result
     seen, result = run(main())
     assert seen == [result.pid] and result.pid > 0
+
+
+def _replies_to(daemon, run: protocol.Run) -> list:
+    """Every reply to one run request, on a raw DEALER, up to its exit."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(paths.upstream_uri(daemon.rundir))
+    try:
+        sock.send(protocol.encode(run))
+        replies = []
+        while not replies or not isinstance(replies[-1], (protocol.Exit, protocol.Error)):
+            assert sock.poll(10000), f"no reply after {replies}"
+            replies.append(protocol.decode_reply(sock.recv_multipart()[0]))
+        return replies
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_started_reply_only_when_asked(daemon, started):
+    run_msg = protocol.Run(id=5, manifest=ONE_CPU.to_dict(), argv=["true"], cwd="/",
+                           output=False, wait=True, started=started)
+    before = time.monotonic()
+    replies = _replies_to(daemon, run_msg)
+    after = time.monotonic()
+    assert [type(r).__name__ for r in replies] == (["Started", "Exit"] if started else ["Exit"])
+    exit_ = replies[-1]
+    assert exit_.id == 5 and exit_.status == 0
+    assert exit_.pid > 0 and len(exit_.cpus) == 1 and len(exit_.mems) == 1
+    assert before < exit_.started_at < after
+    if started:
+        assert (replies[0].pid, replies[0].cpus, replies[0].task) == \
+            (exit_.pid, exit_.cpus, exit_.task)
+
+
+def test_result_is_complete_without_a_started_reply(daemon):
+    async def main():
+        async with AsyncClient(daemon.rundir) as c:
+            t0 = time.monotonic()
+            result = await c.run(ONE_CPU, ["true"], output=False, wait=True, env={})
+            return t0, result, time.monotonic()
+    t0, result, t1 = run(main())
+    assert result.status == 0 and result.pid > 0 and result.task and result.container
+    assert len(result.cpus) == 1 and len(result.mems) == 1
+    assert t0 < result.started_at < t1
 
 
 def test_unknown_runtime_dir_is_a_clear_error(tmp_path):

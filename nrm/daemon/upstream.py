@@ -74,8 +74,9 @@ class ClientSink(Sink):
     """
 
     def __init__(self, requester: Requester, resume: Callable[[Task], None],
-                 gone: Callable[[Task], None]):
+                 gone: Callable[[Task], None], send_started: bool = True):
         self.req = requester
+        self.send_started = send_started
         self.queue: Deque[tuple] = deque()
         self.resume = resume
         self.gone = gone
@@ -132,16 +133,20 @@ class ClientSink(Sink):
         self.task = task
         if self.req.peer.pid == 0 and not task.detach:
             self.req.upstream.watch_remote(self)
-        self._send(protocol.Started(container=task.container.id, task=task.id, pid=task.pid,
-                                    cpus=list(task.container.slice.cpus),
-                                    mems=list(task.container.slice.mems)))
+        if self.send_started or task.detach:
+            self._send(protocol.Started(container=task.container.id, task=task.id, pid=task.pid,
+                                        cpus=list(task.container.slice.cpus),
+                                        mems=list(task.container.slice.mems)))
 
     def output(self, task: Task, stream: str, data: bytes) -> bool:
         return self._send(protocol.Output(task=task.id, stream=stream), data)
 
     def exited(self, task: Task, profile: Optional[dict]) -> None:
+        s = task.container.slice
         self._send(protocol.Exit(task=task.id, container=task.container.id, code=task.code,
-                                 signal=task.signal, status=task.status, profile=profile))
+                                 signal=task.signal, status=task.status, profile=profile,
+                                 pid=task.pid, cpus=list(s.cpus), mems=list(s.mems),
+                                 started_at=task.started_at or None))
 
     def failed(self, code: str, message: str) -> None:
         self._send(protocol.Error(code=code, message=message))
