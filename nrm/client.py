@@ -21,7 +21,11 @@ Asyncio use, many tasks at once over one connection::
     asyncio.run(main())
 
 Requests carry an id echoed by every reply, so any number of requests can
-share one DEALER socket.
+share one DEALER socket. ``AsyncClient.run`` asks nrmd for a ``started``
+reply only when ``on_started`` or ``detach`` needs one: the exit reply
+fills the same fields of the result (pid, cpus, mems, and ``started_at``
+on this node's ``time.monotonic()`` clock), and a launch storm saves one
+message per run.
 
 A remote nrmd (``nrmd --tcp``) is reached with ``uri="tcp://HOST:PORT"`` (or
 ``$NRM_URI``) and CurveZMQ key files: ``server_key`` (nrmd's public key,
