@@ -97,10 +97,13 @@ def valid_key(text: str) -> bool:
     return len(text) == KEY_LEN and all(c in Z85_ALPHABET for c in text)
 
 
-def _read_fields(path: str) -> Tuple[Dict[str, str], int]:
-    """The file's key lines, and its permission bits."""
+def _config_lines(path: str, what: str, limit: int) -> Tuple[List[Tuple[int, str]], int]:
+    """The numbered lines of a small ASCII file, blanks and comments left
+    out, and its permission bits. The checks are made on the open fd, so
+    a path swapped after them is not read, and a FIFO (which would hang
+    nrmd's start) is refused."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise CurveError(f"{path}: {exc.strerror}") from None
     try:
@@ -108,18 +111,23 @@ def _read_fields(path: str) -> Tuple[Dict[str, str], int]:
         if not stat.S_ISREG(st.st_mode):
             raise CurveError(f"{path}: not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(65536)
+            raw = f.read(limit)
     finally:
         os.close(fd)
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
-        raise CurveError(f"{path}: not a key file (non-ASCII content)") from None
+        raise CurveError(f"{path}: not a {what} (non-ASCII content)") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    return [(n, line) for n, line in lines if line and not line.startswith("#")], \
+        stat.S_IMODE(st.st_mode)
+
+
+def _read_fields(path: str) -> Tuple[Dict[str, str], int]:
+    """The file's key lines, and its permission bits."""
+    lines, mode = _config_lines(path, "key file", 65536)
     out: Dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for n, line in lines:
         name, sep, value = line.partition("=")
         name, value = name.strip(), value.strip().strip('"')
         if not sep or name not in ("public-key", "secret-key"):
@@ -127,7 +135,7 @@ def _read_fields(path: str) -> Tuple[Dict[str, str], int]:
         if not valid_key(value):
             raise CurveError(f"{path}:{n}: {name} is not a 40-character Z85 key")
         out[name] = value
-    return out, stat.S_IMODE(st.st_mode)
+    return out, mode
 
 
 def load_keypair(path: str) -> Keypair:
@@ -191,24 +199,12 @@ def load_users(path: str) -> Dict[bytes, User]:
 
     The file decides who may act as whom, so it must not be writable by
     anyone but its owner."""
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as f:
-            raw = f.read(1 << 20)
-    except OSError as exc:
-        raise CurveError(f"{path}: {exc.strerror}") from None
-    if st.st_mode & 0o022:
-        raise CurveError(f"{path}: writable by group or others (mode "
-                         f"{stat.S_IMODE(st.st_mode):04o}); run chmod go-w {path}")
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError:
-        raise CurveError(f"{path}: not a users file (non-ASCII content)") from None
+    lines, mode = _config_lines(path, "users file", 1 << 20)
+    if mode & 0o022:
+        raise CurveError(f"{path}: writable by group or others (mode {mode:04o}); "
+                         f"run chmod go-w {path}")
     users: Dict[bytes, User] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for n, line in lines:
         parts = line.split()
         if len(parts) != 2:
             raise CurveError(f"{path}:{n}: expected 'USER PUBLIC-KEY'")

@@ -284,6 +284,9 @@ def _bad_setup(tmp_path, keys, case):
         shutil.copy(users, bad)
         os.chmod(bad, 0o666)
         return ["--curve-secret-key", server, "--curve-users", bad], "go-w"
+    if case == "users file is a FIFO":
+        os.mkfifo(bad, 0o600)   # opening it for reading would block nrmd's start
+        return ["--curve-secret-key", server, "--curve-users", bad], "not a regular file"
     if case == "no keys at all":
         return [], "--curve-secret-key"
     raise AssertionError(case)
@@ -292,7 +295,8 @@ def _bad_setup(tmp_path, keys, case):
 @pytest.mark.parametrize("case", [
     "missing secret key", "world-readable secret key", "garbage secret key",
     "mismatched keypair", "public key given as secret", "unknown user",
-    "ill-formed users line", "world-writable users file", "no keys at all"])
+    "ill-formed users line", "world-writable users file", "users file is a FIFO",
+    "no keys at all"])
 def test_bad_key_files_refuse_start(tmp_path, keys, case):
     args, needle = _bad_setup(tmp_path, keys, case)
     r = _nrmd(tmp_path, "--tcp", str(_free_port_pair()), *args)
