@@ -12,6 +12,15 @@ Tasks are launched by spawner processes when the daemon has them (see
 nrm/spawner.py: a launch is asynchronous, and a container keeps its slice
 while a launch is in flight), else by the daemon's own thread. Either way
 each task is the daemon's child, reaped through its pidfd.
+
+Hand-over: a run that waits for a slice may be *promised* the slice of a
+running container that will end with its only task. A spawner then holds
+its launch and starts it the moment that task exits, if its cgroup is
+empty, without waiting for the daemon to notice the exit: on a busy node the
+daemon's turn-around was the slice's idle time (docs/performance.md,
+session 8). The daemon retires the predecessor (its exit, its container's
+end and every listener's restore) before the heir is registered, so the
+managers see the same order as without a hand-over. See ``Promise``.
 """
 
 from __future__ import annotations
@@ -133,6 +142,56 @@ class Task:
 
 
 @dataclass
+class Queued:
+    """A run request waiting for a slice; ``seq`` orders the queue."""
+    seq: int
+    peer: Peer
+    manifest: Manifest
+    argv: List[str]
+    env: Dict[str, str]
+    cwd: str
+    sink: Sink
+    name: Optional[str]
+    detach: bool
+    output: bool
+    oversubscribe: bool
+    allowed: Optional[List[int]]
+
+
+#: a promised run passed over this many times by younger runs is taken back
+#: and promised again (to the next slice to free), so that a long-running
+#: predecessor cannot starve it
+PASSES_BEFORE_REPROMISE = 2
+
+
+@dataclass
+class Promise:
+    """A queued run promised the slice of ``predecessor``, an unnamed
+    container whose only task is running: a spawner holds the launch (in
+    ``heir``, a container not yet registered) until that task exits.
+
+    Outcomes: the launch fires (the predecessor is retired first, then the
+    heir registered with the slice); the predecessor's cgroup still holds a
+    process (``occupied``: the heir launches once the daemon has ended the
+    predecessor and killed what it left); or the promise is cancelled (the
+    client left, the daemon stops, or it was passed over) and the run
+    queues again in its place."""
+    queued: Queued
+    heir: "Container"
+    predecessor: "Container"
+    task: Optional["Task"] = None
+    request: Optional[dict] = None
+    #: what an ordinary launch of the task calls with the spawner's answer
+    launched: Optional[Callable[[object], None]] = None
+    rid: Optional[int] = None
+    passes: int = 0
+    cancelling: bool = False
+    occupied: bool = False
+    #: the predecessor ended: its cpus are the heir's already
+    owns_slice: bool = False
+
+
+@dataclass
 class Container:
     id: str
     uid: int
@@ -147,6 +206,10 @@ class Container:
     ending: bool = False
     starting: Dict[str, Task] = field(default_factory=dict)    # launches in flight
     extra: Dict[str, object] = field(default_factory=dict)
+    #: created without a name: no run can join it by name on purpose
+    anonymous: bool = False
+    #: the run promised this container's slice when it ends
+    heir: Optional[Promise] = None
 
     def to_dict(self) -> dict:
         return {"id": self.id, "uid": self.uid, "user": user_name(self.uid),
@@ -191,10 +254,14 @@ class ContainerManager:
         self.containers: Dict[str, Container] = {}
         self.tasks: Dict[str, Task] = {}
         self.listeners: List[ContainerListener] = []
-        self.waiting: Deque[tuple] = deque()
+        self.waiting: Deque[Queued] = deque()
+        self.promises: List[Promise] = []
+        self._seq = itertools.count()
+        self.closing = False
         self.client_watch: Dict[int, tuple] = {}   # client pid -> (pidfd, set(task ids))
         self.counters = {"tasks_started": 0, "tasks_finished": 0, "containers_started": 0,
-                         "containers_finished": 0, "spawn_failures": 0}
+                         "containers_finished": 0, "spawn_failures": 0, "handovers": 0,
+                         "handovers_occupied": 0, "handovers_cancelled": 0}
         self.finished_profiles: Deque[dict] = deque(maxlen=64)
         self.pool: Optional[SpawnerPool] = None
         if spawners > 0:
@@ -228,33 +295,53 @@ class ContainerManager:
         if container_name is not None and not CONTAINER_NAME.fullmatch(container_name):
             raise RunError("invalid", f"container name {container_name[:64]!r}: use 1 to 128 "
                            "letters, digits and . _ - : @ +, not starting with . or -")
-        if container_name is not None:
-            existing = self.containers.get(container_name)
+        q = Queued(next(self._seq), peer, manifest, list(argv), env, cwd, sink,
+                   container_name, detach, output, oversubscribe, cpus_allowed)
+        task = self._run(q, wait)
+        if task is None:
+            self._promise_slices()
+        return task
+
+    @property
+    def waiting_count(self) -> int:
+        """Runs waiting for a slice, promised one or not."""
+        return len(self.waiting) + len(self.promises)
+
+    def _run(self, q: Queued, wait: bool) -> Optional[Task]:
+        if q.name is not None:
+            existing = self.containers.get(q.name)
             if existing is not None:
-                if not peer.may_touch(existing.uid):
-                    raise RunError("denied", f"container {container_name} belongs to "
+                if not q.peer.may_touch(existing.uid):
+                    raise RunError("denied", f"container {q.name} belongs to "
                                    f"uid {existing.uid}")
                 if existing.ending:
-                    raise RunError("busy", f"container {container_name} is shutting down")
-                return self._start_task(existing, peer, argv, env, cwd, sink, detach, output)
-        cid = container_name or new_id()
+                    raise RunError("busy", f"container {q.name} is shutting down")
+                if existing.heir is not None:
+                    raise RunError("busy", f"container {q.name} ends with its task: its "
+                                   "slice is promised to a queued run")
+                return self._start_task(existing, q.peer, q.argv, q.env, q.cwd, q.sink,
+                                        q.detach, q.output)
+        cid = q.name or new_id()
         try:
-            slice_ = self.resources.allocate(cid, manifest.slice.cpus, manifest.slice.mems,
-                                             oversubscribe, cpus_allowed)
+            slice_ = self.resources.allocate(cid, q.manifest.slice.cpus, q.manifest.slice.mems,
+                                             q.oversubscribe, q.allowed)
         except SliceError as exc:
             if exc.busy and wait:
-                self.waiting.append((peer, manifest, argv, env, cwd, sink, container_name,
-                                     detach, output, oversubscribe, cpus_allowed))
+                self.waiting.append(q)
                 return None
             raise RunError("busy" if exc.busy else "no_fit", str(exc)) from None
+        if self.promises:
+            self._passed(q.seq)
         try:
             handle = self.runtime.create(cid, slice_.cpus, slice_.mems)
         except Exception as exc:
             self.resources.release(cid, slice_)
             raise RunError("runtime", str(exc)) from None
-        container = self._register(cid, peer.uid, manifest, slice_, handle, "start")
+        container = self._register(cid, q.peer.uid, q.manifest, slice_, handle, "start")
+        container.anonymous = q.name is None
         try:
-            return self._start_task(container, peer, argv, env, cwd, sink, detach, output)
+            return self._start_task(container, q.peer, q.argv, q.env, q.cwd, q.sink,
+                                    q.detach, q.output)
         except RunError:
             if not container.tasks and not container.starting:
                 self._end_container(container)
@@ -265,12 +352,16 @@ class ContainerManager:
         """A new container with its slice and isolation: tell the managers."""
         handle.image = manifest.image
         container = Container(cid, uid, manifest, slice_, handle)
+        self._enroll(container, event)
+        return container
+
+    def _enroll(self, container: Container, event: str) -> None:
+        cid = container.id
         self.containers[cid] = container
         self.counters["containers_started"] += 1
         self._tell("container_started", container)
         if self.wants("container"):
             self.publish("container", {"event": event, **container.to_dict()})
-        return container
 
     def _tell(self, hook: str, arg) -> None:
         """Call a lifecycle hook on every listener that has it; a failing
@@ -303,9 +394,12 @@ class ContainerManager:
             sched = (SCHED_POLICIES[m.scheduler.policy], m.scheduler.priority)
         return bind_cpus, bind_mems, sched
 
-    def _start_task(self, container, peer, argv, env, cwd, sink, detach, output) -> Task:
+    def _start_task(self, container, peer, argv, env, cwd, sink, detach, output,
+                    promise: Optional[Promise] = None) -> Task:
         """Start a task; with spawners it is returned still starting and the
-        sink hears `started` (or `failed`) when the spawner answers."""
+        sink hears `started` (or `failed`) when the spawner answers. With
+        ``promise``, the spawner holds the launch until the predecessor's
+        task exits."""
         task = Task(id=new_id(), container=container, argv=list(argv), sink=sink,
                     client_pid=peer.pid, detach=detach)
         ids: Dict[str, object] = {}
@@ -339,9 +433,192 @@ class ContainerManager:
             self.counters["spawn_failures"] += 1
             raise RunError("runtime", f"cannot start task: {exc}") from None
         container.starting[task.id] = task
-        self.pool.submit(request, lambda result: self._spawned(task, peer, argv, sched, result),
-                         near=next(iter(bind_cpus or container.slice.cpus), None))
+        near = next(iter(bind_cpus or container.slice.cpus), None)
+
+        def launched(result):
+            self._spawned(task, peer, argv, sched, result)
+
+        if promise is None:
+            self.pool.submit(request, launched, near=near)
+            return task
+        promise.task, promise.request, promise.launched = task, request, launched
+        predecessor = promise.predecessor
+        (only,) = predecessor.tasks.values()
+        promise.rid = self.pool.submit(
+            dict(request, after=self.runtime.process_list(predecessor.handle)),
+            lambda result: self._promise_answered(promise, argv, sched, result),
+            near=near, after=only.pidfd)
         return task
+
+    # -- hand-over ------------------------------------------------------------
+    def _predecessors(self) -> List[Container]:
+        """Containers whose slice can be promised, the oldest task first."""
+        if self.pool is None or self.closing or not self.pool.alive():
+            return []
+        found = []
+        for c in self.containers.values():
+            if (c.anonymous and c.heir is None and not c.ending and not c.starting
+                    and len(c.tasks) == 1 and not c.slice.shared
+                    and "adopted" not in c.extra):
+                (task,) = c.tasks.values()
+                if task.pidfd >= 0 and self.runtime.process_list(c.handle):
+                    found.append((task.started_at, c))
+        found.sort(key=lambda pair: pair[0])
+        return [c for _, c in found]
+
+    def _fits(self, q: Queued, c: Container) -> bool:
+        return (q.name is None and not q.oversubscribe
+                and q.manifest.slice.cpus == len(c.slice.cpus)
+                and (q.allowed is None or set(c.slice.cpus) <= set(q.allowed)))
+
+    def _promise_slices(self) -> None:
+        """Promise queued runs, oldest first, the slices of running
+        containers that will end with their task."""
+        if not self.waiting:
+            return
+        candidates = self._predecessors()
+        if not candidates:
+            return
+        for q in list(self.waiting):
+            for c in candidates:
+                if self._fits(q, c):
+                    break
+            else:
+                continue
+            if q.peer.pid and q.peer.pid not in self.client_watch and not _alive(q.peer.pid):
+                continue    # _retry_waiting drops it
+            candidates.remove(c)
+            self.waiting.remove(q)
+            self._promise(q, c)
+            if not candidates:
+                return
+
+    def _promise(self, q: Queued, predecessor: Container) -> None:
+        cid = new_id()
+        cpus = predecessor.slice.cpus
+        slice_ = Slice(cpus, self.resources.mems_for(cpus, q.manifest.slice.mems))
+        try:
+            handle = self.runtime.create(cid, slice_.cpus, slice_.mems)
+        except Exception as exc:
+            log.warning("cannot prepare a container to hand %s over: %s", predecessor.id, exc)
+            self._requeue(q)
+            return
+        handle.image = q.manifest.image
+        heir = Container(cid, q.peer.uid, q.manifest, slice_, handle, anonymous=True)
+        promise = Promise(q, heir, predecessor)
+        predecessor.heir = promise
+        self.promises.append(promise)
+        try:
+            task = self._start_task(heir, q.peer, q.argv, q.env, q.cwd, q.sink, q.detach,
+                                    q.output, promise)
+        except RunError as exc:
+            self._forget(promise)
+            fail = getattr(q.sink, "failed", None)
+            if fail:
+                fail(exc.code, str(exc))
+            return
+        if q.peer.pid and not q.detach and not self._watch_client(q.peer.pid, task):
+            self._cancel(promise)       # its client left already
+
+    def _forget(self, promise: Promise) -> None:
+        """The promise is off: its heir's slot and cpus go back."""
+        if promise in self.promises:
+            self.promises.remove(promise)
+        if promise.predecessor.heir is promise:
+            promise.predecessor.heir = None
+        heir = promise.heir
+        if promise.task is not None:
+            heir.starting.pop(promise.task.id, None)
+            self._unwatch_client(promise.task)
+        if promise.owns_slice:
+            self.resources.release(heir.id, heir.slice)
+        try:
+            self.runtime.remove(heir.handle)
+        except Exception:
+            log.exception("releasing the container prepared for %s", heir.id)
+
+    def _requeue(self, q: Queued) -> None:
+        """Back into the queue, in its place."""
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].seq < q.seq:
+            i += 1
+        self.waiting.insert(i, q)
+
+    def _passed(self, seq: int) -> None:
+        """A run younger than some promised ones got a slice first."""
+        for promise in self.promises:
+            if promise.queued.seq < seq and not promise.cancelling and promise.rid is not None:
+                promise.passes += 1
+                if promise.passes >= PASSES_BEFORE_REPROMISE:
+                    self._cancel(promise)
+
+    def _cancel(self, promise: Promise) -> None:
+        if not promise.cancelling and promise.rid is not None and self.pool is not None:
+            promise.cancelling = True
+            self.pool.cancel(promise.rid)
+
+    def _promise_answered(self, promise: Promise, argv, sched, result) -> None:
+        if promise not in self.promises:
+            return
+        q, heir = promise.queued, promise.heir
+        if isinstance(result, SpawnError) and result.stage == "occupied":
+            # the predecessor left processes behind: launch once they are killed
+            self.counters["handovers_occupied"] += 1
+            promise.occupied = True
+            if promise.owns_slice:
+                self._launch_heir(promise)
+            return
+        if isinstance(result, SpawnError):
+            self._forget(promise)
+            if result.stage == "cancelled":
+                self.counters["handovers_cancelled"] += 1
+                self._requeue(q)
+                self._retry_waiting()
+                return
+            self.counters["spawn_failures"] += 1
+            exc = _spawn_error(argv, sched, result.oserror or RuntimeError(str(result)),
+                               result.stage)
+            fail = getattr(q.sink, "failed", None)
+            if fail:
+                fail(exc.code, str(exc))
+            self._retry_waiting()
+            return
+        # launched: its predecessor's task has exited
+        self.counters["handovers"] += 1
+        self._retire(promise.predecessor)
+        self.promises.remove(promise)
+        if promise.predecessor.heir is promise:
+            promise.predecessor.heir = None
+        if not promise.owns_slice:
+            self.resources.hand_over(promise.predecessor.id, heir.id, heir.slice)
+        self._enroll(heir, "start")
+        promise.launched(result)
+        self._passed(q.seq)
+
+    def _retire(self, container: Container) -> None:
+        """A predecessor whose task has exited (its spawner saw it) but whose
+        exit the loop has not handled yet: handle it now, with what its
+        pipes hold (nothing else can write to them: its cgroup is empty)."""
+        for task in list(container.tasks.values()):
+            if task.pidfd >= 0:
+                try:
+                    pid, status = os.waitpid(task.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid, status = task.pid, None
+                if pid == 0:
+                    continue    # cannot be: its pidfd was readable
+                self._exited(task, status)
+            if not task.finished and task.pidfd < 0:
+                if task.eof_timer is not None:
+                    task.eof_timer.cancel()
+                self._drain_and_finish(task)
+
+    def _launch_heir(self, promise: Promise) -> None:
+        """An occupied hand-over, once the predecessor has ended: an ordinary
+        launch into the heir's slice."""
+        self.promises.remove(promise)
+        self._enroll(promise.heir, "start")
+        self.pool.submit(promise.request, promise.launched, near=promise.heir.slice.cpus[0])
 
     def _spawned(self, task: Task, peer: Peer, argv, sched, result) -> None:
         container = task.container
@@ -388,6 +665,8 @@ class ContainerManager:
         if not task.detach and peer.pid:
             self._watch_client(peer.pid, task)
         task.sink.started(task)
+        if self.waiting:
+            self._promise_slices()      # a new predecessor
         self._tell("task_started", task)
         if self.wants("task"):
             self.publish("task", {"event": "start", "container": container.id,
@@ -437,6 +716,8 @@ class ContainerManager:
 
     # -- exit -------------------------------------------------------------
     def _on_pid_exit(self, task: Task) -> None:
+        if task.pidfd < 0:
+            return      # retired already (a hand-over saw its exit first)
         try:
             pid, status = os.waitpid(task.pid, os.WNOHANG)
         except ChildProcessError:
@@ -508,7 +789,13 @@ class ContainerManager:
             self.runtime.remove(container.handle)     # kills what is left
         except Exception:
             log.exception("removing container %s", container.id)
-        self.resources.release(container.id, container.slice)
+        promise = container.heir
+        if promise is not None:
+            # promised: the cpus pass to the heir without ever being free
+            self.resources.hand_over(container.id, promise.heir.id, container.slice)
+            promise.owns_slice = True
+        else:
+            self.resources.release(container.id, container.slice)
         del self.containers[container.id]
         self.counters["containers_finished"] += 1
         profile: Dict[str, object] = {}
@@ -529,6 +816,8 @@ class ContainerManager:
         if self.wants("container"):
             self.publish("container", {"event": "exit", "id": container.id,
                                        "name": container.manifest.name, "profile": profile_out})
+        if promise is not None and promise.occupied:
+            self._launch_heir(promise)
         self._retry_waiting()
         return profile_out if container.manifest.power.profile else None
 
@@ -553,22 +842,23 @@ class ContainerManager:
         task.sink.exited(task, None)
 
     def _retry_waiting(self) -> None:
+        if self.closing:
+            return
         pending, self.waiting = self.waiting, deque()
         while pending:
-            item = pending.popleft()
-            peer, manifest, argv, env, cwd, sink, name, detach, output, oversub, allowed = item
-            if name not in self.containers and not self.resources.free_cpus:
-                self.waiting.append(item)   # cannot fit: skip the failing attempt
+            q = pending.popleft()
+            if q.name not in self.containers and not self.resources.free_cpus:
+                self.waiting.append(q)   # cannot fit: skip the failing attempt
                 continue
-            if peer.pid and peer.pid not in self.client_watch and not _alive(peer.pid):
+            if q.peer.pid and q.peer.pid not in self.client_watch and not _alive(q.peer.pid):
                 continue    # its client gave up waiting (Ctrl-C, killed): nobody to run for
             try:
-                self.run(peer, manifest, argv, env, cwd, sink, name, detach, output,
-                         wait=True, oversubscribe=oversub, cpus_allowed=allowed)
+                self._run(q, wait=True)
             except RunError as exc:
-                fail = getattr(sink, "failed", None)
+                fail = getattr(q.sink, "failed", None)
                 if fail:
                     fail(exc.code, str(exc))
+        self._promise_slices()
 
     # -- signals, kill ----------------------------------------------------
     def signal_task(self, peer: Peer, task_id: str, signum: int) -> None:
@@ -597,14 +887,15 @@ class ContainerManager:
 
     def client_gone(self, task: Task) -> None:
         """The client that streams this task vanished: kill the task."""
-        if not task.detach and not task.finished:
+        if not task.detach and not task.finished and task.pid > 0:
             log.info("client of task %s is gone; killing it", task.id)
             try:
                 os.killpg(task.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def _watch_client(self, pid: int, task: Task) -> None:
+    def _watch_client(self, pid: int, task: Task) -> bool:
+        """False when the client is gone already."""
         entry = self.client_watch.get(pid)
         if entry is None:
             try:
@@ -613,13 +904,14 @@ class ContainerManager:
                 # gone while the launch was in flight (a spawner answers
                 # later): nothing else would ever kill this task
                 self.client_gone(task)
-                return
+                return False
             except OSError:
-                return
+                return True
             entry = (fd, set())
             self.client_watch[pid] = entry
             self.loop.add_reader(fd, self._on_client_exit, pid)
         entry[1].add(task.id)
+        return True
 
     def _unwatch_client(self, task: Task) -> None:
         """An idle client keeps its pidfd (a launch loop would otherwise
@@ -642,6 +934,9 @@ class ContainerManager:
             task = self.tasks.get(tid)
             if task is not None:
                 self.client_gone(task)
+        for promise in list(self.promises):
+            if promise.queued.peer.pid == pid and not promise.queued.detach:
+                self._cancel(promise)   # answered cancelled: then dropped
 
     # -- queries ----------------------------------------------------------
     def visible(self, peer: Peer) -> List[Container]:
@@ -707,6 +1002,7 @@ class ContainerManager:
         return container
 
     def shutdown(self) -> None:
+        self.closing = True
         if self.pool is not None:
             self.pool.drain()
         for container in list(self.containers.values()):

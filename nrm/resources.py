@@ -68,7 +68,7 @@ class ResourceManager:
             cpus = self._least_loaded(ncpus, allowed_set)
             for c in cpus:
                 self._shared_load[c] += 1
-            return Slice(tuple(cpus), self._mems_for(cpus, nmems), shared=True)
+            return Slice(tuple(cpus), self.mems_for(cpus, nmems), shared=True)
         cpus = self._first_fit(ncpus, allowed_set)
         if cpus is None:
             free = [c for c in self.free_cpus if allowed_set is None or c in allowed_set]
@@ -78,7 +78,7 @@ class ResourceManager:
                 f"{scope} cpus free", busy=True)
         for c in cpus:
             self._owner[c] = owner
-        return Slice(tuple(cpus), self._mems_for(cpus, nmems))
+        return Slice(tuple(cpus), self.mems_for(cpus, nmems))
 
     def release(self, owner: str, slice_: Slice) -> None:
         for c in slice_.cpus:
@@ -86,6 +86,13 @@ class ResourceManager:
                 self._shared_load[c] = max(0, self._shared_load[c] - 1)
             elif self._owner.get(c) == owner:
                 del self._owner[c]
+
+    def hand_over(self, owner: str, heir: str, slice_: Slice) -> None:
+        """The cpus of ``owner``'s slice become ``heir``'s without ever
+        being free (see Promise in nrm/containers.py)."""
+        for c in slice_.cpus:
+            if self._owner.get(c) == owner:
+                self._owner[c] = heir
 
     def _first_fit(self, ncpus: int, allowed=None) -> Optional[List[int]]:
         free = set(self.free_cpus)
@@ -126,7 +133,7 @@ class ResourceManager:
         pool = [c for c in self._shared_load if allowed is None or c in allowed]
         return sorted(sorted(pool, key=load)[:ncpus])
 
-    def _mems_for(self, cpus: List[int], nmems: int) -> tuple:
+    def mems_for(self, cpus: List[int], nmems: int) -> tuple:
         local = []
         for c in cpus:
             node = self.topology.cpu(c).node

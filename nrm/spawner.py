@@ -208,16 +208,25 @@ def thread_attributes(cpus, mems, sched):
 # little-endian host order, one SOCK_SEQPACKET message each way:
 #
 #   request  header (64 bytes): magic "NRMS" (u32 0x4e524d53), flags (u32, 1 =
-#            capture output), id (u64), uid, gid, sched policy, sched priority
-#            (i32, -1 = unchanged), then u32 counts: groups, cpus, mems, argv,
-#            executables, env, membership files, and a u32 of padding; then the
-#            i32 groups, cpus and mems; then NUL-terminated strings: cwd (empty =
-#            unchanged), argv, the executables to try in order, env, and the
-#            cgroup membership files the child writes "0" into before it execs.
-#            Larger than MAX_MSG: a one-byte message carries a memfd holding it.
+#            capture output, 2 = after a predecessor), id (u64), uid, gid,
+#            sched policy, sched priority (i32, -1 = unchanged), then u32
+#            counts: groups, cpus, mems, argv, executables, env, membership
+#            files, and "after" strings (1 with flag 2, else 0); then the i32
+#            groups, cpus and mems; then NUL-terminated strings: cwd (empty =
+#            unchanged), argv, the executables to try in order, env, the
+#            cgroup membership files the child writes "0" into before it
+#            execs, and with flag 2 the predecessor's cgroup process list.
+#            Flag 2 requests carry the predecessor's pidfd (SCM_RIGHTS) and
+#            are held until it is readable, then launched only if that
+#            process list is empty (else answered stage 4, occupied).
+#            Larger than MAX_MSG: a one-byte message carries a memfd holding
+#            it, after the pidfd if there is one.
+#   cancel   16 bytes: magic "NRMC" (u32 0x4e524d43), u32 0, the id (u64) of a
+#            held request; answered stage 5 (cancelled), or not at all when
+#            the request was launched already (its answer came first).
 #   reply    40 bytes: kind (u32: 0 hello, 1 ok, 2 error, 3 reap), pid (i32),
 #            id (u64; the protocol version in hello), stage (1 place, 2 exec,
-#            3 invalid), errno, what a failure names (1 the program, 2 the
+#            3 invalid, 4 occupied, 5 cancelled), errno, what a failure names (1 the program, 2 the
 #            cwd), reserved - all i32; then the task's start time (u64, clock
 #            ticks since boot as in /proc/<pid>/stat, 0 when unknown: the
 #            spawner brackets clone with CLOCK_BOOTTIME reads and reports the
@@ -227,15 +236,17 @@ def thread_attributes(cpus, mems, sched):
 #            (SCM_RIGHTS). A reap reply carries the pidfd of a child that
 #            failed before exec: the daemon's zombie, for it to reap.
 
-PROTOCOL = 3
+PROTOCOL = 4
 MAGIC = 0x4E524D53
+CANCEL_MAGIC = 0x4E524D43
 MAX_MSG = 1 << 16          # larger requests travel in a memfd
 RECV_FDS = 3
-_FLAG_CAPTURE = 1
+_FLAG_CAPTURE, _FLAG_AFTER = 1, 2
+_CANCEL = struct.Struct("=IIQ")
 _HEADER = struct.Struct("=IIQiiiiIIIIIIII")
 _REPLY = struct.Struct("=IiQiiiiQ")
 _HELLO, _OK, _ERR, _REAP = 0, 1, 2, 3
-_STAGES = {1: "place", 2: "exec", 3: "invalid"}
+_STAGES = {1: "place", 2: "exec", 3: "invalid", 4: "occupied", 5: "cancelled"}
 _FDS_ALLOWED = {_HELLO: (0,), _OK: (1, 3), _ERR: (0,), _REAP: (1,)}   # fds each reply carries
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: `flags & socket.MSG_TRUNC` builds an enum per reply
 
@@ -251,8 +262,9 @@ def encode_request(rid: int, req: dict,
         env = [k + b"=" + v for k, v in os.environb.items()]
     cwd = os.fsencode(req["cwd"]) if req.get("cwd") else b""
     files = [os.fsencode(p) for p in req.get("join", ())]
+    after = [os.fsencode(req["after"])] if req.get("after") else []
     executables = _executables(argv[0], env)
-    strings = [cwd, *argv, *executables, *env, *files]
+    strings = [cwd, *argv, *executables, *env, *files, *after]
     body = b"\0".join(strings) + b"\0"
     if body.count(b"\0") != len(strings):
         raise ValueError("embedded null byte")
@@ -261,10 +273,11 @@ def encode_request(rid: int, req: dict,
     cpus, mems = list(req.get("cpus") or default_cpus), list(req.get("mems") or ())
     policy, priority = req.get("sched") or (-1, 0)
     ints = groups + cpus + mems
-    header = _HEADER.pack(MAGIC, _FLAG_CAPTURE if req["capture"] else 0, rid,
+    flags = (_FLAG_CAPTURE if req["capture"] else 0) | (_FLAG_AFTER if after else 0)
+    header = _HEADER.pack(MAGIC, flags, rid,
                           -1 if uid is None else uid, -1 if gid is None else gid,
                           policy, priority, len(groups), len(cpus), len(mems), len(argv),
-                          len(executables), len(env), len(files), 0)
+                          len(executables), len(env), len(files), len(after))
     return (header + struct.pack(f"={len(ints)}i", *ints) + body,
             argv[0], cwd or None)
 
@@ -301,6 +314,8 @@ class _Helper:
         self.pending: Dict[int, Tuple[Callable, bytes, Optional[bytes]]] = {}
         self.outq: List[Tuple[bytes, List[int]]] = []
         self.writing = False
+        #: ids of requests held until a predecessor exits (not load: they wait)
+        self.held: set = set()
 
 
 def home_cpus(cpus: Sequence[int], count: int) -> List[List[int]]:
@@ -398,29 +413,49 @@ class SpawnerPool:
 
     # -- requests ----------------------------------------------------------
     def submit(self, request: dict, done: Callable[[object], None],
-               near: Optional[int] = None) -> None:
+               near: Optional[int] = None, after: Optional[int] = None) -> Optional[int]:
         """Launch; ``done`` later receives a Started or a SpawnError.
-        ``near`` is a cpu of the task's slice, to launch from there."""
-        index = choose_helper([None if h is None else len(h.pending) for h in self.helpers],
-                              self.homes, near)
+        ``near`` is a cpu of the task's slice, to launch from there.
+
+        With ``after`` (a pidfd) and ``request["after"]`` (that process's
+        cgroup process list), the launch is held by the spawner until the
+        process exits, and happens then only if the list is empty: else
+        ``done`` gets a SpawnError of stage ``occupied``. Returns the id to
+        ``cancel`` it with (None when it failed at once)."""
+        index = choose_helper([None if h is None else len(h.pending) - len(h.held)
+                               for h in self.helpers], self.homes, near)
         if index is None:
             done(SpawnError("place", None, "no spawner is running"))
-            return
+            return None
         helper = self.helpers[index]
         self.next_id += 1
         try:
             data, argv0, cwd = encode_request(self.next_id, request, self.cpus)
         except (ValueError, TypeError) as exc:
             self.loop.call_soon(done, SpawnError("invalid", None, str(exc)))
-            return
+            return None
         fds: List[int] = []
+        if after is not None:
+            fds.append(os.dup(after))   # ours may be closed before the send
+            helper.held.add(self.next_id)
         if len(data) > MAX_MSG:
             fd = os.memfd_create("nrm-spawn", os.MFD_CLOEXEC)
             os.write(fd, data)
-            data, fds = b"\0", [fd]
+            data = b"\0"
+            fds.append(fd)
         helper.pending[self.next_id] = (done, argv0, cwd)
         helper.outq.append((data, fds))
         self._flush(helper)
+        return self.next_id
+
+    def cancel(self, rid: int) -> None:
+        """Take back a held launch: its ``done`` gets a SpawnError of stage
+        ``cancelled``, or its outcome if the spawner launched it first."""
+        for helper in self.helpers:
+            if helper is not None and rid in helper.held:
+                helper.outq.append((_CANCEL.pack(CANCEL_MAGIC, 0, rid), []))
+                self._flush(helper)
+                return
 
     def _flush(self, helper: _Helper) -> None:
         while helper.outq:
@@ -490,6 +525,7 @@ class SpawnerPool:
             self._reap_failed(pid, fds[0])
             return
         done, argv0, cwd = helper.pending.pop(rid, (None, b"", None))
+        helper.held.discard(rid)
         if kind == _OK:
             self.counters["spawned"] += 1
             out, err = (fds[1], fds[2]) if len(fds) == 3 else (-1, -1)
@@ -544,6 +580,7 @@ class SpawnerPool:
         for done, _argv0, _cwd in helper.pending.values():
             done(SpawnError("place", None, "the spawner died during the launch"))
         helper.pending.clear()
+        helper.held.clear()
         if self.closing:
             return      # the daemon already ended every container
         now = time.monotonic()
@@ -568,11 +605,16 @@ class SpawnerPool:
 
     def drain(self, timeout: float = 2.0) -> None:
         """Wait (blocking) for the launches in flight: at shutdown a task
-        must not appear after its container was torn down."""
+        must not appear after its container was torn down. Held launches
+        are cancelled first: their predecessors are about to be killed."""
         deadline = time.monotonic() + timeout
+        for helper in list(self.helpers):
+            for rid in list(helper.held) if helper is not None else ():
+                self.cancel(rid)
         for helper in list(self.helpers):
             while (helper is not None and self.helpers[helper.index] is helper
                    and helper.pending and time.monotonic() < deadline):
+                self._flush(helper)
                 select.select([helper.sock], [], [], max(0.0, deadline - time.monotonic()))
                 self._on_readable(helper)
 

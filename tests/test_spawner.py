@@ -20,8 +20,8 @@ import time
 import pytest
 
 from nrm.paths import find_spawner
-from nrm.spawner import (PROTOCOL, SpawnError, SpawnerPool, Started, choose_helper,
-                         encode_request, env_list, fork_exec, home_cpus)
+from nrm.spawner import (CANCEL_MAGIC, PROTOCOL, SpawnError, SpawnerPool, Started,
+                         choose_helper, encode_request, env_list, fork_exec, home_cpus)
 from tests.conftest import EXAMPLES, needs_root
 from tests.daemon import (DaemonProcess, check_client_death_kills_the_task,
                           check_ctrl_c_reaches_the_task, spawner_pids, wait_for)
@@ -320,6 +320,86 @@ def test_spawner_reports_the_start_time_proc_would(raw_spawner):
         assert start in (0, proc_start)
         known += start != 0
     assert known >= 15          # a tick boundary inside the bracket is rare
+
+
+def _launch_raw(sock, rid, argv, after=None, pidfd=None):
+    req = {"argv": argv, "env": [b"PATH=/usr/bin:/bin"], "cwd": "/", "capture": False}
+    if after is not None:
+        req["after"] = str(after)
+    data, _, _ = encode_request(rid, req)
+    if pidfd is None:
+        sock.send(data)
+    else:
+        socket.send_fds(sock, [data], [pidfd])
+
+
+def _answer(sock, timeout=10.0):
+    """(kind, pid, id, stage, errno, fds), or None when nothing comes."""
+    sock.settimeout(timeout)
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, 64, 3)
+    except socket.timeout:
+        return None
+    kind, pid, rid, stage, err, _, _, _ = REPLY.unpack(data)
+    return kind, pid, rid, stage, err, fds
+
+
+def _predecessor(sock, rid):
+    _launch_raw(sock, rid, ["sleep", "30"])
+    kind, pid, _, _, _, fds = _answer(sock)
+    assert kind == 1
+    return pid, fds[0]
+
+
+def test_a_held_launch_starts_when_its_predecessor_exits(raw_spawner, tmp_path):
+    procs = tmp_path / "cgroup.procs"     # the predecessor's cgroup: empty
+    procs.write_text("")
+    pred, pidfd = _predecessor(raw_spawner, 1)
+    _launch_raw(raw_spawner, 2, ["true"], after=procs, pidfd=pidfd)
+    assert _answer(raw_spawner, 0.3) is None             # held while it runs
+    _launch_raw(raw_spawner, 3, ["true"])                # others still launch
+    kind, pid, rid, _, _, fds = _answer(raw_spawner)
+    assert (kind, rid) == (1, 3) and os.waitpid(pid, 0) == (pid, 0)
+    os.close(fds[0])
+    os.kill(pred, signal.SIGKILL)
+    kind, pid, rid, _, _, fds = _answer(raw_spawner)
+    assert (kind, rid) == (1, 2)
+    assert os.waitpid(pid, 0) == (pid, 0)
+    assert os.waitpid(pred, 0)[0] == pred
+    os.close(fds[0])
+    os.close(pidfd)
+
+
+def test_a_held_launch_is_refused_while_the_slice_holds_a_process(raw_spawner, tmp_path):
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("4242\n")      # something the predecessor left behind
+    pred, pidfd = _predecessor(raw_spawner, 1)
+    _launch_raw(raw_spawner, 2, ["true"], after=procs, pidfd=pidfd)
+    os.kill(pred, signal.SIGKILL)
+    kind, _, rid, stage, err, fds = _answer(raw_spawner)
+    assert (kind, rid, stage, err, fds) == (2, 2, 4, errno.EBUSY, [])
+    os.waitpid(pred, 0)
+    os.close(pidfd)
+
+
+def test_a_held_launch_can_be_cancelled_once(raw_spawner, tmp_path):
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+    pred, pidfd = _predecessor(raw_spawner, 1)
+    _launch_raw(raw_spawner, 2, ["true"], after=procs, pidfd=pidfd)
+    cancel = struct.pack("=IIQ", CANCEL_MAGIC, 0, 2)
+    raw_spawner.send(cancel)
+    kind, _, rid, stage, err, _ = _answer(raw_spawner)
+    assert (kind, rid, stage, err) == (2, 2, 5, errno.ECANCELED)
+    raw_spawner.send(cancel)                       # not held any more: no answer
+    raw_spawner.send(struct.pack("=IIQ", CANCEL_MAGIC, 0, 99))
+    os.kill(pred, signal.SIGKILL)
+    assert _answer(raw_spawner, 0.3) is None      # and it never starts
+    os.waitpid(pred, 0)
+    _launch_raw(raw_spawner, 4, ["true"], after=procs)   # held, but no pidfd
+    kind, _, rid, stage, _, _ = _answer(raw_spawner)
+    assert (kind, rid, stage) == (2, 4, 3)
+    os.close(pidfd)
 
 
 def test_a_stale_or_missing_spawner_is_a_startup_error(tmp_path, monkeypatch):

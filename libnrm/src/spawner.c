@@ -24,6 +24,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
@@ -44,14 +45,18 @@
 #define SYS_close_range 436
 #endif
 
-#define PROTOCOL 3
+#define PROTOCOL 4
 #define MAGIC 0x4e524d53u /* "NRMS" */
+#define CANCEL_MAGIC 0x4e524d43u /* "NRMC" */
 #define MAX_MSG (1 << 16)
 #define FLAG_CAPTURE 1u
+#define FLAG_AFTER 2u	/* held until a predecessor exits: see hold() */
+#define MAX_HELD 64
 #define MAX_NODES 8192	/* bits in the memory policy's node mask */
 
 enum { REPLY_HELLO = 0, REPLY_OK = 1, REPLY_ERR = 2, REPLY_REAP = 3 };
-enum { STAGE_PLACE = 1, STAGE_EXEC = 2, STAGE_INVALID = 3 };
+enum { STAGE_PLACE = 1, STAGE_EXEC = 2, STAGE_INVALID = 3, STAGE_OCCUPIED = 4,
+       STAGE_CANCELLED = 5 };
 /* what a failure names, for the daemon's message */
 enum { WHAT_NONE = 0, WHAT_PROGRAM = 1, WHAT_CWD = 2 };
 
@@ -86,9 +91,12 @@ struct request {
 	uint64_t id;
 	int32_t uid, gid, policy, priority;
 	uint32_t flags;
-	uint32_t ngroups, ncpus, nmems, nargv, nexe, nenv, njoin;
+	uint32_t ngroups, ncpus, nmems, nargv, nexe, nenv, njoin, nafter;
 	const int32_t *groups, *cpus, *mems;
 	const char *cwd;
+	/* FLAG_AFTER: the predecessor's pidfd and its cgroup's process list */
+	int after_fd;
+	const char *after_procs;
 	char **argv, **exe, **env, **join;
 	/* the storage the pointers above point into */
 	char *buf;
@@ -173,16 +181,19 @@ static int take_strings(struct cursor *c, uint32_t n, char **vec)
 static int decode(char *buf, size_t len, struct request *r)
 {
 	struct cursor c = { buf, buf + len };
-	uint32_t magic, pad;
+	uint32_t magic;
 	memset(r, 0, sizeof *r);
 	r->buf = buf;
+	r->after_fd = -1;
 	if (take(&c, &magic, 4) || magic != MAGIC || take(&c, &r->flags, 4) ||
 	    take(&c, &r->id, 8) || take(&c, &r->uid, 4) || take(&c, &r->gid, 4) ||
 	    take(&c, &r->policy, 4) || take(&c, &r->priority, 4) ||
 	    take(&c, &r->ngroups, 4) || take(&c, &r->ncpus, 4) ||
 	    take(&c, &r->nmems, 4) || take(&c, &r->nargv, 4) ||
 	    take(&c, &r->nexe, 4) || take(&c, &r->nenv, 4) ||
-	    take(&c, &r->njoin, 4) || take(&c, &pad, 4))
+	    take(&c, &r->njoin, 4) || take(&c, &r->nafter, 4))
+		return -1;
+	if (r->nafter != ((r->flags & FLAG_AFTER) ? 1u : 0u))
 		return -1;
 	if (((uintptr_t)c.p & 3) != 0)
 		return -1;
@@ -194,22 +205,24 @@ static int decode(char *buf, size_t len, struct request *r)
 	size_t left = c.end - c.p;
 	if (r->nargv == 0 || r->nexe == 0 || r->nargv > left || r->nexe > left ||
 	    r->nenv > left || r->njoin > left ||
-	    (size_t)r->nargv + r->nexe + r->nenv + r->njoin + 1 > left)
+	    (size_t)r->nargv + r->nexe + r->nenv + r->njoin + r->nafter + 1 > left)
 		return -1;
 	r->vec = calloc((size_t)r->nargv + r->nexe + r->nenv + r->njoin + 4,
 			sizeof(char *));
 	if (r->vec == NULL)
 		return -1;
-	char *cwd[2];
+	char *cwd[2], *after[2] = { NULL, NULL };
 	r->argv = r->vec;
 	r->exe = r->argv + r->nargv + 1;
 	r->env = r->exe + r->nexe + 1;
 	r->join = r->env + r->nenv + 1;
 	if (take_strings(&c, 1, cwd) || take_strings(&c, r->nargv, r->argv) ||
 	    take_strings(&c, r->nexe, r->exe) || take_strings(&c, r->nenv, r->env) ||
-	    take_strings(&c, r->njoin, r->join))
+	    take_strings(&c, r->njoin, r->join) ||
+	    take_strings(&c, r->nafter, after))
 		return -1;
 	r->cwd = cwd[0][0] ? cwd[0] : NULL;
+	r->after_procs = after[0];
 	return 0;
 }
 
@@ -217,6 +230,11 @@ static void release(struct request *r)
 {
 	free(r->vec);
 	free(r->buf);
+	if (r->after_fd >= 0)
+		close(r->after_fd);
+	r->vec = NULL;
+	r->buf = NULL;
+	r->after_fd = -1;
 }
 
 /* -- the child, between vfork and execve ----------------------------------- */
@@ -457,19 +475,23 @@ static int launch(const struct request *r, int retry)
 
 /* -- the loop --------------------------------------------------------------- */
 
-/* A request: one message, or a memfd with it when it is too large. NULL
- * with *closed set when the daemon hung up. */
-static char *receive(size_t *len, int *closed)
+/* A request: one message, or a memfd with it when it is too large (then
+ * the message is one byte and the memfd comes last). *fd receives the
+ * other descriptor a message may carry, a held request's predecessor
+ * pidfd, or -1. NULL with *closed set when the daemon hung up. */
+static char *receive(size_t *len, int *fd, int *closed)
 {
 	char *buf = malloc(MAX_MSG);
 	union {
-		char buf[CMSG_SPACE(sizeof(int))];
+		char buf[CMSG_SPACE(2 * sizeof(int))];
 		struct cmsghdr align;
 	} u;
 	struct iovec iov = { buf, MAX_MSG };
 	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
 			      .msg_control = u.buf, .msg_controllen = sizeof u.buf };
+	int fds[2] = { -1, -1 }, nfds = 0;
 	*closed = 0;
+	*fd = -1;
 	if (buf == NULL)
 		return NULL;
 	ssize_t n;
@@ -482,25 +504,160 @@ static char *receive(size_t *len, int *closed)
 		return NULL;
 	}
 	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-	if (c == NULL || c->cmsg_type != SCM_RIGHTS) {
+	if (c != NULL && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+		nfds = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+		if (nfds > 2)
+			nfds = 2;
+		memcpy(fds, CMSG_DATA(c), nfds * sizeof(int));
+	}
+	if (n != 1 || nfds == 0) {
+		*fd = fds[0];
+		if (nfds > 1)
+			close(fds[1]);
 		*len = (size_t)n;
 		return buf;
 	}
-	int fd;
-	memcpy(&fd, CMSG_DATA(c), sizeof fd);
+	int memfd = fds[nfds - 1];
+	*fd = nfds > 1 ? fds[0] : -1;
 	free(buf);
 	struct stat st;
 	buf = NULL;
-	if (fstat(fd, &st) == 0 && st.st_size > 0 && st.st_size < (1 << 30) &&
+	if (fstat(memfd, &st) == 0 && st.st_size > 0 && st.st_size < (1 << 30) &&
 	    (buf = malloc(st.st_size)) != NULL) {
-		if (pread(fd, buf, st.st_size, 0) != st.st_size) {
+		if (pread(memfd, buf, st.st_size, 0) != st.st_size) {
 			free(buf);
 			buf = NULL;
 		}
 		*len = st.st_size;
 	}
-	close(fd);
+	close(memfd);
+	if (buf == NULL && *fd >= 0) {
+		close(*fd);
+		*fd = -1;
+	}
 	return buf;
+}
+
+/* -- held requests ----------------------------------------------------------
+ *
+ * A request with FLAG_AFTER is the successor of a running task (nrmd
+ * promised it that task's slice): it waits here, on the predecessor's pidfd,
+ * and is launched the moment that task exits, with no round trip through
+ * the daemon. The slice must be empty first: if the predecessor's cgroup
+ * still holds a process (something it left behind, not yet killed by the
+ * daemon), the request is answered STAGE_OCCUPIED and the daemon launches
+ * it itself once it has emptied the slice. A cancel message takes a held
+ * request back (STAGE_CANCELLED); one that was already launched is not
+ * answered twice. */
+static struct request held[MAX_HELD];
+static int nheld;
+
+static void unhold(int i)
+{
+	release(&held[i]);
+	held[i] = held[--nheld];
+}
+
+/* 1 when the cgroup whose process list is at path holds no process; a
+ * vanished cgroup holds none. An exited task is out of the list before its
+ * pidfd is readable (the kernel leaves the cgroup before it notifies). */
+static int cgroup_empty(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT;
+	char byte;
+	ssize_t n;
+	do
+		n = read(fd, &byte, 1);
+	while (n < 0 && errno == EINTR);
+	close(fd);
+	return n == 0;
+}
+
+/* returns -1 only when the daemon's socket failed */
+static int fire(int i)
+{
+	struct request r = held[i];
+	held[i] = held[--nheld];
+	int rc;
+	if (cgroup_empty(r.after_procs))
+		rc = launch(&r, 1);
+	else
+		rc = send_error(r.id, STAGE_OCCUPIED, EBUSY, WHAT_NONE);
+	release(&r);
+	return rc;
+}
+
+static int cancel(const char *buf)
+{
+	uint64_t id;
+	memcpy(&id, buf + 8, 8);
+	for (int i = 0; i < nheld; i++)
+		if (held[i].id == id) {
+			unhold(i);
+			return send_error(id, STAGE_CANCELLED, ECANCELED, WHAT_NONE);
+		}
+	return 0;	/* launched already: its answer went first */
+}
+
+/* returns -1 only when the daemon's socket failed */
+static int serve(char *buf, size_t len, int fd)
+{
+	uint32_t magic = 0;
+	if (len >= 4)
+		memcpy(&magic, buf, 4);
+	if (magic == CANCEL_MAGIC && len == 16) {
+		if (fd >= 0)
+			close(fd);
+		int rc = cancel(buf);
+		free(buf);
+		return rc;
+	}
+	struct request r;
+	int bad = decode(buf, len, &r) < 0;
+	r.after_fd = fd;
+	if (!bad && (r.flags & FLAG_AFTER) && (fd < 0 || nheld == MAX_HELD))
+		bad = 1;
+	if (bad) {
+		uint64_t id = 0;
+		if (len >= 16)
+			memcpy(&id, buf + 8, 8);
+		release(&r);
+		return send_error(id, STAGE_INVALID, EINVAL, WHAT_NONE);
+	}
+	if (r.flags & FLAG_AFTER) {
+		held[nheld++] = r;
+		return 0;
+	}
+	if (fd >= 0) {
+		close(fd);
+		r.after_fd = -1;
+	}
+	int rc = launch(&r, 1);
+	release(&r);
+	return rc;
+}
+
+/* Wait for the daemon's socket, or for a held request's predecessor to
+ * exit (then launch it). 1 when the socket is readable, 0 to wait again,
+ * -1 when the daemon's socket failed. */
+static int wait_event(void)
+{
+	if (nheld == 0)
+		return 1;	/* block in recvmsg: one system call fewer */
+	struct pollfd pfd[MAX_HELD + 1];
+	pfd[0] = (struct pollfd){ .fd = sock, .events = POLLIN };
+	for (int i = 0; i < nheld; i++)
+		pfd[i + 1] = (struct pollfd){ .fd = held[i].after_fd, .events = POLLIN };
+	int n = nheld;
+	if (poll(pfd, n + 1, -1) < 0)
+		return errno == EINTR ? 0 : -1;
+	/* backwards: fire() moves the last held request into the freed place */
+	for (int i = n - 1; i >= 0; i--)
+		if (pfd[i + 1].revents && fire(i) < 0)
+			return -1;
+	return pfd[0].revents ? 1 : 0;
 }
 
 int main(int argc, char **argv)
@@ -531,26 +688,19 @@ int main(int argc, char **argv)
 	if (send_reply(&hello, NULL, 0) < 0)
 		return 0;
 	for (;;) {
+		int ready = wait_event();
+		if (ready < 0)
+			return 0;
+		if (ready == 0)
+			continue;
 		size_t len = 0;
-		int closed;
-		char *buf = receive(&len, &closed);
+		int closed, fd;
+		char *buf = receive(&len, &fd, &closed);
 		if (closed)
 			return 0;
-		struct request r;
 		if (buf == NULL)
 			return 3;	/* unreadable: the daemon fails what is in flight */
-		if (decode(buf, len, &r) < 0) {
-			uint64_t id = 0;
-			if (len >= 16)
-				memcpy(&id, buf + 8, 8);
-			release(&r);
-			if (send_error(id, STAGE_INVALID, EINVAL, WHAT_NONE) < 0)
-				return 0;
-			continue;
-		}
-		int rc = launch(&r, 1);
-		release(&r);
-		if (rc < 0)
+		if (serve(buf, len, fd) < 0)
 			return 0;
 	}
 }

@@ -380,7 +380,7 @@ class Daemon:
             "endpoints": list(self.upstream.endpoints),
             "tasks": {k: v for k, v in self.containers.counters.items()},
             "containers": len(self.containers.containers),
-            "waiting": len(self.containers.waiting),
+            "waiting": self.containers.waiting_count,
             "downstream": dict(self.ingest.counters, rejected=dict(self.downstream_rejects),
                                events=dict(self.app_events.counters))
             if self.ingest else None,

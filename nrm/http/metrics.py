@@ -169,7 +169,7 @@ class DaemonCollector:
         containers = GaugeMetricFamily("nrm_containers", "containers by state",
                                        labels=["state"])
         containers.add_metric(["running"], len(manager.containers))
-        containers.add_metric(["waiting"], len(manager.waiting))
+        containers.add_metric(["waiting"], manager.waiting_count)
         yield containers
         running = exited = 0
         for c in list(manager.containers.values()):

@@ -321,7 +321,7 @@ class Telemetry:
             "points": self._points(history),
             "history": history,
             "containers": self._containers(),
-            "waiting": len(manager.waiting) if manager is not None else 0,
+            "waiting": manager.waiting_count if manager is not None else 0,
             "tasks": dict(manager.counters) if manager is not None else {},
             "cpus": self._cpu_strip(),
             "decisions": _last(d.decision_history, LIVE_DECISIONS),

@@ -133,6 +133,12 @@ class Runtime:
         """controller -> directory of the container's cgroups (none here)."""
         return {}
 
+    def process_list(self, handle: Handle) -> Optional[str]:
+        """A file listing every process of the container, empty once none
+        is left, which a spawner may read; None when there is no such file
+        (then a slice cannot be handed over before the daemon empties it)."""
+        return None
+
     def stale_pids(self, record_cgroups: dict) -> List[int]:
         """Processes a predecessor left in a container's isolation, beyond
         its recorded tasks (none known without cgroups)."""

@@ -298,6 +298,9 @@ class CgroupRuntime(Runtime):
     def cgroup_dirs(self, handle: Handle) -> Dict[str, str]:
         return dict(handle.slot.dirs)
 
+    def process_list(self, handle: Handle) -> Optional[str]:
+        return os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs")
+
     def pids(self, handle: Handle) -> List[int]:
         """Processes in the container, never this daemon (whose launching
         thread passes through container cgroups without spawners)."""

@@ -256,6 +256,9 @@ class Cgroup2Runtime(Runtime):
     def cgroup_dirs(self, handle: Handle) -> Dict[str, str]:
         return {"unified": handle.cgdir}
 
+    def process_list(self, handle: Handle) -> Optional[str]:
+        return os.path.join(handle.cgdir, "cgroup.procs")
+
     def pids(self, handle: Handle) -> List[int]:
         me = os.getpid()
         return [p for p in _procs(handle.cgdir) if p != me]

@@ -1,0 +1,117 @@
+"""Hand-over: a queued run promised the slice of a container that ends with
+its task (nrm/containers.py, Promise). Real daemon, real cgroups, real
+spawners: the properties users rely on are that a slice is never held by
+two containers at once, that nothing a predecessor left behind shares the
+cpus with its heir, and that a waiter who gives up is never run."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import EXAMPLES, needs_root
+from tests.daemon import DaemonProcess, wait_for
+
+BASIC = os.path.join(EXAMPLES, "basic.yml")
+
+pytestmark = needs_root()
+
+
+@pytest.fixture(scope="module")
+def nrmd():
+    d = DaemonProcess("--hw", "emulated", "--spawners", "2").start()
+    yield d
+    assert d.stop() == 0, d.log()
+    shutil.rmtree(d.rundir, ignore_errors=True)
+
+
+def status(d):
+    return json.loads(d.cli("status", "--json").stdout)
+
+
+def fill(d, *argv):
+    """One detached, unnamed 1-cpu container per cpu, running argv."""
+    ncpus = status(d)["resources"]["cpus"]
+    for _ in range(ncpus):
+        r = d.cli("run", "-d", BASIC, *argv)
+        assert r.returncode == 0, r.stderr
+    return ncpus
+
+
+def test_a_queued_run_takes_over_a_slice_and_no_cpu_is_held_twice(nrmd):
+    listener = nrmd.popen_cli("listen", "--json", "--topic", "container",
+                              stdout=subprocess.PIPE)
+    time.sleep(0.3)                      # subscribed before the first event
+    before = status(nrmd)["tasks"]["handovers"]
+    ncpus = fill(nrmd, "sleep", "0.5")
+    waiters = [nrmd.popen_cli("run", "--wait", BASIC, "sh", "-c",
+                              "grep Cpus_allowed_list /proc/self/status",
+                              stdout=subprocess.PIPE) for _ in range(ncpus + 1)]
+    outs = [w.communicate(timeout=30)[0] for w in waiters]
+    assert [w.returncode for w in waiters] == [0] * len(waiters)
+    assert all(o.startswith(b"Cpus_allowed_list:") for o in outs)
+    assert status(nrmd)["tasks"]["handovers"] > before
+    wait_for(lambda: not json.loads(nrmd.cli("list", "--json").stdout))
+    listener.terminate()
+    events = [json.loads(line) for line in listener.communicate(timeout=10)[0].splitlines()]
+    holder = {}
+    starts = 0
+    for ev in events:
+        if ev["event"] == "start":
+            starts += 1
+            for cpu in ev["cpus"]:
+                assert cpu not in holder, f"cpu {cpu} held by {holder[cpu]} and {ev['id']}"
+                holder[cpu] = ev["id"]
+        elif ev["event"] == "exit":
+            holder = {c: i for c, i in holder.items() if i != ev["id"]}
+    assert starts == 2 * ncpus + 1
+
+
+def test_what_a_predecessor_left_is_killed_before_its_heir_starts(nrmd, tmp_path):
+    before = status(nrmd)["tasks"]
+    ncpus = status(nrmd)["resources"]["cpus"]
+    left = tmp_path / "left"
+    for i in range(ncpus):      # each leaves a sleep behind, and says where
+        r = nrmd.cli("run", "-d", BASIC, "sh", "-c",
+                     "sleep 300 & echo $! $(grep Cpus_allowed_list /proc/self/status "
+                     f"| cut -f2) > {left}{i}; sleep 0.5")
+        assert r.returncode == 0, r.stderr
+    wait_for(lambda: all(os.path.getsize(f"{left}{i}") if os.path.exists(f"{left}{i}")
+                         else 0 for i in range(ncpus)))
+    # the heir: is the leftover of the container whose cpus it took still alive?
+    probe = ("import glob, os, sys\n"
+             "mine = [ln.split()[1] for ln in open('/proc/self/status') "
+             "if ln.startswith('Cpus_allowed_list')][0]\n"
+             f"for path in glob.glob('{left}*'):\n"
+             "    pid, cpus = open(path).read().split()\n"
+             "    try:\n"
+             "        state = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0]\n"
+             "    except OSError:\n"
+             "        state = 'gone'\n"
+             "    if cpus == mine:\n"
+             "        sys.exit(state not in ('gone', 'Z'))\n"
+             "sys.exit(2)\n")
+    r = nrmd.cli("run", "--wait", BASIC, "python3", "-c", probe, timeout=30)
+    assert r.returncode == 0, ("the leftover of the slice's last container was alive"
+                               if r.returncode == 1 else r)
+    after = status(nrmd)["tasks"]
+    assert after["handovers_occupied"] > before["handovers_occupied"]
+    wait_for(lambda: not json.loads(nrmd.cli("list", "--json").stdout))
+
+
+def test_a_promised_waiter_that_gives_up_is_never_run(nrmd, tmp_path):
+    before = status(nrmd)["tasks"]["handovers_cancelled"]
+    fill(nrmd, "sleep", "1.5")
+    marker = tmp_path / "ran"
+    waiter = nrmd.popen_cli("run", "--wait", BASIC, "touch", str(marker))
+    wait_for(lambda: status(nrmd)["waiting"] == 1)
+    waiter.kill()
+    waiter.wait()
+    wait_for(lambda: status(nrmd)["tasks"]["handovers_cancelled"] > before)
+    wait_for(lambda: not json.loads(nrmd.cli("list", "--json").stdout), timeout=10)
+    assert status(nrmd)["waiting"] == 0
+    assert not marker.exists()
+    assert nrmd.cli("run", BASIC, "true").returncode == 0     # the slices are free
