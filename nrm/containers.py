@@ -357,6 +357,7 @@ class ContainerManager:
 
     def _enroll(self, container: Container, event: str) -> None:
         cid = container.id
+        container.created, container.started_mono = time.time(), time.monotonic()
         self.containers[cid] = container
         self.counters["containers_started"] += 1
         self._tell("container_started", container)

@@ -74,6 +74,7 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.rundir = paths.runtime_dir(config.runtime_dir or None)
+        self._downstream_uri: Optional[str] = None     # every task's environment has it
         self.started = time.time()
         self.ctx = zmq.Context()
         self.loop: Optional[asyncio.AbstractEventLoop] = None
@@ -252,7 +253,9 @@ class Daemon:
 
     def _task_env(self, container: Container, task, env: Dict[str, str]) -> Dict[str, str]:
         out = dict(env)
-        down = paths.downstream_uri(self.rundir)
+        down = self._downstream_uri
+        if down is None:
+            down = self._downstream_uri = paths.downstream_uri(self.rundir)
         out.update({
             "NRM_RUNTIME_DIR": self.rundir,
             "NRM_CONTAINER_ID": container.id,

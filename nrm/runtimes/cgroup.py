@@ -111,6 +111,9 @@ class Slot:
     def __init__(self, name: str, dirs: Dict[str, str]):
         self.name = name
         self.dirs = dirs
+        #: the spawner's membership files, and the list of the slot's processes
+        self.join = [os.path.join(d, "tasks") for d in dirs.values()]
+        self.procs = os.path.join(dirs["cpuset"], "cgroup.procs")
         self.key: Optional[tuple] = None
         self.thread_fds: List[int] = []
         self.pid_fds: List[int] = []
@@ -291,22 +294,20 @@ class CgroupRuntime(Runtime):
         return started
 
     def placement(self, handle, bind_cpus):
-        dirs = handle.slot.dirs
-        return {"join": [os.path.join(d, "tasks") for d in dirs.values()],
-                "cpus": list(bind_cpus or [])}
+        return {"join": handle.slot.join, "cpus": list(bind_cpus or [])}
 
     def cgroup_dirs(self, handle: Handle) -> Dict[str, str]:
         return dict(handle.slot.dirs)
 
     def process_list(self, handle: Handle) -> Optional[str]:
-        return os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs")
+        return handle.slot.procs
 
     def pids(self, handle: Handle) -> List[int]:
         """Processes in the container, never this daemon (whose launching
         thread passes through container cgroups without spawners)."""
         me = os.getpid()
         try:
-            data = _read(os.path.join(handle.slot.dirs["cpuset"], "cgroup.procs"))
+            data = _read(handle.slot.procs)
             return [p for p in (int(x) for x in data.split())
                     if p != me]
         except (OSError, ValueError):
