@@ -150,7 +150,10 @@ def measure(spawners: int, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=2000)
-    ap.add_argument("--inflight", type=int, default=4)
+    ap.add_argument("--inflight", type=int, default=8,
+                    help="runs in flight; with more than the slices, the rest wait in "
+                         "the daemon's queue, where hand-over needs one per slice (default 8; "
+                         "sessions 1-7 used 4)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--started-replies", action="store_true",
                     help="ask for a started reply per run (the client's view of the start)")

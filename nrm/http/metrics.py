@@ -189,7 +189,13 @@ class DaemonCollector:
                 ("tasks_finished", "nrm_tasks_finished", "tasks finished"),
                 ("spawn_failures", "nrm_task_spawn_failures", "tasks that failed to start"),
                 ("containers_started", "nrm_containers_started", "containers created"),
-                ("containers_finished", "nrm_containers_finished", "containers ended")):
+                ("containers_finished", "nrm_containers_finished", "containers ended"),
+                ("handovers", "nrm_slice_handovers", "queued runs started as the "
+                 "slice's last task exited"),
+                ("handovers_occupied", "nrm_slice_handovers_occupied", "hand-overs "
+                 "deferred until the daemon killed what the last task left"),
+                ("handovers_cancelled", "nrm_slice_handovers_cancelled", "promised "
+                 "slices taken back (client left, passed over, shutdown)")):
             if key in counters:
                 yield CounterMetricFamily(name, doc, value=counters[key])
 
