@@ -162,6 +162,8 @@ class Queued:
 #: and promised again (to the next slice to free), so that a long-running
 #: predecessor cannot starve it
 PASSES_BEFORE_REPROMISE = 2
+#: promises at once; a spawner holds at most 1024 (libnrm/src/spawner.c)
+MAX_PROMISES = 512
 
 
 @dataclass
@@ -475,7 +477,7 @@ class ContainerManager:
     def _promise_slices(self) -> None:
         """Promise queued runs, oldest first, the slices of running
         containers that will end with their task."""
-        if not self.waiting:
+        if not self.waiting or len(self.promises) >= MAX_PROMISES:
             return
         candidates = self._predecessors()
         if not candidates:
@@ -491,7 +493,7 @@ class ContainerManager:
             candidates.remove(c)
             self.waiting.remove(q)
             self._promise(q, c)
-            if not candidates:
+            if not candidates or len(self.promises) >= MAX_PROMISES:
                 return
 
     def _promise(self, q: Queued, predecessor: Container) -> None:
@@ -576,12 +578,7 @@ class ContainerManager:
                 self._requeue(q)
                 self._retry_waiting()
                 return
-            self.counters["spawn_failures"] += 1
-            exc = _spawn_error(argv, sched, result.oserror or RuntimeError(str(result)),
-                               result.stage)
-            fail = getattr(q.sink, "failed", None)
-            if fail:
-                fail(exc.code, str(exc))
+            self._launch_failed(q.sink, argv, sched, result)
             self._retry_waiting()
             return
         # launched: its predecessor's task has exited
@@ -621,16 +618,19 @@ class ContainerManager:
         self._enroll(promise.heir, "start")
         self.pool.submit(promise.request, promise.launched, near=promise.heir.slice.cpus[0])
 
+    def _launch_failed(self, sink: Sink, argv, sched, result: SpawnError) -> None:
+        self.counters["spawn_failures"] += 1
+        exc = _spawn_error(argv, sched, result.oserror or RuntimeError(str(result)),
+                           result.stage)
+        fail = getattr(sink, "failed", None)
+        if fail:
+            fail(exc.code, str(exc))
+
     def _spawned(self, task: Task, peer: Peer, argv, sched, result) -> None:
         container = task.container
         container.starting.pop(task.id, None)
         if isinstance(result, SpawnError):
-            self.counters["spawn_failures"] += 1
-            exc = _spawn_error(argv, sched, result.oserror or RuntimeError(str(result)),
-                               result.stage)
-            fail = getattr(task.sink, "failed", None)
-            if fail:
-                fail(exc.code, str(exc))
+            self._launch_failed(task.sink, argv, sched, result)
             if not container.tasks and not container.starting:
                 self._end_container(container)
             return

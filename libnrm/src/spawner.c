@@ -51,7 +51,7 @@
 #define MAX_MSG (1 << 16)
 #define FLAG_CAPTURE 1u
 #define FLAG_AFTER 2u	/* held until a predecessor exits: see hold() */
-#define MAX_HELD 64
+#define MAX_HELD 1024	/* nrmd promises at most 512 slices at once */
 #define MAX_NODES 8192	/* bits in the memory policy's node mask */
 
 enum { REPLY_HELLO = 0, REPLY_OK = 1, REPLY_ERR = 2, REPLY_REAP = 3 };
