@@ -156,6 +156,8 @@ class Queued:
     output: bool
     oversubscribe: bool
     allowed: Optional[List[int]]
+    #: a container whose slice was promised to it and taken back (passed over)
+    avoid: Optional[str] = None
 
 
 #: a promised run passed over this many times by younger runs is taken back
@@ -470,7 +472,7 @@ class ContainerManager:
         return [c for _, c in found]
 
     def _fits(self, q: Queued, c: Container) -> bool:
-        return (q.name is None and not q.oversubscribe
+        return (q.name is None and not q.oversubscribe and c.id != q.avoid
                 and q.manifest.slice.cpus == len(c.slice.cpus)
                 and (q.allowed is None or set(c.slice.cpus) <= set(q.allowed)))
 
@@ -575,6 +577,8 @@ class ContainerManager:
             self._forget(promise)
             if result.stage == "cancelled":
                 self.counters["handovers_cancelled"] += 1
+                if promise.passes >= PASSES_BEFORE_REPROMISE:
+                    q.avoid = promise.predecessor.id    # the next slice to come is its
                 self._requeue(q)
                 self._retry_waiting()
                 return

@@ -115,3 +115,35 @@ def test_a_promised_waiter_that_gives_up_is_never_run(nrmd, tmp_path):
     assert status(nrmd)["waiting"] == 0
     assert not marker.exists()
     assert nrmd.cli("run", BASIC, "true").returncode == 0     # the slices are free
+
+
+def test_a_promise_passed_over_twice_is_taken_back_and_kept_elsewhere(nrmd, tmp_path):
+    """The oldest waiter is promised the slice whose task started first: a
+    long one here. Younger waiters pass it through the short slot; after
+    two passes its promise moves, and it runs long before the long task
+    ends."""
+    before = status(nrmd)["tasks"]["handovers_cancelled"]
+    ncpus = status(nrmd)["resources"]["cpus"]
+    for _ in range(ncpus - 1):
+        assert nrmd.cli("run", "-d", BASIC, "sleep", "8").returncode == 0
+    assert nrmd.cli("run", "-d", BASIC, "sleep", "0.3").returncode == 0
+    first = nrmd.popen_cli("run", "--wait", BASIC, "true")
+    wait_for(lambda: status(nrmd)["waiting"] == 1)
+
+    def seen():      # runs queued or started
+        st = status(nrmd)
+        return st["waiting"] + st["tasks"]["tasks_started"]
+
+    others = []
+    for i in range(ncpus + 4):
+        base = seen()
+        others.append(nrmd.popen_cli("run", "--wait", BASIC, "sleep", "0.3"))
+        wait_for(lambda: seen() > base)       # in order: each is younger
+    assert first.wait(timeout=30) == 0
+    long_running = [c for c in json.loads(nrmd.cli("list", "--json").stdout)
+                    if any(t["argv"] == ["sleep", "8"] for t in c["tasks"])]
+    assert long_running, "the first waiter waited for a long task to end"
+    assert status(nrmd)["tasks"]["handovers_cancelled"] > before
+    for p in others:
+        p.wait(timeout=60)
+    wait_for(lambda: not json.loads(nrmd.cli("list", "--json").stdout), timeout=30)
