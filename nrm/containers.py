@@ -482,21 +482,21 @@ class ContainerManager:
         if not self.waiting or len(self.promises) >= MAX_PROMISES:
             return
         candidates = self._predecessors()
-        if not candidates:
-            return
-        for q in list(self.waiting):
-            for c in candidates:
-                if self._fits(q, c):
-                    break
-            else:
+        room = MAX_PROMISES - len(self.promises)
+        pairs = []
+        for q in self.waiting:      # no copy: the queue may be long, matches are near its head
+            if not candidates or len(pairs) >= room:
+                break
+            c = next((c for c in candidates if self._fits(q, c)), None)
+            if c is None:
                 continue
             if q.peer.pid and q.peer.pid not in self.client_watch and not _alive(q.peer.pid):
                 continue    # _retry_waiting drops it
             candidates.remove(c)
+            pairs.append((q, c))
+        for q, c in pairs:
             self.waiting.remove(q)
             self._promise(q, c)
-            if not candidates or len(self.promises) >= MAX_PROMISES:
-                return
 
     def _promise(self, q: Queued, predecessor: Container) -> None:
         cid = new_id()
@@ -518,9 +518,7 @@ class ContainerManager:
                                     q.output, promise)
         except RunError as exc:
             self._forget(promise)
-            fail = getattr(q.sink, "failed", None)
-            if fail:
-                fail(exc.code, str(exc))
+            _refuse(q.sink, exc)
             return
         if q.peer.pid and not q.detach and not self._watch_client(q.peer.pid, task):
             self._cancel(promise)       # its client left already
@@ -624,11 +622,8 @@ class ContainerManager:
 
     def _launch_failed(self, sink: Sink, argv, sched, result: SpawnError) -> None:
         self.counters["spawn_failures"] += 1
-        exc = _spawn_error(argv, sched, result.oserror or RuntimeError(str(result)),
-                           result.stage)
-        fail = getattr(sink, "failed", None)
-        if fail:
-            fail(exc.code, str(exc))
+        _refuse(sink, _spawn_error(argv, sched, result.oserror or RuntimeError(str(result)),
+                                   result.stage))
 
     def _spawned(self, task: Task, peer: Peer, argv, sched, result) -> None:
         container = task.container
@@ -860,9 +855,7 @@ class ContainerManager:
             try:
                 self._run(q, wait=True)
             except RunError as exc:
-                fail = getattr(q.sink, "failed", None)
-                if fail:
-                    fail(exc.code, str(exc))
+                _refuse(q.sink, exc)
         self._promise_slices()
 
     # -- signals, kill ----------------------------------------------------
@@ -1018,6 +1011,13 @@ class ContainerManager:
         self.client_watch.clear()
         if self.pool is not None:
             self.pool.close()
+
+
+def _refuse(sink: Sink, exc: RunError) -> None:
+    """A run that will not start after all: tell its client, if it listens."""
+    fail = getattr(sink, "failed", None)
+    if fail:
+        fail(exc.code, str(exc))
 
 
 def _killpg(pgid: int) -> None:
