@@ -42,7 +42,8 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Dict, List, Optional
+from collections import deque
+from typing import BinaryIO, Callable, Deque, Dict, List, Optional
 
 import zmq
 
@@ -394,6 +395,30 @@ class Client(_Endpoint):
         return sock
 
 
+class _Replies:
+    """One request's replies in arrival order, awaited by the request's own
+    coroutine alone: asyncio.Queue's extra machinery (a getters' and a
+    putters' deque, a task counter, an event) cost ~2 us per run."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: Deque[tuple] = deque()
+        self.waiter: Optional[asyncio.Future] = None
+
+    def put(self, item: tuple) -> None:
+        self.items.append(item)
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> tuple:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return self.items.popleft()
+
+
 class AsyncClient(_Endpoint):
     """asyncio flavour: one plain socket drained in batches from the loop,
     one reply queue per request. zmq.asyncio would cost a future and a
@@ -405,7 +430,7 @@ class AsyncClient(_Endpoint):
         self.ctx = zmq.Context.instance()
         self.sock, _ = _request_socket(self.ctx, self.rundir, self.tcp)
         self._ids = itertools.count(1)
-        self._queues: Dict[int, asyncio.Queue] = {}
+        self._queues: Dict[int, _Replies] = {}
         self._reader: Optional[BatchReader] = None
 
     async def __aenter__(self):
@@ -424,11 +449,11 @@ class AsyncClient(_Endpoint):
         reply = protocol.decode_reply(frames[0])
         q = self._queues.get(reply.id)
         if q is not None:
-            q.put_nowait((reply, frames[1] if len(frames) > 1 else None))
+            q.put((reply, frames[1] if len(frames) > 1 else None))
 
-    def _open(self, msg) -> asyncio.Queue:
+    def _open(self, msg) -> _Replies:
         msg.id = next(self._ids)
-        q: asyncio.Queue = asyncio.Queue()
+        q = _Replies()
         self._queues[msg.id] = q
         return q
 

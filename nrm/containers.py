@@ -2,8 +2,9 @@
 
 A container is a named slice with an owner (a Unix uid) holding one or more
 tasks; it ends when its last task ends, and then everything left in it is
-killed and its slice released. Tasks are watched with pidfds on the event
-loop (no SIGCHLD handler, no thread per task), their stdout and stderr are
+killed and its slice released. Tasks are watched with pidfds in one epoll
+set on the event loop (nrm/exitwatch.py: no SIGCHLD handler, no thread per
+task), their stdout and stderr are
 read from pipes and handed to a *sink* (the client that asked for the run),
 which may push back: when a client is slow its task's pipes stop being read,
 so output is never dropped and daemon memory stays bounded.
@@ -39,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional
 
+from nrm.exitwatch import ExitWatch
 from nrm.manifest import Manifest
 from nrm.resources import ResourceManager, Slice, SliceError
 from nrm.runtimes import SCHED_POLICIES, Handle, Runtime
@@ -255,6 +257,7 @@ class ContainerManager:
         self.wants = wants or (lambda topic: True)
         self.task_env = task_env
         self.loop = loop or asyncio.get_event_loop()
+        self.exits = ExitWatch(self.loop)
         self.containers: Dict[str, Container] = {}
         self.tasks: Dict[str, Task] = {}
         self.listeners: List[ContainerListener] = []
@@ -427,7 +430,7 @@ class ContainerManager:
                 self.counters["spawn_failures"] += 1
                 raise _spawn_error(argv, sched, exc) from None
             task.pidfd = os.pidfd_open(pid)
-            self.loop.add_reader(task.pidfd, self._on_pid_exit, task)
+            self.exits.add(task.pidfd, self._on_pid_exit, task)
             self._started(task, peer, pid, out, err)
             return task
         try:
@@ -583,8 +586,9 @@ class ContainerManager:
             self._launch_failed(q.sink, argv, sched, result)
             self._retry_waiting()
             return
-        # launched: its predecessor's task has exited
+        # launched: its predecessor's task has exited, leaving nothing behind
         self.counters["handovers"] += 1
+        promise.predecessor.handle.vacated = True
         self._retire(promise.predecessor)
         self.promises.remove(promise)
         if promise.predecessor.heir is promise:
@@ -644,7 +648,7 @@ class ContainerManager:
         self.runtime.adopt(container.handle, result.pid)
         task.pidfd = result.pidfd
         task.start_ticks = result.start
-        self.loop.add_reader(task.pidfd, self._on_pid_exit, task)
+        self.exits.add(task.pidfd, self._on_pid_exit, task)
         self._started(task, peer, result.pid, result.stdout, result.stderr)
         if task.doomed:
             _killpg(task.pid)
@@ -727,7 +731,7 @@ class ContainerManager:
         self._exited(task, status)
 
     def _exited(self, task: Task, status: Optional[int]) -> None:
-        self.loop.remove_reader(task.pidfd)
+        self.exits.remove(task.pidfd)
         os.close(task.pidfd)
         task.pidfd = -1
         if status is None:      # adopted from a crashed nrmd: not ours to wait for
@@ -826,7 +830,7 @@ class ContainerManager:
         if task.pidfd >= 0:
             _killpg(task.pid)
             _reap(task.pid)
-            self.loop.remove_reader(task.pidfd)
+            self.exits.remove(task.pidfd)
             os.close(task.pidfd)
             task.pidfd = -1
             task.signal = signal.SIGKILL
@@ -984,7 +988,7 @@ class ContainerManager:
                 continue
             task = Task(id=tid, container=container, argv=list(argv), sink=sink, detach=True,
                         pid=pid, pidfd=pidfd, adopted=True, started_at=time.monotonic())
-            self.loop.add_reader(pidfd, self._on_pid_exit, task)
+            self.exits.add(pidfd, self._on_pid_exit, task)
             for stream, n in (("stdout", 1), ("stderr", 2)):
                 fd = _reopen_pipe(pid, n)
                 if fd >= 0:
@@ -1009,6 +1013,7 @@ class ContainerManager:
             self.loop.remove_reader(fd)
             os.close(fd)
         self.client_watch.clear()
+        self.exits.close()
         if self.pool is not None:
             self.pool.close()
 

@@ -73,13 +73,18 @@ def _executables(argv0: bytes, env: Optional[List[bytes]]) -> Tuple[bytes, ...]:
     return tuple(os.path.join(d, argv0) for d in dirs)
 
 
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
 def env_list(env: Dict[str, str]) -> List[bytes]:
+    """``KEY=value`` entries as exec wants them. Encoded as os.fsencode
+    does, one entry at a time (a launch storm pays this per task: one
+    encode per entry instead of two fsencode calls)."""
     out = []
     for k, v in env.items():
-        k = os.fsencode(k)
-        if b"=" in k:
+        if "=" in k:
             raise ValueError("illegal environment variable name")
-        out.append(k + b"=" + os.fsencode(v))
+        out.append((k + "=" + v).encode(_FS_ENCODING, _FS_ERRORS))
     return out
 
 

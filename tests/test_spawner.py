@@ -561,3 +561,12 @@ def test_stopped_or_killed_daemon_leaves_no_spawner():
         time.sleep(0.02)
     assert not any(_alive(p) for p in helpers)      # PR_SET_PDEATHSIG
     DaemonProcess("--hw", "emulated", rundir=d.rundir).start().stop()   # clean up its cgroups
+
+
+def test_env_list_encodes_as_fsencode_does_and_refuses_what_exec_cannot_take():
+    env = {"PATH": "/usr/bin", "RAW": "\udcff", "EMPTY": "", "EQ": "a=b"}
+    assert env_list(env) == [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    with pytest.raises(ValueError):
+        env_list({"A=B": "x"})
+    with pytest.raises(TypeError):
+        env_list({"A": 3})

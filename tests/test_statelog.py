@@ -77,3 +77,23 @@ def test_clean_close_removes_the_log(tmp_path):
     log.container_started(_container())
     log.close(clean=True)
     assert not path.exists() and StateLog(str(path)).load() == {}
+
+
+def test_records_from_one_manifest_object_share_its_dict_and_json(tmp_path):
+    from nrm.manifest import parse
+    log = StateLog(str(tmp_path / "state"))
+    log.open()
+    one = parse({"name": "a", "app": {"slice": {"cpus": 1, "mems": 1}}})
+    same_text = parse({"name": "a", "app": {"slice": {"cpus": 1, "mems": 1}}})
+    d1, d2, d3 = (log.manifest_dict(m) for m in (one, one, same_text))
+    assert d1 is d2 and d1 is not d3 and d1 == d3 == one.to_dict()
+    for cid, m in (("c1", one), ("c2", one), ("c3", same_text)):
+        log.container_started(ContainerRecord(id=cid, uid=0, manifest=log.manifest_dict(m),
+                                              cpus=[0], mems=[0], shared=False, cgroups={}), m)
+    # a record whose dict did not come from manifest_dict is encoded as it is
+    log.container_started(ContainerRecord(id="c4", uid=0, manifest={"name": "other"}, cpus=[0],
+                                          mems=[0], shared=False, cgroups={}), one)
+    log.flush()
+    found = StateLog(str(tmp_path / "state")).load()
+    assert [found[c].manifest["name"] for c in ("c1", "c2", "c3", "c4")] == ["a", "a", "a", "other"]
+    log.close(clean=True)

@@ -455,8 +455,10 @@ class _StateListener:
         self.daemon = daemon
 
     def container_started(self, container: Container) -> None:
-        self.daemon.statelog.container_started(ContainerRecord(
-            id=container.id, uid=container.uid, manifest=container.manifest.to_dict(),
+        statelog = self.daemon.statelog
+        statelog.container_started(ContainerRecord(
+            id=container.id, uid=container.uid,
+            manifest=statelog.manifest_dict(container.manifest),
             cpus=list(container.slice.cpus), mems=list(container.slice.mems),
             shared=container.slice.shared,
             cgroups=self.daemon.runtime.cgroup_dirs(container.handle)), container.manifest)

@@ -126,10 +126,16 @@ class StateLog:
         self._rewrite()
 
     def container_started(self, rec: ContainerRecord, manifest_key: object = None) -> None:
-        """``manifest_key``: the object rec.manifest was made from; the
-        daemon reuses manifest objects, so their JSON is cached by it."""
+        """``manifest_key``: the object rec.manifest was made from, when
+        rec.manifest came from ``manifest_dict``."""
         self.live[rec.id] = rec
         self._append_text(_container_line(rec, self._manifest_text(rec, manifest_key)))
+
+    def manifest_dict(self, manifest) -> dict:
+        """``manifest.to_dict()``, shared by every record made from the same
+        manifest object: the daemon reuses them (a launch storm repeats one),
+        and never mutates either."""
+        return self._manifest_entry(manifest)[1]
 
     def task_started(self, rec: TaskRecord) -> None:
         container = self.live.get(rec.container)
@@ -167,14 +173,20 @@ class StateLog:
     def _manifest_text(self, rec: ContainerRecord, key: object) -> str:
         if key is None:
             return _text(rec.manifest)
-        hit = self._manifest_json.get(id(key))
-        if hit is not None and hit[0] is key:
-            return hit[1]
-        text = _text(rec.manifest)
+        entry = self._manifest_entry(key)
+        return entry[2] if entry[1] is rec.manifest else _text(rec.manifest)
+
+    def _manifest_entry(self, manifest) -> tuple:
+        """(manifest, its dict, that dict's JSON), by the manifest's identity."""
+        hit = self._manifest_json.get(id(manifest))
+        if hit is not None and hit[0] is manifest:
+            return hit
+        as_dict = manifest.to_dict()
         if len(self._manifest_json) >= 256:
             self._manifest_json.clear()
-        self._manifest_json[id(key)] = (key, text)     # holding key keeps its id unique
-        return text
+        entry = (manifest, as_dict, _text(as_dict))     # holding it keeps its id unique
+        self._manifest_json[id(manifest)] = entry
+        return entry
 
     def _append_text(self, line: str) -> None:
         if self._fd < 0:

@@ -38,6 +38,9 @@ class Handle:
         self.cpus = list(cpus)
         self.mems = list(mems)
         self.pgids: set = set()
+        #: a spawner found the process list empty when it handed the slice
+        #: over, and nothing can join since: removal need not look again
+        self.vacated = False
 
 
 SCHED_POLICIES = {

@@ -354,7 +354,8 @@ class CgroupRuntime(Runtime):
         slot = self._busy.pop(handle.cid, None)
         if slot is None:
             return
-        self.kill_all(handle)
+        if not handle.vacated:
+            self.kill_all(handle)
         if len(self._pool) < POOL_LIMIT:
             self._pool.append(slot)
         else:

@@ -284,7 +284,8 @@ class Cgroup2Runtime(Runtime):
         path = self._busy.pop(handle.cid, None)
         if path is None:
             return
-        self._kill_dir(path, signal.SIGKILL)
+        if not handle.vacated:
+            self._kill_dir(path, signal.SIGKILL)
         if len(self._pool) < POOL_LIMIT:
             self._pool.append(path)
         else:
