@@ -258,6 +258,8 @@ class ContainerManager:
         self.task_env = task_env
         self.loop = loop or asyncio.get_event_loop()
         self.exits = ExitWatch(self.loop)
+        #: tasks of other users run as those users (a daemon's euid is fixed)
+        self.privileged = os.geteuid() == 0
         self.containers: Dict[str, Container] = {}
         self.tasks: Dict[str, Task] = {}
         self.listeners: List[ContainerListener] = []
@@ -411,7 +413,7 @@ class ContainerManager:
         task = Task(id=new_id(), container=container, argv=list(argv), sink=sink,
                     client_pid=peer.pid, detach=detach)
         ids: Dict[str, object] = {}
-        if os.geteuid() == 0 and peer.uid != 0:
+        if self.privileged and peer.uid != 0:
             groups = _groups(peer.uid, peer.gid)
             _check_cwd_access(cwd, peer.uid, groups)
             ids = {"uid": peer.uid, "gid": peer.gid, "groups": groups}

@@ -439,19 +439,39 @@ class SpawnerPool:
         except (ValueError, TypeError) as exc:
             self.loop.call_soon(done, SpawnError("invalid", None, str(exc)))
             return None
-        fds: List[int] = []
-        if after is not None:
-            fds.append(os.dup(after))   # ours may be closed before the send
-            helper.held.add(self.next_id)
+        fds: List[int] = []     # ours, closed once sent
         if len(data) > MAX_MSG:
             fd = os.memfd_create("nrm-spawn", os.MFD_CLOEXEC)
             os.write(fd, data)
             data = b"\0"
             fds.append(fd)
         helper.pending[self.next_id] = (done, argv0, cwd)
+        if after is not None:
+            helper.held.add(self.next_id)
+            if not helper.outq and self._send_borrowing(helper, data, after, fds):
+                return self.next_id
+            fds.insert(0, os.dup(after))    # queued: the caller's pidfd may close first
         helper.outq.append((data, fds))
         self._flush(helper)
         return self.next_id
+
+    def _send_borrowing(self, helper: _Helper, data: bytes, pidfd: int,
+                        fds: List[int]) -> bool:
+        """Send now with the caller's pidfd itself, open until we return (a
+        dup and a close per promised launch saved); False when the socket
+        is full and the request must be queued."""
+        try:
+            socket.send_fds(helper.sock, [data], [pidfd] + fds)
+        except BlockingIOError:
+            return False
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            self._died(helper)
+            return True
+        for fd in fds:
+            os.close(fd)
+        return True
 
     def cancel(self, rid: int) -> None:
         """Take back a held launch: its ``done`` gets a SpawnError of stage

@@ -402,6 +402,53 @@ def test_a_held_launch_can_be_cancelled_once(raw_spawner, tmp_path):
     os.close(pidfd)
 
 
+@pytest.mark.parametrize("queued", [False, True], ids=["sent-at-once", "queued"])
+def test_the_pool_holds_a_launch_even_when_its_caller_closes_the_pidfd(tmp_path, queued):
+    """nrmd closes a predecessor's pidfd when it handles its exit, which
+    may come before a queued request leaves: the pool must send its own
+    copy then (sent at once, it borrows the caller's)."""
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+
+    async def go():
+        async with Harness() as h:
+            pred = await h.launch(["sleep", "30"])
+            helper = h.pool.helpers[0]
+            backlog, results = [], []
+            if queued:      # a stopped spawner: requests pile up in our queue
+                os.kill(helper.proc.pid, signal.SIGSTOP)
+                env = env_list({"PATH": os.environ["PATH"], "PAD": "x" * 60000})
+                while not helper.outq:
+                    fut = h.loop.create_future()
+                    h.pool.submit({"argv": ["true"], "env": env, "cwd": "/",
+                                   "capture": False}, fut.set_result)
+                    backlog.append(fut)
+            held = h.loop.create_future()
+            h.pool.submit({"argv": ["true"], "env": env_list({"PATH": os.environ["PATH"]}),
+                           "cwd": "/", "capture": False, "after": str(procs)},
+                          held.set_result, after=pred.pidfd)
+            assert bool(helper.outq) == queued
+            os.close(pred.pidfd)        # as nrmd does at the predecessor's exit
+            if queued:
+                os.kill(helper.proc.pid, signal.SIGCONT)
+            for fut in backlog:
+                r = await asyncio.wait_for(fut, 10)
+                results.append(r)
+                assert isinstance(r, Started)
+                assert await h.exit_of(r.pid) == 0
+                os.close(r.pidfd)
+            await asyncio.sleep(0.2)
+            assert not held.done()          # still held: the predecessor runs
+            os.kill(pred.pid, signal.SIGKILL)
+            r = await asyncio.wait_for(held, 10)
+            assert isinstance(r, Started), r
+            assert await h.exit_of(r.pid) == 0
+            assert os.WTERMSIG(await h.exit_of(pred.pid)) == signal.SIGKILL
+            os.close(r.pidfd)
+            assert h.pool.alive() == 1
+    asyncio.run(go())
+
+
 def test_a_stale_or_missing_spawner_is_a_startup_error(tmp_path, monkeypatch):
     liar = tmp_path / "nrm-spawner"
     liar.write_text(f"#!{PY}\nimport os, socket, struct, sys, time\n"
