@@ -460,12 +460,12 @@ class AsyncClient(_Endpoint):
     def _send(self, msg) -> None:
         """Never blocks: the DEALER has no send limit and its pipe exists
         from connect() on. The send may consume the socket's edge-triggered
-        readiness, hence the kick."""
+        readiness, hence the check."""
         if self._reader is None:
             self._reader = BatchReader(asyncio.get_running_loop(), self.sock, self._on_reply,
                                        batch=256, copy=True)
         self.sock.send(protocol.encode(msg), zmq.NOBLOCK)
-        self._reader.kick()
+        self._reader.sent()
 
     async def call(self, msg):
         q = self._open(msg)

@@ -3,7 +3,7 @@
 ZMQ_FD is edge-triggered: one wake-up may stand for many messages, and a
 send on the socket can consume the edge of pending input. So a reader drains
 until EAGAIN (up to a batch, then yields to the loop and continues), and
-``kick()`` is called after sends to re-check for input. This costs one
+``sent()`` is called after sends to re-check for input. This costs one
 getsockopt per wake-up instead of one future per message (FACTS: 60-77k/s
 with an await per message, 0.6M/s draining).
 """
@@ -26,6 +26,8 @@ rl_log = RateLimitedLog(log, 10.0)     # a poisonous message kind must not flood
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def send_frames(sock: zmq.Socket, frames: list, copy: bool = True) -> None:
@@ -63,6 +65,15 @@ class BatchReader:
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._wake)
+
+    def sent(self) -> None:
+        """After a send, which may have consumed the input edge: drain if
+        input is pending. ZMQ_EVENTS costs ~1.5 us; a drain that finds
+        nothing costs a loop callback and pyzmq's Again (~5 us), and a send
+        usually leaves nothing behind. Once EVENTS has seen no input, the
+        next message signals ZMQ_FD again."""
+        if not self._scheduled and self.sock.get(_EVENTS) & _POLLIN:
+            self.kick()
 
     def _wake(self) -> None:
         self._scheduled = False

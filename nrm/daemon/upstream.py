@@ -306,7 +306,7 @@ class Upstream:
             if exc.errno != zmq.EHOSTUNREACH:
                 log.warning("send to client failed: %s", exc)
             result = "gone"
-        self.reader.kick()      # the send may have consumed the input edge
+        self.reader.sent()      # the send may have consumed the input edge
         return result
 
     def schedule_flush(self, sink: ClientSink) -> None:
@@ -353,7 +353,7 @@ class Upstream:
             send_frames(self.pub, protocol.encode_event(topic, body))
         except zmq.ZMQError:
             pass
-        self.sub_reader.kick()      # the send may have consumed the input edge
+        self.sub_reader.sent()      # the send may have consumed the input edge
 
     def close(self) -> None:
         self.reader.close()
