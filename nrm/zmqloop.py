@@ -72,7 +72,13 @@ class BatchReader:
         nothing costs a loop callback and pyzmq's Again (~5 us), and a send
         usually leaves nothing behind. Once EVENTS has seen no input, the
         next message signals ZMQ_FD again."""
-        if not self._scheduled and self.sock.get(_EVENTS) & _POLLIN:
+        if self._scheduled:
+            return
+        try:
+            pending = self.sock.get(_EVENTS) & _POLLIN
+        except zmq.ZMQError:
+            return      # closed: nothing more to read
+        if pending:
             self.kick()
 
     def _wake(self) -> None:

@@ -44,3 +44,15 @@ def test_input_behind_a_send_is_read_and_later_input_still_wakes_the_reader():
             theirs.close(linger=0)
             ctx.term()
     asyncio.run(scenario())
+
+
+def test_a_check_after_the_socket_closed_is_harmless():
+    async def scenario():
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        reader = BatchReader(asyncio.get_running_loop(), sock, lambda frames: None)
+        reader.close()
+        sock.close(linger=0)
+        reader.sent()       # a reply queued before shutdown, sent after it
+        ctx.term()
+    asyncio.run(scenario())
