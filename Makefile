@@ -37,7 +37,7 @@ $(LIBNRM_OMPI): $(LIBNRM)
 	$(MAKE) -s -C libnrm install PREFIX=$(VENV) MPICC=mpicc.openmpi
 
 run: setup
-	$(PY) -m nrm.demo
+	$(PY) -m nrm.tools.demo
 
 daemon: setup
 	$(VENV)/bin/nrmd --log-level debug $(NRMD_ARGS)

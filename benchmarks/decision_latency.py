@@ -141,7 +141,7 @@ def _received(client) -> int:
 
 
 def _stats(after, before):
-    from nrm.policy.latency import difference, percentile
+    from nrm.power.latency import difference, percentile
     counts = difference(after, before)
     total = sum(counts)
     if not total:

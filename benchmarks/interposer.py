@@ -29,7 +29,7 @@ import zmq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from nrm import mpi as mpis  # noqa: E402
+from nrm.hpc import mpi as mpis  # noqa: E402
 
 
 class Drain:

@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nrm.hw import open_platform  # noqa: E402
-from nrm.sensors import SensorManager  # noqa: E402
+from nrm.power.sensors import SensorManager  # noqa: E402
 from tests.fakehw import FakeNode  # noqa: E402
 
 

@@ -47,9 +47,11 @@ from typing import BinaryIO, Callable, Deque, Dict, List, Optional
 
 import zmq
 
-from nrm import curve, paths, protocol
+from nrm import paths, protocol
+
+from nrm.transport import curve
 from nrm.manifest import Manifest
-from nrm.zmqloop import BatchReader
+from nrm.transport.zmqloop import BatchReader
 
 DEFAULT_TIMEOUT = 5.0
 

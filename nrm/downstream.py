@@ -12,7 +12,7 @@ queues while connecting (no sleep), non-blocking sends that never stall
 the program, progress rate-limited by ``NRM_RATELIMIT`` (default 10 ms)
 with the calls in between accumulated, and a ``close()`` (also run at
 interpreter exit) that flushes, says goodbye and waits for nrm to have
-read it all (``nrm/hangup.py``), within ``NRM_LINGER`` ms.
+read it all (``nrm/transport/hangup.py``), within ``NRM_LINGER`` ms.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import time
 import weakref
 from typing import Optional
 
-from nrm import hangup, protocol
+from nrm import protocol
+
+from nrm.transport import hangup
 from nrm.protocol import DExit, DPerformance, DPhaseContext, DProgress, DStart
 
 DEFAULT_RATELIMIT_NS = 10_000_000

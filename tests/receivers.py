@@ -4,7 +4,7 @@ receive mark, and one that is always behind, as nrmd is under a flood.
 The slow one's queue is tiny and it reads slowly, so a sender that floods
 it and exits hangs up while the queue is full: the case where libzmq 4.3
 loses what the kernel still holds (zeromq/libzmq#4660) unless the sender
-waits for its data to be read (nrm/hangup.py, libnrm's nrm_fini).
+waits for its data to be read (nrm/transport/hangup.py, libnrm's nrm_fini).
 """
 
 import contextlib

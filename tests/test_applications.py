@@ -2,7 +2,7 @@
 
 import pytest
 
-from nrm.applications import ApplicationManager
+from nrm.daemon.applications import ApplicationManager
 from nrm.protocol import DExit, DPerformance, DPhaseContext, DProgress, DStart
 
 

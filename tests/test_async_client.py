@@ -1,6 +1,6 @@
 """nrm.client.AsyncClient against a real nrmd: many runs over one socket.
 
-The asyncio client drains a plain socket from the loop (nrm.zmqloop), so
+The asyncio client drains a plain socket from the loop (nrm.transport.zmqloop), so
 replies of concurrent requests must reach the right request, output must
 stay byte-exact and in order per stream, and errors must surface as
 NrmError on the request that caused them.

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nrm.controller import PowerCapController, control_law, split_cap
+from nrm.power.cap import PowerCapController, control_law, split_cap
 from nrm.hw import HardwareError, open_platform
 from nrm.hw.registry import Sample, package_entry
 from tests.fakehw import FakeNode

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from nrm.exitwatch import ExitWatch
+from nrm.containers.exits import ExitWatch
 
 
 def _child(code: int) -> subprocess.Popen:

@@ -1,5 +1,5 @@
 """Hand-over: a queued run promised the slice of a container that ends with
-its task (nrm/containers.py, Promise). Real daemon, real cgroups, real
+its task (nrm/containers/manager.py, Promise). Real daemon, real cgroups, real
 spawners: the properties users rely on are that a slice is never held by
 two containers at once, that nothing a predecessor left behind shares the
 cpus with its heir, and that a waiter who gives up is never run."""
@@ -32,6 +32,13 @@ def status(d):
     return json.loads(d.cli("status", "--json").stdout)
 
 
+def gated(gate, before: str = ""):
+    """A task that runs until ``gate`` exists: gates, not durations, end the
+    predecessors, so that a slow client start cannot free a slot before the
+    waiters queue."""
+    return ["sh", "-c", f"{before}while [ ! -e {gate} ]; do sleep 0.02; done"]
+
+
 def fill(d, *argv):
     """One detached, unnamed 1-cpu container per cpu, running argv."""
     ncpus = status(d)["resources"]["cpus"]
@@ -41,15 +48,18 @@ def fill(d, *argv):
     return ncpus
 
 
-def test_a_queued_run_takes_over_a_slice_and_no_cpu_is_held_twice(nrmd):
+def test_a_queued_run_takes_over_a_slice_and_no_cpu_is_held_twice(nrmd, tmp_path):
     listener = nrmd.popen_cli("listen", "--json", "--topic", "container",
                               stdout=subprocess.PIPE)
     time.sleep(0.3)                      # subscribed before the first event
     before = status(nrmd)["tasks"]["handovers"]
-    ncpus = fill(nrmd, "sleep", "0.5")
+    gate = tmp_path / "gate"
+    ncpus = fill(nrmd, *gated(gate))
     waiters = [nrmd.popen_cli("run", "--wait", BASIC, "sh", "-c",
                               "grep Cpus_allowed_list /proc/self/status",
                               stdout=subprocess.PIPE) for _ in range(ncpus + 1)]
+    wait_for(lambda: status(nrmd)["waiting"] == ncpus + 1)
+    gate.touch()
     outs = [w.communicate(timeout=30)[0] for w in waiters]
     assert [w.returncode for w in waiters] == [0] * len(waiters)
     assert all(o.startswith(b"Cpus_allowed_list:") for o in outs)
@@ -73,11 +83,11 @@ def test_a_queued_run_takes_over_a_slice_and_no_cpu_is_held_twice(nrmd):
 def test_what_a_predecessor_left_is_killed_before_its_heir_starts(nrmd, tmp_path):
     before = status(nrmd)["tasks"]
     ncpus = status(nrmd)["resources"]["cpus"]
-    left = tmp_path / "left"
+    left, gate = tmp_path / "left", tmp_path / "gate"
     for i in range(ncpus):      # each leaves a sleep behind, and says where
-        r = nrmd.cli("run", "-d", BASIC, "sh", "-c",
-                     "sleep 300 & echo $! $(grep Cpus_allowed_list /proc/self/status "
-                     f"| cut -f2) > {left}{i}; sleep 0.5")
+        r = nrmd.cli("run", "-d", BASIC, *gated(
+            gate, "sleep 300 & echo $! $(grep Cpus_allowed_list /proc/self/status "
+            f"| cut -f2) > {left}{i}; "))
         assert r.returncode == 0, r.stderr
     wait_for(lambda: all(os.path.getsize(f"{left}{i}") if os.path.exists(f"{left}{i}")
                          else 0 for i in range(ncpus)))
@@ -94,9 +104,13 @@ def test_what_a_predecessor_left_is_killed_before_its_heir_starts(nrmd, tmp_path
              "    if cpus == mine:\n"
              "        sys.exit(state not in ('gone', 'Z'))\n"
              "sys.exit(2)\n")
-    r = nrmd.cli("run", "--wait", BASIC, "python3", "-c", probe, timeout=30)
-    assert r.returncode == 0, ("the leftover of the slice's last container was alive"
-                               if r.returncode == 1 else r)
+    heir = nrmd.popen_cli("run", "--wait", BASIC, "python3", "-c", probe,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: status(nrmd)["waiting"] == 1)
+    gate.touch()
+    out, err = heir.communicate(timeout=30)
+    assert heir.returncode == 0, ("the leftover of the slice's last container was alive"
+                                  if heir.returncode == 1 else (out, err))
     after = status(nrmd)["tasks"]
     assert after["handovers_occupied"] > before["handovers_occupied"]
     wait_for(lambda: not json.loads(nrmd.cli("list", "--json").stdout))
@@ -104,13 +118,15 @@ def test_what_a_predecessor_left_is_killed_before_its_heir_starts(nrmd, tmp_path
 
 def test_a_promised_waiter_that_gives_up_is_never_run(nrmd, tmp_path):
     before = status(nrmd)["tasks"]["handovers_cancelled"]
-    fill(nrmd, "sleep", "1.5")
+    gate = tmp_path / "gate"
+    fill(nrmd, *gated(gate))
     marker = tmp_path / "ran"
     waiter = nrmd.popen_cli("run", "--wait", BASIC, "touch", str(marker))
     wait_for(lambda: status(nrmd)["waiting"] == 1)
     waiter.kill()
     waiter.wait()
     wait_for(lambda: status(nrmd)["tasks"]["handovers_cancelled"] > before)
+    gate.touch()
     wait_for(lambda: not json.loads(nrmd.cli("list", "--json").stdout), timeout=10)
     assert status(nrmd)["waiting"] == 0
     assert not marker.exists()
@@ -120,30 +136,29 @@ def test_a_promised_waiter_that_gives_up_is_never_run(nrmd, tmp_path):
 def test_a_promise_passed_over_twice_is_taken_back_and_kept_elsewhere(nrmd, tmp_path):
     """The oldest waiter is promised the slice whose task started first: a
     long one here. Younger waiters pass it through the short slot; after
-    two passes its promise moves, and it runs long before the long task
-    ends."""
+    two passes its promise moves, and it runs while the long task still
+    runs."""
+    long_gate, short_gate = tmp_path / "long", tmp_path / "short"
     before = status(nrmd)["tasks"]["handovers_cancelled"]
     ncpus = status(nrmd)["resources"]["cpus"]
     for _ in range(ncpus - 1):
-        assert nrmd.cli("run", "-d", BASIC, "sleep", "8").returncode == 0
-    assert nrmd.cli("run", "-d", BASIC, "sleep", "0.3").returncode == 0
+        assert nrmd.cli("run", "-d", BASIC, *gated(long_gate)).returncode == 0
+    assert nrmd.cli("run", "-d", BASIC, *gated(short_gate)).returncode == 0
     first = nrmd.popen_cli("run", "--wait", BASIC, "true")
     wait_for(lambda: status(nrmd)["waiting"] == 1)
-
-    def seen():      # runs queued or started
-        st = status(nrmd)
-        return st["waiting"] + st["tasks"]["tasks_started"]
-
     others = []
     for i in range(ncpus + 4):
-        base = seen()
         others.append(nrmd.popen_cli("run", "--wait", BASIC, "sleep", "0.3"))
-        wait_for(lambda: seen() > base)       # in order: each is younger
-    assert first.wait(timeout=30) == 0
-    long_running = [c for c in json.loads(nrmd.cli("list", "--json").stdout)
-                    if any(t["argv"] == ["sleep", "8"] for t in c["tasks"])]
-    assert long_running, "the first waiter waited for a long task to end"
-    assert status(nrmd)["tasks"]["handovers_cancelled"] > before
+        wait_for(lambda: status(nrmd)["waiting"] == i + 2)     # in order: each is younger
+    short_gate.touch()
+    try:
+        assert first.wait(timeout=30) == 0
+        long_running = [c for c in json.loads(nrmd.cli("list", "--json").stdout)
+                        if any(t["argv"] == gated(long_gate) for t in c["tasks"])]
+        assert long_running, "the first waiter waited for a long task to end"
+        assert status(nrmd)["tasks"]["handovers_cancelled"] > before
+    finally:
+        long_gate.touch()
     for p in others:
         p.wait(timeout=60)
     wait_for(lambda: not json.loads(nrmd.cli("list", "--json").stdout), timeout=30)

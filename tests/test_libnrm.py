@@ -15,7 +15,7 @@ import time
 import pytest
 import zmq
 
-from nrm import mpi
+from nrm.hpc import mpi
 from nrm.protocol import DExit, DPhaseContext, DProgress, DStart, decode_downstream
 from tests.receivers import drain_slowly
 

@@ -21,7 +21,7 @@ import subprocess
 import pytest
 import zmq
 
-from nrm import mpi
+from nrm.hpc import mpi
 from nrm.daemon.ingest import Ingest
 from nrm.protocol import DExit, DPhaseContext, DStart
 

@@ -18,7 +18,7 @@ import time
 import pytest
 import zmq
 
-from nrm import mpi
+from nrm.hpc import mpi
 from nrm.client import Client
 from nrm.manifest import load
 from tests.daemon import REPO, DaemonProcess, wait_for

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from nrm import paths
-from nrm.perfwrapper import parse_line
+from nrm.tools.perfwrapper import parse_line
 
 
 @pytest.mark.parametrize("line,expected", [

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from nrm.policy import ContainerPolicy
+from nrm.power.policy import ContainerPolicy
 
 GHZ = 1e9
 GRID = [round(1.0 + 0.1 * i, 1) * GHZ for i in range(21)]  # 1.0 .. 3.0 GHz

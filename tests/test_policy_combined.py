@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from nrm.policy.combined import cover, next_setting
+from nrm.power.policy.combined import cover, next_setting
 
 GHZ = 1e9
 GRID = [1.0 * GHZ, 1.5 * GHZ, 2.0 * GHZ, 2.5 * GHZ, 3.0 * GHZ]

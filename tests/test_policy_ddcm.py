@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nrm.policy.ddcm import default_max_drop, next_level
+from nrm.power.policy.ddcm import default_max_drop, next_level
 
 
 @pytest.mark.parametrize(

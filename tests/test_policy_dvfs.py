@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from nrm.policy.dvfs import frequency_grid, next_frequency, round_up, step_up
+from nrm.power.policy.dvfs import frequency_grid, next_frequency, round_up, step_up
 
 GHZ = 1e9
 COARSE = [1.0 * GHZ, 1.5 * GHZ, 2.0 * GHZ, 2.5 * GHZ, 3.0 * GHZ]

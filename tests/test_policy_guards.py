@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nrm.policy.guards import PhaseGate, SlowdownGuard, damper_skips
+from nrm.power.policy.guards import PhaseGate, SlowdownGuard, damper_skips
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from nrm.policy.latency import LatencyHistogram, bucket_bounds, difference, percentile
+from nrm.power.latency import LatencyHistogram, bucket_bounds, difference, percentile
 
 
 def test_percentiles_are_within_one_bucket_above_the_true_value():

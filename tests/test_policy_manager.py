@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nrm.policy import ContainerPolicy, Decision
-from nrm.policy.manager import DUTY_CYCLE, FREQUENCY
+from nrm.power.policy import ContainerPolicy, Decision
+from nrm.power.policy.container import DUTY_CYCLE, FREQUENCY
 
 GHZ = 1e9
 GRID = [1.0 * GHZ, 1.5 * GHZ, 2.0 * GHZ, 2.5 * GHZ, 3.0 * GHZ]

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from nrm import mpi
+from nrm.hpc import mpi
 from tests.conftest import EXAMPLES, needs_root
 
 pytestmark = pytest.mark.skipif(mpi.find("mpich") is None, reason="MPICH not installed")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nrm import reporting
+from nrm.tools import reports as reporting
 from tests.conftest import EXAMPLES
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")

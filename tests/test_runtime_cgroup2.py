@@ -13,9 +13,9 @@ import subprocess
 
 import pytest
 
-from nrm.runtimes import make_runtime
-from nrm.runtimes.cgroup2 import Cgroup2Runtime, cgroup2_usable
-from nrm.spawner import SpawnerPool, Started, env_list
+from nrm.containers.runtimes import make_runtime
+from nrm.containers.runtimes.cgroup2 import Cgroup2Runtime, cgroup2_usable
+from nrm.containers.spawner import SpawnerPool, Started, env_list
 from tests.conftest import needs_root
 
 pytestmark = needs_root()

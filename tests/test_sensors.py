@@ -8,7 +8,7 @@ import time
 import pytest
 
 from nrm.hw import HardwareError, open_platform
-from nrm.sensors import SensorManager
+from nrm.power.sensors import SensorManager
 from tests.fakehw import FakeNode
 
 

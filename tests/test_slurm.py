@@ -21,7 +21,9 @@ import time
 
 import pytest
 
-from nrm import mpi, paths, slurm
+from nrm import paths
+
+from nrm.hpc import mpi, slurm
 from nrm.client import Client
 from nrm.manifest import load
 from tests.daemon import REPO, VENV_BIN

@@ -20,8 +20,8 @@ import time
 import pytest
 
 from nrm.paths import find_spawner
-from nrm.spawner import (CANCEL_MAGIC, PROTOCOL, SpawnError, SpawnerPool, Started,
-                         choose_helper, encode_request, env_list, fork_exec, home_cpus)
+from nrm.containers.spawner import (CANCEL_MAGIC, PROTOCOL, SpawnError, SpawnerPool, Started,
+                                    choose_helper, encode_request, env_list, fork_exec, home_cpus)
 from tests.conftest import EXAMPLES, needs_root
 from tests.daemon import (DaemonProcess, check_client_death_kills_the_task,
                           check_ctrl_c_reaches_the_task, spawner_pids, wait_for)
@@ -464,10 +464,10 @@ def test_a_stale_or_missing_spawner_is_a_startup_error(tmp_path, monkeypatch):
         finally:
             pool.close()
 
-    monkeypatch.setattr("nrm.spawner.find_spawner", lambda: str(liar))
+    monkeypatch.setattr("nrm.containers.spawner.find_spawner", lambda: str(liar))
     with pytest.raises(OSError, match=f"protocol {PROTOCOL} expected"):
         asyncio.run(start())
-    monkeypatch.setattr("nrm.spawner.find_spawner", lambda: None)
+    monkeypatch.setattr("nrm.containers.spawner.find_spawner", lambda: None)
     with pytest.raises(OSError, match="nrm-spawner not found"):
         asyncio.run(start())
 

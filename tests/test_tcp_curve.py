@@ -16,7 +16,9 @@ import tempfile
 import pytest
 import zmq
 
-from nrm import curve, protocol
+from nrm import protocol
+
+from nrm.transport import curve
 from tests.conftest import EXAMPLES, needs_root
 from tests.daemon import DaemonProcess, nrmd_argv, wait_for
 

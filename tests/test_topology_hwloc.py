@@ -13,7 +13,7 @@ import pytest
 from nrm.hw import topology
 from nrm.hw.topology import (TopologyError, parse_hwloc_bitmap, parse_hwloc_xml,
                              read_hwloc_xml, read_sysfs_topology, read_topology)
-from nrm.resources import ResourceManager
+from nrm.containers.slices import ResourceManager
 from tests.daemon import DaemonProcess
 
 LSTOPO = topology.find_lstopo()

@@ -8,7 +8,7 @@ import time
 
 import zmq
 
-from nrm.zmqloop import BatchReader
+from nrm.transport.zmqloop import BatchReader
 
 
 def test_input_behind_a_send_is_read_and_later_input_still_wakes_the_reader():

@@ -209,7 +209,7 @@ static int send_progress_locked(struct nrm_context *ctxt, struct nrm_state *st,
  * waits until the data is in the kernel.  So nrm_fini keeps duplicates
  * of its connections to the daemon's ipc path across zmq_close (no
  * hang-up yet) and releases them once SIOCOUTQ says the peer consumed
- * every byte, or the linger bound has passed.  nrm/hangup.py does the
+ * every byte, or the linger bound has passed.  nrm/transport/hangup.py does the
  * same for Python senders.
  */
 static int hold_connections(const char *path, int *held, int max)

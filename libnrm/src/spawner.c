@@ -3,7 +3,7 @@
  *
  * nrmd starts a few of these (one per cpu, at most 4) and hands each task
  * launch to one of them over a SOCK_SEQPACKET socketpair; the wire format
- * is described, and encoded on the daemon's side, in nrm/spawner.py.
+ * is described, and encoded on the daemon's side, in nrm/containers/spawner.py.
  *
  * Why C: per launch, a Python helper spent ~80 us of its own CPU and had
  * to move itself into the task's cgroups and back (four migrations) so

@@ -8,7 +8,7 @@ server key).
 
 from __future__ import annotations
 
-from nrm import curve
+from nrm.transport import curve
 from nrm.client import ConfigError
 
 NAME = "keygen"

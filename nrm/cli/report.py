@@ -22,13 +22,13 @@ def _fmt(value, fmt: str, suffix: str) -> str:
 
 
 def execute(args) -> int:
-    from nrm.reporting import PlotError, summary
+    from nrm.tools.reports import PlotError, summary
     reports = client(args).report(args.container)
     if args.json:
         dump_json(reports)
         return 0
     if args.plot:
-        from nrm.reporting import plot
+        from nrm.tools.reports import plot
         try:
             plot(reports, args.plot)
         except PlotError as exc:

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from nrm import slurm
+from nrm.hpc import slurm
 from nrm.cli.common import client
 from nrm.manifest import load
 
@@ -56,7 +56,7 @@ def execute(args) -> int:
     container, cpus_allowed, env, bridge = args.container, None, None, None
     if slurm.in_job():
         # Tasks of one step on one node share a container, inside the cpus
-        # Slurm gave this task; see nrm.slurm for the rules.
+        # Slurm gave this task; see nrm.hpc.slurm for the rules.
         container = container or slurm.default_container()
         cpus_allowed = slurm.step_cpus()
         manifest = slurm.fit_manifest(manifest, cpus_allowed)

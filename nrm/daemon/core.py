@@ -21,14 +21,16 @@ from typing import Deque, Dict, List, Optional
 
 import zmq
 
-from nrm import __version__, mpi, paths, protocol
-from nrm.containers import Container, ContainerManager, Peer, RunError
+from nrm import __version__, paths, protocol
+
+from nrm.hpc import mpi
+from nrm.containers.manager import Container, ContainerManager, Peer, RunError
 from nrm.daemon.commands import COMMANDS
 from nrm.daemon.reconcile import reconcile
 from nrm.daemon.statelog import ContainerRecord, StateLog, TaskRecord, pid_start_time
 from nrm.daemon.upstream import Requester, Upstream
-from nrm.resources import ResourceManager
-from nrm.runtimes import make_runtime
+from nrm.containers.slices import ResourceManager
+from nrm.containers.runtimes import make_runtime
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class Config:
     #: spawner helper processes; None: one per usable cpu, at most MAX_DEFAULT_SPAWNERS;
     #: 0: spawn in-process
     spawners: Optional[int] = None
-    #: TCP endpoints with CurveZMQ (nrm.curve.ServerConfig); None: ipc only
+    #: TCP endpoints with CurveZMQ (nrm.transport.curve.ServerConfig); None: ipc only
     tcp: Optional[object] = None
     #: what to do with tasks a crashed predecessor left running
     on_restart: str = "kill"
@@ -184,8 +186,8 @@ class Daemon:
             raise StartupError(f"hardware: {exc}") from None
         log.info("hardware backend: %s%s", self.platform.backend_name,
                  " (emulated)" if self.platform.emulated else "")
-        from nrm.controller import PowerCapController
-        from nrm.sensors import SensorManager
+        from nrm.power.cap import PowerCapController
+        from nrm.power.sensors import SensorManager
         self.controller = PowerCapController(self.platform)
         self.sensors = SensorManager(self.platform, self.config.sensor_period,
                                      on_sample=self._sample_from_thread)
@@ -198,7 +200,7 @@ class Daemon:
         self.statelog.open()
 
     def _start_downstream(self) -> None:
-        from nrm.applications import ApplicationManager
+        from nrm.daemon.applications import ApplicationManager
         from nrm.daemon.coalesce import EventCoalescer
         self.app_events = EventCoalescer(self.loop, self.publish)
         from nrm.daemon.ingest import Ingest
@@ -209,7 +211,7 @@ class Daemon:
         self.loop.create_task(self.ingest.start())
 
     def _start_policies(self) -> None:
-        from nrm.powerpolicy import PowerPolicyManager
+        from nrm.power.policies import PowerPolicyManager
         self.policies = PowerPolicyManager(self.platform, self.publish)
         self.containers.listeners.append(self.policies)
         self.containers.listeners.append(_ProfileListener(self))

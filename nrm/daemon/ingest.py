@@ -68,7 +68,7 @@ _SEED_MEMORY = 4096
 # used to be 10000 for want of a better defence against libzmq dropping
 # an exiting sender's backlog when the queue is full (zeromq/libzmq#4660);
 # nrm's senders now wait until their data is read before they hang up
-# (nrm/hangup.py, nrm_fini), so the mark can be low.
+# (nrm/transport/hangup.py, nrm_fini), so the mark can be low.
 RCVHWM = 1000
 
 

@@ -9,9 +9,11 @@ import os
 import resource
 import sys
 
-from nrm import __version__, curve, log as nrmlog, paths
+from nrm import __version__, log as nrmlog, paths
+
+from nrm.transport import curve
 from nrm.daemon.core import Config, Daemon, StartupError
-from nrm.runtimes import KINDS
+from nrm.containers.runtimes import KINDS
 
 log = logging.getLogger("nrmd")
 

@@ -22,9 +22,11 @@ import zmq
 import zmq.utils.z85
 from zmq.utils.monitor import parse_monitor_message
 
-from nrm import curve, protocol
-from nrm.containers import Peer, Sink, Task
-from nrm.zmqloop import BatchReader, send_frames
+from nrm import protocol
+
+from nrm.transport import curve
+from nrm.containers.manager import Peer, Sink, Task
+from nrm.transport.zmqloop import BatchReader, send_frames
 from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)

@@ -368,37 +368,3 @@ class Platform:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def open_platform(kind: str = "auto", root: str = "/", journal_path: Optional[str] = None,
-                  emulated_options: Optional[Dict[str, Any]] = None) -> Platform:
-    """Open the node's hardware, first restoring controls a crash left behind.
-
-    ``auto`` picks the linux backend when RAPL energy is readable under
-    ``root`` (powercap ``energy_uj`` or MSR 0x611) and the emulated node
-    otherwise, recording why in ``describe()["reasons"]``.
-    """
-    from nrm.hw.journal import Journal
-
-    if kind not in ("auto", "linux", "emulated"):
-        raise HardwareError(f"unknown platform kind {kind!r} (auto, linux or emulated)")
-    journal = Journal(journal_path) if journal_path else None
-    fallback = None
-    if kind == "auto":
-        from nrm.hw.linux.backend import probe_rapl
-        ok, why = probe_rapl(root)
-        kind = "linux" if ok else "emulated"
-        if not ok:
-            fallback = why
-            log.info("no readable RAPL under %s (%s): using the emulated node", root, why)
-    platform: Platform
-    if kind == "linux":
-        from nrm.hw.linux.backend import LinuxPlatform
-        platform = LinuxPlatform(root=root, journal=journal)
-    else:
-        from nrm.hw.emulated import EmulatedPlatform
-        platform = EmulatedPlatform(root=root, journal=journal, options=emulated_options)
-        if fallback:
-            platform._reasons.insert(0, f"emulated because RAPL is not readable: {fallback}")
-    platform.recover()
-    return platform

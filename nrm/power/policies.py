@@ -1,5 +1,5 @@
 """Per-container power-policy managers in the daemon: the I/O edge of
-nrm.policy.
+nrm.power.policy.
 
 A container whose manifest names a policy other than NONE gets a
 ``ContainerPolicy``. Phase contexts from its ranks go in as they arrive (no
@@ -25,8 +25,8 @@ import time
 from typing import Dict, List, Optional
 
 from nrm.log import RateLimitedLog
-from nrm.policy.latency import LatencyHistogram
-from nrm.policy.manager import DUTY_CYCLE, FREQUENCY, ContainerPolicy, Decision
+from nrm.power.latency import LatencyHistogram
+from nrm.power.policy.container import DUTY_CYCLE, FREQUENCY, ContainerPolicy, Decision
 
 log = logging.getLogger(__name__)
 rl_log = RateLimitedLog(log)

@@ -2,7 +2,7 @@
 
 v2 moves whole processes, never single threads, so the daemon (which has
 several threads) cannot pass through a container's cgroup the way it does
-with v1: a single-threaded spawner process (nrm/spawner.py) writes itself
+with v1: a single-threaded spawner process (nrm/containers/spawner.py) writes itself
 into the container's `cgroup.procs`, forks the task - born inside - and
 writes itself back. This runtime therefore requires spawners.
 
@@ -34,8 +34,8 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from nrm.hw.topology import format_cpulist
-from nrm.runtimes.base import Handle, Runtime, RuntimeError_
-from nrm.runtimes.cgroup import _read, _write
+from nrm.containers.runtimes.base import Handle, Runtime, RuntimeError_
+from nrm.containers.runtimes.cgroup import _read, _write
 
 log = logging.getLogger(__name__)
 

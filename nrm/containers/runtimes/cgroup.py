@@ -3,7 +3,7 @@
 A v1 cgroup can be joined by one thread: the spawning thread (a spawner
 process's only thread, or the daemon's own without spawners) joins the
 container's cgroups, forks the task (born inside) and returns home, about
-30 us each way. cgroup v2 is in nrm/runtimes/cgroup2.py.
+30 us each way. cgroup v2 is in nrm/containers/runtimes/cgroup2.py.
 
 Creating a cgroup in five hierarchies costs about 1 ms here, so emptied
 container cgroups are kept in a pool, keyed by their cpuset, and reused.
@@ -22,7 +22,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from nrm.hw.topology import format_cpulist
-from nrm.runtimes.base import Handle, Runtime, RuntimeError_
+from nrm.containers.runtimes.base import Handle, Runtime, RuntimeError_
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from typing import Dict, List, Mapping, Optional
 
 from nrm.manifest import Manifest
 
-log = logging.getLogger("nrm.slurm")
+log = logging.getLogger("nrm.hpc.slurm")
 
 CONTAINER_PREFIX = "slurm-"
 

@@ -91,7 +91,7 @@ def slices_demo(s: Session) -> None:
 
 
 def power_demo(s: Session) -> None:
-    from nrm.powerdemo import run_comparison
+    from nrm.tools.powerdemo import run_comparison
     say("\n== Power policies on an imbalanced MPI program ==")
     run_comparison(s)
 

@@ -13,8 +13,9 @@ from collections import abc
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from nrm.policy import combined, ddcm, dvfs
-from nrm.policy.guards import DEFAULT_STALE_ROUNDS, PhaseGate, Ready, SlowdownGuard, damper_skips
+from nrm.power.policy import combined, ddcm, dvfs
+from nrm.power.policy.guards import (DEFAULT_STALE_ROUNDS, PhaseGate, Ready, SlowdownGuard,
+                                     damper_skips)
 
 POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED")
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from nrm.policy.combined import next_setting
-from nrm.policy.ddcm import next_level
-from nrm.policy.dvfs import next_frequency
-from nrm.policy.manager import POLICIES, ContainerPolicy, Decision
+from nrm.power.policy.combined import next_setting
+from nrm.power.policy.ddcm import next_level
+from nrm.power.policy.dvfs import next_frequency
+from nrm.power.policy.container import POLICIES, ContainerPolicy, Decision
 
 __all__ = [
     "POLICIES",

@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional, Sequence, Tuple
 
-from nrm.policy.ddcm import LEVELS, default_max_drop, level_in_range
-from nrm.policy.dvfs import frequency_grid, round_up
+from nrm.power.policy.ddcm import LEVELS, default_max_drop, level_in_range
+from nrm.power.policy.dvfs import frequency_grid, round_up
 
 _EPS = 1e-9
 

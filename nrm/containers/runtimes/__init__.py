@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-from nrm.runtimes.affinity import AffinityRuntime
-from nrm.runtimes.base import Handle, Runtime, RuntimeError_, SCHED_POLICIES
-from nrm.runtimes.cgroup import CgroupRuntime, cgroup_usable
-from nrm.runtimes.cgroup2 import Cgroup2Runtime, cgroup2_usable
-from nrm.runtimes.wrappers import NodeOSRuntime, SingularityRuntime
+from nrm.containers.runtimes.affinity import AffinityRuntime
+from nrm.containers.runtimes.base import Handle, Runtime, RuntimeError_, SCHED_POLICIES
+from nrm.containers.runtimes.cgroup import CgroupRuntime, cgroup_usable
+from nrm.containers.runtimes.cgroup2 import Cgroup2Runtime, cgroup2_usable
+from nrm.containers.runtimes.wrappers import NodeOSRuntime, SingularityRuntime
 
 KINDS = ("auto", "cgroup", "affinity", "nodeos", "singularity")
 

@@ -3,14 +3,14 @@
 A container is a named slice with an owner (a Unix uid) holding one or more
 tasks; it ends when its last task ends, and then everything left in it is
 killed and its slice released. Tasks are watched with pidfds in one epoll
-set on the event loop (nrm/exitwatch.py: no SIGCHLD handler, no thread per
+set on the event loop (nrm/containers/exits.py: no SIGCHLD handler, no thread per
 task), their stdout and stderr are
 read from pipes and handed to a *sink* (the client that asked for the run),
 which may push back: when a client is slow its task's pipes stop being read,
 so output is never dropped and daemon memory stays bounded.
 
 Tasks are launched by spawner processes when the daemon has them (see
-nrm/spawner.py: a launch is asynchronous, and a container keeps its slice
+nrm/containers/spawner.py: a launch is asynchronous, and a container keeps its slice
 while a launch is in flight), else by the daemon's own thread. Either way
 each task is the daemon's child, reaped through its pidfd.
 
@@ -40,11 +40,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional
 
-from nrm.exitwatch import ExitWatch
+from nrm.containers.exits import ExitWatch
 from nrm.manifest import Manifest
-from nrm.resources import ResourceManager, Slice, SliceError
-from nrm.runtimes import SCHED_POLICIES, Handle, Runtime
-from nrm.spawner import SpawnError, SpawnerPool, env_list
+from nrm.containers.slices import ResourceManager, Slice, SliceError
+from nrm.containers.runtimes import SCHED_POLICIES, Handle, Runtime
+from nrm.containers.spawner import SpawnError, SpawnerPool, env_list
 
 log = logging.getLogger(__name__)
 
@@ -681,7 +681,7 @@ class ContainerManager:
     def _wrap_perf(self, container, argv):
         if not container.manifest.perfwrapper:
             return argv
-        return [sys.executable, "-m", "nrm.perfwrapper", "--"] + list(argv)
+        return [sys.executable, "-m", "nrm.tools.perfwrapper", "--"] + list(argv)
 
     # -- output -----------------------------------------------------------
     def _on_readable(self, task: Task, stream: str) -> None:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from nrm import mpi
+from nrm.hpc import mpi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -217,7 +217,7 @@ def run_comparison(session, policies=POLICIES, repeat: int = 1) -> List[Dict[str
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
 
-    from nrm.demo import Session
+    from nrm.tools.demo import Session
 
     parser = argparse.ArgumentParser(description="compare power policies on examples/imbalance")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of all policies")

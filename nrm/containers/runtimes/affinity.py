@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from nrm.runtimes.base import Runtime
+from nrm.containers.runtimes.base import Runtime
 
 
 class AffinityRuntime(Runtime):

@@ -8,7 +8,7 @@ the child, and puts the thread back. The child inherits them all at fork, so
 it is inside its slice before it execs.
 
 That is the daemon's own thread when it has no spawners (`spawn`). A
-spawner (nrm/spawner.py) applies the runtime's `placement` in its vfork
+spawner (nrm/containers/spawner.py) applies the runtime's `placement` in its vfork
 child instead, between clone and exec: the same result, and the spawner
 itself never moves.
 """
@@ -21,7 +21,7 @@ import os
 import signal
 from typing import List, Optional, Sequence, Tuple
 
-from nrm.spawner import fork_exec, thread_attributes
+from nrm.containers.spawner import fork_exec, thread_attributes
 
 log = logging.getLogger(__name__)
 

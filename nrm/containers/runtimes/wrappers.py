@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from typing import List
 
-from nrm.runtimes.base import Handle, Runtime, RuntimeError_
+from nrm.containers.runtimes.base import Handle, Runtime, RuntimeError_
 
 
 class WrappingRuntime(Runtime):

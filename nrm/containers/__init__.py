@@ -1,0 +1,1 @@
+"""Containers: slices, tasks, launches and runtimes (a wing of nrmd)."""

@@ -1,0 +1,1 @@
+"""HPC launchers and schedulers: MPI flavours, Slurm."""

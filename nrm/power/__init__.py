@@ -1,0 +1,1 @@
+"""Power: sensors, the node cap, and per-container power policies."""

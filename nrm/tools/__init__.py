@@ -1,0 +1,1 @@
+"""Programs built on nrm.client: the demo, the perf wrapper, reports."""

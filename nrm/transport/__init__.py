@@ -1,0 +1,1 @@
+"""Transport: CurveZMQ, ZeroMQ on asyncio, peer hang-up."""
