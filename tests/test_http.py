@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from nrm.http import server
+from nrm.http.sources import Sources
+from nrm.power.node import PowerHistory
 from tests.conftest import EXAMPLES
 from tests.daemon import DaemonProcess, wait_for
 
@@ -288,12 +290,14 @@ def test_stop_with_clients_connected():
 
 # ------------------------------------------------------ coalescing (no daemon needed)
 
-def fake_daemon():
-    history = [{"wall_time": 100.0 + i, "node_power_w": 20.0 + i} for i in range(5)]
-    return SimpleNamespace(
-        latest_sample=history[-1], power_history=history, decision_history=[],
-        platform=None, containers=None, apps=None, policies=None, power_cap=None,
-        started=0.0)
+def fake_sources():
+    """The web side's view with a real power history and nothing else."""
+    history = PowerHistory()
+    for i in range(5):
+        history.add_sample({"wall_time": 100.0 + i, "node_power_w": 20.0 + i})
+    power = SimpleNamespace(history=history, cap_w=None, sensors=None)
+    return Sources(started=0.0, status=dict, containers=None, runtime=None,
+                   request_counts={}, power=power)
 
 
 class FakeHandler:
@@ -301,7 +305,7 @@ class FakeHandler:
 
 
 def test_events_are_coalesced_per_flush():
-    t = server.Telemetry(fake_daemon())
+    t = server.Telemetry(fake_sources())
     client = t.add_client(FakeHandler())
     for _ in range(1000):
         t.on_event("power", {})
@@ -311,7 +315,7 @@ def test_events_are_coalesced_per_flush():
     assert len(client.queue) == 1
     frame = json.loads(client.queue[0].decode().split("data: ", 1)[1])
     assert frame["points"] == [[100.0 + i, 20.0 + i] for i in range(5)]
-    t.daemon.power_history.append({"wall_time": 200.0, "node_power_w": 50.0})
+    t.sources.power.history.add_sample({"wall_time": 200.0, "node_power_w": 50.0})
     t.on_event("power", {})
     t._flush()
     frame = json.loads(client.queue[1].decode().split("data: ", 1)[1])
@@ -319,7 +323,7 @@ def test_events_are_coalesced_per_flush():
 
 
 def test_slow_client_buffer_is_bounded():
-    t = server.Telemetry(fake_daemon())
+    t = server.Telemetry(fake_sources())
     client = t.add_client(FakeHandler())
     for _ in range(server.CLIENT_QUEUE * 3):
         t.on_event("power", {})
@@ -331,7 +335,7 @@ def test_slow_client_buffer_is_bounded():
 
 
 def test_client_limit():
-    t = server.Telemetry(fake_daemon())
+    t = server.Telemetry(fake_sources())
     clients = [t.add_client(FakeHandler()) for _ in range(server.MAX_EVENT_CLIENTS)]
     assert all(clients)
     assert t.add_client(FakeHandler()) is None

@@ -26,7 +26,7 @@ from nrm import paths
 from nrm.hpc import mpi, slurm
 from nrm.client import Client
 from nrm.manifest import load
-from tests.daemon import REPO, VENV_BIN
+from tests.daemon import REPO, VENV_BIN, wait_for
 from tests.slurm_cluster import NodeDaemon, SlurmCluster, SlurmUnavailable
 
 NRM = os.path.join(VENV_BIN, "nrm")
@@ -379,6 +379,7 @@ def test_prolog_run_by_slurm_refuses_a_node_without_nrmd(tmp_path):
         assert "prolog" in r.stderr.lower(), r.stderr
         with open(os.path.join(c.dir, "slurmd-n1.log")) as f:
             assert "nrm prolog: node n1" in f.read()
-        assert c.node_states().get("n1", "").startswith("drain")
+        # slurmd drains the node once the job has left "completing"
+        wait_for(lambda: c.node_states().get("n1", "").startswith("drain"), timeout=30)
     finally:
         c.cleanup()

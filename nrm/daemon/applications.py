@@ -243,3 +243,17 @@ class ApplicationManager:
                 "idle": now - app.last_seen,
             })
         return {"apps": apps, "cpus": {c: dict(v) for c, v in sorted(container.cpus.items())}}
+
+
+class ApplicationsListener:
+    """A container listener: a container's last progress goes out before its
+    exit event, and its applications are forgotten when it ends."""
+
+    def __init__(self, apps: ApplicationManager, events):
+        self.apps = apps
+        self.events = events        # the EventCoalescer the daemon publishes through
+
+    def container_ended(self, container) -> Optional[dict]:
+        self.events.flush()
+        self.apps.forget_container(container.id)
+        return None

@@ -2,7 +2,11 @@
 
 Data flows one way: sockets -> protocol decode -> a manager's method ->
 hardware controls or events out. Managers do not reach into each other;
-this class connects them with explicit calls.
+this class creates them, connects them with explicit calls, and hands each
+the collaborators it needs (never itself). It also owns the runtime dir
+(lock, sockets) and the order of start and stop: hardware first, so that a
+crashed predecessor's controls are restored before anything runs; the
+power cap lifted and every control restored last.
 """
 
 from __future__ import annotations
@@ -15,31 +19,27 @@ import logging
 import os
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import zmq
 
 from nrm import __version__, paths, protocol
-
-from nrm.hpc import mpi
-from nrm.containers.manager import Container, ContainerManager, Peer, RunError
+from nrm.containers.manager import ContainerManager, Peer, RunError
+from nrm.containers.runtimes import make_runtime
+from nrm.containers.slices import ResourceManager
 from nrm.daemon.commands import COMMANDS
 from nrm.daemon.reconcile import reconcile
-from nrm.daemon.statelog import ContainerRecord, StateLog, TaskRecord, pid_start_time
+from nrm.daemon.senders import SenderCheck
+from nrm.daemon.statelog import StateLog, StateLogListener
+from nrm.daemon.taskenv import TaskEnvironment
 from nrm.daemon.upstream import Requester, Upstream
-from nrm.containers.slices import ResourceManager
-from nrm.containers.runtimes import make_runtime
 
 log = logging.getLogger(__name__)
 
 #: launches are bound by the daemon's own ~0.5 ms per task, not by spawners:
 #: more than a few only cost memory (a Python interpreter each)
 MAX_DEFAULT_SPAWNERS = 4
-HISTORY_SAMPLES = 20000
-HISTORY_DECISIONS = 5000
-PROFILE_SERIES_POINTS = 2000
 
 
 #: as root, every user submits work and every user's tasks report: identity
@@ -73,18 +73,19 @@ class Config:
 
 
 class Daemon:
+    """Owns the managers and the sockets of one nrmd; the commands
+    (nrm/daemon/commands/) call its few public methods."""
+
     def __init__(self, config: Config):
         self.config = config
         self.rundir = paths.runtime_dir(config.runtime_dir or None)
-        self._downstream_uri: Optional[str] = None     # every task's environment has it
         self.started = time.time()
         self.ctx = zmq.Context()
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.stopping: Optional[asyncio.Event] = None
         self._lock_fd = -1
         self.platform = None
-        self.sensors = None
-        self.controller = None
+        self.power = None           # NodePower: samples, cap, history
         self.ingest = None
         self.apps = None
         self.app_events = None      # EventCoalescer: one event per app per 10 ms at most
@@ -92,14 +93,9 @@ class Daemon:
         self.http = None
         self.statelog = None
         self.reconciled: Dict[str, int] = {}
-        self.latest_sample: Optional[dict] = None
-        self.power_cap: Optional[float] = None
         self.request_counts: Dict[str, int] = {}
         #: downstream messages refused after decoding (unknown container, foreign sender)
         self.downstream_rejects: Dict[str, int] = {"unknown_container": 0, "foreign_sender": 0}
-        #: recent samples and decisions, for reports, /api and the dashboard
-        self.power_history: Deque[dict] = deque(maxlen=HISTORY_SAMPLES)
-        self.decision_history: Deque[dict] = deque(maxlen=HISTORY_DECISIONS)
 
     # -- start ------------------------------------------------------------
     def _prepare_rundir(self) -> None:
@@ -147,8 +143,10 @@ class Daemon:
         topology = self.platform.topology if self.platform else _topology(self.config.hw_root)
         self.resources = ResourceManager(topology)
         try:
+            task_env = TaskEnvironment(self.rundir, self.config.seed_downstream,
+                                       self.config.pmpi_lib)
             self.containers = ContainerManager(self.runtime, self.resources, self.publish,
-                                               self._task_env, self.loop, spawners=spawners,
+                                               task_env, self.loop, spawners=spawners,
                                                wants=self.wants)
         except (RuntimeError, ValueError) as exc:
             raise StartupError(str(exc)) from None
@@ -165,8 +163,8 @@ class Daemon:
         self._start_http()
         if self.platform is not None:
             self.platform.set_task_provider(self.containers.pids)
-        if self.sensors is not None:
-            self.sensors.start()
+        if self.power is not None:
+            self.power.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
         log.info("nrmd %s ready on %s (runtime %s, hardware %s)", __version__, self.rundir,
@@ -186,15 +184,13 @@ class Daemon:
             raise StartupError(f"hardware: {exc}") from None
         log.info("hardware backend: %s%s", self.platform.backend_name,
                  " (emulated)" if self.platform.emulated else "")
-        from nrm.power.cap import PowerCapController
-        from nrm.power.sensors import SensorManager
-        self.controller = PowerCapController(self.platform)
-        self.sensors = SensorManager(self.platform, self.config.sensor_period,
-                                     on_sample=self._sample_from_thread)
+        from nrm.power.node import NodePower
+        self.power = NodePower(self.platform, self.config.sensor_period, self.publish, self.loop)
 
     def _reconcile(self, previous) -> None:
         """Controls are already restored; now the predecessor's tasks."""
-        self.containers.listeners.append(_StateListener(self))
+        self.containers.listeners.append(StateLogListener(self.statelog,
+                                                          self.runtime.cgroup_dirs))
         self.reconciled = reconcile(self.config.on_restart, previous, self.runtime,
                                     self.containers)
         self.statelog.open()
@@ -205,24 +201,34 @@ class Daemon:
         self.app_events = EventCoalescer(self.loop, self.publish)
         from nrm.daemon.ingest import Ingest
         self.apps = ApplicationManager()
+        self.senders = SenderCheck(self.runtime.pids)
         seed = self.config.seed_downstream
         self.ingest = Ingest(self.ctx, paths.downstream_uri(self.rundir), seed,
                              self._on_downstream, socket_mode=_SOCKET_MODE)
         self.loop.create_task(self.ingest.start())
 
     def _start_policies(self) -> None:
+        from nrm.daemon.applications import ApplicationsListener
         from nrm.power.policies import PowerPolicyManager
+        from nrm.power.profiles import ProfileListener
         self.policies = PowerPolicyManager(self.platform, self.publish)
         self.containers.listeners.append(self.policies)
-        self.containers.listeners.append(_ProfileListener(self))
-        self.containers.listeners.append(_AppsListener(self))
+        self.containers.listeners.append(
+            ProfileListener(self.power, getattr(self.runtime, "cpu_time", None)))
+        self.containers.listeners.append(ApplicationsListener(self.apps, self.app_events))
 
     def _start_http(self) -> None:
         if not self.config.http:
             return
         from nrm.http.server import start_http
+        from nrm.http.sources import Sources
+        sources = Sources(
+            started=self.started, status=self.status, containers=self.containers,
+            runtime=self.runtime, request_counts=self.request_counts, upstream=self.upstream,
+            platform=self.platform, power=self.power, policies=self.policies, apps=self.apps,
+            ingest=self.ingest, downstream_rejects=self.downstream_rejects)
         try:
-            self.http = start_http(self, self.config.http)
+            self.http = start_http(sources, self.config.http)
         except Exception as exc:
             raise StartupError(f"http: {exc}") from None
 
@@ -248,40 +254,10 @@ class Daemon:
 
     def publish(self, topic: str, body: dict) -> None:
         self.upstream.publish(topic, body)
-        if topic == "decision":
-            self.decision_history.append(body)
+        if topic == "decision" and self.power is not None:
+            self.power.history.decisions.append(body)
         if self.http is not None:
             self.http.on_event(topic, body)
-
-    def _task_env(self, container: Container, task, env: Dict[str, str]) -> Dict[str, str]:
-        out = dict(env)
-        down = self._downstream_uri
-        if down is None:
-            down = self._downstream_uri = paths.downstream_uri(self.rundir)
-        out.update({
-            "NRM_RUNTIME_DIR": self.rundir,
-            "NRM_CONTAINER_ID": container.id,
-            "NRM_TASK_ID": task.id,
-            "NRM_DOWNSTREAM_URI": down,
-            "ARGO_CONTAINER_UUID": container.id,
-            "AC_APP_NAME": container.manifest.name,
-            "NRM_RATELIMIT": f"{container.manifest.monitoring.ratelimit:.9f}s",
-        })
-        if self.config.seed_downstream:
-            out["ARGO_NRM_DOWNSTREAM_IN_URI"] = self.config.seed_downstream
-        power = container.manifest.power
-        if power.policy != "NONE":
-            lib = self.config.pmpi_lib
-            if not lib:
-                # the interposer must match the MPI the launcher belongs to
-                flavor = mpi.launched_by(task.argv, out.get("PATH")) or mpi.MPICH
-                lib = paths.find_pmpi_lib(None, flavor.pmpi)
-            if lib:
-                pre = out.get("LD_PRELOAD")
-                out["LD_PRELOAD"] = f"{lib} {pre}" if pre else lib
-            out["NRM_TRANSMIT"] = "1"
-            out["NRM_DAMPER"] = f"{power.damper:.9f}"
-        return out
 
     # -- downstream -------------------------------------------------------
     def _on_downstream(self, msg, peer: Optional[str]) -> None:
@@ -289,7 +265,7 @@ class Daemon:
         if container is None:
             self.ingest_counter("unknown_container")
             return
-        if peer is None or not self._sender_owns(peer, container):
+        if peer is None or not self.senders.owns(peer, container):
             # no kernel-verified identity is treated like a foreign one
             self.ingest_counter("foreign_sender")
             return
@@ -302,53 +278,11 @@ class Daemon:
     def ingest_counter(self, name: str) -> None:
         self.downstream_rejects[name] = self.downstream_rejects.get(name, 0) + 1
 
-    def _sender_owns(self, peer: str, container: Container) -> bool:
-        """A downstream sender may only speak for its own container.
-
-        Cached per peer string ("uid:gid:pid", fixed per connection): this
-        runs for every downstream message, and parsing it each time cost
-        ~8 % of the ingest path at high rates (py-spy, issue #5).
-        """
-        cache = container.extra.setdefault("senders", {})
-        known = cache.get(peer)
-        now = time.monotonic()
-        if known is True or (known is not None and now < known):
-            return known is True
-        try:
-            uid, _gid, pid = (int(x) for x in peer.split(":"))
-        except ValueError:
-            return False
-        if uid != 0 and uid != container.uid:
-            ok = False
-        else:
-            ok = pid in self.runtime.pids(container.handle) or _descends_from(
-                pid, [t.pid for t in container.tasks.values()])
-        if len(cache) < 4096:
-            # a yes is final; a no holds for a second only: a task's first
-            # message can beat the spawner's answer that makes its pid known
-            cache[peer] = True if ok else now + 1.0
-        return ok
-
-    # -- sensors ----------------------------------------------------------
-    def _sample_from_thread(self, sample) -> None:
-        self.loop.call_soon_threadsafe(self._on_sample, sample)
-
-    def _on_sample(self, sample) -> None:
-        body = sample.to_dict()
-        body["wall_time"] = time.time()
-        self.latest_sample = body
-        self.power_history.append(body)
-        if self.controller is not None:
-            try:
-                self.controller.on_sample(sample)
-            except Exception:
-                log.exception("power controller failed")
-        self.publish("power", dict(body))
-
+    # -- power ------------------------------------------------------------
     def power_state(self) -> dict:
-        return {"sample": self.latest_sample, "cap_w": self.power_cap,
-                "backend": self.platform.backend_name if self.platform else None,
-                "emulated": bool(self.platform and self.platform.emulated)}
+        if self.power is None:
+            return {"sample": None, "cap_w": None, "backend": None, "emulated": False}
+        return self.power.state()
 
     def may_set_power(self, peer: Peer) -> bool:
         if peer.is_root:
@@ -363,15 +297,13 @@ class Daemon:
         return peer.gid == gr.gr_gid or gr.gr_gid in _groups_of(peer.uid)
 
     def set_power_cap(self, watts: Optional[float]) -> dict:
-        if self.controller is None:
+        from nrm.power.node import PowerUnavailable
+        if self.power is None:
             raise RunError("unavailable", "no hardware backend")
         try:
-            self.controller.set_cap(watts)
-        except Exception as exc:
+            return self.power.set_cap(watts)
+        except PowerUnavailable as exc:
             raise RunError("hardware", str(exc)) from None
-        self.power_cap = watts
-        self.publish("power", {"event": "cap", "cap_w": watts})
-        return {"cap_w": watts}
 
     # -- queries ----------------------------------------------------------
     def status(self) -> dict:
@@ -390,8 +322,8 @@ class Daemon:
                                events=dict(self.app_events.counters))
             if self.ingest else None,
             "policy": self.policies.status() if self.policies else None,
-            "sensors": self.sensors.stats() if self.sensors else None,
-            "power_cap_w": self.power_cap,
+            "sensors": self.power.sensors.stats() if self.power else None,
+            "power_cap_w": self.power.cap_w if self.power else None,
             "restart": {"on_restart": self.config.on_restart, **self.reconciled,
                         "state_log": self.statelog.describe() if self.statelog else None},
             # controls written and not yet restored (empty when the node is unthrottled)
@@ -421,17 +353,12 @@ class Daemon:
             self.statelog.close(clean=True)
         if getattr(self, "upstream", None) is not None:
             self.upstream._flush()
-        if self.sensors is not None:
-            self.sensors.stop()
+        if self.power is not None:
+            self.power.stop()
         if self.ingest is not None:
             await self.ingest.stop()
         if self.http is not None:
             self.http.stop()
-        if self.controller is not None:
-            try:
-                self.controller.clear()
-            except Exception:
-                log.exception("clearing power cap")
         if self.platform is not None:
             self.platform.close()
         if getattr(self, "runtime", None) is not None:
@@ -448,97 +375,6 @@ class Daemon:
                 pass
         os.close(self._lock_fd)
         log.info("nrmd stopped")
-
-
-class _StateListener:
-    """Keeps the state log in step with the container manager's containers and tasks."""
-
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
-
-    def container_started(self, container: Container) -> None:
-        statelog = self.daemon.statelog
-        statelog.container_started(ContainerRecord(
-            id=container.id, uid=container.uid,
-            manifest=statelog.manifest_dict(container.manifest),
-            cpus=list(container.slice.cpus), mems=list(container.slice.mems),
-            shared=container.slice.shared,
-            cgroups=self.daemon.runtime.cgroup_dirs(container.handle)), container.manifest)
-
-    def container_ended(self, container: Container) -> Optional[dict]:
-        self.daemon.statelog.container_ended(container.id)
-        return None
-
-    def task_started(self, task) -> None:
-        self.daemon.statelog.task_started(TaskRecord(
-            id=task.id, container=task.container.id, pid=task.pid,
-            start=task.start_ticks if task.start_ticks is not None else pid_start_time(task.pid),
-            argv=task.argv, detach=task.detach))
-
-    def task_ended(self, task) -> None:
-        self.daemon.statelog.task_ended(task.container.id, task.id)
-
-
-class _ProfileListener:
-    """Energy profile over a container's life (manifest power.profile)."""
-
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
-
-    def container_started(self, container: Container) -> None:
-        if container.manifest.power.profile and self.daemon.sensors is not None:
-            try:
-                self.daemon.sensors.begin_profile(container.id)
-            except Exception:
-                log.exception("profile start for %s", container.id)
-
-    def container_ended(self, container: Container) -> Optional[dict]:
-        out: Dict[str, object] = {"uid": container.uid}
-        if container.manifest.power.profile and self.daemon.sensors is not None:
-            try:
-                out["energy"] = self.daemon.sensors.end_profile(container.id)
-            except Exception as exc:
-                log.exception("profile end for %s", container.id)
-                out["energy_error"] = str(exc)
-        cpu_time = getattr(self.daemon.runtime, "cpu_time", None)
-        if cpu_time is not None:
-            out["cpu_time_s"] = cpu_time(container.handle)
-        t0 = container.created
-        series = [[s["wall_time"], s.get("node_power_w")]
-                  for s in _since(self.daemon.power_history, "wall_time", t0)]
-        step = max(1, len(series) // PROFILE_SERIES_POINTS)
-        out["power_series"] = series[::step]
-        out["decisions"] = [d for d in _since(self.daemon.decision_history, "time", t0)
-                            if d.get("container") == container.id][-PROFILE_SERIES_POINTS:]
-        return out
-
-
-def _since(history, key: str, t0: float) -> List[dict]:
-    """Entries of a time-ordered history from ``t0`` on, reading from the end
-    only as far back as needed: a short task costs nothing, whatever the
-    history's length."""
-    out = []
-    for entry in reversed(history):
-        if entry.get(key, 0) < t0:
-            break
-        out.append(entry)
-    out.reverse()
-    return out
-
-
-class _AppsListener:
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
-
-    def container_started(self, container: Container) -> None:
-        pass
-
-    def container_ended(self, container: Container) -> Optional[dict]:
-        if self.daemon.app_events is not None:
-            self.daemon.app_events.flush()      # its last progress before its exit
-        if self.daemon.apps is not None:
-            self.daemon.apps.forget_container(container.id)
-        return None
 
 
 def _rundir_key(rundir: str) -> str:
@@ -558,17 +394,3 @@ def _groups_of(uid: int) -> List[int]:
     except KeyError:
         return []
     return os.getgrouplist(pw.pw_name, pw.pw_gid)
-
-
-def _descends_from(pid: int, ancestors: List[int]) -> bool:
-    seen = 0
-    while pid > 1 and seen < 64:
-        if pid in ancestors:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-        seen += 1
-    return False

@@ -280,3 +280,34 @@ def _apply(found: Dict[str, ContainerRecord], r: dict) -> None:
             c.tasks.pop(r["id"], None)
     elif op == "container_end":
         found.pop(r["id"], None)
+
+
+class StateLogListener:
+    """A container listener that keeps the state log in step with the
+    container manager's containers and tasks."""
+
+    def __init__(self, statelog: StateLog, cgroup_dirs: Callable[[object], Dict[str, str]]):
+        self.statelog = statelog
+        self.cgroup_dirs = cgroup_dirs
+
+    def container_started(self, container) -> None:
+        statelog = self.statelog
+        statelog.container_started(ContainerRecord(
+            id=container.id, uid=container.uid,
+            manifest=statelog.manifest_dict(container.manifest),
+            cpus=list(container.slice.cpus), mems=list(container.slice.mems),
+            shared=container.slice.shared,
+            cgroups=self.cgroup_dirs(container.handle)), container.manifest)
+
+    def container_ended(self, container) -> Optional[dict]:
+        self.statelog.container_ended(container.id)
+        return None
+
+    def task_started(self, task) -> None:
+        self.statelog.task_started(TaskRecord(
+            id=task.id, container=task.container.id, pid=task.pid,
+            start=task.start_ticks if task.start_ticks is not None else pid_start_time(task.pid),
+            argv=task.argv, detach=task.detach))
+
+    def task_ended(self, task) -> None:
+        self.statelog.task_ended(task.container.id, task.id)

@@ -25,6 +25,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
                                     InfoMetricFamily, Metric, SummaryMetricFamily)
 from prometheus_client.samples import Sample
 
+from nrm.http.sources import Sources
 from nrm.hw.registry import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ class DaemonCollector:
     does not depend on the server module.
     """
 
-    def __init__(self, daemon, http_stats: Optional[Callable[[], Dict[str, int]]] = None):
-        self.daemon = daemon
+    def __init__(self, sources: Sources,
+                 http_stats: Optional[Callable[[], Dict[str, int]]] = None):
+        self.sources = sources
         self.http_stats = http_stats
 
     # prometheus_client calls describe() at registration when present; without
@@ -78,10 +80,10 @@ class DaemonCollector:
     # ------------------------------------------------------------------ parts
 
     def _identity(self) -> Iterable[Metric]:
-        d = self.daemon
+        d = self.sources
         from nrm import __version__
         platform = d.platform
-        runtime = getattr(d, "runtime", None)
+        runtime = d.runtime
         info = InfoMetricFamily("nrm", "nrmd version, hardware backend and task runtime")
         info.add_metric([], {
             "version": __version__,
@@ -96,7 +98,7 @@ class DaemonCollector:
                                 value=float(d.started))
 
     def _power(self) -> Iterable[Metric]:
-        d = self.daemon
+        d = self.sources
         if d.power_cap is not None:
             yield GaugeMetricFamily("nrm_node_power_cap_watts",
                                     "node power cap set with nrm setpower (absent when none)",
@@ -138,7 +140,7 @@ class DaemonCollector:
                 yield family
 
     def _cpus(self) -> Iterable[Metric]:
-        platform = self.daemon.platform
+        platform = self.sources.platform
         if platform is None:
             return
         wanted = (("cpu.duty_cycle", "nrm_cpu_duty_cycle_level",
@@ -162,8 +164,8 @@ class DaemonCollector:
             yield family
 
     def _work(self) -> Iterable[Metric]:
-        d = self.daemon
-        manager = getattr(d, "containers", None)
+        d = self.sources
+        manager = d.containers
         if manager is None:
             return
         containers = GaugeMetricFamily("nrm_containers", "containers by state",
@@ -200,7 +202,7 @@ class DaemonCollector:
                 yield CounterMetricFamily(name, doc, value=counters[key])
 
     def _downstream(self) -> Iterable[Metric]:
-        ingest = self.daemon.ingest
+        ingest = self.sources.ingest
         if ingest is None:
             return
         received = CounterMetricFamily("nrm_downstream_messages_received",
@@ -232,9 +234,9 @@ class DaemonCollector:
                 dropped.add_metric(["any", endpoint], value)
         # Ownership checks (unknown_container, foreign_sender) happen after
         # decoding, whatever the endpoint.
-        for reason, count in sorted(getattr(self.daemon, "downstream_rejects", {}).items()):
+        for reason, count in sorted(self.sources.downstream_rejects.items()):
             dropped.add_metric(["any", reason], count)
-        apps = self.daemon.apps
+        apps = self.sources.apps
         if apps is not None:
             for key, count in sorted(apps.counters.items()):
                 if key.startswith("dropped_"):
@@ -249,7 +251,7 @@ class DaemonCollector:
         yield errors
 
     def _sensors(self) -> Iterable[Metric]:
-        sensors = self.daemon.sensors
+        sensors = self.sources.sensors
         if sensors is None:
             return
         s = sensors.stats()
@@ -282,7 +284,7 @@ class DaemonCollector:
                                         value=float(s[f"max_{stat}_s"]))
 
     def _policies(self) -> Iterable[Metric]:
-        policies = self.daemon.policies
+        policies = self.sources.policies
         if policies is None:
             return
         c = policies.counters
@@ -299,13 +301,13 @@ class DaemonCollector:
                                 value=len(policies.active))
 
     def _requests(self) -> Iterable[Metric]:
-        d = self.daemon
+        d = self.sources
         by_type = CounterMetricFamily("nrm_requests", "client requests dispatched, by type",
                                       labels=["type"])
         for name, count in sorted(d.request_counts.items()):
             by_type.add_metric([name], count)
         yield by_type
-        upstream = getattr(d, "upstream", None)
+        upstream = d.upstream
         if upstream is None:
             return
         c = upstream.counters
@@ -317,7 +319,7 @@ class DaemonCollector:
                                   value=c.get("unauthenticated", 0))
 
     def _applications(self) -> Iterable[Metric]:
-        apps = self.daemon.apps
+        apps = self.sources.apps
         if apps is None:
             return
         progress = CounterMetricFamily("nrm_application_progress",
@@ -353,8 +355,8 @@ class DaemonCollector:
                                   value=s.get("event_refused", 0))
 
 
-def make_registry(daemon, http_stats=None) -> CollectorRegistry:
+def make_registry(sources: Sources, http_stats=None) -> CollectorRegistry:
     """A registry holding only the daemon's collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(daemon, http_stats))
+    registry.register(DaemonCollector(sources, http_stats))
     return registry

@@ -2,7 +2,8 @@
 live dashboard fed by server-sent events.
 
 It runs on the daemon's own asyncio loop (tornado 6 is asyncio
-underneath), so handlers read the daemon's state directly, with no locks
+underneath), so handlers read the managers' state directly (through
+nrm/http/sources.py, never the daemon itself), with no locks
 and no copies kept in sync: everything here is single-threaded with the
 managers it reads. Nothing here writes to the daemon; the web side is
 read-only by construction (GET only, no control endpoints), which is what
@@ -39,6 +40,7 @@ from tornado.iostream import StreamClosedError
 
 from nrm import __version__
 from nrm.http.metrics import make_registry
+from nrm.http.sources import Sources
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +149,8 @@ class _Client:
 class Telemetry:
     """Builds the documents served over HTTP and fans frames out to clients."""
 
-    def __init__(self, daemon):
-        self.daemon = daemon
+    def __init__(self, sources: Sources):
+        self.sources = sources
         self.clients: Set[_Client] = set()
         self.counters = {"event_messages": 0, "event_dropped": 0, "event_refused": 0,
                          "event_connections": 0}
@@ -228,12 +230,12 @@ class Telemetry:
     # ------------------------------------------------------------- documents
 
     def _newest_point_time(self) -> float:
-        history = self.daemon.power_history
+        history = self.sources.power_history
         return history[-1]["wall_time"] if history else self._last_point
 
     def _points(self, history: bool) -> List[list]:
         """[wall_time, node W] pairs: recent history, or new since the last frame."""
-        samples = self.daemon.power_history
+        samples = self.sources.power_history
         out: List[list] = []
         if history:
             newest = samples[-1]["wall_time"] if samples else 0.0
@@ -254,7 +256,7 @@ class Telemetry:
         return out[::-1][::step][::-1]     # keep the newest point, thin the rest
 
     def _cpu_strip(self) -> Optional[dict]:
-        platform = self.daemon.platform
+        platform = self.sources.platform
         if platform is None:
             return None
         now = time.monotonic()
@@ -275,7 +277,7 @@ class Telemetry:
                     values.append(None)
             out[key] = values
         owner: Dict[int, str] = {}
-        manager = getattr(self.daemon, "containers", None)
+        manager = self.sources.containers
         if manager is not None:
             for c in manager.containers.values():
                 for cpu in c.slice.cpus:
@@ -285,8 +287,8 @@ class Telemetry:
         return out
 
     def _containers(self) -> List[dict]:
-        d = self.daemon
-        manager = getattr(d, "containers", None)
+        d = self.sources
+        manager = d.containers
         if manager is None:
             return []
         apps = d.apps.snapshot() if d.apps is not None else {"containers": {}}
@@ -304,9 +306,9 @@ class Telemetry:
 
     def live(self, history: bool) -> dict:
         """One dashboard frame: small, complete, cheap to build at 4 Hz."""
-        d = self.daemon
+        d = self.sources
         sample = d.latest_sample or {}
-        manager = getattr(d, "containers", None)
+        manager = d.containers
         platform = d.platform
         return {
             "time": time.time(),
@@ -336,7 +338,7 @@ class Telemetry:
         The status keys are kept at the top level unchanged so that tools
         written against ``nrm status --json`` read this document as is.
         """
-        d = self.daemon
+        d = self.sources
         out = dict(d.status())
         out["container_list"] = [public_container(c)
                                  for c in list(d.containers.containers.values())]
@@ -440,9 +442,9 @@ def _access_log(handler: tornado.web.RequestHandler) -> None:
 class HttpServer:
     """What ``start_http`` returns to the daemon: ``on_event`` and ``stop``."""
 
-    def __init__(self, daemon, host: str, port: int):
-        self.telemetry = Telemetry(daemon)
-        registry = make_registry(daemon, self.telemetry.stats)
+    def __init__(self, sources: Sources, host: str, port: int):
+        self.telemetry = Telemetry(sources)
+        registry = make_registry(sources, self.telemetry.stats)
         args = {"telemetry": self.telemetry}
         self.app = tornado.web.Application([
             (r"/", IndexHandler, args),
@@ -474,7 +476,7 @@ class HttpServer:
         self.telemetry.stop()
 
 
-def start_http(daemon, spec: str) -> HttpServer:
+def start_http(sources: Sources, spec: str) -> HttpServer:
     """Parse ``spec`` and serve on the running loop; ValueError says what is wrong."""
     host, port = parse_address(spec)
-    return HttpServer(daemon, host, port)
+    return HttpServer(sources, host, port)

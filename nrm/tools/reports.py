@@ -2,7 +2,7 @@
 
 The daemon keeps, per finished container, the node power series over its
 life and the power-policy decisions taken for it (see
-``nrm.daemon.core._ProfileListener``). ``summary`` turns one profile into
+``nrm.power.profiles.ProfileListener``). ``summary`` turns one profile into
 the numbers people compare between runs; ``plot`` draws the series with the
 decisions marked, so that a slowdown or an energy saving can be traced to
 what the policy did and when.

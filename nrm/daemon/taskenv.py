@@ -1,0 +1,49 @@
+"""The environment every task starts with, beyond what its client sent.
+
+A task learns where to report (the downstream endpoint, its container and
+task ids, the seed-era names older programs read), and, under a power
+policy, gets the PMPI interposer preloaded: the one matching the MPI its
+launcher belongs to, since an MPICH interposer in an Open MPI program
+finds none of its symbols.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from nrm import paths
+from nrm.hpc import mpi
+
+
+class TaskEnvironment:
+    def __init__(self, rundir: str, seed_downstream: Optional[str], pmpi_lib: Optional[str]):
+        self.rundir = rundir
+        self.seed_downstream = seed_downstream
+        self.pmpi_lib = pmpi_lib
+        self.downstream_uri = paths.downstream_uri(rundir)
+
+    def __call__(self, container, task, env: Dict[str, str]) -> Dict[str, str]:
+        out = dict(env)
+        out.update({
+            "NRM_RUNTIME_DIR": self.rundir,
+            "NRM_CONTAINER_ID": container.id,
+            "NRM_TASK_ID": task.id,
+            "NRM_DOWNSTREAM_URI": self.downstream_uri,
+            "ARGO_CONTAINER_UUID": container.id,
+            "AC_APP_NAME": container.manifest.name,
+            "NRM_RATELIMIT": f"{container.manifest.monitoring.ratelimit:.9f}s",
+        })
+        if self.seed_downstream:
+            out["ARGO_NRM_DOWNSTREAM_IN_URI"] = self.seed_downstream
+        power = container.manifest.power
+        if power.policy != "NONE":
+            lib = self.pmpi_lib
+            if not lib:
+                flavor = mpi.launched_by(task.argv, out.get("PATH")) or mpi.MPICH
+                lib = paths.find_pmpi_lib(None, flavor.pmpi)
+            if lib:
+                pre = out.get("LD_PRELOAD")
+                out["LD_PRELOAD"] = f"{lib} {pre}" if pre else lib
+            out["NRM_TRANSMIT"] = "1"
+            out["NRM_DAMPER"] = f"{power.damper:.9f}"
+        return out
