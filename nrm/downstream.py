@@ -23,34 +23,28 @@ import sys
 import threading
 import time
 import weakref
+from decimal import Decimal
 from typing import Optional
 
-from nrm import protocol
-
-from nrm.transport import hangup
+from nrm import durations, protocol
 from nrm.protocol import DExit, DPerformance, DPhaseContext, DProgress, DStart
+from nrm.transport import hangup
 
 DEFAULT_RATELIMIT_NS = 10_000_000
 DEFAULT_LINGER_MS = 1000
 SNDHWM = 1000
 
-_UNITS = {"": 1, "ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
-
 
 def parse_duration_ns(text: str) -> int:
-    """``"10ms"``, ``"250us"``, ``"2s"``, ``"0.5ms"`` or bare nanoseconds."""
-    text = text.strip()
-    number = text.rstrip("nums").strip()
-    unit = text[len(text.rstrip("nums")):]
-    if unit not in _UNITS:
-        raise ValueError(f"unknown duration unit in {text!r}")
+    """``"10ms"``, ``"250us"``, ``"2s"``, ``"0.5ms"`` or bare nanoseconds
+    (the grammar of nrm/durations.py)."""
     try:
-        value = float(number)
+        ns = durations.seconds(text, durations.bare_nanoseconds).scaleb(9)
     except ValueError:
-        raise ValueError(f"not a duration: {text!r}") from None
-    if not value >= 0 or value * _UNITS[unit] > 1e18:
+        raise ValueError(f"not a duration: {text!r} ({durations.EXPECTED})") from None
+    if ns > Decimal(10) ** 18:
         raise ValueError(f"duration out of range: {text!r}")
-    return int(round(value * _UNITS[unit]))
+    return int(ns.to_integral_value())
 
 
 def _rank_from_env(env) -> int:

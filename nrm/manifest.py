@@ -27,10 +27,12 @@ import os
 import re
 import reprlib
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
+
+from nrm import durations
 
 __all__ = [
     "MAX_MANIFEST_BYTES", "FORMAT_VERSION", "SCHED_POLICIES", "POWER_POLICIES",
@@ -201,9 +203,7 @@ class Manifest:
 _TRUE = ("1", "true")
 _FALSE = ("0", "false")
 _INT_RE = re.compile(r"[+-]?\d+")
-_NUM_RE = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-_DURATION_RE = re.compile(r"(%s)\s*(ns|us|\u00b5s|ms|s)?" % _NUM_RE)
-_UNIT_EXP = {"ns": -9, "us": -6, "\u00b5s": -6, "ms": -3, "s": 0}
+_NUM_RE = durations.NUMBER
 
 _BOOL_EXPECTED = "a boolean (true/false, 1/0)"
 
@@ -282,12 +282,8 @@ def _name(value: Any) -> str:
     return name
 
 
-def _seconds(dec: Decimal) -> Decimal:
-    return dec
-
-
-def _nanoseconds(dec: Decimal) -> Decimal:
-    return dec.scaleb(-9)
+_seconds = durations.bare_seconds
+_nanoseconds = durations.bare_nanoseconds
 
 
 def _aci_damper(dec: Decimal) -> Decimal:
@@ -298,40 +294,14 @@ def _aci_damper(dec: Decimal) -> Decimal:
 
 def parse_duration(value: Any, path: str = "duration",
                    bare: Callable[[Decimal], Decimal] = _seconds) -> float:
-    """Seconds as a float from a number or a string with a unit.
-
-    ``bare`` says what a number without a unit means; the ACI format needs a
-    different rule than the nrm format (see docs/manifest.md). Decimal keeps
-    "0.1ms" equal to the literal 0.0001 instead of one ulp away from it.
-    """
-    expected = "a non-negative duration (seconds, or a number with ns/us/ms/s)"
-    unit = None
-    if isinstance(value, bool):
-        raise _bad(path, expected, value)
-    if isinstance(value, int):
-        dec = Decimal(value)
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise _bad(path, expected, value)
-        dec = Decimal(repr(value))
-    elif isinstance(value, str):
-        m = _DURATION_RE.fullmatch(value.strip())
-        if not m:
-            raise _bad(path, expected, value)
-        try:
-            dec = Decimal(m.group(1))
-        except InvalidOperation:  # pragma: no cover - the regex admits only numbers
-            raise _bad(path, expected, value)
-        unit = m.group(2)
-    else:
-        raise _bad(path, expected, value)
-    if dec < 0:
-        raise _bad(path, expected, value)
-    secs = dec.scaleb(_UNIT_EXP[unit]) if unit else bare(dec)
-    result = float(secs)
-    if not math.isfinite(result):
-        raise _bad(path, expected, value)
-    return result
+    """Seconds as a float from a number or a string with a unit
+    (nrm/durations.py). ``bare`` says what a number without a unit means;
+    the ACI format needs a different rule than the nrm format (see
+    docs/manifest.md)."""
+    try:
+        return float(durations.seconds(value, bare))
+    except ValueError:
+        raise _bad(path, durations.EXPECTED, value) from None
 
 
 # ----------------------------------------------------------- shared rules ---

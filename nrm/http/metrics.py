@@ -26,10 +26,10 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
 from prometheus_client.samples import Sample
 
 from nrm.http.sources import Sources
-from nrm.hw.registry import LogLimiter
+from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)
-_limiter = LogLimiter()
+rl_log = RateLimitedLog(log, 30.0)
 
 
 #: application-manager counters -> the reason label they are exported under
@@ -74,8 +74,8 @@ class DaemonCollector:
                 yield from part()
             except Exception as exc:
                 # One broken part must not hide all the others from the scrape.
-                _limiter.log(log, logging.WARNING, part.__name__,
-                             "metrics: %s failed: %s", part.__name__.lstrip("_"), exc)
+                rl_log.warning("metrics: %s failed: %s", part.__name__.lstrip("_"), exc,
+                               key=part.__name__)
 
     # ------------------------------------------------------------------ parts
 
@@ -157,8 +157,8 @@ class DaemonCollector:
                 try:
                     value = platform.read(signal, cpu)
                 except Exception as exc:
-                    _limiter.log(log, logging.WARNING, signal, "metrics: reading %s[%d]: %s",
-                                 signal, cpu, exc)
+                    rl_log.warning("metrics: reading %s[%d]: %s", signal, cpu, exc,
+                                   key=signal)
                     continue
                 family.add_metric([str(cpu)], value)
             yield family

@@ -49,12 +49,13 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
-from nrm.hw.registry import (ControlInfo, HardwareError, LogLimiter, Platform, Sample,
-                             SignalInfo, node_power, package_entry)
+from nrm.hw.registry import (ControlInfo, HardwareError, Platform, Sample, SignalInfo,
+                             node_power, package_entry)
 from nrm.hw.topology import read_topology
+from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)
-_limiter = LogLimiter()
+rl_log = RateLimitedLog(log, 30.0)
 
 DEFAULTS: Dict[str, Any] = {
     "idle_w": 20.0,
@@ -309,7 +310,7 @@ class EmulatedPlatform(Platform):
             try:
                 self._apply(changed)
             except HardwareError as e:
-                _limiter.log(log, logging.WARNING, "apply", "emulated power limit: %s", e)
+                rl_log.warning("emulated power limit: %s", e)
 
     # -------------------------------------------------------------- actuation
 
@@ -386,7 +387,7 @@ class EmulatedPlatform(Platform):
         try:
             pids = list(provider())
         except Exception as e:  # the provider belongs to the daemon: never die of it
-            _limiter.log(log, logging.WARNING, "provider", "task provider failed: %r", e)
+            rl_log.warning("task provider failed: %r", e)
             return 0
         moved = 0
         with self._bw_lock:
@@ -419,9 +420,8 @@ class EmulatedPlatform(Platform):
                             f.write(str(tid))
                     except OSError as e:
                         if e.errno != errno.ESRCH:
-                            _limiter.log(log, logging.WARNING, "place",
-                                         "cannot move thread %d to %s: %s", tid,
-                                         self._group(target), e.strerror or e)
+                            rl_log.warning("cannot move thread %d to %s: %s", tid,
+                                           self._group(target), e.strerror or e)
                         continue
                     self._placed[tid] = target
                     moved += 1
@@ -440,7 +440,7 @@ class EmulatedPlatform(Platform):
             try:
                 self.place_threads()
             except Exception as e:  # keep placing whatever happens
-                _limiter.log(log, logging.ERROR, "loop", "thread placement failed: %r", e)
+                rl_log.error("thread placement failed: %r", e)
             self._wake.wait(period)        # a control write places at once
             self._wake.clear()
 

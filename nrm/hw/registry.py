@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -25,48 +24,9 @@ from nrm.hw.topology import Topology, format_cpulist
 
 log = logging.getLogger(__name__)
 
-SIGNAL_NAMES = (
-    "package.energy", "dram.energy", "package.temperature", "core.temperature",
-    "cpu.duty_cycle", "cpu.frequency", "package.power_limit",
-)
-CONTROL_NAMES = ("cpu.duty_cycle", "cpu.frequency", "package.power_limit")
-
 
 class HardwareError(Exception):
     """A hardware access that failed or was refused; the message says why."""
-
-
-class LogLimiter:
-    """Lets one message per key through every ``interval_s``.
-
-    Hot paths (5 ms sensor ticks, 20 ms thread placement) would otherwise
-    flood the log with the same failure; the suppressed count is reported
-    with the next message so nothing is silently lost.
-    """
-
-    def __init__(self, interval_s: float = 30.0):
-        self.interval_s = interval_s
-        self._last: Dict[str, float] = {}
-        self._suppressed: Dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> Tuple[bool, int]:
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self.interval_s:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return False, 0
-            self._last[key] = now
-            return True, self._suppressed.pop(key, 0)
-
-    def log(self, logger: logging.Logger, level: int, key: str, msg: str, *args) -> None:
-        ok, suppressed = self.allow(key)
-        if ok:
-            if suppressed:
-                msg += " (%d similar messages suppressed)"
-                args = args + (suppressed,)
-            logger.log(level, msg, *args)
 
 
 @dataclass(frozen=True)

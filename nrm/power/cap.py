@@ -32,7 +32,8 @@ import logging
 import threading
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from nrm.hw.registry import HardwareError, LogLimiter, Platform, Sample
+from nrm.hw.registry import HardwareError, Platform, Sample
+from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class PowerCapController:
         self.deadband_w = deadband_w
         self.min_change_w = min_change_w
         self._lock = threading.Lock()
-        self._limiter = LogLimiter()
+        self._rl_log = RateLimitedLog(log, 30.0)
         self._cap: Optional[float] = None
         self._limits: Dict[int, float] = {}
         self._bounds: Dict[int, Tuple[float, float]] = {}
@@ -204,7 +205,7 @@ class PowerCapController:
                 self._apply(new)
             except HardwareError as e:
                 self._errors += 1
-                self._limiter.log(log, logging.WARNING, "write", "power cap: %s", e)
+                self._rl_log.warning("power cap: %s", e)
 
     def _apply(self, limits: Mapping[int, float], force: bool = False) -> None:
         failures = []

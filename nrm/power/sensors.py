@@ -18,7 +18,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, Hashable, Optional
 
-from nrm.hw.registry import HardwareError, LogLimiter, Platform, Sample
+from nrm.hw.registry import HardwareError, Platform, Sample
+from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class SensorManager:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
-        self._limiter = LogLimiter()
+        self._rl_log = RateLimitedLog(log, 30.0)
         self._latest: Optional[Sample] = None
         self._profiles: Dict[Hashable, Sample] = {}
         self._stats: Dict[str, float] = self._zero_stats()
@@ -144,10 +145,10 @@ class SensorManager:
         try:
             sample = self.platform.sample()
         except HardwareError as e:
-            self._limiter.log(log, logging.WARNING, "sample", "sensor sample failed: %s", e)
+            self._rl_log.warning("sensor sample failed: %s", e)
             return False
         except Exception as e:  # a sensor bug must not end sampling for the daemon's life
-            self._limiter.log(log, logging.ERROR, "bug", "sensor sample crashed: %r", e)
+            self._rl_log.error("sensor sample crashed: %r", e)
             return False
         self._latest = sample
         cb = self.on_sample
@@ -157,8 +158,7 @@ class SensorManager:
             except Exception as e:
                 with self._lock:
                     self._stats["callback_errors"] += 1
-                self._limiter.log(log, logging.ERROR, "callback",
-                                  "on_sample callback failed: %r", e)
+                self._rl_log.error("on_sample callback failed: %r", e)
         return True
 
     # -------------------------------------------------------------- profiles

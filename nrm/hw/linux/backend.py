@@ -22,12 +22,13 @@ from nrm.hw.linux.msr import (IA32_CLOCK_MODULATION, MSR_DRAM_ENERGY_STATUS,
                               detect_extended_modulation)
 from nrm.hw.linux.powercap import Powercap, PowercapLimit
 from nrm.hw.linux.sysfs import AttrFile
-from nrm.hw.registry import (ControlInfo, HardwareError, LogLimiter, Platform, Sample,
-                             SignalInfo, node_power, package_entry)
+from nrm.hw.registry import (ControlInfo, HardwareError, Platform, Sample, SignalInfo,
+                             node_power, package_entry)
 from nrm.hw.topology import read_topology
+from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)
-_limiter = LogLimiter()
+rl_log = RateLimitedLog(log, 30.0)
 
 
 def _topology(root: str):
@@ -330,7 +331,7 @@ class LinuxPlatform(Platform):
                     try:
                         t = self._package_temperature(pkg)
                     except HardwareError as err:
-                        _limiter.log(log, logging.WARNING, f"temp{pkg}", "%s", err)
+                        rl_log.warning("%s", err, key=f"temp{pkg}")
                 packages[pkg] = package_entry(e, p_w, d, dp_w, t)
         return Sample(time=now, packages=packages, node_power_w=node_power(packages),
                       emulated=False)
