@@ -154,7 +154,7 @@ def _stats(after, before):
 
 def run_step(daemon, client, policy: str, rate: int, duration: float, workdir: str,
              hw: str) -> dict:
-    from tests.daemon import nrm_argv
+    from nrm.tools.localnrmd import nrm_argv
 
     name = f"lat-{policy.lower()}-{rate}"
     manifest = _manifest(policy, workdir)
@@ -216,7 +216,7 @@ def main() -> int:
         return sender(args)
 
     from nrm.client import Client
-    from tests.daemon import DaemonProcess
+    from nrm.tools.localnrmd import LocalNrmd
 
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     workdir = tempfile.mkdtemp(prefix="nrm-latbench-")
@@ -231,7 +231,7 @@ def main() -> int:
             options = ["--hw", "linux", "--hw-root", root]
         else:
             parser.error(f"unknown --hw {hw!r}")
-        daemon = DaemonProcess(*options, "--log-level", "info").start()
+        daemon = LocalNrmd(*options).start()
         try:
             with Client(daemon.rundir) as client:
                 for rate in rates:

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nrm.client import AsyncClient, Client  # noqa: E402
 from nrm.manifest import parse  # noqa: E402
-from tests.daemon import DaemonProcess, spawner_pids  # noqa: E402
+from nrm.tools.localnrmd import LocalNrmd, spawner_pids  # noqa: E402
 
 MANIFEST = parse({"name": "bench", "app": {"slice": {"cpus": 1, "mems": 1}}})
 
@@ -101,8 +101,8 @@ def cpu_s(pid: int) -> float:
 
 
 def measure(spawners: int, args) -> dict:
-    d = DaemonProcess("--hw", "emulated", "--log-level", "warning",
-                      "--spawners", str(spawners)).start()
+    d = LocalNrmd("--hw", "emulated", "--spawners", str(spawners),
+                  log_level="warning").start()
     try:
         floors, rates, lat_all, starts = [], [], [], []
         daemon_cpu = helper_cpu = client_cpu = 0.0

@@ -47,7 +47,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nrm.client import AsyncClient, Client, NrmError  # noqa: E402
 from nrm.manifest import parse  # noqa: E402
-from tests.daemon import REPO, DaemonProcess  # noqa: E402
+from nrm.tools.localnrmd import LocalNrmd  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MANIFEST = parse({"name": "load", "app": {"slice": {"cpus": 1, "mems": 1}}})
 FLOOD_MANIFEST = parse({"name": "flood", "app": {"slice": {"cpus": 1, "mems": 1},
@@ -197,12 +199,12 @@ class Sampler(threading.Thread):
 
 # -- the scenario ---------------------------------------------------------------
 
-def start_daemon(nofile: int, *extra: str) -> DaemonProcess:
+def start_daemon(nofile: int, *extra: str) -> LocalNrmd:
     """nrmd with a low soft fd limit, the way a service manager starts it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
     try:
-        return DaemonProcess("--hw", "emulated", "--sensor-period", "0.1", *extra).start()
+        return LocalNrmd("--hw", "emulated", "--sensor-period", "0.1", *extra).start()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 

@@ -1,4 +1,4 @@
-"""A real nrmd in a temporary runtime dir, for tests and benchmarks."""
+"""A real nrmd in a temporary runtime dir, and checks the tests share."""
 
 from __future__ import annotations
 
@@ -11,20 +11,10 @@ import tempfile
 import time
 from typing import List, Optional
 
-import zmq
-
-from nrm import paths, protocol
+from nrm.tools.localnrmd import LocalNrmd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
-
-
-def nrmd_argv() -> List[str]:
-    return [sys.executable, "-m", "nrm.daemon.main"]
-
-
-def nrm_argv() -> List[str]:
-    return [sys.executable, "-m", "nrm.cli.main"]
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02):
@@ -36,26 +26,6 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02):
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
-
-
-def spawner_pids(daemon_pid: int) -> List[int]:
-    """The daemon's nrm-spawner children. Its tasks are its children too:
-    call this with no launch in flight (a task between clone and exec
-    still bears the spawner's name)."""
-    try:
-        with open(f"/proc/{daemon_pid}/task/{daemon_pid}/children") as f:
-            kids = [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-    out = []
-    for kid in kids:
-        try:
-            with open(f"/proc/{kid}/comm") as f:
-                if f.read().strip() == "nrm-spawner":
-                    out.append(kid)
-        except OSError:
-            pass
-    return out
 
 
 CTRL_C_SCRIPT = """
@@ -101,77 +71,11 @@ def _running(pid: int) -> bool:
         return False
 
 
-class DaemonProcess:
+class DaemonProcess(LocalNrmd):
+    """A real nrmd for a test: debug log, runtime dir under /tmp, run from
+    the checkout."""
+
     def __init__(self, *extra: str, rundir: Optional[str] = None, env=None,
                  wrapper: Optional[List[str]] = None):
-        self.rundir = rundir or tempfile.mkdtemp(prefix="nrmt-", dir="/tmp")
-        self.log_path = os.path.join(self.rundir, "nrmd.log")
-        self.seed_uri = "ipc://" + os.path.join(self.rundir, "seed")
-        self.args = list(extra)
-        self.wrapper = list(wrapper or [])     # e.g. setpriv, to run as another user
-        self.env = dict(os.environ, **(env or {}))
-        self.env["NRM_RUNTIME_DIR"] = self.rundir
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self, timeout: float = 10.0) -> "DaemonProcess":
-        argv = self.wrapper + nrmd_argv() + [
-            "--runtime-dir", self.rundir, "--seed-downstream", self.seed_uri,
-            "--log-level", "debug"] + self.args
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=REPO)
-        self.wait_ready(timeout)
-        return self
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nrmd exited with {self.proc.returncode}:\n{self.log()}")
-            if self.ping(0.2):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"nrmd not ready after {timeout} s:\n{self.log()}")
-
-    def ping(self, timeout: float = 1.0) -> bool:
-        path = paths.upstream_uri(self.rundir)[len("ipc://"):]
-        if not os.path.exists(path):
-            return False
-        ctx = zmq.Context.instance()
-        s = ctx.socket(zmq.DEALER)
-        s.linger = 0
-        try:
-            s.connect("ipc://" + path)
-            s.send(protocol.encode(protocol.Status(id=1)))
-            return bool(s.poll(int(timeout * 1000)))
-        finally:
-            s.close()
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def cli(self, *args: str, input=None, timeout: float = 60, **kwargs):
-        env = dict(self.env, **kwargs.pop("env", {}))
-        return subprocess.run(nrm_argv() + list(args), capture_output=True, input=input,
-                              timeout=timeout, env=env, **kwargs)
-
-    def popen_cli(self, *args: str, **kwargs) -> subprocess.Popen:
-        env = dict(self.env, **kwargs.pop("env", {}))
-        return subprocess.Popen(nrm_argv() + list(args), env=env, **kwargs)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        finally:
-            self._log.close()
+        super().__init__(*extra, rundir=rundir or tempfile.mkdtemp(prefix="nrmt-", dir="/tmp"),
+                         env=env, wrapper=wrapper or (), log_level="debug", cwd=REPO)

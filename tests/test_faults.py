@@ -11,7 +11,8 @@ import tempfile
 import pytest
 
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import DaemonProcess, nrmd_argv, wait_for
+from nrm.tools.localnrmd import nrmd_argv
+from tests.daemon import DaemonProcess, wait_for
 from tests.test_restart import PHASE_SENDER, WHOLE_NODE, _gone
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")

@@ -20,11 +20,12 @@ import time
 import pytest
 
 from nrm.paths import find_spawner
+from nrm.tools.localnrmd import spawner_pids
 from nrm.containers.spawner import (CANCEL_MAGIC, PROTOCOL, SpawnError, SpawnerPool, Started,
                                     choose_helper, encode_request, env_list, fork_exec, home_cpus)
 from tests.conftest import EXAMPLES, needs_root
 from tests.daemon import (DaemonProcess, check_client_death_kills_the_task,
-                          check_ctrl_c_reaches_the_task, spawner_pids, wait_for)
+                          check_ctrl_c_reaches_the_task, wait_for)
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 PY = sys.executable

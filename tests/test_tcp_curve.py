@@ -20,7 +20,8 @@ from nrm import protocol
 
 from nrm.transport import curve
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import DaemonProcess, nrmd_argv, wait_for
+from nrm.tools.localnrmd import nrm_argv, nrmd_argv
+from tests.daemon import DaemonProcess, wait_for
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 NOBODY_UID = 65534
@@ -325,7 +326,6 @@ def test_port_in_use_refused(tmp_path, keys):
 
 
 def test_keygen(tmp_path):
-    from tests.daemon import nrm_argv
     path = tmp_path / "me"
     r = subprocess.run(nrm_argv() + ["keygen", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
