@@ -103,7 +103,7 @@ def test_closed_loop_converges_keeps_slack_and_holds(work):
 
 @pytest.mark.parametrize("jitter", [-0.03, -0.01, 0.01, 0.03])
 def test_converged_setting_ignores_small_noise(jitter):
-    """The case of issue 5: without a hold band every jitter moved the setting."""
+    """Without a hold band every jitter would move the setting."""
     hz, level = 2.0 * GHZ, 13                     # converged for a need of 1.5 GHz
     compute = 1.5 / 1.625 * (1 + jitter)
     assert next_setting(compute, 1.0, hz, level, GRID) == (hz, level)

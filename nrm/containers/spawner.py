@@ -20,7 +20,7 @@ of its slice, so joining the cpuset (or taking the affinity) moves nothing:
 no stop-machine migration per task, and the launch work for a slot runs on
 the cpu that slot's previous task has just freed instead of piling onto the
 cpu that runs nrmd. The child never keeps the home: a request without cpus
-gets the daemon's whole set. Measured in docs/performance.md (session 6).
+gets the daemon's whole set (measured in docs/performance.md).
 
 Who reaps: the daemon. The spawner's child is made with CLONE_PARENT, so
 every task is the daemon's own child, reaped through the pidfd the spawner

@@ -1,11 +1,9 @@
 """Coalesce the events a downstream flood would publish, per reporting key.
 
-Every accepted progress or phase_context message used to become one event,
-sent to every listener.  An unthrottled program (``ratelimit: 0``, or many
-ranks) sends 100 k messages/s, so the daemon spent most of its time
-publishing, fell behind its downstream queue, and libzmq's queues held the
-backlog: 158 MB of RSS and request p99 over 250 ms with 10 listeners
-(issue #7, benchmarks/load.py).  Listeners need the totals, not every step,
+An unthrottled program (``ratelimit: 0``, or many ranks) sends 100 k
+messages/s; one event per message, sent to every listener, would keep the
+daemon busy publishing, behind its downstream queue, with libzmq's queues
+holding the backlog (benchmarks/load.py).  Listeners need the totals, not every step,
 so at most one event per key and ``interval`` is published; what arrives
 in between is summed into the next one, which carries ``messages``, how
 many it stands for.

@@ -17,13 +17,11 @@ receive high-water mark, so a flood costs bounded memory: beyond it libzmq
 drops (SUB) or pushes back on the senders (PULL), which libnrm turns into
 dropped sends rather than a stalled application.  The mark is per
 connected sender, not per socket, and a queued message costs ~250 bytes,
-so the default of 10000 bounds a flood to ~2.5 MB per flooding sender
-(100000 let three unthrottled senders hold 75 MB in nrmd: issue #7,
-benchmarks/load.py).  Do not go near 1000: measured with libzmq 4.3.5, a
-PULL that sits at such a low mark when a sender exits can lose the rest of
-that sender's stream, its final progress and ``exit`` included (issue #4:
-one run in three at 1000; none in 23 runs of 6000 to 60000 unthrottled
-messages at 10000).
+so the mark bounds what one flooding sender costs (benchmarks/load.py
+measures it).  A PULL that sits at its mark when a sender exits can lose
+the rest of that sender's stream with libzmq 4.3 (zeromq/libzmq#4660):
+nrm's senders wait until their data is read before they hang up
+(nrm/transport/hangup.py, nrm_fini), which is what lets the mark be low.
 
 Peer identity: the daemon's ZAP handler sets each ipc connection's
 ``User-Id`` to the kernel-verified ``uid:gid:pid``.  Reading it needs the
@@ -64,11 +62,8 @@ COUNTER_NAMES = ("received", "decoded", "dropped_malformed", "dropped_unknown",
 # program inventing uuids cannot grow the daemon.
 _SEED_MEMORY = 4096
 # Messages queued per sender.  A queued message keeps ~1 kB of libzmq's
-# receive buffers alive, so this bounds what a flooding sender costs.  It
-# used to be 10000 for want of a better defence against libzmq dropping
-# an exiting sender's backlog when the queue is full (zeromq/libzmq#4660);
-# nrm's senders now wait until their data is read before they hang up
-# (nrm/transport/hangup.py, nrm_fini), so the mark can be low.
+# receive buffers alive, so this bounds what a flooding sender costs; low
+# is safe because senders hang up only once their data is read.
 RCVHWM = 1000
 
 

@@ -11,9 +11,10 @@ import sys
 
 from nrm import __version__, log as nrmlog, paths
 
-from nrm.transport import curve
-from nrm.daemon.core import Config, Daemon, StartupError
 from nrm.containers.runtimes import KINDS
+from nrm.daemon.core import Config, Daemon, StartupError
+from nrm.daemon.reconcile import MODES as RESTART_MODES
+from nrm.transport import curve
 
 log = logging.getLogger("nrmd")
 
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spawners", type=int, metavar="N",
                    help="spawner helper processes that launch tasks (default: one per "
                         "usable cpu, at most 4; 0: launch from the daemon itself)")
-    p.add_argument("--on-restart", choices=("kill", "adopt"), default="kill",
+    p.add_argument("--on-restart", choices=RESTART_MODES, default="kill",
                    help="tasks a crashed nrmd left running: kill them (default) or adopt "
                         "them (they keep their slices; exit status unknown)")
     p.add_argument("--emulated", action="append", default=[], metavar="KEY=VALUE",
@@ -88,7 +89,7 @@ def _rundir(args) -> str:
 def _raise_nofile() -> None:
     """Each task holds a pidfd and two pipes in nrmd and each container a few
     cgroup fds: 1000 tasks need ~8000 fds, far above the usual soft limit of
-    1024 (issue #7), so take all the hard limit allows and say so."""
+    1024, so take all the hard limit allows and say so."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard
     if hard == resource.RLIM_INFINITY:

@@ -16,9 +16,9 @@ from nrm.containers.runtimes.affinity import AffinityRuntime
 from nrm.containers.runtimes.base import Handle, Runtime, RuntimeError_, SCHED_POLICIES
 from nrm.containers.runtimes.cgroup import CgroupRuntime, cgroup_usable
 from nrm.containers.runtimes.cgroup2 import Cgroup2Runtime, cgroup2_usable
-from nrm.containers.runtimes.wrappers import NodeOSRuntime, SingularityRuntime
+from nrm.containers.runtimes.wrappers import SingularityRuntime
 
-KINDS = ("auto", "cgroup", "affinity", "nodeos", "singularity")
+KINDS = ("auto", "cgroup", "affinity", "singularity")
 
 __all__ = ["make_runtime", "Runtime", "Handle", "RuntimeError_", "SCHED_POLICIES", "KINDS"]
 
@@ -65,6 +65,4 @@ def make_runtime(kind: str = "auto", prefix: str = "nrm", spawners: int = 0,
         return AffinityRuntime()
     if kind == "singularity":
         return SingularityRuntime(_isolation(prefix, spawners, root))
-    if kind == "nodeos":
-        return NodeOSRuntime(_isolation(prefix, spawners, root))
     raise RuntimeError_(f"unknown runtime {kind!r}; choose one of {', '.join(KINDS)}")

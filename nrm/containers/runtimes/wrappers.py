@@ -1,17 +1,12 @@
-"""Runtimes that wrap the command in a container tool: Singularity/Apptainer
-and Argo NodeOS. Isolation of cpus and memory still comes from an inner
-runtime (cgroup or affinity); the tool adds the image or the NodeOS
-container. Both refuse to start when their binary is missing.
-
-NodeOS (`argo_nodeos_config`) is not available on any machine we test on:
-the adapter's command line (--create_container, --exec, --delete_container)
-is assumed, not verified, and `nrm status` says it is untested.
+"""Runtimes that wrap the command in a container tool (Singularity or
+Apptainer). Isolation of cpus and memory still comes from an inner runtime
+(cgroup or affinity); the tool adds the image. It refuses to start when
+its binary is missing.
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 from typing import List
 
 from nrm.containers.runtimes.base import Handle, Runtime, RuntimeError_
@@ -80,26 +75,3 @@ class SingularityRuntime(WrappingRuntime):
         for b in image.binds:
             cmd += ["--bind", b]
         return cmd + [image.path] + list(argv)
-
-
-class NodeOSRuntime(WrappingRuntime):
-    name = "nodeos"
-    binary_names = ("argo_nodeos_config",)
-
-    def __init__(self, inner: Runtime, binary: str = None):
-        super().__init__(inner, binary)
-        self.notes = self.notes + ["untested adapter: its command line is assumed"]
-
-    def create(self, cid, cpus, mems) -> Handle:
-        handle = super().create(cid, cpus, mems)
-        subprocess.run([self.binary, f"--create_container={cid}"], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return handle
-
-    def wrap(self, handle: Handle, argv: List[str]) -> List[str]:
-        return [self.binary, f"--exec={handle.cid}", "--"] + list(argv)
-
-    def remove(self, handle):
-        subprocess.run([self.binary, f"--delete_container={handle.cid}"], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        super().remove(handle)
