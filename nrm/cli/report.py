@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from nrm.cli.common import client, dump_json
+from nrm.cli.common import add_json_flag, client, dump_json
 
 NAME = "report"
 HELP = "show profiles of finished containers"
@@ -12,7 +12,7 @@ HELP = "show profiles of finished containers"
 
 def add_arguments(p) -> None:
     p.add_argument("container", nargs="?")
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.add_argument("--plot", metavar="FILE.png",
                    help="plot power over the container's life (needs the 'plot' extra)")
 

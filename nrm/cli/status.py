@@ -1,20 +1,20 @@
 """nrm status: the daemon's identity, runtime, hardware and counters."""
 
-from nrm.cli.common import client, dump_json
+from nrm.cli.common import add_json_flag, client, show
 
 NAME = "status"
 HELP = "show daemon status and counters"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
 
 
 def execute(args) -> int:
-    s = client(args).status()
-    if args.json:
-        dump_json(s)
-        return 0
+    return show(args, client(args).status(), render)
+
+
+def render(s) -> None:
     rt = s["runtime"]
     hw = s.get("hardware") or {}
     print(f"nrmd {s['version']} (protocol {s['protocol']}) pid {s['pid']}, "
@@ -41,4 +41,3 @@ def execute(args) -> int:
         print(f"{endpoint + ':':11}" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if s.get("power_cap_w") is not None:
         print(f"power cap: {s['power_cap_w']:.1f} W")
-    return 0
