@@ -166,13 +166,14 @@ def oracle_energy(knob: str, work: Work) -> float:
 
 # -- the closed loop -------------------------------------------------------
 
-def run_policy(name: str, work: Work, lag: float) -> Tuple[float, float, dict]:
+def run_policy(name: str, work: Work, lag: float,
+               cross_rank: bool = daemon.CROSS_RANK) -> Tuple[float, float, dict]:
     """Drive ``ContainerPolicy(name)`` with the daemon's settings; returns (time, energy, stats)."""
     ranks = list(range(len(work[0])))
     policy = ContainerPolicy(name, ranks, damper_s=DEFAULT_DAMPER_S, slowdown=DEFAULT_SLOWDOWN,
                              frequencies=GRID, levels=LEVELS,
                              warmup_phases=daemon.WARMUP_PHASES,
-                             settle_rounds=daemon.SETTLE_ROUNDS)
+                             settle_rounds=daemon.SETTLE_ROUNDS, cross_rank=cross_rank)
 
     def now() -> List[Setting]:
         view = policy.settings()
