@@ -77,6 +77,22 @@ MIN_QUOTA_US = 1000
 K_MIN = 1.0 / 16
 
 
+def cpu_speed(level: float, levels: int, hz: float, fmax: float, k: float = 1.0) -> float:
+    """Fraction of full speed a cpu runs at: duty cycle x frequency x power-limit factor."""
+    return (level / levels) * (hz / fmax) * k
+
+
+def dynamic_power(dynamic_w: float, cpus: Iterable[Tuple[float, float]]) -> float:
+    """Dynamic package power of ``(u_eff, f / fmax)`` pairs: ``dynamic_w * u * (f/fmax)^2``.
+
+    The one place the model's power law lives, so that the daemon's emulated
+    node and the policy benchmark (benchmarks/power_oracle.py) cannot drift
+    apart. ``u_eff`` is the busy fraction the cpu was charged for; a cpu that
+    busy-polls under a bandwidth limit is charged its speed.
+    """
+    return sum(dynamic_w * u * ratio * ratio for u, ratio in cpus)
+
+
 def find_cpu_cgroup_mount(root: str) -> Optional[str]:
     """The cgroup v1 hierarchy that carries the ``cpu`` controller, if any."""
     try:
@@ -287,12 +303,10 @@ class EmulatedPlatform(Platform):
         self._stat_prev = stat
         changed = []
         for p in self._power:
-            dyn = 0.0
-            for cpu in self.topology.cpus_of_package(p):
-                u = self._util[cpu]
-                if not self._effective:
-                    u *= self._speed(cpu)
-                dyn += o["dynamic_w"] * u * (self._freq[cpu] / self._fmax) ** 2
+            dyn = dynamic_power(o["dynamic_w"], (
+                (self._util[cpu] * (1.0 if self._effective else self._speed(cpu)),
+                 self._freq[cpu] / self._fmax)
+                for cpu in self.topology.cpus_of_package(p)))
             self._power[p] = o["idle_w"] + dyn
             self._dram_power[p] = o["dram_idle_w"] + o["dram_fraction"] * dyn
             k = self._k[p]
@@ -315,8 +329,8 @@ class EmulatedPlatform(Platform):
     # -------------------------------------------------------------- actuation
 
     def _speed(self, cpu: int) -> float:
-        return (self._level[cpu] / 16.0) * (self._freq[cpu] / self._fmax) \
-            * self._k[self._pkg_of[cpu]]
+        return cpu_speed(self._level[cpu], 16, self._freq[cpu], self._fmax,
+                         self._k[self._pkg_of[cpu]])
 
     def _group(self, cpu: Optional[int]) -> str:
         return os.path.join(self._base, "free" if cpu is None else f"cpu{cpu}")

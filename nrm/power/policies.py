@@ -34,8 +34,11 @@ rl_log = RateLimitedLog(log)
 WARMUP_PHASES = 1
 """The interposer's first phase runs from MPI_Init to the first collective: skew, not slack."""
 
-SETTLE_ROUNDS = 1
-"""A decision lands while the next phase already runs: do not act on that mixed phase."""
+SETTLE_ROUNDS = 0
+
+CROSS_RANK = True
+"""Each rank's need relative to the critical rank's work (policy/crossrank.py, docs/policies.md)."""
+"""The policies read a mixed phase as a work interval (policy/crossrank.py): no firing skipped."""
 
 
 class _Active:
@@ -71,7 +74,7 @@ class PowerPolicyManager:
                                      slowdown=power.slowdown,
                                      frequencies=freqs if any(freqs.values()) else None,
                                      levels=16, warmup_phases=WARMUP_PHASES,
-                                     settle_rounds=SETTLE_ROUNDS)
+                                     settle_rounds=SETTLE_ROUNDS, cross_rank=CROSS_RANK)
         except ValueError as exc:
             self.counters["policy_errors"] += 1
             log.warning("container %s: policy %s not started: %s", container.id,

@@ -13,7 +13,7 @@ from collections import abc
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from nrm.power.policy import combined, ddcm, dvfs
+from nrm.power.policy import combined, crossrank, ddcm, dvfs
 from nrm.power.policy.guards import (DEFAULT_STALE_ROUNDS, PhaseGate, Ready, SlowdownGuard,
                                      damper_skips)
 
@@ -26,6 +26,18 @@ DEFAULT_DAMPER_S = 0.001
 """1 ms: MPI phases are often a few ms long; the historical 0.1 s would skip most of them."""
 
 DEFAULT_SLOWDOWN = 1.1
+
+LATE_WAIT = 0.01
+"""A cpu that waited less than this fraction of the phase reached the collective last."""
+
+MAX_WIDEN = 4.0
+"""The critical-path guard doubles a late cpu's margin, up to this factor."""
+
+WIDEN_DECAY = 0.9
+"""Per firing on time, a widened margin shrinks back by this factor."""
+
+EXACT = 0.01
+"""A need interval narrower than this (relative) counts as measured exactly, for the history."""
 
 STAT_KEYS = (
     "messages",         # phase-context messages received
@@ -93,7 +105,10 @@ class ContainerPolicy:
     in its container. Messages that end within a program's first
     ``warmup_phases`` phases are counted but not acted on (the daemon uses 1),
     and so are the ``settle_rounds`` gate firings after one that changed a
-    setting (the daemon uses 1): docs/policies.md says why.
+    setting: docs/policies.md says why. ``cross_rank`` (the daemon's choice)
+    sets every cpu from its need relative to the critical rank's work
+    (``crossrank.py``) instead of the single-cpu rules and the phase-to-phase
+    slowdown guard.
     """
 
     def __init__(
@@ -109,6 +124,7 @@ class ContainerPolicy:
         stale_rounds: int = DEFAULT_STALE_ROUNDS,
         warmup_phases: int = 0,
         settle_rounds: int = 0,
+        cross_rank: bool = False,
     ) -> None:
         name = str(policy).strip().upper()
         if name not in POLICIES:
@@ -142,6 +158,11 @@ class ContainerPolicy:
         self.margin = margin
         self._guard = SlowdownGuard(slowdown)
         self.slowdown = self._guard.factor
+        self.cross_rank = bool(cross_rank)
+        self._knob = name
+        self._speed_before: Dict[int, float] = {}
+        self._history: Dict[int, List[float]] = {}
+        self._widen: Dict[int, float] = {}
         self._gate = PhaseGate(stale_rounds)
         self._grids = _grids(name, self.cpus, frequencies)
         self._level: Dict[int, int] = {cpu: levels for cpu in self.cpus}
@@ -207,7 +228,7 @@ class ContainerPolicy:
         self.stats["resets"] += 1
         self._settling = 0
         self._gate.clear_pending()
-        self._guard.forget()
+        self._forget()
         decisions: List[Decision] = []
         for cpu in self.cpus:
             decisions += self._set(cpu, self.levels, self._max_hz(cpu), "reset")
@@ -245,8 +266,17 @@ class ContainerPolicy:
     def _release(self, cpu: int, reason: str) -> List[Decision]:
         if cpu in self._gate.sources.values():
             return []  # another rank still runs there and keeps steering it
-        self._guard.forget(cpu)
+        self._forget(cpu)
         return self._set(cpu, self.levels, self._max_hz(cpu), reason)
+
+    def _forget(self, cpu: Optional[int] = None) -> None:
+        """Needs measured under settings or ranks that no longer hold."""
+        self._guard.forget(cpu)
+        for table in (self._speed_before, self._history, self._widen):
+            if cpu is None:
+                table.clear()
+            else:
+                table.pop(cpu, None)
 
     def _set(self, cpu: int, level: int, hz: Optional[float], reason: str) -> List[Decision]:
         out = []
@@ -259,6 +289,72 @@ class ContainerPolicy:
         return out
 
     def _act(self, ready: Sequence[Ready]) -> List[Decision]:
+        if not self.cross_rank:
+            return self._act_per_cpu(ready)
+        return self._act_cross_rank(ready)
+
+    def _act_cross_rank(self, ready: Sequence[Ready]) -> List[Decision]:
+        # Ranks sharing a cpu: the cpu must serve the one with the least slack.
+        per_cpu: Dict[int, Ready] = {}
+        for item in ready:
+            held = per_cpu.get(item.cpu)
+            if held is None or item.work > held.work:
+                per_cpu[item.cpu] = item
+        settling = self._settling > 0
+        if settling:
+            self._settling -= 1
+            self.stats["settle_skipped"] += 1
+        # The phase ran at the setting decided two firings ago until the last
+        # firing's decision landed: its work is an interval (crossrank.py).
+        works: Dict[int, Tuple[float, float]] = {}
+        for cpu, item in per_cpu.items():
+            if damper_skips(item.total_s, item.phases, self.damper_s):
+                self.stats["damper_skipped"] += 1
+                continue
+            now = self._speed(cpu)
+            before = self._speed_before.get(cpu, now)
+            self._speed_before[cpu] = now
+            works[cpu] = crossrank.work_interval(item.compute_s / item.phases, now, before)
+        needs = crossrank.need_intervals(works)
+        decisions: List[Decision] = []
+        for cpu in sorted(needs):
+            item = per_cpu[cpu]
+            self.stats["evaluations"] += 1
+            need = needs[cpu]
+            history = self._history.setdefault(cpu, [])
+            widen = self._widen.get(cpu, 1.0)
+            if self._slowed(cpu) and item.work >= 1.0 - LATE_WAIT:
+                # Critical-path guard: a cpu we slowed reached the collective
+                # last. Raise this cpu only, with a wider margin from now on.
+                self.stats["slowdown_resets"] += 1
+                widen = min(MAX_WIDEN, widen * 2.0)
+            elif widen > 1.0:
+                widen = max(1.0, widen * WIDEN_DECAY)
+            self._widen[cpu] = widen
+            if settling:
+                continue
+            current = (self._hz[cpu] or self._grid(cpu)[-1], self._level[cpu])
+            hz, level = crossrank.decide(self._knob, need, history, current,
+                                         self._grid(cpu), self.levels, widen)
+            if need[1] - need[0] <= EXACT * max(need[1], 1e-9):
+                history.append((need[0] + need[1]) / 2)
+                del history[:-crossrank.HISTORY]
+            changes = self._set(cpu, level, hz if self._hz[cpu] is not None else None,
+                                self.policy.lower())
+            self.stats["acted"] += len(changes)
+            decisions += changes
+        if decisions:
+            self._settling = self.settle_rounds
+        return decisions
+
+    def _speed(self, cpu: int) -> float:
+        hz = self._hz[cpu]
+        return self._level[cpu] / self.levels * (1.0 if hz is None else hz / self._max_hz(cpu))
+
+    def _grid(self, cpu: int) -> List[float]:
+        return self._grids.get(cpu) or [1.0]
+
+    def _act_per_cpu(self, ready: Sequence[Ready]) -> List[Decision]:
         # Ranks sharing a cpu: the cpu must serve the one with the least slack.
         per_cpu: Dict[int, Ready] = {}
         for item in ready:

@@ -1,0 +1,142 @@
+"""Cross-rank, lag-corrected need of every cpu, and the cheapest setting that covers it.
+
+Pure functions; ``ContainerPolicy`` keeps the per-cpu history they read.
+
+Why cross-rank: a cpu alone cannot tell how late it was (a cpu that did not
+wait only knows it was on the critical path), so the single-cpu rules climb
+step by step. At a gate firing every rank's compute of the same phases is
+known; ``work = c * speed`` (full-speed seconds) does not depend on the
+setting, so ``need = work / max work`` is the speed at which the rank would
+have reached the collective just in time, and the cpu can jump straight to
+the cheapest setting that covers it.
+
+Why intervals: a decision lands while the next phase already runs, so that
+phase ran partly at the old speed and partly at the new one. Its work is
+then only known to lie between ``c * min(old, new)`` and ``c * max(old,
+new)``. A cpu is slowed only when even the high end of its need allows it,
+and sped up only when even the low end requires it; a mixed phase can
+therefore not trigger a wrong move, and no firing has to be skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from nrm.power.policy.dvfs import round_up
+
+_EPS = 1e-9
+
+Interval = Tuple[float, float]
+
+MARGIN_FLOOR = 0.02
+"""The smallest margin over the predicted need: a few percent, not a whole level or step."""
+
+MARGIN_Z = 1.0
+"""The margin in multiples of the recent spread of a cpu's need."""
+
+HISTORY = 8
+"""Exact needs kept per cpu for the prediction and the spread."""
+
+PREDICT_LAST = 1
+"""The prediction is the largest of the last few exact needs (a burst is covered at once)."""
+
+
+def work_interval(compute_s: float, speed_now: float, speed_before: float) -> Interval:
+    """Full-speed work of a phase that ran at ``speed_before`` and/or ``speed_now``."""
+    c = max(compute_s, 0.0)
+    lo, hi = sorted((speed_now, speed_before))
+    return c * lo, c * hi
+
+
+def need_intervals(works: Mapping[int, Interval]) -> Dict[int, Interval]:
+    """Each cpu's need (speed, 0..1) relative to the critical rank, low and high end.
+
+    The high end divides the cpu's largest possible work by the smallest
+    possible critical work, the low end the other way round.
+    """
+    top_lo = max((lo for lo, _ in works.values()), default=0.0)
+    top_hi = max((hi for _, hi in works.values()), default=0.0)
+    out = {}
+    for cpu, (lo, hi) in works.items():
+        need_hi = 1.0 if top_lo <= 0 else min(1.0, hi / top_lo)
+        need_lo = 1.0 if top_hi <= 0 else min(1.0, lo / top_hi)
+        out[cpu] = (need_lo, need_hi)
+    return out
+
+
+def margin(history: Sequence[float], floor: float = MARGIN_FLOOR, z: float = MARGIN_Z) -> float:
+    """A statistical margin: ``max(floor, z * relative spread of the recent needs)``."""
+    if len(history) < 2:
+        return floor
+    mean = statistics.fmean(history)
+    if mean <= 0:
+        return floor
+    return max(floor, z * statistics.pstdev(history) / mean)
+
+
+def predict(history: Sequence[float], now: float, last: int = PREDICT_LAST) -> float:
+    """The need to provision for: the largest of ``now`` and the last few exact needs."""
+    return max([now, *history[-last:]])
+
+
+def relative_power(level: int, levels: int, hz: float, fmax: float) -> float:
+    """Dynamic power of a busy cpu relative to full speed: ``speed * (f / fmax)^2``.
+
+    The emulated node's model and the usual CMOS approximation (voltage
+    roughly proportional to frequency); a busy-polling cpu is charged its
+    speed, so this is also the energy per phase of a rank that waits.
+    """
+    ratio = hz / fmax
+    return (level / levels) * ratio ** 3
+
+
+def cover(knob: str, need: float, grid: Sequence[float], levels: int) -> Tuple[float, int]:
+    """The cheapest ``(frequency, level)`` of ``knob`` whose speed is at least ``need``.
+
+    ``DDCM`` varies the level at the maximum frequency, ``DVFS`` the
+    frequency at full duty cycle (the minimum frequency when the need is
+    below it), ``COMBINED`` both, by ``relative_power``: it searches a
+    superset of the other two, so for the same need it is never more
+    expensive than either.
+    """
+    fmax = grid[-1]
+    need = min(max(need, 0.0), 1.0)
+    if knob == "DDCM":
+        return fmax, max(1, math.ceil(levels * need - _EPS))
+    if knob == "DVFS":
+        return round_up(need * fmax * (1 - _EPS), grid), levels
+    best: Optional[Tuple[float, float, int]] = None
+    for hz in grid:
+        level = max(1, math.ceil(levels * need * fmax / hz - _EPS))
+        if level > levels:
+            continue
+        cost = relative_power(level, levels, hz, fmax)
+        if best is None or cost < best[0] - _EPS:
+            best = (cost, hz, level)
+    if best is None:
+        return fmax, levels
+    return best[1], best[2]
+
+
+def decide(knob: str, need: Interval, history: Sequence[float], current: Tuple[float, int],
+           grid: Sequence[float], levels: int, widen: float = 1.0) -> Tuple[float, int]:
+    """The next ``(frequency, level)`` of one cpu from its need interval and history.
+
+    Provision ``predict(history, need) * (1 + widen * margin(history))``;
+    move down only when the high end of the need allows it, up only when
+    the low end requires it, and otherwise hold the current setting.
+    ``widen`` (>= 1) is the critical-path guard's extra margin for a cpu
+    that was late.
+    """
+    fmax = grid[-1]
+    g = widen * margin(history)
+    cur_speed = current[0] * current[1] / (fmax * levels)
+    hi = cover(knob, min(1.0, predict(history, need[1]) * (1 + g)), grid, levels)
+    if hi[0] * hi[1] / (fmax * levels) < cur_speed - _EPS:
+        return hi
+    lo = cover(knob, min(1.0, predict(history, need[0]) * (1 + g)), grid, levels)
+    if lo[0] * lo[1] / (fmax * levels) > cur_speed + _EPS:
+        return hi
+    return current

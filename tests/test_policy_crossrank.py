@@ -1,0 +1,112 @@
+"""Cross-rank need, lag intervals, margins and the cheapest covering setting (tables)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nrm.power.policy import ContainerPolicy
+from nrm.power.policy.crossrank import cover, decide, margin, need_intervals, work_interval
+
+GHZ = 1e9
+GRID = [float((1000 + 200 * k) * 1_000_000) for k in range(8)]  # the emulated 1.0-2.4 GHz
+
+
+@pytest.mark.parametrize("compute, now, before, expected", [
+    (0.05, 1.0, 1.0, (0.05, 0.05)),        # unmixed phase: exact work
+    (0.05, 0.5, 1.0, (0.025, 0.05)),       # cut during the phase: between the two speeds
+    (0.05, 1.0, 0.5, (0.025, 0.05)),       # raised during the phase
+    (-1.0, 1.0, 1.0, (0.0, 0.0)),
+])
+def test_work_interval(compute, now, before, expected):
+    assert work_interval(compute, now, before) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("works, expected", [
+    ({0: (1.0, 1.0), 1: (0.5, 0.5)}, {0: (1.0, 1.0), 1: (0.5, 0.5)}),
+    ({0: (1.0, 1.0), 1: (0.4, 0.6)}, {0: (1.0, 1.0), 1: (0.4, 0.6)}),
+    ({0: (0.8, 1.0), 1: (0.5, 0.5)}, {0: (0.8, 1.0), 1: (0.5, 0.625)}),
+    ({0: (0.0, 0.0), 1: (0.0, 0.0)}, {0: (1.0, 1.0), 1: (1.0, 1.0)}),  # nothing known
+])
+def test_need_is_relative_to_the_critical_work(works, expected):
+    got = need_intervals(works)
+    assert {k: pytest.approx(v) for k, v in got.items()} == expected
+
+
+@pytest.mark.parametrize("history, expected", [
+    ([], 0.02), ([0.5], 0.02), ([0.5, 0.5, 0.5], 0.02),
+    ([0.4, 0.6], 0.2),                       # spread 0.1 around 0.5: one sigma
+])
+def test_margin_is_statistical_not_a_whole_step(history, expected):
+    assert margin(history) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("knob, need, expected", [
+    ("DDCM", 0.5, (2.4 * GHZ, 8)),
+    ("DDCM", 0.51, (2.4 * GHZ, 9)),
+    ("DDCM", 0.0, (2.4 * GHZ, 1)),
+    ("DVFS", 0.5, (1.2 * GHZ, 16)),
+    ("DVFS", 0.2, (1.0 * GHZ, 16)),          # below the lowest frequency: the lowest
+    ("DVFS", 1.0, (2.4 * GHZ, 16)),
+    ("COMBINED", 0.5, (1.2 * GHZ, 16)),
+    ("COMBINED", 0.2, (1.0 * GHZ, 8)),       # duty cycle below the lowest frequency
+    ("COMBINED", 1.0, (2.4 * GHZ, 16)),
+])
+def test_cover_is_the_cheapest_setting_of_the_knob(knob, need, expected):
+    hz, level = cover(knob, need, GRID, 16)
+    assert (hz, level) == (pytest.approx(expected[0]), expected[1])
+    assert hz / GRID[-1] * level / 16 >= need - 1e-9
+
+
+@pytest.mark.parametrize("need", [0.05 * k for k in range(1, 21)])
+def test_combined_never_costs_more_than_either_knob(need):
+    def cost(s):
+        return s[1] / 16 * (s[0] / GRID[-1]) ** 3
+    best = cost(cover("COMBINED", need, GRID, 16))
+    assert best <= cost(cover("DDCM", need, GRID, 16)) + 1e-12
+    assert best <= cost(cover("DVFS", need, GRID, 16)) + 1e-12
+
+
+FULL = (2.4 * GHZ, 16)
+
+
+@pytest.mark.parametrize("need, history, current, expected", [
+    ((0.5, 0.5), [], FULL, (2.4 * GHZ, 9)),              # jump straight to the need + 2 %
+    ((0.5, 1.0), [], FULL, FULL),                        # mixed phase: the high end holds it
+    ((0.5, 0.5), [0.5, 0.5], (2.4 * GHZ, 9), (2.4 * GHZ, 9)),  # converged: a fixed point
+    ((0.3, 0.9), [0.5], (2.4 * GHZ, 9), (2.4 * GHZ, 9)),  # wide interval: neither way
+    ((0.7, 0.7), [0.5], (2.4 * GHZ, 9), (2.4 * GHZ, 12)),  # more work: up at once
+    ((1.0, 1.0), [0.5], (2.4 * GHZ, 9), FULL),           # became critical: full speed
+])
+def test_decide_ddcm(need, history, current, expected):
+    assert decide("DDCM", need, history, current, GRID, 16) == expected
+
+
+def _run(policy, shares, phases, first=1):
+    for phase in range(first, first + phases):
+        settings = policy.settings()
+        speed = {r: settings[r]["level"] / 16 * settings[r]["frequency"] / GRID[-1]
+                 for r in shares}
+        compute = {r: 0.05 * shares[r] / speed[r] for r in shares}
+        t = max(compute.values())
+        for r in shares:
+            policy.on_phase(r, r, 1, compute[r], t, phase)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("DDCM", (2.4 * GHZ, 9)), ("DVFS", (1.4 * GHZ, 16)), ("COMBINED", (1.4 * GHZ, 14)),
+])
+def test_cross_rank_manager_slows_the_light_rank_to_its_need(name, expected):
+    policy = ContainerPolicy(name, [0, 1], frequencies=GRID, cross_rank=True)
+    _run(policy, {0: 1.0, 1: 0.5}, 10)
+    settings = policy.settings()
+    assert (settings[0]["frequency"], settings[0]["level"]) == FULL
+    assert (settings[1]["frequency"], settings[1]["level"]) == expected
+
+
+def test_cross_rank_guard_raises_only_the_late_rank():
+    policy = ContainerPolicy("DDCM", [0, 1, 2], frequencies=GRID, cross_rank=True)
+    _run(policy, {0: 1.0, 1: 0.5, 2: 0.5}, 6)
+    assert [policy.settings()[r]["level"] for r in (0, 1, 2)] == [16, 9, 9]
+    _run(policy, {0: 1.0, 1: 1.0, 2: 0.5}, 1, first=7)  # rank 1's work doubles
+    assert [policy.settings()[r]["level"] for r in (0, 1, 2)] == [16, 16, 9]
+    assert policy.stats["slowdown_resets"] == 1
