@@ -260,6 +260,9 @@ class _Endpoint:
 
 
 class Client(_Endpoint):
+    """A blocking connection to one nrmd: requests, runs with their output
+    streamed, event subscriptions. Not thread-safe; one per thread."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.ctx = zmq.Context.instance()

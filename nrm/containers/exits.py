@@ -28,6 +28,9 @@ BATCH = 256
 
 
 class ExitWatch:
+    """Owns the epoll set of task pidfds and the callback per pidfd; the
+    event loop sees it as one reader."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._epoll = select.epoll()

@@ -38,6 +38,9 @@ class Slice:
 
 
 class ResourceManager:
+    """Owns the node's cpus and NUMA nodes: which container holds which, and
+    the allocation rule that hands them out."""
+
     def __init__(self, topology: Topology):
         self.topology = topology
         self._owner: Dict[int, str] = {}          # exclusive cpu -> container

@@ -155,6 +155,10 @@ class ClientSink(Sink):
 
 
 class Upstream:
+    """Owns the client-facing sockets: the ROUTER for requests, the XPUB
+    for events, the ZAP handler that gives each connection its verified
+    user, and the per-peer bookkeeping (counters, live runs' sinks)."""
+
     def __init__(self, ctx: zmq.Context, loop, request_uri: str, events_uri: str,
                  dispatch: Callable[[Requester, object], None], socket_mode: int = 0o666,
                  tcp: Optional[curve.ServerConfig] = None):

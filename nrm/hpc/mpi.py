@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 @dataclass(frozen=True)
 class Mpi:
+    """One MPI implementation: its compiler wrapper, its launcher, the flags
+    it needs as root, and the PMPI interposer that matches its ABI."""
     name: str
     mpicc: str
     mpiexec: str

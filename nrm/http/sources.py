@@ -15,6 +15,7 @@ from typing import Any, Callable, Deque, Dict, Optional
 
 @dataclass
 class Sources:
+    """The managers the web side reads, and only those."""
     started: float                       # when nrmd started (Unix time)
     status: Callable[[], dict]           # what `nrm status --json` shows
     containers: Any                      # nrm.containers.manager.ContainerManager

@@ -140,6 +140,10 @@ def last_cpu(stat_text: str) -> Optional[int]:
 
 
 class EmulatedPlatform(Platform):
+    """A node without RAPL or MSR access, emulated: the controls act through
+    cgroup CPU bandwidth on the tasks' threads, and energy comes from the
+    documented model (docs/hardware.md)."""
+
     backend_name = "emulated"
     emulated = True
 

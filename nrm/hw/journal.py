@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class Journal:
+    """Owns the file of saved control originals: append before a write,
+    drop once restored, read back by the next daemon."""
+
     def __init__(self, path: str):
         self.path = path
         self._lock = threading.Lock()

@@ -49,6 +49,8 @@ class Cpu:
 
 @dataclass
 class Topology:
+    """Packages, cores, logical cpus and NUMA nodes of one node, as read once."""
+
     cpus: List[Cpu]
     nodes: List[int] = field(default_factory=list)
 

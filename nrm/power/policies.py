@@ -53,6 +53,10 @@ class _Active:
 
 
 class PowerPolicyManager:
+    """Owns one ContainerPolicy per container with a power policy, writes
+    their decisions through the platform, and puts every cpu back when the
+    container ends (a container listener)."""
+
     def __init__(self, platform, publish):
         self.platform = platform
         self.publish = publish

@@ -33,6 +33,9 @@ def _percentile(sorted_values, q: float) -> float:
 
 
 class SensorManager:
+    """Owns the sampling thread, the latest sample, per-container energy
+    profiles and the loop's timing statistics."""
+
     def __init__(self, platform: Platform, period_s: float = 1.0,
                  on_sample: Optional[Callable[[Sample], Any]] = None):
         if not period_s > 0:

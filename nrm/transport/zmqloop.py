@@ -47,6 +47,9 @@ def recv_frames(sock: zmq.Socket, copy: bool = True) -> list:
 
 
 class BatchReader:
+    """Reads one zmq socket from the event loop in batches, handing each
+    message (frames) to a callback."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
                  handle: Callable[[list], None], batch: int = 512, multipart: bool = True,
                  copy: bool = False):

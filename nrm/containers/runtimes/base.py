@@ -52,6 +52,10 @@ SCHED_POLICIES = {
 
 
 class Runtime:
+    """How containers are isolated and tasks placed on this node: a runtime
+    creates a container's slice (cgroups, or nothing for affinity), tells
+    how a task joins it, lists and kills what runs in it, and removes it."""
+
     name = "base"
     isolates_memory = False
     #: extra text for `nrm status`

@@ -140,6 +140,9 @@ class Slot:
 
 
 class CgroupRuntime(Runtime):
+    """cgroup v1: one pooled cgroup per container in each of the cpuset,
+    memory, cpuacct and freezer hierarchies."""
+
     name = "cgroup"
     isolates_memory = True
 

@@ -2,8 +2,8 @@
 
 v2 moves whole processes, never single threads, so the daemon (which has
 several threads) cannot pass through a container's cgroup the way it does
-with v1: a single-threaded spawner process (nrm/containers/spawner.py) writes itself
-into the container's `cgroup.procs`, forks the task - born inside - and
+with v1: a single-threaded spawner process (nrm/containers/spawner.py)
+writes itself into the container's `cgroup.procs`, forks the task - born inside - and
 writes itself back. This runtime therefore requires spawners.
 
 Layout, under the cgroup nrmd was started in (HOME, e.g. the systemd
@@ -137,6 +137,9 @@ def _enable(path: str, controllers: Sequence[str]) -> None:
 
 
 class Cgroup2Runtime(Runtime):
+    """cgroup v2: one cgroup per container under the subtree nrmd owns
+    (see the layout above), with the cpuset and memory controllers."""
+
     name = "cgroup"
     isolates_memory = True
     in_process = False

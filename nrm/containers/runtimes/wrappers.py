@@ -13,6 +13,9 @@ from nrm.containers.runtimes.base import Handle, Runtime, RuntimeError_
 
 
 class WrappingRuntime(Runtime):
+    """Isolation from an inner runtime, the command wrapped in a container
+    tool."""
+
     binary_names: tuple = ()
 
     def __init__(self, inner: Runtime, binary: str = None):

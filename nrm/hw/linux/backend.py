@@ -67,6 +67,9 @@ def probe_rapl(root: str) -> Tuple[bool, str]:
 
 
 class LinuxPlatform(Platform):
+    """The real node: RAPL through powercap or MSRs, clock modulation
+    through MSR 0x19A, cpufreq, hwmon temperatures, all under ``root``."""
+
     backend_name = "linux"
     emulated = False
 
