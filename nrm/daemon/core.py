@@ -392,6 +392,7 @@ class Daemon:
             "policy": self.policies.status() if self.policies else None,
             "sensors": self.sensors.stats() if self.sensors else None,
             "power_cap_w": self.power_cap,
+            "c_parts": paths.c_parts(),
             "restart": {"on_restart": self.config.on_restart, **self.reconciled,
                         "state_log": self.statelog.describe() if self.statelog else None},
             # controls written and not yet restored (empty when the node is unthrottled)
