@@ -198,3 +198,36 @@ def test_mpi_ranks_deliver_phase_contexts(nrmd, tmp_path, flavor):
 def _downstream_decoded(nrmd) -> int:
     status = json.loads(nrmd.cli("status", "--json").stdout)
     return status["downstream"]["downstream"]["decoded"]
+
+
+@pytest.mark.mpi
+def test_build_interposer_replaces_a_missing_one_and_status_tells(nrmd, venv):
+    """An interposer missing from the install (no such MPI at pip time) shows
+    in `nrm status`; `nrm build-interposer` builds it where nrmd looks."""
+    if not mpi.OPENMPI.available():
+        pytest.skip("Open MPI not installed")
+    lib = venv / "lib" / mpi.OPENMPI.pmpi
+    lib.unlink()
+    shown = nrmd.cli("status")
+    assert re.search(r"^missing:\s+pmpi-openmpi: .*nrm build-interposer", shown.stdout, re.M), \
+        shown.stdout
+    r = in_venv(venv, "nrm", "build-interposer", "--mpicc", mpi.OPENMPI.mpicc)
+    assert r.returncode == 0 and str(lib) in r.stdout, r.stdout + r.stderr
+    assert "missing:" not in nrmd.cli("status").stdout
+    r = in_venv(venv, "nrm", "build-interposer", "--mpicc", "no-such-mpicc")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no-such-mpicc" in r.stderr
+
+
+def test_a_missing_mpi_or_fortran_is_skipped_and_recorded(tmp_path):
+    """The build never fails for want of an MPI or a Fortran compiler: it
+    says what it skipped and records why for `nrm status`."""
+    build = tmp_path / "build"
+    proc = subprocess.run(["cmake", "-S", os.path.join(REPO, "libnrm"), "-B", str(build),
+                           "-DNRM_MPICC=/nonexistent/mpicc"], capture_output=True, text=True,
+                          env=clean_env(FC="/nonexistent/gfortran"), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pmpi-openmpi skipped" in proc.stderr and "fortran skipped" in proc.stderr
+    record = json.loads((build / "build.json").read_text())
+    assert {"libnrm", "nrm-spawner"} <= set(record["built"])
+    assert set(record["skipped"]) == {"fortran", "pmpi-mpich", "pmpi-openmpi"}
+    assert "MPICC=/nonexistent/mpicc not found" in record["skipped"]["pmpi-mpich"]
