@@ -5,12 +5,20 @@ PYTHON ?= python3
 VENV   := $(CURDIR)/.venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nrm-installed
-LIBNRM := $(VENV)/lib/libnrm-pmpi.so
-LIBNRM_OMPI := $(VENV)/lib/libnrm-pmpi-openmpi.so
 
-.PHONY: setup check-editable system-deps run daemon test lint check-c bench fuzz clean
+# The C parts (libnrm, nrm-spawner, the PMPI interposers) are built by the
+# package's own build, libnrm/CMakeLists.txt through scikit-build-core, as
+# `pip install` does for users; build/venv keeps its build tree so that a
+# second run rebuilds only what changed. The build tools are installed into
+# the venv first so that the install needs no build isolation.
+C_SOURCES := $(wildcard libnrm/CMakeLists.txt libnrm/nrm.pc.in libnrm/src/* libnrm/include/* \
+	       libnrm/fortran/*)
+INSTALL := $(VENV)/bin/pip install -q --no-build-isolation \
+	--config-settings=build-dir=$(CURDIR)/build/venv -e '.[test,plot]'
 
-setup: system-deps $(STAMP) $(LIBNRM) $(LIBNRM_OMPI)
+.PHONY: setup check-editable check-shared system-deps run daemon test lint check-c bench fuzz clean
+
+setup: system-deps $(STAMP) check-shared
 
 system-deps:
 	@sh scripts/system-deps.sh
@@ -19,22 +27,23 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 
-$(STAMP): $(VENV)/bin/python pyproject.toml
-	$(VENV)/bin/pip install -q -e '.[test]'
+$(STAMP): $(VENV)/bin/python pyproject.toml $(C_SOURCES)
+	$(VENV)/bin/pip install -q 'scikit-build-core>=0.10'
+	@v=$$(cmake --version 2>/dev/null | sed -n '1s/[^0-9]*\([0-9]*\)\.\([0-9]*\).*/\1 \2/p'); \
+	  set -- $$v; [ "$${1:-0}" -gt 3 ] || { [ "$${1:-0}" -eq 3 ] && [ "$${2:-0}" -ge 15 ]; } \
+	  || $(VENV)/bin/pip install -q cmake
+	$(INSTALL)
 	@touch $@
 
 # A venv copied from another checkout imports that checkout's nrm: reinstall.
 setup: check-editable
 check-editable: $(STAMP)
 	@cd / && $(PY) -c 'import nrm, os, sys; sys.exit(os.path.dirname(nrm.__file__) != "$(CURDIR)/nrm")' \
-	  2>/dev/null || $(VENV)/bin/pip install -q -e '.[test]'
+	  2>/dev/null || $(INSTALL)
 
-$(LIBNRM): $(VENV)/bin/python $(wildcard libnrm/src/* libnrm/include/* libnrm/fortran/* libnrm/Makefile)
-	$(MAKE) -s -C libnrm install PREFIX=$(VENV)
-
-# The interposer for Open MPI programs, next to MPICH's (nrmd --pmpi-lib).
-$(LIBNRM_OMPI): $(LIBNRM)
-	$(MAKE) -s -C libnrm install PREFIX=$(VENV) MPICC=mpicc.openmpi
+# nrm installed for one user only is a trap on a shared node: say so.
+check-shared: $(STAMP)
+	@sh scripts/check-shared-python.sh $(PY)
 
 run: setup
 	$(PY) -m nrm.tools.demo

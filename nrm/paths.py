@@ -8,9 +8,10 @@ that `nrm` finds the node-local `nrmd` without flags: `--runtime-dir` or
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from typing import Optional
+from typing import List, Optional
 
 SEED_DOWNSTREAM_URI = "ipc:///tmp/nrm-downstream-in"
 
@@ -62,20 +63,54 @@ def journal_path(rundir: str) -> str:
     return os.path.join(rundir, "controls.journal")
 
 
-def lib_dirs():
-    """Directories searched for libnrm: the venv/prefix first, then system."""
-    return [os.path.join(sys.prefix, "lib"), "/usr/local/lib", "/usr/lib"]
+def install_prefix() -> Optional[str]:
+    """The prefix this nrm was installed into (a venv, ``pip install --prefix``,
+    ``--user``'s ~/.local, pipx's venv, /usr): ``<prefix>/lib/pythonX.Y/
+    site-packages/nrm``. The C parts go to the same prefix (the wheel's data
+    scheme), which need not be ``sys.prefix``. None for a checkout."""
+    site = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pydir = os.path.dirname(site)
+    libdir = os.path.dirname(pydir)
+    if os.path.basename(pydir).startswith("python") and \
+            os.path.basename(libdir) in ("lib", "lib64"):
+        return os.path.dirname(libdir)
+    return None
+
+
+def lib_dirs() -> List[str]:
+    """Directories searched for libnrm and the interposers: ``NRM_LIBRARY_PATH``
+    (colon-separated, e.g. where ``nrm build-interposer --prefix`` put one),
+    nrm's install prefix, the venv, then the system."""
+    dirs = [d for d in os.environ.get("NRM_LIBRARY_PATH", "").split(":") if d]
+    for prefix in (install_prefix(), sys.prefix):
+        if prefix:
+            dirs.append(os.path.join(prefix, "lib"))
+    dirs += ["/usr/local/lib", "/usr/lib"]
+    return list(dict.fromkeys(os.path.abspath(d) for d in dirs))
+
+
+def checkout_build() -> str:
+    """``make -C libnrm``'s build directory in a checkout."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "libnrm", "build")
 
 
 def find_spawner() -> Optional[str]:
     """nrm-spawner, nrmd's launch helper (libnrm/src/spawner.c): installed
-    next to libnrm, or in this checkout's libnrm build."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    in ``<prefix>/libexec/nrm`` next to libnrm, or in this checkout's build."""
     candidates = [os.path.join(os.path.dirname(d), "libexec", "nrm", "nrm-spawner")
                   for d in lib_dirs()]
-    candidates.append(os.path.join(here, "libnrm", "build", "nrm-spawner"))
+    candidates.append(os.path.join(checkout_build(), "nrm-spawner"))
     for path in candidates:
         if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def find_lib(name: str) -> Optional[str]:
+    for d in lib_dirs():
+        path = os.path.join(d, name)
+        if os.path.exists(path):
             return path
     return None
 
@@ -85,8 +120,57 @@ def find_pmpi_lib(explicit: Optional[str] = None,
     """``name``: libnrm-pmpi.so (MPICH and its ABI) or libnrm-pmpi-openmpi.so."""
     if explicit:
         return explicit
+    return find_lib(name)
+
+
+def interposer_sources() -> Optional[str]:
+    """A directory holding pmpi.c with the headers it includes: installed in
+    ``<prefix>/share/nrm/src`` by the build, or this checkout's libnrm."""
     for d in lib_dirs():
-        path = os.path.join(d, name)
-        if os.path.exists(path):
-            return path
-    return None
+        src = os.path.join(os.path.dirname(d), "share", "nrm", "src")
+        if os.path.exists(os.path.join(src, "pmpi.c")):
+            return src
+    src = os.path.join(os.path.dirname(checkout_build()), "src")
+    return src if os.path.exists(os.path.join(src, "pmpi.c")) else None
+
+
+def build_record() -> dict:
+    """What the C build made and skipped (libnrm/CMakeLists.txt writes
+    ``<prefix>/share/nrm/build.json``); empty when there is none."""
+    for d in lib_dirs() + [checkout_build()]:
+        for path in (os.path.join(os.path.dirname(d), "share", "nrm", "build.json"),
+                     os.path.join(d, "build.json")):
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict):
+                return record
+    return {}
+
+
+#: part name in the build record -> how to find it now
+C_PARTS = {
+    "nrm-spawner": find_spawner,
+    "libnrm": lambda: find_lib("libnrm.so"),
+    "fortran": lambda: find_lib("libnrmf.so"),
+    "pmpi-mpich": lambda: find_pmpi_lib(None, "libnrm-pmpi.so"),
+    "pmpi-openmpi": lambda: find_pmpi_lib(None, "libnrm-pmpi-openmpi.so"),
+}
+
+
+def c_parts() -> dict:
+    """The C parts as nrmd sees them now: ``found`` (part -> path) and
+    ``missing`` (part -> why: the build's reason for skipping it, when it
+    recorded one). Looked up live, so that an interposer built later with
+    ``nrm build-interposer`` counts."""
+    skipped = build_record().get("skipped") or {}
+    found, missing = {}, {}
+    for part, find in C_PARTS.items():
+        path = find()
+        if path:
+            found[part] = path
+        else:
+            missing[part] = str(skipped.get(part) or "not installed")
+    return {"found": found, "missing": missing}

@@ -12,6 +12,7 @@ have() { command -v "$1"; }
 
 need gcc            have cc
 need make           have make
+need cmake          have cmake
 need pkg-config     have pkg-config
 need libzmq3-dev    pkg-config --exists libzmq
 need mpich          have mpiexec.mpich

@@ -39,5 +39,9 @@ def render(s) -> None:
     print(f"requests:  {r['requests']} received, {r['request_errors']} rejected")
     for endpoint, counts in sorted((s.get("downstream") or {}).items()):
         print(f"{endpoint + ':':11}" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    missing = (s.get("c_parts") or {}).get("missing") or {}
+    for part, why in sorted(missing.items()):
+        hint = " (nrm build-interposer)" if part.startswith("pmpi-") else ""
+        print(f"{'missing:':11}{part}: {why}{hint}")
     if s.get("power_cap_w") is not None:
         print(f"power cap: {s['power_cap_w']:.1f} W")

@@ -324,6 +324,7 @@ class Daemon:
             "policy": self.policies.status() if self.policies else None,
             "sensors": self.power.sensors.stats() if self.power else None,
             "power_cap_w": self.power.cap_w if self.power else None,
+            "c_parts": paths.c_parts(),
             "restart": {"on_restart": self.config.on_restart, **self.reconciled,
                         "state_log": self.statelog.describe() if self.statelog else None},
             # controls written and not yet restored (empty when the node is unthrottled)
