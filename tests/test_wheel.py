@@ -23,7 +23,8 @@ import pytest
 
 from nrm.hpc import mpi
 from tests.conftest import needs_root
-from tests.daemon import REPO, DaemonProcess, spawner_pids
+from nrm.tools.localnrmd import spawner_pids
+from tests.daemon import REPO, DaemonProcess
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None or shutil.which("cmake") is None,
