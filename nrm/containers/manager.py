@@ -21,7 +21,8 @@ empty, without waiting for the daemon to notice the exit: on a busy node the
 daemon's turn-around was the slice's idle time (docs/performance.md,
 session 8). The daemon retires the predecessor (its exit, its container's
 end and every listener's restore) before the heir is registered, so the
-managers see the same order as without a hand-over. See ``Promise``.
+managers see the same order as without a hand-over. See ``Promise`` in
+nrm/containers/model.py.
 """
 
 from __future__ import annotations
@@ -30,17 +31,16 @@ import asyncio
 import itertools
 import logging
 import os
-import pwd
-import re
 import signal
-import stat
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional
 
 from nrm.containers.exits import ExitWatch
+from nrm.containers.identity import AccessDenied, check_cwd_access, groups_of
+from nrm.containers.model import (CONTAINER_NAME, Container, ContainerListener, Peer, Promise,
+                                  Queued, RunError, Sink, Task, new_id)
 from nrm.manifest import Manifest
 from nrm.containers.slices import ResourceManager, Slice, SliceError
 from nrm.containers.runtimes import SCHED_POLICIES, Handle, Runtime
@@ -51,115 +51,8 @@ log = logging.getLogger(__name__)
 #: watched clients beyond which one left with no task is no longer kept
 IDLE_CLIENT_WATCHES = 256
 
-
-_next_id = itertools.count(int.from_bytes(os.urandom(6), "big"))
-
-
-def new_id() -> str:
-    """12 hex digits, as the cut uuid4s they replace: a random 48-bit start
-    per daemon (ids stay distinct across restarts, which the state log
-    needs), then a counter. Two are drawn per launch; a uuid4 costs a
-    syscall and ~3 us. Ids grant nothing: every request is authorized by uid."""
-    return f"{next(_next_id) & 0xFFFFFFFFFFFF:012x}"
-
-
-#: names end up in logs, events, metrics labels and Slurm scripts: keep them plain
-CONTAINER_NAME = re.compile(r"[A-Za-z0-9_@+:][A-Za-z0-9._@+:-]{0,127}")
 READ_CHUNK = 65536
 EOF_GRACE_S = 0.2          # wait this long for pipes after the task exited
-KILL_GRACE_S = 2.0         # SIGTERM, then SIGKILL after this long
-
-
-class RunError(Exception):
-    """A run request that cannot be honoured; ``code`` goes in the reply."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class Peer:
-    """A verified requester: kernel credentials over ipc, a CURVE key mapped to
-    a user over tcp (then pid is 0: nothing to watch)."""
-    uid: int
-    gid: int
-    pid: int = 0
-
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
-
-    def may_touch(self, owner_uid: int) -> bool:
-        return self.uid == 0 or self.uid == owner_uid
-
-
-class Sink:
-    """Where a task's events go. The upstream side implements it."""
-
-    def started(self, task: "Task") -> None:
-        pass
-
-    def output(self, task: "Task", stream: str, data: bytes) -> bool:
-        """Return False when the receiver is full: reading pauses until resume."""
-        return True
-
-    def exited(self, task: "Task", profile: Optional[dict]) -> None:
-        pass
-
-
-@dataclass
-class Task:
-    id: str
-    container: "Container"
-    argv: List[str]
-    sink: Sink
-    client_pid: int = 0
-    detach: bool = False
-    pid: int = 0
-    pidfd: int = -1
-    doomed: bool = False        # killed while its launch was in flight
-    pipes: Dict[str, int] = field(default_factory=dict)   # stream name -> fd
-    paused: Dict[str, bool] = field(default_factory=dict)
-    code: Optional[int] = None
-    signal: Optional[int] = None
-    started_at: float = 0.0
-    eof_timer: Optional[asyncio.TimerHandle] = None
-    finished: bool = False
-    #: taken over from a crashed nrmd: not our child, so its exit status is unknown
-    adopted: bool = False
-    #: start time in clock ticks since boot, when the spawner saw it (else read from /proc)
-    start_ticks: Optional[int] = None
-
-    @property
-    def status(self) -> int:
-        if self.signal is not None:
-            return 128 + self.signal
-        return self.code if self.code is not None else 0
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "pid": self.pid, "argv": self.argv, "detached": self.detach,
-                "state": "exited" if self.finished else "running", "adopted": self.adopted,
-                "status": self.status if self.finished and not self.adopted else None}
-
-
-@dataclass
-class Queued:
-    """A run request waiting for a slice; ``seq`` orders the queue."""
-    seq: int
-    peer: Peer
-    manifest: Manifest
-    argv: List[str]
-    env: Dict[str, str]
-    cwd: str
-    sink: Sink
-    name: Optional[str]
-    detach: bool
-    output: bool
-    oversubscribe: bool
-    allowed: Optional[List[int]]
-    #: a container whose slice was promised to it and taken back (passed over)
-    avoid: Optional[str] = None
 
 
 #: a promised run passed over this many times by younger runs is taken back
@@ -168,80 +61,6 @@ class Queued:
 PASSES_BEFORE_REPROMISE = 2
 #: promises at once; a spawner holds at most 1024 (libnrm/src/spawner.c)
 MAX_PROMISES = 512
-
-
-@dataclass
-class Promise:
-    """A queued run promised the slice of ``predecessor``, an unnamed
-    container whose only task is running: a spawner holds the launch (in
-    ``heir``, a container not yet registered) until that task exits.
-
-    Outcomes: the launch fires (the predecessor is retired first, then the
-    heir registered with the slice); the predecessor's cgroup still holds a
-    process (``occupied``: the heir launches once the daemon has ended the
-    predecessor and killed what it left); or the promise is cancelled (the
-    client left, the daemon stops, or it was passed over) and the run
-    queues again in its place."""
-    queued: Queued
-    heir: "Container"
-    predecessor: "Container"
-    task: Optional["Task"] = None
-    request: Optional[dict] = None
-    #: what an ordinary launch of the task calls with the spawner's answer
-    launched: Optional[Callable[[object], None]] = None
-    rid: Optional[int] = None
-    passes: int = 0
-    cancelling: bool = False
-    occupied: bool = False
-    #: the predecessor ended: its cpus are the heir's already
-    owns_slice: bool = False
-
-
-@dataclass
-class Container:
-    id: str
-    uid: int
-    manifest: Manifest
-    slice: Slice
-    handle: Handle
-    tasks: Dict[str, Task] = field(default_factory=dict)
-    created: float = field(default_factory=time.time)
-    started_mono: float = field(default_factory=time.monotonic)
-    bind_next: int = 0
-    tasks_started: int = 0
-    ending: bool = False
-    starting: Dict[str, Task] = field(default_factory=dict)    # launches in flight
-    extra: Dict[str, object] = field(default_factory=dict)
-    #: created without a name: no run can join it by name on purpose
-    anonymous: bool = False
-    #: the run promised this container's slice when it ends
-    heir: Optional[Promise] = None
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "uid": self.uid, "user": user_name(self.uid),
-                "name": self.manifest.name,
-                "cpus": list(self.slice.cpus), "mems": list(self.slice.mems),
-                "shared": self.slice.shared, "created": self.created,
-                "power": self.manifest.power.policy,
-                "tasks": [t.to_dict() for t in self.tasks.values()]}
-
-
-class ContainerListener:
-    """Managers that follow container lifecycles (sensors, policies, apps)."""
-
-    def container_started(self, container: Container) -> None:
-        pass
-
-    def container_ended(self, container: Container) -> Optional[dict]:
-        """May return a fragment merged into the container's exit profile."""
-        return None
-
-    def task_started(self, task: Task) -> None:
-        """A task runs (launched, or adopted after a restart)."""
-
-    def task_ended(self, task: Task) -> None:
-        """A task's exit was seen (not called for tasks killed with their
-        container: container_ended covers them)."""
 
 
 class ContainerManager:
@@ -414,8 +233,11 @@ class ContainerManager:
                     client_pid=peer.pid, detach=detach)
         ids: Dict[str, object] = {}
         if self.privileged and peer.uid != 0:
-            groups = _groups(peer.uid, peer.gid)
-            _check_cwd_access(cwd, peer.uid, groups)
+            try:
+                groups = groups_of(peer.uid, peer.gid)
+                check_cwd_access(cwd, peer.uid, groups)
+            except AccessDenied as exc:
+                raise RunError(exc.code, str(exc)) from None
             ids = {"uid": peer.uid, "gid": peer.gid, "groups": groups}
         bind_cpus, bind_mems, sched = self._spawn_options(container)
         argv = self._wrap_perf(container, argv)
@@ -1059,38 +881,6 @@ def _spawn_error(argv, sched, exc: BaseException, stage: Optional[str] = None) -
     return RunError("runtime", f"cannot start task: {msg}")
 
 
-_USER_CACHE_S = 30.0
-_users: Dict[int, tuple] = {}
-
-
-def _user(uid: int):
-    """passwd lookups go through NSS (files, LDAP...): cache them briefly."""
-    now = time.monotonic()
-    hit = _users.get(uid)
-    if hit is not None and now - hit[0] < _USER_CACHE_S:
-        return hit[1]
-    try:
-        pw = pwd.getpwuid(uid)
-    except KeyError:
-        pw = None
-    if len(_users) > 1024:
-        _users.clear()
-    _users[uid] = (now, pw)
-    return pw
-
-
-def user_name(uid: int) -> str:
-    pw = _user(uid)
-    return pw.pw_name if pw else str(uid)
-
-
-def _groups(uid: int, gid: int) -> List[int]:
-    pw = _user(uid)
-    if pw is None:
-        raise RunError("denied", f"uid {uid} has no passwd entry")
-    return os.getgrouplist(pw.pw_name, gid)
-
-
 class _EventSink(Sink):
     """Output of adopted tasks, whose client is gone: published as events."""
 
@@ -1123,23 +913,3 @@ def _reopen_pipe(pid: int, fd: int) -> int:
         return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return -1
-
-
-def _check_cwd_access(cwd: str, uid: int, gids: List[int]) -> None:
-    """Refuse a cwd the user could not enter: the child chdirs before it
-    drops root, so without this check a user could start in any directory."""
-    path = "/"
-    for part in [p for p in os.path.abspath(cwd).split("/") if p]:
-        path = os.path.join(path, part)
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise RunError("cwd", f"working directory {cwd}: {exc.strerror}") from None
-        if st.st_uid == uid:
-            ok = st.st_mode & stat.S_IXUSR
-        elif st.st_gid in gids:
-            ok = st.st_mode & stat.S_IXGRP
-        else:
-            ok = st.st_mode & stat.S_IXOTH
-        if not ok:
-            raise RunError("cwd", f"working directory {cwd}: permission denied for uid {uid}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import grp
 import hashlib
 import logging
 import os
@@ -24,7 +23,9 @@ import zmq
 from nrm import __version__, paths, protocol
 
 from nrm.hpc import mpi
-from nrm.containers.manager import Container, ContainerManager, Peer, RunError
+from nrm.containers.identity import in_group
+from nrm.containers.manager import ContainerManager
+from nrm.containers.model import Container, Peer, RunError
 from nrm.daemon.commands import COMMANDS
 from nrm.daemon.reconcile import reconcile
 from nrm.daemon.statelog import ContainerRecord, StateLog, TaskRecord, pid_start_time
@@ -354,13 +355,7 @@ class Daemon:
         if peer.is_root:
             return True
         group = self.config.power_group
-        if not group:
-            return False
-        try:
-            gr = grp.getgrnam(group)
-        except KeyError:
-            return False
-        return peer.gid == gr.gr_gid or gr.gr_gid in _groups_of(peer.uid)
+        return bool(group) and in_group(peer.uid, peer.gid, group)
 
     def set_power_cap(self, watts: Optional[float]) -> dict:
         if self.controller is None:
@@ -549,15 +544,6 @@ def _rundir_key(rundir: str) -> str:
 def _topology(root: str):
     from nrm.hw.topology import read_topology
     return read_topology(root)
-
-
-def _groups_of(uid: int) -> List[int]:
-    import pwd
-    try:
-        pw = pwd.getpwuid(uid)
-    except KeyError:
-        return []
-    return os.getgrouplist(pw.pw_name, pw.pw_gid)
 
 
 def _descends_from(pid: int, ancestors: List[int]) -> bool:

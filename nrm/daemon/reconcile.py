@@ -13,7 +13,8 @@ import os
 import signal
 from typing import Dict, List
 
-from nrm.containers.manager import ContainerManager, RunError
+from nrm.containers.manager import ContainerManager
+from nrm.containers.model import RunError
 from nrm.daemon.statelog import ContainerRecord
 from nrm.manifest import Manifest, ManifestError
 

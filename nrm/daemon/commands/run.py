@@ -1,6 +1,6 @@
 """run: start a command in a (new or shared) container and stream it back."""
 
-from nrm.containers.manager import RunError
+from nrm.containers.model import RunError
 from nrm.protocol import encode
 from nrm.daemon.upstream import ClientSink
 from nrm.manifest import Manifest, ManifestError
