@@ -41,6 +41,7 @@ from nrm.containers.exits import ExitWatch
 from nrm.containers.identity import AccessDenied, check_cwd_access, groups_of
 from nrm.containers.model import (CONTAINER_NAME, Container, ContainerListener, Peer, Promise,
                                   Queued, RunError, Sink, Task, new_id)
+from nrm.containers.processes import alive, kill_group, reap, reopen_pipe
 from nrm.manifest import Manifest
 from nrm.containers.slices import ResourceManager, Slice, SliceError
 from nrm.containers.runtimes import SCHED_POLICIES, Handle, Runtime
@@ -317,7 +318,7 @@ class ContainerManager:
             c = next((c for c in candidates if self._fits(q, c)), None)
             if c is None:
                 continue
-            if q.peer.pid and q.peer.pid not in self.client_watch and not _alive(q.peer.pid):
+            if q.peer.pid and q.peer.pid not in self.client_watch and not alive(q.peer.pid):
                 continue    # _retry_waiting drops it
             candidates.remove(c)
             pairs.append((q, c))
@@ -463,8 +464,8 @@ class ContainerManager:
             return
         if container.id not in self.containers:
             # torn down while launching (daemon shutdown): never leave it running
-            _killpg(result.pid)
-            _reap(result.pid)
+            kill_group(result.pid)
+            reap(result.pid)
             for fd in (result.pidfd, result.stdout, result.stderr):
                 if fd >= 0:
                     os.close(fd)
@@ -475,7 +476,7 @@ class ContainerManager:
         self.exits.add(task.pidfd, self._on_pid_exit, task)
         self._started(task, peer, result.pid, result.stdout, result.stderr)
         if task.doomed:
-            _killpg(task.pid)
+            kill_group(task.pid)
 
     def _started(self, task: Task, peer: Peer, pid: int, out: int, err: int) -> None:
         container = task.container
@@ -652,8 +653,8 @@ class ContainerManager:
     def _force_finish(self, task: Task) -> None:
         """Container teardown while a task is still known: kill and reap now."""
         if task.pidfd >= 0:
-            _killpg(task.pid)
-            _reap(task.pid)
+            kill_group(task.pid)
+            reap(task.pid)
             self.exits.remove(task.pidfd)
             os.close(task.pidfd)
             task.pidfd = -1
@@ -678,7 +679,7 @@ class ContainerManager:
             if q.name not in self.containers and not self.resources.free_cpus:
                 self.waiting.append(q)   # cannot fit: skip the failing attempt
                 continue
-            if q.peer.pid and q.peer.pid not in self.client_watch and not _alive(q.peer.pid):
+            if q.peer.pid and q.peer.pid not in self.client_watch and not alive(q.peer.pid):
                 continue    # its client gave up waiting (Ctrl-C, killed): nobody to run for
             try:
                 self._run(q, wait=True)
@@ -715,10 +716,7 @@ class ContainerManager:
         """The client that streams this task vanished: kill the task."""
         if not task.detach and not task.finished and task.pid > 0:
             log.info("client of task %s is gone; killing it", task.id)
-            try:
-                os.killpg(task.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            kill_group(task.pid)
 
     def _watch_client(self, pid: int, task: Task) -> bool:
         """False when the client is gone already."""
@@ -814,7 +812,7 @@ class ContainerManager:
                         pid=pid, pidfd=pidfd, adopted=True, started_at=time.monotonic())
             self.exits.add(pidfd, self._on_pid_exit, task)
             for stream, n in (("stdout", 1), ("stderr", 2)):
-                fd = _reopen_pipe(pid, n)
+                fd = reopen_pipe(pid, n)
                 if fd >= 0:
                     task.pipes[stream] = fd
                     self.loop.add_reader(fd, self._on_readable, task, stream)
@@ -849,23 +847,6 @@ def _refuse(sink: Sink, exc: RunError) -> None:
         fail(exc.code, str(exc))
 
 
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _reap(pid: int) -> None:
-    """Kill a task whose group was just killed (it may have left its group)
-    and wait for it; an adopted task is not our child."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError, PermissionError):
-        pass
-
-
 def _spawn_error(argv, sched, exc: BaseException, stage: Optional[str] = None) -> RunError:
     """The reply for a failed launch, the same with or without spawners."""
     if stage is None:
@@ -892,24 +873,3 @@ class _EventSink(Sink):
                               "task": task.id, "stream": stream,
                               "data": data.decode("utf-8", "replace")})
         return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _reopen_pipe(pid: int, fd: int) -> int:
-    """A new read end of the pipe a process writes to, or -1."""
-    path = f"/proc/{pid}/fd/{fd}"
-    try:
-        if not os.readlink(path).startswith("pipe:"):
-            return -1
-        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return -1
