@@ -37,6 +37,7 @@ import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional
 
+from nrm.containers.clients import ClientWatch, client_gone
 from nrm.containers.exits import ExitWatch
 from nrm.containers.identity import AccessDenied, check_cwd_access, groups_of
 from nrm.containers.model import (CONTAINER_NAME, Container, ContainerListener, Peer, Promise,
@@ -48,9 +49,6 @@ from nrm.containers.runtimes import SCHED_POLICIES, Handle, Runtime
 from nrm.containers.spawner import SpawnError, SpawnerPool, env_list
 
 log = logging.getLogger(__name__)
-
-#: watched clients beyond which one left with no task is no longer kept
-IDLE_CLIENT_WATCHES = 256
 
 READ_CHUNK = 65536
 EOF_GRACE_S = 0.2          # wait this long for pipes after the task exited
@@ -87,7 +85,7 @@ class ContainerManager:
         self.promises: List[Promise] = []
         self._seq = itertools.count()
         self.closing = False
-        self.client_watch: Dict[int, tuple] = {}   # client pid -> (pidfd, set(task ids))
+        self.clients = ClientWatch(self.loop, self._client_exited)
         self.counters = {"tasks_started": 0, "tasks_finished": 0, "containers_started": 0,
                          "containers_finished": 0, "spawn_failures": 0, "handovers": 0,
                          "handovers_occupied": 0, "handovers_cancelled": 0}
@@ -318,7 +316,7 @@ class ContainerManager:
             c = next((c for c in candidates if self._fits(q, c)), None)
             if c is None:
                 continue
-            if q.peer.pid and q.peer.pid not in self.client_watch and not alive(q.peer.pid):
+            if q.peer.pid and q.peer.pid not in self.clients.watched and not alive(q.peer.pid):
                 continue    # _retry_waiting drops it
             candidates.remove(c)
             pairs.append((q, c))
@@ -348,7 +346,7 @@ class ContainerManager:
             self._forget(promise)
             _refuse(q.sink, exc)
             return
-        if q.peer.pid and not q.detach and not self._watch_client(q.peer.pid, task):
+        if q.peer.pid and not q.detach and not self.clients.watch(q.peer.pid, task):
             self._cancel(promise)       # its client left already
 
     def _forget(self, promise: Promise) -> None:
@@ -360,7 +358,7 @@ class ContainerManager:
         heir = promise.heir
         if promise.task is not None:
             heir.starting.pop(promise.task.id, None)
-            self._unwatch_client(promise.task)
+            self.clients.unwatch(promise.task)
         if promise.owns_slice:
             self.resources.release(heir.id, heir.slice)
         try:
@@ -492,7 +490,7 @@ class ContainerManager:
         self.tasks[task.id] = task
         self.counters["tasks_started"] += 1
         if not task.detach and peer.pid:
-            self._watch_client(peer.pid, task)
+            self.clients.watch(peer.pid, task)
         task.sink.started(task)
         if self.waiting:
             self._promise_slices()      # a new predecessor
@@ -596,7 +594,7 @@ class ContainerManager:
         container = task.container
         container.tasks.pop(task.id, None)
         self.tasks.pop(task.id, None)
-        self._unwatch_client(task)
+        self.clients.unwatch(task)
         self.counters["tasks_finished"] += 1
         self._tell("task_ended", task)
         if self.wants("task"):
@@ -666,7 +664,7 @@ class ContainerManager:
         task.finished = True
         task.container.tasks.pop(task.id, None)
         self.tasks.pop(task.id, None)
-        self._unwatch_client(task)
+        self.clients.unwatch(task)
         self.counters["tasks_finished"] += 1
         task.sink.exited(task, None)
 
@@ -679,7 +677,7 @@ class ContainerManager:
             if q.name not in self.containers and not self.resources.free_cpus:
                 self.waiting.append(q)   # cannot fit: skip the failing attempt
                 continue
-            if q.peer.pid and q.peer.pid not in self.client_watch and not alive(q.peer.pid):
+            if q.peer.pid and q.peer.pid not in self.clients.watched and not alive(q.peer.pid):
                 continue    # its client gave up waiting (Ctrl-C, killed): nobody to run for
             try:
                 self._run(q, wait=True)
@@ -712,52 +710,13 @@ class ContainerManager:
             task.doomed = True
         return len(container.tasks) + len(container.starting)
 
-    def client_gone(self, task: Task) -> None:
-        """The client that streams this task vanished: kill the task."""
-        if not task.detach and not task.finished and task.pid > 0:
-            log.info("client of task %s is gone; killing it", task.id)
-            kill_group(task.pid)
-
-    def _watch_client(self, pid: int, task: Task) -> bool:
-        """False when the client is gone already."""
-        entry = self.client_watch.get(pid)
-        if entry is None:
-            try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                # gone while the launch was in flight (a spawner answers
-                # later): nothing else would ever kill this task
-                self.client_gone(task)
-                return False
-            except OSError:
-                return True
-            entry = (fd, set())
-            self.client_watch[pid] = entry
-            self.loop.add_reader(fd, self._on_client_exit, pid)
-        entry[1].add(task.id)
-        return True
-
-    def _unwatch_client(self, task: Task) -> None:
-        """An idle client keeps its pidfd (a launch loop would otherwise
-        open and register one per task) until it exits; past
-        IDLE_CLIENT_WATCHES watches, a client going idle is dropped at once."""
-        entry = self.client_watch.get(task.client_pid)
-        if entry is None:
-            return
-        entry[1].discard(task.id)
-        if not entry[1] and len(self.client_watch) > IDLE_CLIENT_WATCHES:
-            self.loop.remove_reader(entry[0])
-            os.close(entry[0])
-            del self.client_watch[task.client_pid]
-
-    def _on_client_exit(self, pid: int) -> None:
-        fd, ids = self.client_watch.pop(pid)
-        self.loop.remove_reader(fd)
-        os.close(fd)
-        for tid in ids:
+    def _client_exited(self, pid: int, task_ids) -> None:
+        """A client that streamed tasks is gone: so are they, and its
+        promised runs."""
+        for tid in task_ids:
             task = self.tasks.get(tid)
             if task is not None:
-                self.client_gone(task)
+                client_gone(task)
         for promise in list(self.promises):
             if promise.queued.peer.pid == pid and not promise.queued.detach:
                 self._cancel(promise)   # answered cancelled: then dropped
@@ -831,10 +790,7 @@ class ContainerManager:
             self.pool.drain()
         for container in list(self.containers.values()):
             self._end_container(container)
-        for fd, _ in self.client_watch.values():
-            self.loop.remove_reader(fd)
-            os.close(fd)
-        self.client_watch.clear()
+        self.clients.close()
         self.exits.close()
         if self.pool is not None:
             self.pool.close()
