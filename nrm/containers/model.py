@@ -77,6 +77,13 @@ class Sink:
         pass
 
 
+def refuse(sink: Sink, exc: RunError) -> None:
+    """A run that will not start after all: tell its client, if it listens."""
+    fail = getattr(sink, "failed", None)
+    if fail:
+        fail(exc.code, str(exc))
+
+
 @dataclass
 class Task:
     """One process the daemon launched (or adopted) in a container: it owns
