@@ -1,5 +1,5 @@
 """Hand-over: a queued run promised the slice of a container that ends with
-its task (nrm/containers/manager.py, Promise). Real daemon, real cgroups, real
+its task (nrm/containers/model.py, Promise). Real daemon, real cgroups, real
 spawners: the properties users rely on are that a slice is never held by
 two containers at once, that nothing a predecessor left behind shares the
 cpus with its heir, and that a waiter who gives up is never run."""

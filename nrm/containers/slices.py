@@ -92,7 +92,7 @@ class ResourceManager:
 
     def hand_over(self, owner: str, heir: str, slice_: Slice) -> None:
         """The cpus of ``owner``'s slice become ``heir``'s without ever
-        being free (see Promise in nrm/containers/manager.py)."""
+        being free (see Promise in nrm/containers/model.py)."""
         for c in slice_.cpus:
             if self._owner.get(c) == owner:
                 self._owner[c] = heir

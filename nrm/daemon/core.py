@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import grp
 import hashlib
 import logging
 import os
@@ -25,7 +24,9 @@ from typing import Dict, List, Optional
 import zmq
 
 from nrm import __version__, paths, protocol
-from nrm.containers.manager import ContainerManager, Peer, RunError
+from nrm.containers.identity import in_group
+from nrm.containers.manager import ContainerManager
+from nrm.containers.model import Peer, RunError
 from nrm.containers.runtimes import make_runtime
 from nrm.containers.slices import ResourceManager
 from nrm.daemon.commands import COMMANDS
@@ -288,13 +289,7 @@ class Daemon:
         if peer.is_root:
             return True
         group = self.config.power_group
-        if not group:
-            return False
-        try:
-            gr = grp.getgrnam(group)
-        except KeyError:
-            return False
-        return peer.gid == gr.gr_gid or gr.gr_gid in _groups_of(peer.uid)
+        return bool(group) and in_group(peer.uid, peer.gid, group)
 
     def set_power_cap(self, watts: Optional[float]) -> dict:
         from nrm.power.node import PowerUnavailable
@@ -386,12 +381,3 @@ def _rundir_key(rundir: str) -> str:
 def _topology(root: str):
     from nrm.hw.topology import read_topology
     return read_topology(root)
-
-
-def _groups_of(uid: int) -> List[int]:
-    import pwd
-    try:
-        pw = pwd.getpwuid(uid)
-    except KeyError:
-        return []
-    return os.getgrouplist(pw.pw_name, pw.pw_gid)

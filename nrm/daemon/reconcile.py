@@ -13,7 +13,9 @@ import os
 import signal
 from typing import Dict, List
 
-from nrm.containers.manager import ContainerManager, RunError
+from nrm.containers.manager import ContainerManager
+from nrm.containers.model import RunError
+from nrm.containers.processes import kill_group
 from nrm.daemon.statelog import ContainerRecord
 from nrm.manifest import Manifest, ManifestError
 
@@ -65,10 +67,7 @@ def _kill(live, members: List[int]) -> List[int]:
     targets = set(members) | set(_group_members(groups))
     killed = []
     for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_group(pgid)
     for pid in sorted(targets):
         try:
             os.kill(pid, signal.SIGKILL)

@@ -25,7 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 from nrm import protocol
 
 from nrm.transport import curve
-from nrm.containers.manager import Peer, Sink, Task
+from nrm.containers.model import Peer, Sink, Task
 from nrm.transport.zmqloop import BatchReader, send_frames
 from nrm.log import RateLimitedLog
 

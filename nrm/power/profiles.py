@@ -20,7 +20,8 @@ PROFILE_SERIES_POINTS = 2000
 
 
 class ProfileListener:
-    """A container listener (see nrm.containers.manager) building exit profiles."""
+    """A container listener (nrm.containers.model.ContainerListener)
+    building exit profiles."""
 
     def __init__(self, power: Optional[NodePower], cpu_time: Optional[Callable] = None):
         self.power = power

@@ -1,6 +1,7 @@
 """run: start a command in a (new or shared) container and stream it back."""
 
-from nrm.containers.manager import RunError
+from nrm.containers.clients import client_gone
+from nrm.containers.model import RunError
 from nrm.protocol import encode
 from nrm.daemon.upstream import ClientSink
 from nrm.manifest import Manifest, ManifestError
@@ -32,7 +33,7 @@ def execute(daemon, req, msg) -> None:
     except (TypeError, ValueError, KeyError) as exc:
         raise RunError("manifest", f"invalid manifest: {exc}") from None
     cm = daemon.containers
-    sink = ClientSink(req, cm.resume, cm.client_gone, send_started=msg.started)
+    sink = ClientSink(req, cm.resume, client_gone, send_started=msg.started)
     cm.run(req.peer, manifest, msg.argv, msg.env, msg.cwd, sink,
            container_name=msg.container, detach=msg.detach, output=msg.output and not msg.detach,
            wait=msg.wait, oversubscribe=msg.oversubscribe, cpus_allowed=msg.cpus_allowed)

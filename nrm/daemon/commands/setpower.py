@@ -1,7 +1,7 @@
 """setpower: set or clear the node power cap (root or the power group)."""
 
 from nrm import protocol
-from nrm.containers.manager import RunError
+from nrm.containers.model import RunError
 
 NAME = "setpower"
 
