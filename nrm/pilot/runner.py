@@ -214,6 +214,13 @@ class Runner:
         def started(result):
             task.handle = result.container
             task.pid = result.pid
+            if task.message == "canceled":         # cancelled while it was starting
+                self._kill(task)
+
+        if task.message == "canceled":             # cancelled before it was launched
+            self.manager.ended(task, None, now, message="canceled", canceled=True)
+            self.pump()
+            return
 
         self.manager.started(task, now)
         code: Optional[int] = None
