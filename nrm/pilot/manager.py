@@ -66,7 +66,8 @@ class Manager:
             if name in self.jobs or name in names:
                 return error(f"Job {name} already exist")
             cores, nodes = model.task_counts(spec, self.pool.total, len(self.pool.names))
-            if not self.pool.fits_ever(shape_of(cores, nodes)):
+            shape = shape_of(cores, nodes)
+            if not self.pool.fits_ever(shape):
                 return error(f"Not enough resources for job {name}")
             job = Job(spec, name, req.index, next(self._seq))
             it = spec.iteration
@@ -74,7 +75,9 @@ class Manager:
                 variables = dict(base, jname=name, uniq=f"{base['uniq']}.{index or 0}",
                                  it=index if index is not None else "",
                                  itval=it.value(index) if it is not None else "")
-                job.tasks.append(Task(job, index, variables, cores, nodes, next(self._seq)))
+                task = Task(job, index, variables, cores, nodes, next(self._seq))
+                task.shape = shape
+                job.tasks.append(task)
             staged.append(job)
             names.add(name)
         for job in staged:                      # all valid: the request is atomic

@@ -61,14 +61,11 @@ def format_rtime(seconds: float) -> str:
 class Allocation:
     """Cores granted on nodes: ``[(node_name, [core, ...]), ...]``."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("parts", "ncores")
 
     def __init__(self, parts: List[Tuple[str, List[int]]]):
         self.parts = parts
-
-    @property
-    def ncores(self) -> int:
-        return sum(len(c) for _, c in self.parts)
+        self.ncores = sum(len(c) for _, c in parts)
 
     @property
     def nodes(self) -> List[str]:
@@ -83,7 +80,7 @@ class Task:
 
     __slots__ = ("job", "index", "name", "state", "history", "variables", "cores",
                  "nodes", "allocation", "wd", "exit_code", "started", "ended", "attempt",
-                 "seq", "message", "pid", "handle")
+                 "seq", "message", "pid", "handle", "shape")
 
     def __init__(self, job: "Job", index: Optional[int], variables: Dict[str, Any],
                  cores: Optional[Count], nodes: Optional[Count], seq: int):
@@ -104,6 +101,7 @@ class Task:
         self.message: Optional[str] = None
         self.pid: Optional[int] = None
         self.handle: Any = None           # the runner's: what cancels a running task
+        self.shape: Any = None            # the scheduler's key, computed once per job
 
     def set_state(self, state: str, now: float) -> None:
         self.state = state

@@ -142,7 +142,7 @@ class Scheduler:
         self.queued = 0
 
     def push(self, task: Task) -> None:
-        shape = shape_of(task.cores, task.nodes)
+        shape = task.shape or shape_of(task.cores, task.nodes)
         bucket = self.buckets.get(shape)
         if bucket is None:
             bucket = self.buckets[shape] = deque()
