@@ -495,13 +495,15 @@ class AsyncClient(_Endpoint):
                   cwd: Optional[str] = None, output: bool = True,
                   on_output: Optional[Callable[[str, bytes], None]] = None,
                   on_started: Optional[Callable[[RunResult], None]] = None,
-                  wait: bool = False, oversubscribe: bool = False) -> RunResult:
+                  wait: bool = False, oversubscribe: bool = False,
+                  cpus_allowed: Optional[List[int]] = None) -> RunResult:
         """Run to completion (or to the start, with ``detach``). nrmd sends
         a ``started`` reply only when ``on_started`` or ``detach`` needs it:
         the result is complete either way, and a launch storm saves one
         message per run through both sides' zmq I/O threads."""
         msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
-                           oversubscribe, started=detach or on_started is not None)
+                           oversubscribe, cpus_allowed,
+                           started=detach or on_started is not None)
         q = self._open(msg)
         result = RunResult()
         try:

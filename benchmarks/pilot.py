@@ -1,0 +1,92 @@
+"""nrm pilot vs a Popen loop: 1000 iterations of /bin/true.
+
+Both in the same run: ``nrm pilot`` from process start to exit (one job
+file, one iterative job, a pool of 2 cores, against a private nrmd started
+here beforehand, and once more with the pilot starting its own), and a
+baseline Popen loop keeping 2 processes in flight. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nrm.tools.localnrmd import LocalNrmd, nrm_argv  # noqa: E402
+
+N = int(os.environ.get("PILOT_BENCH_N", "1000"))
+
+
+def popen_loop(n: int, inflight: int = 2) -> float:
+    t0 = time.perf_counter()
+    running = []
+    started = 0
+    while started < n or running:
+        while started < n and len(running) < inflight:
+            running.append(subprocess.Popen(["/bin/true"]))
+            started += 1
+        running.pop(0).wait()
+    return time.perf_counter() - t0
+
+
+def pilot(env, wd: str) -> float:
+    path = os.path.join(wd, "jobs.json")
+    with open(path, "w") as f:
+        json.dump([{"request": "submit", "jobs": [{
+            "name": "t", "execution": {"exec": "/bin/true"}, "iteration": {"stop": N}}]},
+            {"request": "control", "command": "finishAfterAllTasksDone"}], f)
+    t0 = time.perf_counter()
+    r = subprocess.run(nrm_argv() + ["pilot", "--file-path", path, "--wd", wd, "--nodes", "2"],
+                       env=env, capture_output=True)
+    elapsed = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"nrm pilot failed: {r.stderr.decode()}")
+    return elapsed
+
+
+def scheduling_us_per_task(n: int = 10_000) -> float:
+    """The pure manager: n jobs in chains of 10, submitted, placed, ended."""
+    from nrm.pilot import jobfile
+    from nrm.pilot.manager import Manager
+    from nrm.pilot.scheduler import Pool
+    jobs = [{"name": f"j{i}", "execution": {"exec": "true"},
+             "dependencies": {"after": [f"j{i - 1}"] if i % 10 else []}} for i in range(n)]
+    req = jobfile.parse_requests([{"request": "submit", "jobs": jobs}]).requests[0]
+    t0 = time.perf_counter()
+    mgr = Manager(Pool([("n0", 2)]), "/wd")
+    mgr.handle(req, 0.0)
+    while True:
+        placed = mgr.placements(1.0)
+        if not placed:
+            break
+        for task, _ in placed:
+            mgr.started(task, 1.0)
+            mgr.ended(task, 0, 2.0)
+    assert mgr.outcome()["SUCCEED"] == n
+    return 1e6 * (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    runs = sorted(scheduling_us_per_task() for _ in range(3))
+    out = {"iterations": N, "scheduling_us_per_task_10k_chained_median_of_3": runs[1]}
+    out["popen_2_inflight_s"] = popen_loop(N)
+    with LocalNrmd(log_level="warning") as d:
+        out["pilot_with_nrmd_s"] = pilot(d.env, tempfile.mkdtemp(prefix="pilot-bench-"))
+    empty = tempfile.mkdtemp(prefix="pilot-bench-none-")
+    out["pilot_private_nrmd_s"] = pilot(dict(os.environ, NRM_RUNTIME_DIR=empty),
+                                        tempfile.mkdtemp(prefix="pilot-bench-"))
+    out["ratio_pilot_vs_popen"] = out["pilot_with_nrmd_s"] / out["popen_2_inflight_s"]
+    out["pilot_per_task_ms"] = 1000 * out["pilot_with_nrmd_s"] / N
+    out["popen_per_task_ms"] = 1000 * out["popen_2_inflight_s"] / N
+    json.dump({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()},
+              sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

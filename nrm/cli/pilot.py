@@ -1,0 +1,187 @@
+"""nrm pilot: run a QCG-PilotJob request file (or an nrm YAML workflow) on nrmd slices.
+
+Options keep qcg-pm-service's names and meanings (docs/pilot.md). Exit
+status: 0 when every job succeeded and no request was refused, 1 when some
+job failed, was cancelled or omitted or a request was refused, 2 when the
+file cannot be used or an option is not supported yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+from nrm.client import AsyncClient, NrmError
+from nrm.pilot import jobfile
+from nrm.pilot.report import ReportWriter, write_final_status
+from nrm.pilot.runner import Runner
+from nrm.pilot.scheduler import Pool, PoolError, parse_nodes
+from nrm.tools.localnrmd import LocalNrmd, NrmdDidNotStart
+
+NAME = "pilot"
+HELP = "run many small tasks from a QCG-PilotJob request file, each in its own slice"
+
+#: qcg-pm-service options nrm pilot does not implement yet: refused by name
+NOT_YET = {
+    "--net": "the network interface (QCG Python API)", "--net-port": "the network interface",
+    "--net-pub-port": "the network interface", "--governor": "governor mode",
+    "--parent": "governor mode", "--slurm-partition-nodes": "Slurm partitions",
+    "--slurm-limit-nodes-range-begin": "Slurm multi-node mode",
+    "--slurm-limit-nodes-range-end": "Slurm multi-node mode",
+    "--slurm-resources-file": "Slurm multi-node mode", "--resume": "resuming",
+    "--enable-proc-stats": "process statistics", "--enable-rt-stats": "runtime statistics",
+    "--show-progress": "progress output",
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--file-path", "--file", dest="file_path", metavar="PATH",
+                   default="qcg_pm_reqs.json",
+                   help="the request file: a JSON list of requests, or YAML by its "
+                        ".yml/.yaml name (default: qcg_pm_reqs.json)")
+    p.add_argument("--wd", default=".", help="working directory of the pilot and default "
+                                             "of its jobs (default: .)")
+    p.add_argument("--nodes", metavar="[NAME:]CORES[,...]",
+                   help="the pool of nodes and cores (default: this node's cpus); larger "
+                        "than the machine runs oversubscribed")
+    p.add_argument("--resources", choices=("auto", "local", "slurm"), default="auto",
+                   help="where the pool comes from: local only for now")
+    p.add_argument("--envschema", choices=("auto", "slurm"), default="auto",
+                   help="also set SLURM_* variables in tasks (auto: inside a Slurm job)")
+    p.add_argument("--report-format", choices=("json", "text"), default="json")
+    p.add_argument("--report-file", metavar="PATH",
+                   help="the jobs report, relative to --wd (default: jobs.report in the "
+                        "pilot's directory .nrm-pilot-HOST.PID under --wd)")
+    p.add_argument("--log", default="info", choices=("critical", "error", "warning", "info",
+                                                     "debug", "notset"),
+                   help="level of service.log")
+    p.add_argument("--system-core", action="store_true",
+                   help="keep one core of the first node for the pilot itself")
+    p.add_argument("--disable-nl", action="store_true",
+                   help="accepted for QCG compatibility: nrm has no node launchers")
+    p.add_argument("--disable-pub", action="store_true",
+                   help="accepted for QCG compatibility: nrm pilot publishes nothing yet")
+    for opt, what in NOT_YET.items():
+        kwargs = {"action": "store_true"} if opt in ("--net", "--governor",
+                                                     "--enable-proc-stats",
+                                                     "--enable-rt-stats",
+                                                     "--show-progress") else {}
+        p.add_argument(opt, default=None, help=f"not supported yet ({what})", **kwargs)
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"nrm pilot: {message}", file=sys.stderr)
+    return status
+
+
+def execute(args) -> int:
+    for opt in NOT_YET:
+        if getattr(args, opt[2:].replace("-", "_"), None) not in (None, False):
+            return _fail(f"{opt}: {NOT_YET[opt]} is not supported by nrm pilot yet "
+                         "(docs/pilot.md)")
+    in_slurm = "SLURM_JOB_ID" in os.environ and not args.nodes
+    if args.resources == "slurm" or (args.resources == "auto" and in_slurm):
+        return _fail("Slurm resources (several nodes) are not supported by nrm pilot yet; "
+                     "give --nodes to use this node alone (docs/pilot.md)")
+    try:
+        parsed = jobfile.load(args.file_path)
+    except jobfile.JobFileError as exc:
+        return _fail(str(exc))
+    try:
+        if args.nodes:
+            nodes = parse_nodes(args.nodes)
+        else:
+            nodes = [(socket.gethostname(), len(os.sched_getaffinity(0)))]
+        pool = Pool(nodes, system_core=args.system_core)
+    except PoolError as exc:
+        return _fail(str(exc))
+    wd = os.path.abspath(args.wd)
+    aux = os.path.join(wd, f".nrm-pilot-{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.makedirs(aux, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"{aux}: {exc.strerror or exc}")
+    report_path = (os.path.join(wd, args.report_file) if args.report_file
+                   else os.path.join(aux, "jobs.report"))
+    log = logging.getLogger("nrm.pilot")
+    handler = logging.FileHandler(os.path.join(aux, "service.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(args.log.upper())
+    log.propagate = False
+    for err in parsed.errors:
+        print(f"nrm pilot: {args.file_path}: {err}", file=sys.stderr)
+        log.error("%s", err)
+    daemon = None
+    try:
+        runtime_dir = args.runtime_dir
+        if not _nrmd_answers(args):
+            if args.uri:
+                return _fail(f"nrmd at {args.uri} does not answer", 1)
+            daemon = LocalNrmd(log_level="warning", prefix="nrm-pilot-").start()
+            runtime_dir = daemon.rundir
+            log.info("no nrmd answers: started a private one in %s", runtime_dir)
+        status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log))
+    except NrmdDidNotStart as exc:
+        return _fail(f"no nrmd answers and a private one did not start: "
+                     f"{str(exc).splitlines()[0]}", 1)
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        log.removeHandler(handler)
+        handler.close()
+    return 1 if parsed.errors and status == 0 else status
+
+
+def _nrmd_answers(args) -> bool:
+    async def probe():
+        try:
+            client = AsyncClient(args.runtime_dir, timeout=1.0, uri=args.uri,
+                                 server_key=args.server_key, key=args.key)
+        except NrmError:
+            return False
+        try:
+            await client.status()
+            return True
+        except NrmError:
+            return False
+        finally:
+            await client.close()
+    return asyncio.run(probe())
+
+
+async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log) -> int:
+    writer = ReportWriter(report_path, args.report_format)
+    async with AsyncClient(runtime_dir, timeout=args.timeout, uri=args.uri,
+                           server_key=args.server_key, key=args.key) as client:
+        runner = Runner(pool, wd, client, envschema=args.envschema, on_final=writer)
+        writer.manager = runner.manager
+        if runner.oversubscribed:
+            print(f"nrm pilot: warning: the pool has {pool.total} cores, this node lets "
+                  f"the pilot use {len(runner.cpus)} cpus: tasks share cpus",
+                  file=sys.stderr)
+        for req in parsed.requests:
+            response = runner.handle(req)
+            log.info("request %d (%s): response %s", req.index, req.kind, response)
+            if response["code"] != 0:
+                print(f"nrm pilot: {args.file_path}: request {req.index} ({req.kind}): "
+                      f"{response['message']}", file=sys.stderr)
+            if req.kind == "finish":
+                break
+        # Without finishAfterAllTasksDone QCG ends once the file is read; nrm
+        # waits for the submitted jobs anyway (docs/pilot.md): a pilot that
+        # exits under its running tasks helps nobody. ``finish`` cancelled them.
+        await runner.wait_done()
+        if runner._inflight:
+            await asyncio.gather(*list(runner._inflight), return_exceptions=True)
+    writer.close()
+    write_final_status(os.path.join(aux, "final_status.json"), runner.manager)
+    outcome = runner.manager.outcome()
+    summary = ", ".join(f"{n} {s}" for s, n in outcome.items() if n)
+    print(f"nrm pilot: {len(runner.manager.jobs)} jobs: {summary or 'none'}; "
+          f"report {report_path}", file=sys.stderr)
+    bad = runner.rejected or any(n for s, n in outcome.items() if s != "SUCCEED")
+    return 1 if bad else 0

@@ -1,0 +1,347 @@
+"""The pilot's state machine: requests in, placements and responses out.
+
+No I/O and no clock of its own (every call takes ``now``): the runner
+launches what :meth:`Manager.placements` returns and reports exits back
+with :meth:`Manager.ended`. Responses follow QCG's envelope
+``{"code": 0|1, "message": str, "data": {...}}``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from nrm.pilot import model
+from nrm.pilot.graph import DependencyGraph
+from nrm.pilot.jobfile import Request
+from nrm.pilot.model import (CANCELED, EXECUTING, FAILED, FINAL, OMITTED, QUEUED, SCHEDULED,
+                             SUCCEED, Allocation, Job, Task)
+from nrm.pilot.scheduler import Pool, Scheduler, shape_of
+
+
+def ok(message: str = "", **data) -> Dict[str, Any]:
+    return {"code": 0, "message": message, "data": data}
+
+
+def error(message: str) -> Dict[str, Any]:
+    return {"code": 1, "message": message, "data": {}}
+
+
+class Manager:
+    def __init__(self, pool: Pool, root_wd: str,
+                 on_final: Optional[Callable[[Any], None]] = None):
+        self.pool = pool
+        self.root_wd = root_wd
+        self.scheduler = Scheduler(pool)
+        self.jobs: Dict[str, Job] = {}
+        self.graph = DependencyGraph(self._state_of)
+        self.on_final = on_final or (lambda item: None)
+        self._rcnt = itertools.count(1)
+        self._seq = itertools.count()
+        self.unfinished = 0            # jobs not yet final
+        self.running: Dict[str, Task] = {}
+        self.finish_requested = False
+        self.wait_requested = False
+
+    def _state_of(self, name: str) -> Optional[str]:
+        job = self.jobs.get(name)
+        return None if job is None else job.state
+
+    # --------------------------------------------------------- requests ---
+    def handle(self, req: Request, now: float) -> Dict[str, Any]:
+        return getattr(self, "_req_" + req.kind)(req, now)
+
+    def _req_submit(self, req: Request, now: float) -> Dict[str, Any]:
+        rcnt = next(self._rcnt)
+        base = model.request_variables(rcnt, uuid.uuid4().hex[:12], now)
+        staged: List[Job] = []
+        names = set()
+        for spec in req.jobs:
+            name = model.substitute(spec.name, dict(base, jname=spec.name))
+            if "${" in name or set(name) & model.NAME_BAD_CHARS:
+                return error(f"Job identifier '{name}' contains invalid characters "
+                             "or unknown variables")
+            if name in self.jobs or name in names:
+                return error(f"Job {name} already exist")
+            cores, nodes = model.task_counts(spec, self.pool.total, len(self.pool.names))
+            shape = shape_of(cores, nodes)
+            if not self.pool.fits_ever(shape):
+                return error(f"Not enough resources for job {name}")
+            job = Job(spec, name, req.index, next(self._seq))
+            it = spec.iteration
+            for index in (it.indexes() if it is not None else (None,)):
+                variables = dict(base, jname=name, uniq=f"{base['uniq']}.{index or 0}",
+                                 it=index if index is not None else "",
+                                 itval=it.value(index) if it is not None else "")
+                task = Task(job, index, variables, cores, nodes, next(self._seq))
+                task.shape = shape
+                job.tasks.append(task)
+            staged.append(job)
+            names.add(name)
+        for job in staged:                      # all valid: the request is atomic
+            self.jobs[job.name] = job
+            job.set_state(QUEUED, now)
+            for task in job.tasks:
+                task.set_state(QUEUED, now)
+            self.unfinished += 1
+        for job in staged:                      # after registration: forward references
+            verdict = self.graph.add(job)
+            if verdict == "ready":
+                self._enqueue(job)
+            elif verdict == OMITTED:
+                self._omit([job], now)
+        return ok(f"{len(staged)} jobs submitted", submitted=len(staged),
+                  jobs=[j.name for j in staged])
+
+    def _req_listJobs(self, req, now):
+        jobs = {}
+        for name, job in self.jobs.items():
+            entry: Dict[str, Any] = {"status": job.state}
+            if job.messages:
+                entry["messages"] = "; ".join(job.messages)
+            jobs[name] = entry
+        return ok(length=len(jobs), jobs=jobs)
+
+    def _per_job(self, req, fn) -> Dict[str, Any]:
+        out = {}
+        for name in req.names:
+            job = self.jobs.get(name)
+            if job is None:
+                out[name] = {"status": 1, "message": f"Job {name} doesn't exist"}
+            else:
+                out[name] = {"status": 0, "data": fn(job)}
+        return ok(jobs=out)
+
+    def _req_jobStatus(self, req, now):
+        return self._per_job(req, lambda j: {"jobName": j.name, "status": j.state})
+
+    def _req_jobInfo(self, req, now):
+        return self._per_job(req, lambda j: self.job_info(j, req.with_childs))
+
+    def _req_cancelJob(self, req, now):
+        missing = [n for n in req.names if n not in self.jobs]
+        if missing:
+            return error(f"Job {missing[0]} doesn't exist")
+        for name in req.names:
+            self.cancel(self.jobs[name], now)
+        return ok(f"{len(req.names)} jobs canceled")
+
+    def _req_removeJob(self, req, now):
+        removed = 0
+        for name in req.names:
+            job = self.jobs.get(name)
+            if job is not None and job.final:
+                del self.jobs[name]
+                removed += 1
+        if removed < len(req.names):
+            return error(f"{len(req.names) - removed} of the jobs are unknown or not "
+                         f"finished; {removed} removed")
+        return ok(removed=removed)
+
+    def _req_resourcesInfo(self, req, now):
+        return ok(total_nodes=len(self.pool.names), total_cores=self.pool.total,
+                  used_cores=self.pool.used, free_cores=self.pool.free_total)
+
+    def _req_control(self, req, now):
+        self.wait_requested = True
+        return ok("finishAfterAllTasksDone command accepted")
+
+    def _req_finish(self, req, now):
+        self.finish_requested = True
+        return ok("finish command accepted")
+
+    def _req_status(self, req, now):
+        return ok(**self.final_status())
+
+    # ------------------------------------------------------- scheduling ---
+    def _enqueue(self, job: Job) -> None:
+        for task in job.tasks:
+            if task.state == QUEUED:
+                self.scheduler.push(task)
+
+    def placements(self, now: float) -> List[Tuple[Task, Allocation]]:
+        """Tasks to start now, each with its cores (state SCHEDULED)."""
+        placed = self.scheduler.schedule()
+        for task, alloc in placed:
+            task.allocation = alloc
+            task.attempt += 1
+            self._set(task, SCHEDULED, now)
+            self.running[task.name] = task
+            task.variables.update(root_wd=self.root_wd, ncores=alloc.ncores,
+                                  nnodes=len(alloc.parts), nlist=",".join(alloc.nodes))
+        return placed
+
+    def started(self, task: Task, now: float) -> None:
+        task.started = now
+        self._set(task, EXECUTING, now)
+
+    def ended(self, task: Task, exit_code: Optional[int], now: float,
+              message: Optional[str] = None, canceled: bool = False) -> None:
+        """A launched task is over (``exit_code`` None: it never started)."""
+        if task.final:
+            return
+        self.running.pop(task.name, None)
+        if task.allocation is not None:
+            self.pool.release(task.allocation)
+        task.ended = now
+        if task.started is None:
+            task.started = now
+        task.exit_code = -1 if exit_code is None else exit_code
+        task.message = message
+        state = CANCELED if canceled else SUCCEED if exit_code == 0 else FAILED
+        self._set(task, state, now)
+
+    def _set(self, task: Task, state: str, now: float) -> None:
+        task.set_state(state, now)
+        job = task.job
+        if state in FINAL and job.iterative:
+            self.on_final(task)
+        if job.task_state_changed(task, now):
+            self.unfinished -= 1
+            self.on_final(job)
+            ready, omitted = self.graph.finished(job.name, job.state)
+            for j in ready:
+                self._enqueue(j)
+            self._omit(omitted, now)
+            if job.state == OMITTED:
+                _, more = self.graph.finished(job.name, OMITTED)
+                self._omit(more, now)
+
+    def _omit(self, jobs: List[Job], now: float) -> None:
+        """Jobs whose dependency will never succeed: OMITTED, with their
+        own dependants (the graph gives the transitive closure)."""
+        cascade: List[Job] = []
+        for job in jobs:
+            if job.final:
+                continue
+            job.messages.append("a dependency did not succeed")
+            for task in job.tasks:
+                task.set_state(OMITTED, now)
+                if job.iterative:
+                    self.on_final(task)
+            job.finished_tasks = len(job.tasks)
+            job.set_state(OMITTED, now)
+            self.unfinished -= 1
+            self.on_final(job)
+            cascade.extend(self.graph.finished(job.name, OMITTED)[1])
+        if cascade:
+            self._omit(cascade, now)
+
+    def cancel(self, job: Job, now: float) -> List[Task]:
+        """Queued tasks end CANCELED now; running ones are returned for the
+        runner to kill (their exit then reports them CANCELED)."""
+        running = []
+        if job.final:
+            return running
+        self.graph.remove(job)
+        for task in job.tasks:
+            if task.state == QUEUED:
+                self._set(task, CANCELED, now)
+            elif not task.final:
+                task.message = "canceled"
+                running.append(task)
+        return running
+
+    @property
+    def done(self) -> bool:
+        return self.unfinished == 0
+
+    # ---------------------------------------------------------- reports ---
+    def runtime(self, task: Task) -> Dict[str, Any]:
+        if task.allocation is None:
+            return {}
+        out = {"allocation": str(task.allocation), "wd": task.wd or self.root_wd,
+               "rtime": model.format_rtime(task.rtime or 0.0),
+               "exit_code": task.exit_code}
+        if task.pid:
+            out["pid"] = task.pid
+        return out
+
+    def history_text(self, history) -> str:
+        return "".join(f"\n{model.format_stamp(ts)}: {state}" for state, ts in history)
+
+    def job_info(self, job: Job, with_childs: bool) -> Dict[str, Any]:
+        data: Dict[str, Any] = {"jobName": job.name, "status": job.state,
+                                "history": self.history_text(job.history)}
+        if job.messages:
+            data["messages"] = "; ".join(job.messages)
+        if job.iterative:
+            it = job.spec.iteration
+            data["iterations"] = {"start": 0 if it.values is not None else it.start,
+                                  "stop": it.count if it.values is not None else it.stop,
+                                  "total": len(job.tasks), "finished": job.finished_tasks,
+                                  "failed": job.failed_tasks}
+            if with_childs:
+                data["childs"] = [{"iteration": t.index, "state": t.state,
+                                   "runtime": self.runtime(t), "messages": t.message}
+                                  for t in job.tasks]
+        else:
+            data["runtime"] = self.runtime(job.tasks[0])
+        return data
+
+    def report_entry(self, item: Any) -> Dict[str, Any]:
+        """One jobs.report line: a finished iteration, or a finished job."""
+        entry: Dict[str, Any] = {
+            "name": item.name, "state": item.state,
+            "history": [{"state": s, "date": model.format_stamp(ts)} for s, ts in item.history],
+        }
+        if isinstance(item, Task):
+            entry["runtime"] = self.runtime(item)
+            if item.message:
+                entry["messages"] = item.message
+            return entry
+        raw = item.spec.raw
+        if not item.iterative:
+            entry["runtime"] = self.runtime(item.tasks[0])
+            if item.tasks[0].message:
+                entry["messages"] = item.tasks[0].message
+        entry["execution"] = raw.get("execution")
+        entry["resources"] = raw.get("resources") or {"numCores": {"exact": 1}}
+        if item.after:
+            entry["dependencies"] = {"after": list(item.after)}
+        if item.messages:
+            entry["messages"] = "; ".join(item.messages)
+        return entry
+
+    def final_status(self) -> Dict[str, Any]:
+        jobs = list(self.jobs.values())
+        tasks = [t for j in jobs if j.iterative for t in j.tasks]
+
+        def count(items, state):
+            return sum(1 for i in items if i.state == state)
+
+        def stats(items):
+            return {"TotalJobs" if items is jobs else "TotalIterations": len(items),
+                    "InScheduleJobs" if items is jobs else "InScheduleIterations":
+                        count(items, QUEUED) + count(items, SCHEDULED),
+                    "FailedJobs" if items is jobs else "FailedIterations": count(items, FAILED),
+                    "FinishedJobs" if items is jobs else "FinishedIterations":
+                        sum(1 for i in items if i.state in FINAL),
+                    "ExecutingJobs" if items is jobs else "ExecutingIterations":
+                        count(items, EXECUTING)}
+        return {
+            "System": {"Uptime": None, "Zmqaddress": None, "Ifaces": [],
+                       "Host": os.uname().nodename, "Account": _account(), "Wd": self.root_wd,
+                       "PythonVersion": None},
+            "Resources": {"Nodes": len(self.pool.names), "TotalCores": self.pool.total,
+                          "UsedCores": self.pool.used, "FreeCores": self.pool.free_total},
+            "JobStats": stats(jobs),
+            "IterationStats": stats(tasks),
+        }
+
+    def outcome(self) -> Dict[str, int]:
+        out = {s: 0 for s in (SUCCEED, FAILED, CANCELED, OMITTED)}
+        for job in self.jobs.values():
+            if job.state in out:
+                out[job.state] += 1
+        return out
+
+
+def _account() -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())

@@ -1,0 +1,247 @@
+"""The pilot on asyncio: every task runs through nrmd in a slice of its cores.
+
+:class:`Runner` is the native API that ``nrm pilot`` (and later the
+QCG-compatible Python API) sits on: feed it requests, await
+:meth:`Runner.wait_done`. Each placement becomes one ``AsyncClient.run``
+whose slice is confined (``cpus_allowed``) to the real cpus the granted
+pool cores map onto, so a task's Cpus_allowed_list is its grant.
+
+The pool is QCG's ``--nodes`` view. Core ``k`` of the pool (counted over
+all nodes in order) maps onto real cpu ``k mod N`` of the cpus this process
+may use; a pool larger than those N runs oversubscribed (shared slices),
+which is how QCG local-mode files that grant cores the machine lacks still
+run unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import shlex
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from nrm import protocol
+from nrm.client import AsyncClient, NrmError
+from nrm.manifest import Manifest, Slice, load as load_manifest
+from nrm.pilot import model
+from nrm.pilot.jobfile import Request
+from nrm.pilot.manager import Manager
+from nrm.pilot.model import Allocation, Task
+from nrm.pilot.scheduler import Pool
+
+log = logging.getLogger("nrm.pilot")
+
+
+def tasks_per_node_slurm(counts: List[int]) -> str:
+    """Slurm's run-length form: ``2(x3),1``."""
+    out: List[str] = []
+    i = 0
+    while i < len(counts):
+        j = i
+        while j < len(counts) and counts[j] == counts[i]:
+            j += 1
+        out.append(str(counts[i]) if j - i == 1 else f"{counts[i]}(x{j - i})")
+        i = j
+    return ",".join(out)
+
+
+class Runner:
+    def __init__(self, pool: Pool, wd: str, client: AsyncClient, *,
+                 cpus: Optional[List[int]] = None, envschema: str = "auto",
+                 on_final: Optional[Callable[[Any], None]] = None):
+        self.wd = os.path.abspath(wd)
+        self.manager = Manager(pool, self.wd, on_final)
+        self.client = client
+        self.cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+        self.oversubscribed = pool.total > len(self.cpus)
+        self.slurm_env = envschema == "slurm" or (envschema == "auto"
+                                                  and "SLURM_JOB_ID" in os.environ)
+        self.offsets: Dict[str, int] = {}
+        offset = 0
+        for name, size in zip(pool.names, pool.sizes):
+            self.offsets[name] = offset
+            offset += size
+        self.base_env = dict(os.environ)
+        self._manifests: Dict[str, Manifest] = {}
+        self._inflight: set = set()
+        self._done = asyncio.Event()
+        self.rejected = 0
+
+    # ------------------------------------------------------------ input ---
+    def handle(self, req: Request) -> Dict[str, Any]:
+        """One request, answered now; placements start in the background."""
+        response = self.manager.handle(req, time.time())
+        if response["code"] != 0:
+            self.rejected += 1
+        if req.kind == "finish":
+            self.cancel_all()
+        elif req.kind == "cancelJob" and response["code"] == 0:
+            for name in req.names:
+                for task in self.manager.cancel(self.manager.jobs[name], time.time()):
+                    self._kill(task)
+        self.pump()
+        return response
+
+    def cancel_all(self) -> None:
+        now = time.time()
+        for job in list(self.manager.jobs.values()):
+            for task in self.manager.cancel(job, now):
+                self._kill(task)
+
+    def _kill(self, task: Task) -> None:
+        if task.handle:
+            fut = asyncio.ensure_future(self.client.call(protocol.Kill(container=task.handle)))
+            fut.add_done_callback(_quiet)
+
+    # --------------------------------------------------------- progress ---
+    def pump(self) -> None:
+        now = time.time()
+        for task, alloc in self.manager.placements(now):
+            fut = asyncio.ensure_future(self._launch(task, alloc))
+            self._inflight.add(fut)
+            fut.add_done_callback(self._inflight.discard)
+        if self.manager.done:
+            self._done.set()
+
+    async def wait_done(self) -> None:
+        """Until every registered job is final."""
+        if not self.manager.done:
+            self._done.clear()
+            await self._done.wait()
+
+    # ----------------------------------------------------------- launch ---
+    def real_cpus(self, alloc: Allocation) -> List[int]:
+        n = len(self.cpus)
+        out = {self.cpus[(self.offsets[node] + core) % n] for node, cores in alloc.parts
+               for core in cores}
+        return sorted(out)
+
+    def manifest_for(self, task: Task, ncpus: int) -> Manifest:
+        opts = task.job.spec.nrm
+        key = opts.manifest or ""
+        base = self._manifests.get(key)
+        if base is None:
+            base = (load_manifest(opts.manifest) if opts.manifest
+                    else Manifest(name="nrm-pilot", slice=Slice(cpus=1, mems=1)))
+            self._manifests[key] = base
+        m = dataclasses.replace(base, slice=dataclasses.replace(base.slice, cpus=ncpus))
+        if opts.power:
+            m = dataclasses.replace(m, power=dataclasses.replace(m.power, policy=opts.power))
+        return m
+
+    def task_env(self, task: Task, alloc: Allocation, cpus: List[int], wd: str) -> Dict[str, str]:
+        env = dict(self.base_env)
+        v = task.variables
+        nodes = alloc.nodes
+        per_node = [len(c) for _, c in alloc.parts]
+        ncores = alloc.ncores
+        env.update({
+            "QCG_PM_NNODES": str(len(nodes)), "QCG_PM_NODELIST": ",".join(nodes),
+            "QCG_PM_NPROCS": str(ncores), "QCG_PM_NTASKS": str(ncores),
+            "QCG_PM_STEP_ID": str(v["uniq"]),
+            "QCG_PM_TASKS_PER_NODE": ",".join(map(str, per_node)),
+            "QCG_PM_CPU_SET": ",".join(map(str, cpus)),
+        })
+        if self.slurm_env:
+            tpn = tasks_per_node_slurm(per_node)
+            hostfile = os.path.join(wd, f".{task.name}.hostfile")
+            with open(hostfile, "w") as f:
+                for node, cores in alloc.parts:
+                    f.write(f"{node}\n" * len(cores))
+            env.update({
+                "SLURM_NNODES": str(len(nodes)), "SLURM_NODELIST": ",".join(nodes),
+                "SLURM_NPROCS": str(ncores), "SLURM_NTASKS": str(ncores),
+                "SLURM_JOB_NODELIST": ",".join(nodes), "SLURM_JOB_NUM_NODES": str(len(nodes)),
+                "SLURM_STEP_NODELIST": ",".join(nodes), "SLURM_STEP_NUM_NODES": str(len(nodes)),
+                "SLURM_STEP_NUM_TASKS": str(ncores), "SLURM_NTASKS_PER_NODE": tpn,
+                "SLURM_STEP_TASKS_PER_NODE": tpn, "SLURM_TASKS_PER_NODE": tpn,
+                "SLURM_JOB_CPUS_PER_NODE": tpn, "SLURM_OVERLAP": "1",
+                "SLURM_HOSTFILE": hostfile,
+            })
+        if task.job.spec.execution.model == "threads":
+            env["OMP_NUM_THREADS"] = str(ncores)
+        for key, value in task.job.spec.execution.env.items():
+            env[key] = model.substitute(value, v)
+        return env
+
+    def argv_for(self, task: Task) -> List[str]:
+        """The command, wrapped in a shell only when the job needs one (a
+        script, modules, a venv, redirections)."""
+        ex = task.job.spec.execution
+        v = task.variables
+        sub = lambda s: model.substitute(s, v)  # noqa: E731
+        prefix: List[str] = []
+        if ex.modules:
+            prefix.append("source /etc/profile && module load "
+                          + " ".join(shlex.quote(sub(m)) for m in ex.modules))
+        if ex.venv:
+            prefix.append(f"source {shlex.quote(os.path.join(sub(ex.venv), 'bin/activate'))}")
+        redirect = ""
+        for fd, path in (("<", ex.stdin), (">", ex.stdout), ("2>", ex.stderr)):
+            if path:
+                redirect += f" {fd}{shlex.quote(sub(path))}"
+        if ex.script is not None:
+            if not prefix and not redirect:
+                return ["bash", "-l", "-c", sub(ex.script)]
+            body = "exec" + redirect + " bash -l -c " + shlex.quote(sub(ex.script))
+            return ["bash", "-c", " && ".join(prefix + [body])]
+        command = [sub(ex.exec)] + [sub(a) for a in ex.args]
+        if not prefix and not redirect:
+            return command
+        body = "exec" + redirect + ' "$@"'
+        return ["bash", "-c", " && ".join(prefix + [body]), "bash"] + command
+
+    async def _launch(self, task: Task, alloc: Allocation) -> None:
+        ex = task.job.spec.execution
+        now = time.time()
+        try:
+            wd = os.path.join(self.wd, model.substitute(ex.wd, task.variables)) if ex.wd \
+                else self.wd
+            task.wd = wd
+            os.makedirs(wd, exist_ok=True)
+            cpus = self.real_cpus(alloc)
+            manifest = self.manifest_for(task, len(cpus))
+            env = self.task_env(task, alloc, cpus, wd)
+            argv = self.argv_for(task)
+        except Exception as exc:              # a bad wd, manifest: the task fails
+            self.manager.ended(task, None, now, message=str(exc))
+            self.pump()
+            return
+
+        def started(result):
+            task.handle = result.container
+            task.pid = result.pid
+            if task.message == "canceled":         # cancelled while it was starting
+                self._kill(task)
+
+        if task.message == "canceled":             # cancelled before it was launched
+            self.manager.ended(task, None, now, message="canceled", canceled=True)
+            self.pump()
+            return
+
+        self.manager.started(task, now)
+        code: Optional[int] = None
+        message = None
+        try:
+            result = await self.client.run(
+                manifest, argv, env=env, cwd=wd, output=False, on_started=started,
+                wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus)
+            code = result.status
+            task.pid = result.pid
+        except NrmError as exc:
+            message = str(exc)
+            log.warning("%s: %s", task.name, message)
+        except Exception as exc:             # never leave the pilot hanging on one task
+            message = f"{type(exc).__name__}: {exc}"
+            log.exception("%s: launch failed", task.name)
+        self.manager.ended(task, code, time.time(), message=message or task.message,
+                           canceled=task.message == "canceled")
+        self.pump()
+
+
+def _quiet(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("kill failed: %s", fut.exception())
