@@ -31,6 +31,13 @@ Plant model (one package, one rank per cpu, ``N`` ranks):
   bandwidth limit throttles spin and compute alike, so a cpu is charged
   ``u = speed`` for the whole phase, waiting or not. Energy is integrated
   over each phase's segments (before and after the lag).
+* **Phase types.** Each phase reports the call site of the collective
+  that ends it (as the PMPI interposer does): ``phase-varying`` alternates
+  two sites, every other pattern has one. With ``--lag 0`` the decision
+  applies at the collective's exit (the interposer-side table the
+  per-type rule is made for, modelled here only) and the policy covers
+  one phase type; otherwise it covers the two a decision spans
+  (``nrm.power.policies.PHASE_WINDOW``). ``--no-sites`` reports no type.
 
 Patterns (40 phases; the critical rank's work is 50 ms unless said):
 ``static`` 2 ranks 1 : 0.5; ``static4`` 4 ranks 1 : .8 : .6 : .4;
@@ -166,14 +173,20 @@ def oracle_energy(knob: str, work: Work) -> float:
 
 # -- the closed loop -------------------------------------------------------
 
-def run_policy(name: str, work: Work, lag: float,
-               cross_rank: bool = daemon.CROSS_RANK) -> Tuple[float, float, dict]:
+def site_of(pattern: str, phase: int) -> int:
+    """The call site of the collective that ends ``phase`` (nonzero, as the interposer's)."""
+    return 2 + phase % 2 if pattern == "phase-varying" else 1
+
+
+def run_policy(name: str, work: Work, lag: float, cross_rank: bool = daemon.CROSS_RANK,
+               sites: Callable[[int], int] = lambda i: 0) -> Tuple[float, float, dict]:
     """Drive ``ContainerPolicy(name)`` with the daemon's settings; returns (time, energy, stats)."""
     ranks = list(range(len(work[0])))
     policy = ContainerPolicy(name, ranks, damper_s=DEFAULT_DAMPER_S, slowdown=DEFAULT_SLOWDOWN,
                              frequencies=GRID, levels=LEVELS,
                              warmup_phases=daemon.WARMUP_PHASES,
-                             settle_rounds=daemon.SETTLE_ROUNDS, cross_rank=cross_rank)
+                             settle_rounds=daemon.SETTLE_ROUNDS, cross_rank=cross_rank,
+                             phase_window=1 if lag == 0 else daemon.PHASE_WINDOW)
 
     def now() -> List[Setting]:
         view = policy.settings()
@@ -198,7 +211,7 @@ def run_policy(name: str, work: Work, lag: float,
         previous_t = t
         order = ranks if i % 2 else ranks[::-1]
         for r in order:
-            policy.on_phase(r, r, 1, compute[r], t, i + 1)
+            policy.on_phase(r, r, 1, compute[r], t, i + 1, sites(i))
         old, new = new, now()
     return elapsed, energy, dict(policy.stats)
 
@@ -208,7 +221,7 @@ def _median(values: List[float]) -> float:
 
 
 def evaluate(patterns: Sequence[str], policies: Sequence[str], seeds: int, phases: int,
-             lag: float, noise: float) -> List[dict]:
+             lag: float, noise: float, typed: bool = True) -> List[dict]:
     results = []
     for pattern in patterns:
         per = {p: {"saving": [], "oracle": [], "fraction": [], "slowdown": [],
@@ -217,8 +230,9 @@ def evaluate(patterns: Sequence[str], policies: Sequence[str], seeds: int, phase
             work = make_work(pattern, phases, noise, seed)
             base_t, base_e, _ = run_policy("NONE", work, lag)
             oracles = {k: 1 - oracle_energy(k, work) / base_e for k in POLICIES}
+            sites = (lambda i, pat=pattern: site_of(pat, i)) if typed else (lambda i: 0)
             for p in policies:
-                t, e, stats = run_policy(p, work, lag)
+                t, e, stats = run_policy(p, work, lag, sites=sites)
                 saving = 1 - e / base_e
                 per[p]["saving"].append(saving)
                 per[p]["oracle"].append(oracles[p])
@@ -260,6 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", type=float, default=0.05, help="plant noise, +- fraction")
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--no-sites", action="store_true", help="report no phase type")
     args = ap.parse_args(argv)
     patterns = [p for p in args.patterns.split(",") if p]
     policies = [p.upper() for p in args.policies.split(",") if p]
@@ -268,10 +283,12 @@ def main(argv=None) -> int:
         print(f"power_oracle: bad arguments {bad or vars(args)}; patterns: "
               f"{', '.join(PATTERNS)}; policies: {', '.join(POLICIES)}", file=sys.stderr)
         return 2
-    results = evaluate(patterns, policies, args.seeds, args.phases, args.lag, args.noise)
+    results = evaluate(patterns, policies, args.seeds, args.phases, args.lag, args.noise,
+                       typed=not args.no_sites)
     if args.json:
         print(json.dumps({"plant": {"lag": args.lag, "noise": args.noise, "seeds": args.seeds,
-                                    "phases": args.phases, "settle_rounds": daemon.SETTLE_ROUNDS,
+                                    "phases": args.phases, "sites": not args.no_sites,
+                                    "settle_rounds": daemon.SETTLE_ROUNDS,
                                     "warmup_phases": daemon.WARMUP_PHASES},
                           "results": results}, indent=1))
     else:

@@ -183,15 +183,15 @@ class Client:
         return True
 
     def phase_context(self, cpu: int, computetime: int, totaltime: int,
-                      aggregation: int = 1) -> bool:
-        """``aggregation`` phases on ``cpu`` took these totals (ns)."""
+                      aggregation: int = 1, site: int = 0) -> bool:
+        """``aggregation`` phases on ``cpu`` took these totals (ns); ``site``: their type."""
         with self._open() as sender:
             if sender is None:
                 return True
             self._phases += aggregation
             msg = DPhaseContext(rank=self.rank, cpu=cpu, phase=self._phases,
                                 aggregation=aggregation, computetime=int(computetime),
-                                totaltime=int(totaltime), **self._ids)
+                                totaltime=int(totaltime), site=int(site), **self._ids)
             return sender.send(protocol.encode(msg))
 
     def performance(self, event: str, payload: float, interval: float) -> bool:

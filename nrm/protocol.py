@@ -181,6 +181,9 @@ class DPhaseContext(_Msg, tag="phase_context"):
 
     ``phase`` is the sender's cumulative phase count after this message, so
     the policy gate can line up ranks that aggregated differently.
+    ``site`` names the phase type: a hash of the call site of the
+    collective that ended the phases (0: unknown, or phases of several
+    types aggregated); the cross-rank policy predicts per type with it.
     """
     container: str = ""
     task: str = ""
@@ -191,6 +194,7 @@ class DPhaseContext(_Msg, tag="phase_context"):
     aggregation: I64 = 1
     computetime: I64 = 0
     totaltime: I64 = 0
+    site: I64 = 0
 
 
 class DPerformance(_Msg, tag="performance"):

@@ -147,6 +147,13 @@ def test_two_ranks_phase_contexts(imbalance, tmp_path, imbalance_factor):
     common = {m.phase for m in ranks[0]} & {m.phase for m in ranks[1]}
     assert len(common) >= min(len(ranks[0]), len(ranks[1])) // 2
 
+    # Phase types: the barrier before the loop and the one in it are two
+    # call sites, the same on both ranks whatever their load addresses.
+    sites = {r: (ps[0].site, {m.site for m in ps[1:]}) for r, ps in ranks.items()}
+    first, loop = sites[0]
+    assert sites[1] == sites[0] and first != 0, sites
+    assert len(loop) == 1 and not loop & {0, first}, sites
+
 
 def test_pass_through_without_transmit(imbalance, tmp_path):
     argv = [MPIEXEC, "-n", "2", imbalance, "-n", "50", "-u", "1000"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nrm.power.policy import ContainerPolicy
-from nrm.power.policy.crossrank import cover, decide, margin, need_intervals, work_interval
+from nrm.power.policy.crossrank import (cover, decide, margin, need_intervals, provision,
+                                        successor_types, work_interval)
 
 GHZ = 1e9
 GRID = [float((1000 + 200 * k) * 1_000_000) for k in range(8)]  # the emulated 1.0-2.4 GHz
@@ -110,3 +111,64 @@ def test_cross_rank_guard_raises_only_the_late_rank():
     _run(policy, {0: 1.0, 1: 1.0, 2: 0.5}, 1, first=7)  # rank 1's work doubles
     assert [policy.settings()[r]["level"] for r in (0, 1, 2)] == [16, 16, 9]
     assert policy.stats["slowdown_resets"] == 1
+
+
+@pytest.mark.parametrize("histories, widen, expected", [
+    ([[0.5]], 1.0, 0.51),                     # one type: its need + the 2 % floor
+    ([[0.5], [0.8]], 1.0, 0.816),             # a window over two types: the larger
+    ([[0.5, 0.5], [0.8, 0.8]], 2.0, 0.832),   # a late cpu's widened margin
+    ([[0.5], []], 1.0, None),                 # a type never seen: no prediction
+    ([], 1.0, None),
+    ([[0.99]], 1.0, 1.0),                     # never above full speed
+])
+def test_provision_per_phase_type(histories, widen, expected):
+    got = provision(histories, widen)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize("site, successors, window, expected", [
+    (7, {7: 9, 9: 7}, 1, [9]),
+    (7, {7: 9, 9: 7}, 2, [9, 7]),
+    (7, {7: 7}, 2, [7, 7]),                   # one collective in the loop
+    (7, {9: 7}, 1, None),                     # what follows 7 is not known yet
+    (7, {7: 9}, 2, None),
+])
+def test_successor_types(site, successors, window, expected):
+    assert successor_types(site, successors, window) == expected
+
+
+def _run_typed(policy, types, phases):
+    """Alternate phase types; ``types`` maps a site to each rank's share of the work."""
+    sites = list(types)
+    seen = []
+    for phase in range(1, phases + 1):
+        site = sites[phase % len(sites)]
+        settings = policy.settings()
+        seen.append((site, settings[1]["level"]))
+        compute = {r: 0.05 * share / (settings[r]["level"] / 16)
+                   for r, share in types[site].items()}
+        t = max(compute.values())
+        for r in compute:
+            policy.on_phase(r, r, 1, compute[r], t, phase, site)
+    return seen
+
+
+@pytest.mark.parametrize("window, expected", [
+    (1, {7: 9, 9: 14}),    # applied at the collective's exit: each type at its own need
+    (2, {7: 15, 9: 15}),   # landing inside the next phase: one setting covers both types
+])
+def test_per_type_prediction_sets_the_next_phase_types_need(window, expected):
+    policy = ContainerPolicy("DDCM", [0, 1], cross_rank=True, phase_window=window)
+    seen = _run_typed(policy, {7: {0: 1.0, 1: 0.5}, 9: {0: 1.0, 1: 0.8}}, 12)
+    # After a few phases, the level in force during each type's phase is its need's.
+    assert {site: level for site, level in seen[-4:]} == expected
+
+
+def test_unknown_phase_type_keeps_the_per_phase_rule():
+    typed = ContainerPolicy("DDCM", [0, 1], frequencies=GRID, cross_rank=True)
+    untyped = ContainerPolicy("DDCM", [0, 1], frequencies=GRID, cross_rank=True)
+    _run(typed, {0: 1.0, 1: 0.5}, 6)
+    _run(untyped, {0: 1.0, 1: 0.5}, 6)
+    assert typed.settings() == untyped.settings()
+    with pytest.raises(ValueError, match="phase_window"):
+        ContainerPolicy("DDCM", [0, 1], cross_rank=True, phase_window=3)

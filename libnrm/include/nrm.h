@@ -84,6 +84,18 @@ int nrm_send_phase_aggregate(struct nrm_context *ctxt, int rank, int cpu,
 			     unsigned long long totaltime);
 
 /*
+ * The same, for phases of one type: `site` identifies the call site of
+ * the collective that ended them (0: unknown or mixed, the field is then
+ * omitted); the same collective must give every rank the same value.
+ */
+int nrm_send_phase_typed(struct nrm_context *ctxt, int rank, int cpu,
+			 unsigned long long phase,
+			 unsigned long aggregation,
+			 unsigned long long computetime,
+			 unsigned long long totaltime,
+			 unsigned long long site);
+
+/*
  * A performance counter reading: `payload` occurrences of `event` (for
  * example "instructions") over `interval` seconds.
  */

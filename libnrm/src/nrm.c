@@ -382,17 +382,30 @@ int nrm_send_phase_aggregate(struct nrm_context *ctxt, int rank, int cpu,
 			     unsigned long long phase, unsigned long aggregation,
 			     unsigned long long computetime, unsigned long long totaltime)
 {
+	return nrm_send_phase_typed(ctxt, rank, cpu, phase, aggregation, computetime,
+				    totaltime, 0);
+}
+
+int nrm_send_phase_typed(struct nrm_context *ctxt, int rank, int cpu,
+			 unsigned long long phase, unsigned long aggregation,
+			 unsigned long long computetime, unsigned long long totaltime,
+			 unsigned long long site)
+{
 	struct nrm_state *st = state_of(ctxt);
 	char buf[NRM_MSG_MAX];
+	char typed[40] = "";
 	int len, rc;
 
 	if (st == NULL)
 		return 0;
+	/* The daemon's field is a signed 64-bit integer; older daemons ignore it. */
+	if (site != 0)
+		snprintf(typed, sizeof(typed), ",\"site\":%llu", site & 0x7fffffffffffffffULL);
 	len = snprintf(buf, sizeof(buf),
 		       "{\"v\":1,\"type\":\"phase_context\",%s,\"rank\":%d,\"cpu\":%d,"
 		       "\"phase\":%llu,\"aggregation\":%lu,\"computetime\":%llu,"
-		       "\"totaltime\":%llu}",
-		       st->ids, rank, cpu, phase, aggregation, computetime, totaltime);
+		       "\"totaltime\":%llu%s}",
+		       st->ids, rank, cpu, phase, aggregation, computetime, totaltime, typed);
 	pthread_mutex_lock(&st->lock);
 	rc = send_locked(st, buf, len, ZMQ_DONTWAIT);
 	pthread_mutex_unlock(&st->lock);

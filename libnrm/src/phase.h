@@ -23,6 +23,7 @@ struct nrm_phase_agg {
 	uint64_t compute_ns;
 	uint64_t total_ns;
 	int cpu;		/* cpu of the pending aggregate */
+	uint64_t site;		/* phase type of the pending aggregate, 0: mixed */
 };
 
 struct nrm_phase_msg {
@@ -31,6 +32,7 @@ struct nrm_phase_msg {
 	uint64_t compute_ns;
 	uint64_t total_ns;
 	int cpu;
+	uint64_t site;		/* the call site every phase ended at, or 0 */
 };
 
 static inline void nrm_phase_init(struct nrm_phase_agg *a, uint64_t period_ns)
@@ -43,6 +45,7 @@ static inline void nrm_phase_init(struct nrm_phase_agg *a, uint64_t period_ns)
 	a->compute_ns = 0;
 	a->total_ns = 0;
 	a->cpu = -1;
+	a->site = 0;
 }
 
 static inline void nrm_phase_take(struct nrm_phase_agg *a, struct nrm_phase_msg *m)
@@ -52,26 +55,29 @@ static inline void nrm_phase_take(struct nrm_phase_agg *a, struct nrm_phase_msg 
 	m->compute_ns = a->compute_ns;
 	m->total_ns = a->total_ns;
 	m->cpu = a->cpu;
+	m->site = a->site;
 	a->n = 0;
 	a->compute_ns = 0;
 	a->total_ns = 0;
 }
 
 /*
- * One phase ended on `cpu` at time `now`.  Fills out[] with the messages to
+ * One phase, of type `site` (0: unknown), ended on `cpu` at time `now`.  Fills out[] with the messages to
  * send (0, 1, or 2 when a cpu change forces the old aggregate out first)
  * and returns their count.  A cpu-change flush is not rate limited and
  * does not move the rate-limit clock: migrations are rare, and mixing two
  * cpus in one aggregate would credit one core with another's timings.
  */
-static inline int nrm_phase_end(struct nrm_phase_agg *a, uint64_t compute_ns,
-				uint64_t total_ns, int cpu, uint64_t now,
-				struct nrm_phase_msg out[2])
+static inline int nrm_phase_end_at(struct nrm_phase_agg *a, uint64_t compute_ns,
+				   uint64_t total_ns, int cpu, uint64_t now, uint64_t site,
+				   struct nrm_phase_msg out[2])
 {
 	int count = 0;
 
 	if (a->n > 0 && cpu != a->cpu)
 		nrm_phase_take(a, &out[count++]);
+	/* An aggregate of phases that ended at different sites has no type. */
+	a->site = (a->n == 0 || a->site == site) ? site : 0;
 	a->n++;
 	a->compute_ns += compute_ns;
 	a->total_ns += total_ns;
@@ -86,6 +92,14 @@ static inline int nrm_phase_end(struct nrm_phase_agg *a, uint64_t compute_ns,
 		a->k <<= 1;
 	}
 	return count;
+}
+
+/* A phase of unknown type. */
+static inline int nrm_phase_end(struct nrm_phase_agg *a, uint64_t compute_ns,
+				uint64_t total_ns, int cpu, uint64_t now,
+				struct nrm_phase_msg out[2])
+{
+	return nrm_phase_end_at(a, compute_ns, total_ns, cpu, now, 0, out);
 }
 
 /* Whatever is pending, aligned or not (MPI_Finalize). */

@@ -8,10 +8,16 @@
  * other ranks, which is what the power policy exploits.  Phases are
  * aggregated and sent at aligned phase counts (see phase.h).
  *
+ * Each phase carries its type: a hash of the call site of the collective
+ * that ended it (its return address as an offset into the calling object,
+ * so that ranks with different load addresses agree), which lets the
+ * daemon predict each phase type's need.
+ *
  * With NRM_TRANSMIT unset or 0 (or no NRM_DOWNSTREAM_URI) every wrapper is
  * one predictable branch in front of the PMPI call: no clock reads.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <mpi.h>
 #include <pthread.h>
@@ -52,25 +58,60 @@ static inline uint64_t now_ns(void)
 
 static void emit(const struct nrm_phase_msg *m)
 {
-	nrm_send_phase_aggregate(&g.ctxt, g.rank, m->cpu, m->phase,
-				 (unsigned long)m->aggregation, m->compute_ns, m->total_ns);
+	nrm_send_phase_typed(&g.ctxt, g.rank, m->cpu, m->phase, (unsigned long)m->aggregation,
+			     m->compute_ns, m->total_ns, m->site);
 }
 
-static void phase_end(uint64_t entered)
+#define SITE_CACHE 16
+
+/*
+ * The phase type of a collective called from `ret`: FNV-1a over the
+ * calling object's name and the offset of `ret` in it, 48 bits, never 0.
+ * dladdr() takes a lock and a search, so the last few sites are cached
+ * (a program has few collective call sites).
+ */
+static uint64_t site_of(const void *ret)
+{
+	static __thread struct { const void *ret; uint64_t site; } cache[SITE_CACHE];
+	unsigned slot = (unsigned)(((uintptr_t)ret >> 2) % SITE_CACHE);
+	uint64_t h = 1469598103934665603ULL;
+	uintptr_t offset = (uintptr_t)ret;
+	Dl_info info;
+
+	if (cache[slot].ret == ret && cache[slot].site != 0)
+		return cache[slot].site;
+	if (dladdr(ret, &info) != 0 && info.dli_fbase != NULL) {
+		const char *name = info.dli_fname ? strrchr(info.dli_fname, '/') : NULL;
+
+		name = name ? name + 1 : (info.dli_fname ? info.dli_fname : "");
+		for (; *name; name++)
+			h = (h ^ (unsigned char)*name) * 1099511628211ULL;
+		offset -= (uintptr_t)info.dli_fbase;
+	}
+	for (unsigned i = 0; i < sizeof(offset); i++)
+		h = (h ^ ((offset >> (8 * i)) & 0xff)) * 1099511628211ULL;
+	h = (h & 0xffffffffffffULL) | 1;
+	cache[slot].ret = ret;
+	cache[slot].site = h;
+	return h;
+}
+
+static void phase_end(uint64_t entered, const void *ret)
 {
 	struct nrm_phase_msg out[2];
 	uint64_t left = now_ns();
 	int cpu = sched_getcpu();
+	uint64_t site = site_of(ret);
 	int count;
 
 	if (g.locked)
 		pthread_mutex_lock(&g.lock);
 	/* Under MPI_THREAD_MULTIPLE another thread's phase may have ended in
 	 * between; clamp rather than report a negative compute time. */
-	count = nrm_phase_end(&g.agg,
-			      entered > g.compute_start_ns ? entered - g.compute_start_ns : 0,
-			      left > g.last_exit_ns ? left - g.last_exit_ns : 0,
-			      cpu, left, out);
+	count = nrm_phase_end_at(&g.agg,
+				 entered > g.compute_start_ns ? entered - g.compute_start_ns : 0,
+				 left > g.last_exit_ns ? left - g.last_exit_ns : 0,
+				 cpu, left, site, out);
 	g.last_exit_ns = left;
 	g.compute_start_ns = left;
 	if (g.locked)
@@ -156,7 +197,7 @@ int MPI_Finalize(void)
 			return pcall;           \
 		entered_ = now_ns();            \
 		rc_ = pcall;                    \
-		phase_end(entered_);            \
+		phase_end(entered_, __builtin_return_address(0)); \
 		return rc_;                     \
 	} while (0)
 

@@ -152,8 +152,33 @@ static void test_cpu_change(void)
 	CHECK(nrm_phase_flush(&g, &out[0]) == 0);
 }
 
+/* One type per message when the phases agree; 0 when an aggregate mixes types. */
+static void test_site(void)
+{
+	struct nrm_phase_agg g;
+	struct nrm_phase_msg out[2];
+	int n;
+
+	nrm_phase_init(&g, 0);
+	n = nrm_phase_end_at(&g, 10, 20, 0, 100, 7, out);
+	CHECK(n == 1 && out[0].site == 7);
+	n = nrm_phase_end_at(&g, 10, 20, 0, 200, 9, out);
+	CHECK(n == 1 && out[0].site == 9);
+	nrm_phase_init(&g, 1000000);
+	n = nrm_phase_end_at(&g, 10, 20, 0, 100, 7, out);	/* K=1: sends */
+	n = nrm_phase_end_at(&g, 10, 20, 0, 200, 7, out);	/* too soon: K=2 */
+	n = nrm_phase_end_at(&g, 10, 20, 0, 300, 9, out);
+	CHECK(n == 0);
+	n = nrm_phase_end_at(&g, 10, 20, 0, 2000000, 9, out);
+	CHECK(n == 1 && out[0].aggregation == 3 && out[0].site == 0);
+	n = nrm_phase_end(&g, 10, 20, 0, 9000000, out);	/* K=2, one pending */
+	n = nrm_phase_end(&g, 10, 20, 0, 9000001, out);
+	CHECK(n == 1 && out[0].aggregation == 2 && out[0].site == 0);
+}
+
 int main(void)
 {
+	test_site();
 	test_no_ratelimit();
 	test_ratelimit_and_totals();
 	test_alignment();

@@ -178,7 +178,7 @@ class ApplicationManager:
         body = {"container": msg.container, "task": msg.task, "app": msg.app,
                 "rank": msg.rank, "cpu": msg.cpu, "phase": msg.phase,
                 "aggregation": msg.aggregation, "computetime": msg.computetime,
-                "totaltime": msg.totaltime}
+                "totaltime": msg.totaltime, "site": msg.site}
         app.phases += msg.aggregation
         app.last_phase = body
         self._containers[msg.container].cpus[msg.cpu] = body

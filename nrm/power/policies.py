@@ -35,10 +35,14 @@ WARMUP_PHASES = 1
 """The interposer's first phase runs from MPI_Init to the first collective: skew, not slack."""
 
 SETTLE_ROUNDS = 0
+"""The policies read a mixed phase as a work interval (policy/crossrank.py): no firing skipped."""
 
 CROSS_RANK = True
 """Each rank's need relative to the critical rank's work (policy/crossrank.py, docs/policies.md)."""
-"""The policies read a mixed phase as a work interval (policy/crossrank.py): no firing skipped."""
+
+PHASE_WINDOW = 2
+"""A decision is written after the collective's exit, so it lands inside the next phase and
+stays until the next decision lands inside the one after: it must cover two phase types."""
 
 
 class _Active:
@@ -78,7 +82,8 @@ class PowerPolicyManager:
                                      slowdown=power.slowdown,
                                      frequencies=freqs if any(freqs.values()) else None,
                                      levels=16, warmup_phases=WARMUP_PHASES,
-                                     settle_rounds=SETTLE_ROUNDS, cross_rank=CROSS_RANK)
+                                     settle_rounds=SETTLE_ROUNDS, cross_rank=CROSS_RANK,
+                                     phase_window=PHASE_WINDOW)
         except ValueError as exc:
             self.counters["policy_errors"] += 1
             log.warning("container %s: policy %s not started: %s", container.id,
@@ -122,7 +127,8 @@ class PowerPolicyManager:
             arrival = time.perf_counter()
         source = msg.rank if msg.rank >= 0 else msg.cpu
         decisions = state.policy.on_phase(source, msg.cpu, msg.aggregation,
-                                          msg.computetime / 1e9, msg.totaltime / 1e9, msg.phase)
+                                          msg.computetime / 1e9, msg.totaltime / 1e9, msg.phase,
+                                          msg.site)
         written = self._apply(container.id, state, decisions) if decisions else None
         if written is not None:
             self.decision_latency.record(written - arrival)

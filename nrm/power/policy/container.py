@@ -125,6 +125,7 @@ class ContainerPolicy:
         warmup_phases: int = 0,
         settle_rounds: int = 0,
         cross_rank: bool = False,
+        phase_window: int = 2,
     ) -> None:
         name = str(policy).strip().upper()
         if name not in POLICIES:
@@ -147,6 +148,9 @@ class ContainerPolicy:
         if isinstance(settle_rounds, bool) or not isinstance(settle_rounds, int) \
                 or settle_rounds < 0:
             raise ValueError(f"settle_rounds must be an integer >= 0, got {settle_rounds!r}")
+        if phase_window not in (1, 2):
+            raise ValueError(f"phase_window must be 1 or 2, got {phase_window!r}")
+        self.phase_window = phase_window
         self.policy = name
         self.warmup_phases = warmup_phases
         self.settle_rounds = settle_rounds
@@ -163,6 +167,9 @@ class ContainerPolicy:
         self._speed_before: Dict[int, float] = {}
         self._history: Dict[int, List[float]] = {}
         self._widen: Dict[int, float] = {}
+        self._typed: Dict[int, Dict[int, List[float]]] = {}
+        self._successors: Dict[int, int] = {}
+        self._last_site = 0
         self._gate = PhaseGate(stale_rounds)
         self._grids = _grids(name, self.cpus, frequencies)
         self._level: Dict[int, int] = {cpu: levels for cpu in self.cpus}
@@ -180,8 +187,14 @@ class ContainerPolicy:
         compute_s: float,
         total_s: float,
         phase: int = 0,
+        site: int = 0,
     ) -> List[Decision]:
-        """Feed one phase-context message; returns the changes it caused (often none)."""
+        """Feed one phase-context message; returns the changes it caused (often none).
+
+        ``site`` identifies the phase type (the call site of the collective
+        that ended the phases, 0 when unknown or mixed): with it the
+        cross-rank rule predicts per type (``phase_window``).
+        """
         self.stats["messages"] += 1
         if not self._valid(aggregation, compute_s, total_s, phase):
             self.stats["invalid"] += 1
@@ -197,7 +210,9 @@ class ContainerPolicy:
             # first collective: its wait is start-up skew, not slack.
             self.stats["warmup_skipped"] += 1
             return []
-        result = self._gate.offer(source, cpu, aggregation, compute_s, total_s, phase)
+        if isinstance(site, bool) or not isinstance(site, int):
+            site = 0
+        result = self._gate.offer(source, cpu, aggregation, compute_s, total_s, phase, site)
         if result.restarted:
             self.stats["restarts"] += 1
         decisions = []
@@ -272,7 +287,10 @@ class ContainerPolicy:
     def _forget(self, cpu: Optional[int] = None) -> None:
         """Needs measured under settings or ranks that no longer hold."""
         self._guard.forget(cpu)
-        for table in (self._speed_before, self._history, self._widen):
+        if cpu is None:
+            self._successors.clear()
+            self._last_site = 0
+        for table in (self._speed_before, self._history, self._widen, self._typed):
             if cpu is None:
                 table.clear()
             else:
@@ -312,16 +330,21 @@ class ContainerPolicy:
                 self.stats["damper_skipped"] += 1
                 continue
             now = self._speed(cpu)
-            before = self._speed_before.get(cpu, now)
+            # Applied at the collective's exit (window 1), a phase runs at one setting.
+            before = now if self.phase_window == 1 else self._speed_before.get(cpu, now)
             self._speed_before[cpu] = now
             works[cpu] = crossrank.work_interval(item.compute_s / item.phases, now, before)
         needs = crossrank.need_intervals(works)
+        site = self._learn_order(per_cpu.values())
+        upcoming = (crossrank.successor_types(site, self._successors, self.phase_window)
+                    if site else None)
         decisions: List[Decision] = []
         for cpu in sorted(needs):
             item = per_cpu[cpu]
             self.stats["evaluations"] += 1
             need = needs[cpu]
-            history = self._history.setdefault(cpu, [])
+            typed = self._typed.setdefault(cpu, {})
+            history = typed.setdefault(site, []) if site else self._history.setdefault(cpu, [])
             widen = self._widen.get(cpu, 1.0)
             if self._slowed(cpu) and item.work >= 1.0 - LATE_WAIT:
                 # Critical-path guard: a cpu we slowed reached the collective
@@ -334,9 +357,26 @@ class ContainerPolicy:
             if settling:
                 continue
             current = (self._hz[cpu] or self._grid(cpu)[-1], self._level[cpu])
-            hz, level = crossrank.decide(self._knob, need, history, current,
-                                         self._grid(cpu), self.levels, widen)
-            if need[1] - need[0] <= EXACT * max(need[1], 1e-9):
+            exact = need[1] - need[0] <= EXACT * max(need[1], 1e-9)
+            if site and (exact or not history or need[1] < history[-1]
+                         or need[0] > history[-1]):
+                # Per type, an inexact need that is new or moved away from the
+                # last one enters at its high end: safe, as decide()'s jump.
+                history.append((need[0] + need[1]) / 2 if exact else need[1])
+                del history[:-crossrank.HISTORY]
+                exact = False
+            target = None
+            if upcoming is not None:
+                target = crossrank.provision([typed.get(t, []) for t in upcoming], widen)
+            if target is not None:
+                hz, level = crossrank.cover(self._knob, target, self._grid(cpu), self.levels)
+            else:
+                # A typed phase whose successor is not known yet may be followed
+                # by any need: raise when required, never cut.
+                bound = (need[0], 1.0) if site else need
+                hz, level = crossrank.decide(self._knob, bound, history, current,
+                                             self._grid(cpu), self.levels, widen)
+            if exact:
                 history.append((need[0] + need[1]) / 2)
                 del history[:-crossrank.HISTORY]
             changes = self._set(cpu, level, hz if self._hz[cpu] is not None else None,
@@ -346,6 +386,16 @@ class ContainerPolicy:
         if decisions:
             self._settling = self.settle_rounds
         return decisions
+
+    def _learn_order(self, items) -> int:
+        """The firing's phase type (0 unless every rank names the same), and its predecessor's
+        successor: collectives come in a fixed order per iteration."""
+        sites = {item.site for item in items}
+        site = sites.pop() if len(sites) == 1 else 0
+        if site and self._last_site:
+            self._successors[self._last_site] = site
+        self._last_site = site
+        return site
 
     def _speed(self, cpu: int) -> float:
         hz = self._hz[cpu]

@@ -140,3 +140,32 @@ def decide(knob: str, need: Interval, history: Sequence[float], current: Tuple[f
     if lo[0] * lo[1] / (fmax * levels) > cur_speed + _EPS:
         return hi
     return current
+
+
+def provision(histories: Sequence[Sequence[float]], widen: float = 1.0) -> Optional[float]:
+    """The speed to provision for a window spanning phase types with these need histories.
+
+    Each type asks for ``predict(history) * (1 + widen * margin(history))``;
+    the window needs the largest. None when a type has no history yet: the
+    caller then cannot predict and keeps its other rule.
+    """
+    if not histories or any(not h for h in histories):
+        return None
+    return min(1.0, max(predict(h[:-1], h[-1]) * (1 + widen * margin(h)) for h in histories))
+
+
+def successor_types(site: int, successors: Mapping[int, int], window: int) -> Optional[list]:
+    """The phase types of the next ``window`` phases after one ending at ``site``.
+
+    ``successors`` maps a type to the type that followed it last time (a
+    program's collectives come in a fixed order per iteration, as Adagio
+    and COUNTDOWN exploit); None when the order is not known yet.
+    """
+    out = []
+    here = site
+    for _ in range(window):
+        here = successors.get(here)
+        if here is None:
+            return None
+        out.append(here)
+    return out

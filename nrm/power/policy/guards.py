@@ -65,6 +65,8 @@ class Ready:
     phases: int
     compute_s: float
     total_s: float
+    site: int = 0
+    """The phase type (call site of the collective that ended it); 0 when unknown or mixed."""
 
     @property
     def per_phase_total_s(self) -> float:
@@ -100,6 +102,7 @@ class _Source:
     total_s: float = 0.0
     phases: int = 0
     last_seq: int = 0
+    site: int = 0
 
     @property
     def pending(self) -> bool:
@@ -155,6 +158,7 @@ class PhaseGate:
         compute_s: float,
         total_s: float,
         phase: int = 0,
+        site: int = 0,
     ) -> GateResult:
         if aggregation < 1:
             raise ValueError(f"aggregation must be >= 1, got {aggregation!r}")
@@ -171,6 +175,8 @@ class PhaseGate:
             end = phase
         else:
             end = src.last_end + aggregation
+        # Pending data of several messages are one phase type only if all say so.
+        src.site = site if src.phases == 0 or src.site == site else 0
         src.cpu = cpu
         src.last_end = end
         src.compute_s += compute_s
@@ -228,7 +234,7 @@ class PhaseGate:
         if blocking or not any(s.phases > 0 for s in self._sources.values()):
             return GateResult(dropped=tuple(dropped)) if dropped else _NOTHING
         ready = tuple(
-            Ready(key, s.cpu, s.phases, s.compute_s, s.total_s)
+            Ready(key, s.cpu, s.phases, s.compute_s, s.total_s, s.site)
             for key, s in sorted(self._sources.items())
         )
         self.clear_pending()
