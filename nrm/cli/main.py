@@ -10,11 +10,12 @@ import argparse
 import sys
 
 from nrm import __version__
-from nrm.cli import keygen, kill, listen, listing, power, report, run, setpower, status
+from nrm.cli import (campaign, keygen, kill, listen, listing, power, report, run, setpower,
+                     status)
 from nrm.client import NrmError
 from nrm.manifest import ManifestError
 
-VERBS = (run, listing, kill, listen, status, power, setpower, report, keygen)
+VERBS = (run, listing, kill, listen, status, power, setpower, report, keygen, campaign)
 
 
 def build_parser() -> argparse.ArgumentParser:
