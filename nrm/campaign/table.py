@@ -63,7 +63,7 @@ def columns(directory: str, table: List[Dict[str, Any]]) -> List[str]:
             if key not in seen:
                 seen.add(key)
                 extra.append(key)
-    return params + list(FIXED) + extra + list(TAIL)
+    return params + [c for c in FIXED if c not in params] + extra + list(TAIL)
 
 
 def _cell(value: Any) -> Any:
