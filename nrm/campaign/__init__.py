@@ -65,8 +65,7 @@ class Sweep:
             combos = list(combinations)
             self.runs: List[Run] = [Run(run_id(c, r), dict(c), r)
                                     for r in range(repetitions) for c in combos]
-            journal.write_plan(self.dir, [{"id": r.id, "params": r.params,
-                                           "repetition": r.repetition} for r in self.runs])
+            journal.write_plan(self.dir, self.runs)
             for st in self.states.values():
                 if st.running is not None:
                     self._finish(st.id, st.params, st.repetition, st.attempts,

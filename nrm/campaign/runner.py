@@ -230,8 +230,7 @@ class Coordinator:
         """The campaign file as run and the plan, for status and table."""
         with open(os.path.join(self.dir, FROZEN), "w") as f:
             f.write(self.camp.text)
-        journal.write_plan(self.dir, [{"id": r.id, "params": r.params,
-                                       "repetition": r.repetition} for r in runs])
+        journal.write_plan(self.dir, runs)
         _fsync_json(os.path.join(self.dir, "campaign.json"),
                     dict(self.camp.to_json(), path=os.path.abspath(self.camp.path)))
 
@@ -461,7 +460,8 @@ class Coordinator:
     def _finish(self, run: Run, row: dict, inputs: str, rdir: str, prefix: str,
                 wall: Optional[float], started: bool) -> dict:
         _fsync_json(os.path.join(rdir, "meta.json"), row)
-        record = dict(e="finished", id=run.id, params=run.params, inputs=inputs,
+        # the parameters are in the row and in the started record
+        record = dict(e="finished", id=run.id, inputs=inputs,
                       t=time.time(), row=row, outcome=row["outcome"], attempt=row["attempt"],
                       repetition=run.repetition)
         if not started:

@@ -53,9 +53,9 @@ def rows(directory: str, attempts: str = "last") -> List[Dict[str, Any]]:
 
 def columns(directory: str, table: List[Dict[str, Any]]) -> List[str]:
     params: List[str] = []
-    plan = journal.read_plan(directory) or []
+    plan = journal.read_plan(directory)
     if plan:
-        params = list(plan[0]["params"])
+        params = list(plan["parameters"])
     seen = set(params) | set(FIXED) | set(TAIL)
     extra: List[str] = []
     for row in table:
@@ -115,8 +115,8 @@ def frame(directory: str, what: str):
         raise TableError(f"{directory}: no finished runs yet")
     cols = columns(directory, table)
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in table], columns=cols)
-    plan = journal.read_plan(directory) or []
-    params = list(plan[0]["params"]) if plan else []
+    plan = journal.read_plan(directory)
+    params = list(plan["parameters"]) if plan else []
     for p in params:
         df[p] = df[p].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
     return df, params
