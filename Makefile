@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.nrm-installed
 C_SOURCES := $(wildcard libnrm/CMakeLists.txt libnrm/nrm.pc.in libnrm/src/* libnrm/include/* \
 	       libnrm/fortran/*)
 INSTALL := $(VENV)/bin/pip install -q --no-build-isolation \
-	--config-settings=build-dir=$(CURDIR)/build/venv -e '.[test,plot]'
+	--config-settings=build-dir=$(CURDIR)/build/venv -e '.[test,plot,campaign]'
 
 .PHONY: setup check-editable check-shared system-deps run daemon test lint check-c bench fuzz clean
 

@@ -35,7 +35,8 @@ ALLOWED: Dict[str, Set[str]] = {
     "http": {BASE},
     "daemon": {BASE, "connected", "transport", "hw", "hpc", "containers", "power", "http"},
     "tools": {BASE, "connected", "transport", "hpc"},
-    "cli": {BASE, "connected", "transport", "hpc", "tools", "pilot"},
+    # the CLI fronts the layers above the client too (nrm pilot, nrm campaign)
+    "cli": {BASE, "connected", "transport", "hpc", "tools", "pilot", "campaign"},
     # the layers above nrm.client: never the daemon's wings
     "pilot": {BASE, "connected", "transport", "hpc", "tools"},
     "campaign": {BASE, "connected", "transport", "hpc", "tools", "pilot"},

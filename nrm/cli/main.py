@@ -10,13 +10,13 @@ import argparse
 import sys
 
 from nrm import __version__
-from nrm.cli import (build_interposer, keygen, kill, listen, listing, pilot, power, report,
-                     run, setpower, status)
+from nrm.cli import (build_interposer, campaign, keygen, kill, listen, listing, pilot, power,
+                     report, run, setpower, status)
 from nrm.client import NrmError
 from nrm.manifest import ManifestError
 
 VERBS = (run, listing, kill, listen, status, power, setpower, report, keygen, build_interposer,
-         pilot)
+         pilot, campaign)
 
 
 def build_parser() -> argparse.ArgumentParser:
