@@ -154,6 +154,14 @@ def _monitor(sock) -> zmq.Socket:
     return mon
 
 
+def _check_trusted(rundir: str, name: str) -> None:
+    """Requests carry the caller's environment, argv and cwd: refuse a socket
+    that someone other than root or the caller could have planted."""
+    problem = paths.trust_problem(rundir, name)
+    if problem:
+        raise DaemonUnavailable(f"refusing to talk to nrmd: {problem}")
+
+
 def _request_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig] = None,
                     monitor: bool = False):
     """(DEALER, its monitor or None), connected to the local or TCP nrmd."""
@@ -162,6 +170,7 @@ def _request_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig] = None,
     else:
         uri = paths.upstream_uri(rundir)
         path = uri[len("ipc://"):]
+        _check_trusted(rundir, "upstream")
         if not os.path.exists(path):
             raise DaemonUnavailable(f"nrmd is not running (no socket at {path})")
     sock = ctx.socket(zmq.DEALER)
@@ -391,6 +400,7 @@ class Client(_Endpoint):
             curve.make_client(sock, self.tcp)
             sock.connect(self.tcp.events_uri)
         else:
+            _check_trusted(self.rundir, "events")
             sock.connect(paths.events_uri(self.rundir))
         for t in topics:
             sock.setsockopt(zmq.SUBSCRIBE, t.encode())

@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 from nrm import protocol
 from nrm.downstream import Client as Reporter
 from tests.conftest import EXAMPLES, needs_root
@@ -109,3 +111,85 @@ def test_downstream_integers_wider_than_64_bits_are_malformed(daemon):
     sock.send(b'{"type":"phase_context","container":"c","cpu":' + b"9" * 30 + b"}")
     sock.close()
     wait_for(lambda: _downstream(daemon)["downstream"]["dropped_malformed"] == before + 1)
+
+
+class _FakeNrmd:
+    """A ROUTER on ``<rundir>/upstream`` that counts what reaches it: an
+    impostor's view of a client."""
+
+    def __init__(self, rundir, owner):
+        import zmq
+        os.makedirs(rundir, exist_ok=True)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.bind("ipc://" + os.path.join(rundir, "upstream"))
+        for path in (rundir, os.path.join(rundir, "upstream")):
+            os.chown(path, owner, owner)
+            os.chmod(path, 0o777 if path.endswith("upstream") else 0o755)
+
+    def received(self) -> bool:
+        import zmq
+        return bool(self.sock.poll(500, zmq.POLLIN))
+
+    def close(self):
+        self.sock.close()
+        self.ctx.term()
+
+
+def _client(argv, uid=None, **env):
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("XDG_RUNTIME_DIR", "NRM_RUNTIME_DIR", "SLURMD_NODENAME")}
+    clean.update(env, PYTHONPATH=os.getcwd())
+    prefix = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                                     "--clear-groups"]
+    return subprocess.run(prefix + [sys.executable, "-m", "nrm.cli.main", "--timeout", "2"]
+                          + argv, env=clean, cwd="/", capture_output=True, text=True,
+                          timeout=30)
+
+
+@needs_root()
+def test_a_runtime_dir_owned_by_another_user_is_refused(tmp_path):
+    """Another user's dir could hold an impostor that would receive the
+    caller's environment: the client says why in one line and sends nothing."""
+    rundir = str(tmp_path / "theirs")
+    os.chmod(tmp_path, 0o755)
+    fake = _FakeNrmd(rundir, 65534)
+    try:
+        r = _client(["--runtime-dir", rundir, "run", BASIC, "true"], SECRET="s3cret")
+        assert r.returncode != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert "refusing" in lines[0] and "uid 65534" in lines[0], lines[0]
+        assert not fake.received()
+    finally:
+        fake.close()
+
+
+@needs_root()
+def test_a_squatted_tmp_runtime_dir_is_refused_and_an_own_one_is_used():
+    """Without XDG_RUNTIME_DIR a client falls back to /tmp/nrm-<uid>, which
+    any user can create first. As uid 1 (daemon): refused when nobody made
+    it, used when uid 1 did."""
+    if os.path.exists("/run/nrm/upstream"):
+        pytest.skip("a system nrmd serves /run/nrm: clients prefer it")
+    uid = 1
+    rundir = f"/tmp/nrm-{uid}"
+    shutil.rmtree(rundir, ignore_errors=True)
+    fake = _FakeNrmd(rundir, 65534)
+    try:
+        r = _client(["status"], uid=uid)
+        assert r.returncode != 0
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "refusing" in r.stderr and rundir in r.stderr, r.stderr
+        assert not fake.received()
+    finally:
+        fake.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+    fake = _FakeNrmd(rundir, uid)
+    try:
+        r = _client(["status"], uid=uid)
+        assert fake.received(), r.stderr
+    finally:
+        fake.close()
+        shutil.rmtree(rundir, ignore_errors=True)
