@@ -4,6 +4,7 @@ that lie about their container."""
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from nrm import protocol
 from nrm.downstream import Client as Reporter
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import wait_for
+from tests.daemon import DaemonProcess, wait_for
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -193,3 +194,47 @@ def test_a_squatted_tmp_runtime_dir_is_refused_and_an_own_one_is_used():
     finally:
         fake.close()
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+FLOOD_BYTES = 64 << 20
+
+
+def test_stopped_clients_cannot_grow_nrmd(tmp_path):
+    """Two clients stopped under a flood of output: nrmd's queue per
+    connection is bounded in bytes, so its RSS stays small while the tasks
+    block on their pipes; once the clients continue, every byte arrives."""
+    d = DaemonProcess("--hw", "emulated").start()
+    try:
+        clients = []
+        for i in range(2):
+            out = open(tmp_path / f"out{i}", "wb")
+            p = d.popen_cli("run", BASIC, "sh", "-c", f"yes line | head -c {FLOOD_BYTES}",
+                            stdout=out)
+            clients.append((p, out))
+        for i, (p, _) in enumerate(clients):
+            wait_for(lambda: os.path.getsize(tmp_path / f"out{i}") > 0)
+            p.send_signal(signal.SIGSTOP)
+        peak = 0.0
+        for _ in range(30):      # the flood, paused or not, for three seconds
+            peak = max(peak, _rss_mb(d.proc.pid))
+            time.sleep(0.1)
+        for p, _ in clients:
+            p.send_signal(signal.SIGCONT)
+        for i, (p, out) in enumerate(clients):
+            assert p.wait(timeout=120) == 0
+            out.close()
+            assert os.path.getsize(tmp_path / f"out{i}") == FLOOD_BYTES
+            with open(tmp_path / f"out{i}", "rb") as f:
+                assert f.read() == (b"line\n" * (FLOOD_BYTES // 5 + 1))[:FLOOD_BYTES]
+        assert peak < 60, f"nrmd grew to {peak:.0f} MB"
+    finally:
+        d.stop()
+        shutil.rmtree(d.rundir, ignore_errors=True)
