@@ -238,3 +238,36 @@ def test_stopped_clients_cannot_grow_nrmd(tmp_path):
     finally:
         d.stop()
         shutil.rmtree(d.rundir, ignore_errors=True)
+
+
+@needs_root()
+def test_a_squatted_seed_path_is_reported_and_downstream_still_works(tmp_path):
+    """Any user can create the seed-era path before nrmd starts: nrmd says
+    so in one log line and in `nrm status`, and the current downstream
+    endpoint keeps serving."""
+    os.chmod(tmp_path, 0o755)
+    squat = tmp_path / "seed"
+    squat.mkdir()
+    os.chown(squat, 65534, 65534)
+    d = DaemonProcess("--hw", "emulated")
+    d.seed_uri = f"ipc://{squat}"
+    d.start()
+    try:
+        wait_for(lambda: "endpoint off" in d.log())
+        status = json.loads(d.cli("status", "--json").stdout)
+        assert "seed" in status["downstream_failures"], status["downstream_failures"]
+        assert "downstream" in status["downstream"]
+        plain = d.cli("status").stdout.decode()
+        assert "seed:" in plain and "NOT LISTENING" in plain, plain
+        assert "Traceback" not in d.log()
+        assert len([line for line in d.log().splitlines() if "endpoint off" in line]) == 1
+        import zmq
+        sock = zmq.Context.instance().socket(zmq.PUSH)   # the current endpoint serves
+        sock.linger = 1000
+        sock.connect(protocol_uri(d))
+        sock.send(b"not json")
+        sock.close()
+        wait_for(lambda: _downstream(d)["downstream"]["dropped_malformed"] == 1)
+    finally:
+        d.stop()
+        shutil.rmtree(d.rundir, ignore_errors=True)

@@ -39,6 +39,8 @@ def execute(args) -> int:
     print(f"requests:  {r['requests']} received, {r['request_errors']} rejected")
     for endpoint, counts in sorted((s.get("downstream") or {}).items()):
         print(f"{endpoint + ':':11}" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for endpoint, why in sorted((s.get("downstream_failures") or {}).items()):
+        print(f"{endpoint + ':':11}NOT LISTENING: {why}")
     if s.get("power_cap_w") is not None:
         print(f"power cap: {s['power_cap_w']:.1f} W")
     return 0

@@ -389,6 +389,7 @@ class Daemon:
             "downstream": dict(self.ingest.counters, rejected=dict(self.downstream_rejects),
                                events=dict(self.app_events.counters))
             if self.ingest else None,
+            "downstream_failures": dict(self.ingest.failures) if self.ingest else {},
             "policy": self.policies.status() if self.policies else None,
             "sensors": self.sensors.stats() if self.sensors else None,
             "power_cap_w": self.power_cap,
