@@ -54,6 +54,27 @@ def runtime_dir(explicit: Optional[str] = None) -> str:
     return candidates[-1]
 
 
+def own_dir_problem(path: str) -> Optional[str]:
+    """Why nrmd must not use ``path`` as its runtime dir, or None: it must be
+    a real directory of nrmd's own user that nobody else may write, or
+    someone else could plant its lock, journal or state log (as symlinks
+    to files nrmd would then overwrite, or with values it would restore)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot inspect runtime dir {path}: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"runtime dir {path} is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"runtime dir {path} is not a directory"
+    if st.st_uid != os.geteuid():
+        return (f"runtime dir {path} belongs to uid {st.st_uid}, "
+                f"not to nrmd's user (uid {os.geteuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"runtime dir {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def _owner_problem(path: str, what: str, st: os.stat_result) -> Optional[str]:
     if st.st_uid not in (0, os.getuid()):
         return f"{what} {path} belongs to uid {st.st_uid}, not to root or to you"
