@@ -271,3 +271,32 @@ def test_a_squatted_seed_path_is_reported_and_downstream_still_works(tmp_path):
     finally:
         d.stop()
         shutil.rmtree(d.rundir, ignore_errors=True)
+
+
+@needs_root()
+def test_command_lines_are_seen_by_their_owner_and_root_only(daemon):
+    """Events reach every listener, so they carry no argv (as the HTTP state);
+    `nrm list` shows a task's argv to its owner and to root."""
+    env = dict(daemon.env, PYTHONPATH=os.getcwd())
+    listen = subprocess.Popen(NOBODY + [sys.executable, "-m", "nrm.cli.main", "listen", "--json",
+                                        "--topic", "task", "-n", "1"],
+                              env=env, cwd="/", stdout=subprocess.PIPE)
+    time.sleep(0.5)     # PUB/SUB: the subscription must reach the daemon first
+    p = daemon.popen_cli("run", "--container", "secretive", BASIC, "sleep", "601",
+                         stdout=subprocess.PIPE)
+    try:
+        out, _ = listen.communicate(timeout=10)
+        (event,) = [json.loads(line) for line in out.decode().splitlines()]
+        assert event["event"] == "start" and "argv" not in event, event
+        assert b"601" not in out
+
+        def tasks(prefix):
+            r = subprocess.run(prefix + [sys.executable, "-m", "nrm.cli.main", "list", "--json"],
+                               env=env, cwd="/", capture_output=True, timeout=30)
+            return [t for c in json.loads(r.stdout) if c["id"] == "secretive" for t in c["tasks"]]
+        wait_for(lambda: tasks([]))
+        assert tasks([])[0]["argv"] == ["sleep", "601"]
+        assert tasks(NOBODY) == []
+    finally:
+        daemon.cli("kill", "secretive")
+        p.wait(timeout=10)
