@@ -288,3 +288,14 @@ def test_no_daemon_is_a_clear_error(tmp_path):
                        capture_output=True)
     assert r.returncode == 1
     assert r.stderr.decode().startswith("nrm: nrmd is not running")
+
+
+def test_a_request_over_the_limit_says_so(daemon):
+    """nrmd drops a peer that sends more than 1 MiB: the client tells the
+    user what is too large and the limit, not that the connection was lost."""
+    big = {f"BIG{i}": "x" * 100_000 for i in range(12)}
+    r = daemon.cli("run", BASIC, "true", env=big)
+    assert r.returncode != 0
+    (line,) = r.stderr.decode().strip().splitlines()
+    assert "request too large: 1.1 MiB" in line and "at most 1 MiB" in line, line
+    assert daemon.cli("run", BASIC, "true").returncode == 0
