@@ -89,6 +89,11 @@ def trust_problem(rundir: str, name: str = "upstream") -> Optional[str]:
     else can have put or swapped the socket there."""
     try:
         link = os.lstat(rundir)
+    except FileNotFoundError:
+        return None     # nothing to trust: "not running" is the caller's to say
+    except OSError as exc:
+        return f"cannot inspect runtime dir {rundir}: {exc.strerror}"
+    try:
         if stat.S_ISLNK(link.st_mode):
             problem = _owner_problem(rundir, "runtime dir link", link)
             if problem:
