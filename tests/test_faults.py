@@ -102,7 +102,7 @@ def test_cgroups_unusable_auto_falls_back_and_cgroup_refuses():
 @pytest.fixture
 def small_tmpfs():
     path = tempfile.mkdtemp(prefix="nrmt-full-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", path], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path], check=True)
     yield path
     subprocess.run(["umount", "-l", path], check=False)
     os.rmdir(path)
