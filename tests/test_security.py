@@ -300,3 +300,29 @@ def test_command_lines_are_seen_by_their_owner_and_root_only(daemon):
     finally:
         daemon.cli("kill", "secretive")
         p.wait(timeout=10)
+
+
+@needs_root()
+def test_a_client_prefers_the_system_daemon():
+    """Where a system nrmd serves, an unprivileged client without
+    NRM_RUNTIME_DIR talks to it, not to a /tmp/nrm-<uid> someone made."""
+    uid = 1
+    system = tempfile.mkdtemp(prefix="nrmt-system-")
+    os.chmod(system, 0o755)
+    own = f"/tmp/nrm-{uid}"
+    shutil.rmtree(own, ignore_errors=True)
+    fakes = [_FakeNrmd(str(system), 0), _FakeNrmd(own, uid)]
+    try:
+        code = ("from nrm import paths; paths.SYSTEM_RUNTIME_DIR = %r; "
+                "print(paths.runtime_dir())" % str(system))
+        clean = {k: v for k, v in os.environ.items()
+                 if k not in ("XDG_RUNTIME_DIR", "NRM_RUNTIME_DIR", "SLURMD_NODENAME")}
+        r = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                            sys.executable, "-c", code], env=dict(clean, PYTHONPATH=os.getcwd()),
+                           cwd="/", capture_output=True, text=True, timeout=30)
+        assert r.stdout.strip() == str(system), r.stderr
+    finally:
+        for fake in fakes:
+            fake.close()
+        shutil.rmtree(own, ignore_errors=True)
+        shutil.rmtree(system, ignore_errors=True)
