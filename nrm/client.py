@@ -154,6 +154,25 @@ def _monitor(sock) -> zmq.Socket:
     return mon
 
 
+def _encode_request(msg) -> bytes:
+    """nrmd drops the connection of a peer that sends more than its limit,
+    which the client would only see as a lost connection: say it first."""
+    data = protocol.encode(msg)
+    if len(data) > protocol.MAX_REQUEST_BYTES:
+        raise NrmError("too_large", f"request too large: {len(data) / 2**20:.1f} MiB (environment, "
+                                    f"arguments and manifest); nrmd accepts at most "
+                                    f"{protocol.MAX_REQUEST_BYTES // 2**20} MiB")
+    return data
+
+
+def _check_trusted(rundir: str, name: str) -> None:
+    """Requests carry the caller's environment, argv and cwd: refuse a socket
+    that someone other than root or the caller could have planted."""
+    problem = paths.trust_problem(rundir, name)
+    if problem:
+        raise DaemonUnavailable(f"refusing to talk to nrmd: {problem}")
+
+
 def _request_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig] = None,
                     monitor: bool = False):
     """(DEALER, its monitor or None), connected to the local or TCP nrmd."""
@@ -162,6 +181,7 @@ def _request_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig] = None,
     else:
         uri = paths.upstream_uri(rundir)
         path = uri[len("ipc://"):]
+        _check_trusted(rundir, "upstream")
         if not os.path.exists(path):
             raise DaemonUnavailable(f"nrmd is not running (no socket at {path})")
     sock = ctx.socket(zmq.DEALER)
@@ -299,7 +319,7 @@ class Client(_Endpoint):
 
     # -- plumbing ---------------------------------------------------------
     def _send(self, msg) -> None:
-        self.sock.send(protocol.encode(msg))
+        self.sock.send(_encode_request(msg))
 
     def _detached(self, request_id: int) -> bool:
         return request_id in self._detach
@@ -394,6 +414,7 @@ class Client(_Endpoint):
             curve.make_client(sock, self.tcp)
             sock.connect(self.tcp.events_uri)
         else:
+            _check_trusted(self.rundir, "events")
             sock.connect(paths.events_uri(self.rundir))
         for t in topics:
             sock.setsockopt(zmq.SUBSCRIBE, t.encode())
@@ -469,7 +490,7 @@ class AsyncClient(_Endpoint):
         if self._reader is None:
             self._reader = BatchReader(asyncio.get_running_loop(), self.sock, self._on_reply,
                                        batch=256, copy=True)
-        self.sock.send(protocol.encode(msg), zmq.NOBLOCK)
+        self.sock.send(_encode_request(msg), zmq.NOBLOCK)
         self._reader.sent()
 
     async def call(self, msg):

@@ -26,6 +26,9 @@ import math
 import os
 import re
 import reprlib
+import select
+import stat
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -818,6 +821,38 @@ def parse(text_or_dict: Union[str, bytes, Mapping[str, Any]], source: str = "<ma
     return m
 
 
+#: how long a manifest given as a pipe (`<(...)`) may take to arrive
+PIPE_MANIFEST_TIMEOUT_S = 5.0
+
+
+def _read_pipe(fd: int, source: str) -> bytes:
+    """A pipe or FIFO, up to one byte past the limit: bounded in time too,
+    since a FIFO with no writer (or a stuck one) never ends."""
+    data = b""
+    deadline = time.monotonic() + PIPE_MANIFEST_TIMEOUT_S
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while len(data) <= MAX_MANIFEST_BYTES:
+        try:
+            part = os.read(fd, MAX_MANIFEST_BYTES + 1 - len(data))
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise ManifestError("%s: no manifest arrived through this pipe in %.0f s"
+                                    % (source, PIPE_MANIFEST_TIMEOUT_S), source=source) from None
+            continue
+        if not part:
+            if data or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)    # a FIFO whose writer has not opened it yet
+            continue
+        data += part
+    if not data:
+        raise ManifestError("%s: nothing was written to this FIFO in %.0f s"
+                            % (source, PIPE_MANIFEST_TIMEOUT_S), source=source)
+    return data
+
+
 def load(path: Union[str, "os.PathLike[str]"], cwd: Optional[str] = None) -> Manifest:
     """Read and parse a manifest file.
 
@@ -830,10 +865,16 @@ def load(path: Union[str, "os.PathLike[str]"], cwd: Optional[str] = None) -> Man
         p = os.path.join(os.path.abspath(cwd) if cwd else os.getcwd(), p)
     p = os.path.normpath(p)
     try:
-        with open(p, "rb") as f:
-            # Read one byte past the limit: enough to refuse, and never
-            # swallow an endless file such as /dev/zero.
-            data = f.read(MAX_MANIFEST_BYTES + 1)
+        # Non-blocking open: a FIFO nobody writes would block open() forever.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as f:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                data = _read_pipe(fd, p)
+            else:
+                os.set_blocking(fd, True)
+                # Read one byte past the limit: enough to refuse, and never
+                # swallow an endless file such as /dev/zero.
+                data = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
         reason = e.strerror or str(e)
         raise ManifestError("%s: cannot read manifest: %s" % (p, reason), source=p) from None

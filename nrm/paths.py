@@ -4,16 +4,24 @@ Daemon and clients compute the same runtime directory from the same rules so
 that `nrm` finds the node-local `nrmd` without flags: `--runtime-dir` or
 `NRM_RUNTIME_DIR` first, then `/run/nrm` for root, `$XDG_RUNTIME_DIR/nrm`, and
 `/tmp/nrm-<uid>` last.
+
+A client hands nrmd its whole environment, so it must never talk to an
+impostor: it prefers the system daemon in `/run/nrm` when one serves there,
+and trusts a runtime dir and socket only when they belong to root or to the
+caller and nobody else can write the dir (`trust_problem`). Anyone can create
+`/tmp/nrm-<victim uid>` before the victim does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from typing import List, Optional
 
 SEED_DOWNSTREAM_URI = "ipc:///tmp/nrm-downstream-in"
+SYSTEM_RUNTIME_DIR = "/run/nrm"
 
 
 def default_runtime_dir() -> str:
@@ -38,13 +46,77 @@ def runtime_dir(explicit: Optional[str] = None) -> str:
     node = os.environ.get("SLURMD_NODENAME")
     candidates = [default_runtime_dir()]
     if os.geteuid() != 0:
-        candidates.append("/run/nrm")
+        candidates.insert(0, SYSTEM_RUNTIME_DIR)
     for base in candidates:
         if node and os.path.exists(os.path.join(base, node, "upstream")):
             return os.path.join(base, node)
         if os.path.exists(os.path.join(base, "upstream")):
             return base
-    return candidates[0]
+    return candidates[-1]
+
+
+def own_dir_problem(path: str) -> Optional[str]:
+    """Why nrmd must not use ``path`` as its runtime dir, or None: it must be
+    a real directory of nrmd's own user that nobody else may write, or
+    someone else could plant its lock, journal or state log (as symlinks
+    to files nrmd would then overwrite, or with values it would restore)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot inspect runtime dir {path}: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"runtime dir {path} is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"runtime dir {path} is not a directory"
+    if st.st_uid != os.geteuid():
+        return (f"runtime dir {path} belongs to uid {st.st_uid}, "
+                f"not to nrmd's user (uid {os.geteuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"runtime dir {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _owner_problem(path: str, what: str, st: os.stat_result) -> Optional[str]:
+    if st.st_uid not in (0, os.getuid()):
+        return f"{what} {path} belongs to uid {st.st_uid}, not to root or to you"
+    return None
+
+
+def trust_problem(rundir: str, name: str = "upstream") -> Optional[str]:
+    """Why the socket ``name`` in ``rundir`` cannot be trusted, or None.
+
+    Trusted: the dir (and every link on the way to it, and the socket) owned
+    by root or by the caller, and the dir writable by nobody else, so nobody
+    else can have put or swapped the socket there."""
+    try:
+        link = os.lstat(rundir)
+    except FileNotFoundError:
+        return None     # nothing to trust: "not running" is the caller's to say
+    except OSError as exc:
+        return f"cannot inspect runtime dir {rundir}: {exc.strerror}"
+    try:
+        if stat.S_ISLNK(link.st_mode):
+            problem = _owner_problem(rundir, "runtime dir link", link)
+            if problem:
+                return problem
+        st = os.stat(rundir)
+    except OSError as exc:
+        return f"cannot inspect runtime dir {rundir}: {exc.strerror}"
+    problem = _owner_problem(rundir, "runtime dir", st)
+    if problem:
+        return problem
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"runtime dir {rundir} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    sock = os.path.join(rundir, name)
+    try:
+        sst = os.lstat(sock)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot inspect {sock}: {exc.strerror}"
+    if not stat.S_ISSOCK(sst.st_mode):
+        return f"{sock} is not a socket"
+    return _owner_problem(sock, "socket", sst)
 
 
 def upstream_uri(rundir: str) -> str:

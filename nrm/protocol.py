@@ -29,6 +29,9 @@ PROTOCOL_VERSION = 1
 
 # Sizes that bound what the daemon accepts, so no peer can grow its memory.
 MAX_REQUEST_BYTES = 1 << 20
+#: the largest node power cap accepted, in watts: far above any node, low
+#: enough that a typo (or 1e308) is refused rather than taken as "no cap"
+MAX_POWER_CAP_W = 1e6
 MAX_DOWNSTREAM_BYTES = 4096
 
 

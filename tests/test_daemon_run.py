@@ -288,3 +288,48 @@ def test_no_daemon_is_a_clear_error(tmp_path):
                        capture_output=True)
     assert r.returncode == 1
     assert r.stderr.decode().startswith("nrm: nrmd is not running")
+
+
+def test_a_request_over_the_limit_says_so(daemon):
+    """nrmd drops a peer that sends more than 1 MiB: the client tells the
+    user what is too large and the limit, not that the connection was lost."""
+    big = {f"BIG{i}": "x" * 100_000 for i in range(12)}
+    r = daemon.cli("run", BASIC, "true", env=big)
+    assert r.returncode != 0
+    (line,) = r.stderr.decode().strip().splitlines()
+    assert "request too large: 1.1 MiB" in line and "at most 1 MiB" in line, line
+    assert daemon.cli("run", BASIC, "true").returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "0", "status"], b"expected a positive number of seconds"),
+    (["--timeout", "-1", "status"], b"expected a positive number of seconds"),
+    (["run", BASIC], b"no command given"),
+    (["run", BASIC, ""], b"no command given"),
+])
+def test_cli_edges_are_one_clear_line(daemon, args, message):
+    r = daemon.cli(*args)
+    assert r.returncode != 0
+    assert message in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    assert b"required: CMD, ARGS" not in r.stderr     # ARGS is optional
+
+
+def test_an_unwritable_profile_path_is_refused_before_the_task_runs(daemon, tmp_path):
+    marker = tmp_path / "ran"
+    r = daemon.cli("run", "--profile-json", str(tmp_path / "missing" / "p.json"), BASIC,
+                   "touch", str(marker))
+    assert r.returncode == 1
+    assert r.stderr.decode().strip().endswith("No such file or directory"), r.stderr
+    assert not marker.exists()
+
+
+def test_a_fifo_manifest_nobody_writes_is_an_error_not_a_hang(daemon, tmp_path):
+    fifo = tmp_path / "manifest"
+    os.mkfifo(fifo)
+    r = daemon.cli("run", str(fifo), "true", timeout=30)
+    assert r.returncode == 1
+    (line,) = r.stderr.decode().strip().splitlines()
+    assert "nothing was written to this FIFO" in line, line
+    with open(BASIC, "rb") as f:    # through a pipe, as <(...) gives it
+        r = daemon.cli("run", "/dev/stdin", "echo", "piped", input=f.read())
+    assert r.returncode == 0 and r.stdout == b"piped\n", r.stderr

@@ -103,7 +103,7 @@ def test_cgroups_unusable_auto_falls_back_and_cgroup_refuses():
 @pytest.fixture
 def small_tmpfs():
     path = tempfile.mkdtemp(prefix="nrmt-full-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", path], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path], check=True)
     yield path
     subprocess.run(["umount", "-l", path], check=False)
     os.rmdir(path)
@@ -143,3 +143,54 @@ def test_full_disk_refuses_unjournaled_control_writes_and_keeps_running(small_tm
         rc = d.stop()
         os.unlink(d.log_path)
     assert rc == 0
+
+
+@needs_root()
+@pytest.mark.parametrize("owner, mode", [(65534, 0o700), (0, 0o777)])
+def test_a_runtime_dir_others_control_is_refused(owner, mode):
+    """nrmd would otherwise chmod another user's dir and open files in it
+    that the other user planted: one line, and the dir is left as it was."""
+    rundir = tempfile.mkdtemp(prefix="nrmt-theirs-")
+    os.chown(rundir, owner, owner)
+    os.chmod(rundir, mode)
+    try:
+        r = subprocess.run(nrmd_argv() + ["--runtime-dir", rundir, "--hw", "emulated"],
+                           capture_output=True, timeout=30,
+                           env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        assert r.returncode != 0
+        (err,) = _errors(r.stderr)
+        assert err.startswith(f"refusing runtime dir {rundir}"), err
+        st = os.stat(rundir)
+        assert (st.st_uid, st.st_mode & 0o777) == (owner, mode)
+        assert os.listdir(rundir) == []
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def test_links_planted_in_the_runtime_dir_are_not_followed(tmp_path):
+    """The lock, the journal's and the state log's temporary files are never
+    opened through a symlink: the files they point to stay untouched."""
+    from nrm.hw.journal import Journal
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    os.symlink(victim, rundir / "nrmd.pid")
+    r = subprocess.run(nrmd_argv() + ["--runtime-dir", str(rundir), "--hw", "emulated"],
+                       capture_output=True, timeout=30,
+                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert r.returncode != 0
+    (err,) = _errors(r.stderr)
+    assert err.startswith(f"cannot open {rundir}/nrmd.pid"), err
+    os.unlink(rundir / "nrmd.pid")
+    os.symlink(victim, rundir / "controls.journal.tmp")
+    Journal(str(rundir / "controls.journal")).rewrite([{"backend": "b", "name": "n", "index": 0}])
+    os.symlink(victim, rundir / "state.log.tmp")
+    os.symlink(victim, rundir / "state.log")
+    d = DaemonProcess("--hw", "emulated", rundir=str(rundir)).start()
+    try:
+        assert d.cli("run", BASIC, "true").returncode == 0
+    finally:
+        assert d.stop() == 0
+    assert victim.read_text() == "precious\n"
+    assert not os.path.islink(rundir / "state.log")

@@ -312,13 +312,46 @@ def test_callback_errors_are_counted_not_fatal(uris):
 def test_bind_failure_leaves_nothing_open(tmp_path):
     async def main():
         ctx = zmq.Context()
-        ingest = Ingest(ctx, f"ipc://{tmp_path}/ok", "bogus://nowhere")
+        ingest = Ingest(ctx, "bogus://nowhere", f"ipc://{tmp_path}/seed")
         with pytest.raises(zmq.ZMQError):
             await ingest.start()
         await ingest.stop()
         ctx.term()  # would hang if a socket had been left open
 
     run(main())
+
+
+def test_a_squatted_seed_path_leaves_the_other_endpoint_serving(uris, caplog):
+    """A directory another user planted where the seed-era socket goes makes
+    that one endpoint fail, in one log line and in ``failures``; the
+    protocol-v1 endpoint goes on serving."""
+    seed_path = uris[1][len("ipc://"):]
+    os.mkdir(seed_path)
+    if os.geteuid() == 0:
+        os.chown(seed_path, 65534, 65534)
+
+    async def main():
+        got = []
+        ctx = zmq.Context()
+        ingest = Ingest(ctx, uris[0], uris[1], lambda m, p: got.append(m))
+        await ingest.start()
+        push = ctx.socket(zmq.PUSH)
+        push.connect(uris[0])
+        push.send(protocol.encode(V1[0]))
+        await wait_for(lambda: got, "a message on the v1 endpoint")
+        await ingest.stop()
+        push.close(linger=0)
+        ctx.term()
+        return ingest
+
+    with caplog.at_level(logging.WARNING, logger="nrm.daemon.ingest"):
+        ingest = run(main())
+    assert list(ingest.failures) == ["seed"]
+    assert "a directory of uid" in ingest.failures["seed"], ingest.failures
+    assert list(ingest.endpoints) == ["downstream"]
+    lines = [r for r in caplog.records if "seed endpoint off" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert os.path.isdir(seed_path)     # what was planted is left alone
 
 
 @pytest.mark.parametrize("data, code", [

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import needs_root
 
 
@@ -30,9 +32,25 @@ def test_setpower_sets_and_clears_the_cap(daemon):
     assert json.loads(daemon.cli("power", "--json").stdout)["cap_w"] is None
 
 
-def test_setpower_rejects_bad_values(daemon):
-    r = daemon.cli("setpower", "-3")
-    assert r.returncode == 2 and b"positive number of watts" in r.stderr
+@pytest.mark.parametrize("value", ["-3", "0", "nan", "inf", "1e308", "1000001"])
+def test_setpower_rejects_bad_values(daemon, value):
+    """NaN and infinity encode as JSON null, which clears the cap: refused
+    with the other out-of-range values, and the cap stays as it was."""
+    assert daemon.cli("setpower", "35").returncode == 0
+    r = daemon.cli("setpower", value)
+    assert r.returncode == 2 and b"expected watts in (0, 1000000]" in r.stderr, r.stderr
+    assert json.loads(daemon.cli("power", "--json").stdout)["cap_w"] == 35
+    assert daemon.cli("setpower", "off").returncode == 0
+
+
+def test_nrmd_rejects_an_out_of_range_cap(daemon):
+    from nrm import protocol
+    from nrm.client import Client, NrmError
+    with Client(daemon.rundir) as c:
+        with pytest.raises(NrmError, match="expected a number in"):
+            c.setpower(1e308)
+        assert c.setpower(None) is not None
+    assert protocol.MAX_POWER_CAP_W == 1e6
 
 
 @needs_root()

@@ -618,3 +618,27 @@ def test_env_list_encodes_as_fsencode_does_and_refuses_what_exec_cannot_take():
         env_list({"A=B": "x"})
     with pytest.raises(TypeError):
         env_list({"A": 3})
+
+
+IGNORING = ["sh", "-c", "trap '' INT QUIT HUP; exec \"$@\"", "sh"]
+
+
+@pytest.mark.parametrize("spawners", [0, 1], ids=["in-process", "spawner"])
+def test_signals_nrmd_ignores_reach_the_task(spawners):
+    """nrmd started with `nrmd &` from a script or under nohup ignores
+    SIGINT, SIGQUIT or SIGHUP; its tasks must not inherit that: a task
+    with default dispositions dies of the client's Ctrl-C and of a hangup."""
+    d = DaemonProcess("--hw", "emulated", "--spawners", str(spawners), wrapper=IGNORING).start()
+    try:
+        check_ctrl_c_reaches_the_task(d, BASIC)
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            p = d.popen_cli("run", BASIC, "sh", "-c", "echo ready; exec sleep 60",
+                            stdout=subprocess.PIPE)
+            assert p.stdout.readline() == b"ready\n"
+            p.send_signal(sig)
+            p.communicate(timeout=10)
+            assert p.returncode == 128 + sig, (sig, p.returncode)
+        r = d.cli("run", BASIC, "sh", "-c", "grep -E '^Sig(Ign|Cgt)' /proc/self/status")
+        assert b"SigIgn:\t0000000000000000" in r.stdout, r.stdout
+    finally:
+        assert d.stop() == 0

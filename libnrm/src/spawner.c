@@ -255,6 +255,14 @@ static void fail(int errpipe, int stage, int err, int what)
 static void child(const struct request *r, const int *join_fds, int devnull,
 		  int out_w, int err_w, int errpipe)
 {
+	/* A task starts with every disposition at its default: an ignored
+	 * one survives execve, and nrmd started from a script (`nrmd &`) or
+	 * under nohup ignores SIGINT, SIGQUIT or SIGHUP, which would make the
+	 * task deaf to the client's Ctrl-C. Before the mask opens. */
+	struct sigaction dfl = { .sa_handler = SIG_DFL };
+	for (int sig = 1; sig < NSIG; sig++)
+		if (sig != SIGKILL && sig != SIGSTOP)
+			sigaction(sig, &dfl, NULL);
 	sigset_t none;
 	sigemptyset(&none);
 	syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof(uint64_t));

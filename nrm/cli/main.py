@@ -7,6 +7,7 @@ Every error is one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from nrm import __version__
@@ -19,11 +20,21 @@ VERBS = (run, listing, kill, listen, status, power, setpower, report, keygen, bu
          pilot, campaign)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nrm", description="talk to the node's nrmd")
     p.add_argument("--version", action="version", version=f"nrm {__version__}")
     p.add_argument("--runtime-dir", help="where nrmd's sockets are (env NRM_RUNTIME_DIR)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for a reply")
     p.add_argument("--uri", metavar="tcp://HOST:PORT",
                    help="a remote nrmd's TCP endpoint (env NRM_URI; default: the local nrmd)")
     p.add_argument("--server-key", metavar="FILE",

@@ -10,6 +10,7 @@ import sys
 
 from nrm.hpc import slurm
 from nrm.cli.common import client
+from nrm.client import NrmError
 from nrm.manifest import load
 
 NAME = "run"
@@ -30,8 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print container, task, cpus and exit status on stderr")
     p.add_argument("manifest", help="manifest file (JSON or YAML; ACI or nrm format)")
-    p.add_argument("command", nargs=1, metavar="CMD")
-    p.add_argument("args", nargs="...", metavar="ARGS")
+    p.add_argument("command", nargs="...", metavar="CMD [ARGS ...]")
 
 
 def _print_profile(profile) -> None:
@@ -47,9 +47,23 @@ def _print_profile(profile) -> None:
             out.write(f"nrm:   {key}: {json.dumps(value)}\n")
 
 
+def _check_writable(path: str) -> None:
+    """The profile is written after the task ran: a path that cannot take it
+    would lose it (and the task's status) then, so check before running."""
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise NrmError("usage", f"--profile-json {path}: {exc.strerror}") from None
+
+
 def execute(args) -> int:
+    argv = args.command
+    if not argv or not argv[0]:
+        raise NrmError("usage", "run: no command given (nrm run MANIFEST CMD [ARGS ...])")
     manifest = load(args.manifest, cwd=os.getcwd())
-    argv = args.command + args.args
+    if args.profile_json:
+        _check_writable(args.profile_json)
     if args.profile or args.profile_json:
         manifest = dataclasses.replace(
             manifest, power=dataclasses.replace(manifest.power, profile=True))

@@ -1,8 +1,10 @@
 """nrm setpower: set or clear the node power cap."""
 
 import argparse
+import math
 
 from nrm.cli.common import client, fmt_watts
+from nrm.protocol import MAX_POWER_CAP_W
 
 NAME = "setpower"
 HELP = "set the node power cap in watts ('off' clears it; root or the power group)"
@@ -15,8 +17,9 @@ def _watts(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected watts or 'off', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of watts, got {text!r}")
+    if not math.isfinite(value) or not 0 < value <= MAX_POWER_CAP_W:
+        raise argparse.ArgumentTypeError(
+            f"expected watts in (0, {MAX_POWER_CAP_W:.0f}] or 'off', got {text!r}")
     return value
 
 

@@ -39,6 +39,8 @@ def render(s) -> None:
     print(f"requests:  {r['requests']} received, {r['request_errors']} rejected")
     for endpoint, counts in sorted((s.get("downstream") or {}).items()):
         print(f"{endpoint + ':':11}" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for endpoint, why in sorted((s.get("downstream_failures") or {}).items()):
+        print(f"{endpoint + ':':11}NOT LISTENING: {why}")
     missing = (s.get("c_parts") or {}).get("missing") or {}
     for part, why in sorted(missing.items()):
         hint = " (nrm build-interposer)" if part.startswith("pmpi-") else ""

@@ -321,8 +321,10 @@ class ContainerManager(HandOvers):
             self._promise_slices()      # a new predecessor
         self._tell("task_started", task)
         if self.wants("task"):
+            # no argv: every user may listen, and a command line can hold
+            # secrets; its owner (and root) read it with `list`
             self.publish("task", {"event": "start", "container": container.id,
-                                  "task": task.id, "pid": task.pid, "argv": task.argv})
+                                  "task": task.id, "pid": task.pid})
 
     def _wrap_perf(self, container, argv):
         if not container.manifest.perfwrapper:

@@ -40,6 +40,7 @@ import ctypes
 import errno as errno_mod
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -96,6 +97,30 @@ def _fork_exec_tail(gid, groups, uid) -> tuple:
     return (gid, groups, uid, -1, None)
 
 
+_CATCHABLE = tuple(sorted(set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}))
+
+
+def _ignored_signals() -> Tuple[int, ...]:
+    """Signals this process ignores: SIG_IGN survives exec, and nrmd started
+    from a script (`nrmd &`) or under nohup ignores SIGINT, SIGQUIT or
+    SIGHUP, which would leave its tasks deaf to the client's Ctrl-C."""
+    return tuple(s for s in _CATCHABLE if signal.getsignal(s) == signal.SIG_IGN)
+
+
+def _default_dispositions(signals: Tuple[int, ...]):
+    """A preexec_fn (costs the vfork fast path: only used when needed) that
+    puts ``signals`` back to their default in the child, through libc, as
+    the child may be forked from any thread."""
+    libc_signal = ctypes.CDLL(None, use_errno=True).signal
+    libc_signal.restype = ctypes.c_void_p
+    libc_signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+
+    def reset():
+        for sig in signals:
+            libc_signal(sig, 0)       # SIG_DFL
+    return reset
+
+
 def fork_exec(argv: Sequence, env: Optional[List[bytes]], cwd: Optional[str], capture: bool,
               uid: Optional[int] = None, gid: Optional[int] = None,
               groups: Optional[List[int]] = None) -> Tuple[int, int, int]:
@@ -113,10 +138,15 @@ def fork_exec(argv: Sequence, env: Optional[List[bytes]], cwd: Optional[str], ca
         out_w = err_w = devnull()
     errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)
     try:
+        tail = _fork_exec_tail(gid, groups, uid)
+        ignored = _ignored_signals()
+        if ignored:     # preexec_fn is the tail's last item but, from 3.11, one
+            at = len(tail) - (2 if sys.version_info >= (3, 11) else 1)
+            tail = tail[:at] + (_default_dispositions(ignored),) + tail[at + 1:]
         pid = _posixsubprocess.fork_exec(
             args, executables, True, (errpipe_w,), cwd, env,
             devnull(), -1, -1, out_w, -1, err_w, errpipe_r, errpipe_w,
-            True, True, *_fork_exec_tail(gid, groups, uid))
+            True, True, *tail)
     except BaseException:
         os.close(errpipe_r)
         if capture:

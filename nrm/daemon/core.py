@@ -103,6 +103,12 @@ class Daemon:
         mode = 0o755 if os.geteuid() == 0 else 0o700
         try:
             os.makedirs(self.rundir, mode=mode, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot use runtime dir {self.rundir}: {exc.strerror}") from None
+        problem = paths.own_dir_problem(self.rundir)
+        if problem:
+            raise StartupError(f"refusing {problem}")
+        try:
             os.chmod(self.rundir, mode)
         except OSError as exc:
             raise StartupError(f"cannot use runtime dir {self.rundir}: {exc.strerror}") from None
@@ -110,7 +116,10 @@ class Daemon:
             if len("ipc://" + os.path.join(self.rundir, name)) > 100:
                 raise StartupError(f"runtime dir path {self.rundir} is too long for a socket")
         lock_path = os.path.join(self.rundir, "nrmd.pid")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise StartupError(f"cannot open {lock_path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -316,6 +325,7 @@ class Daemon:
             "downstream": dict(self.ingest.counters, rejected=dict(self.downstream_rejects),
                                events=dict(self.app_events.counters))
             if self.ingest else None,
+            "downstream_failures": dict(self.ingest.failures) if self.ingest else {},
             "policy": self.policies.status() if self.policies else None,
             "sensors": self.power.sensors.stats() if self.power else None,
             "power_cap_w": self.power.cap_w if self.power else None,

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
+import stat
 import time
 from typing import Callable, Dict, Optional
 
@@ -194,6 +196,20 @@ class SeedTranslator:
         raise ProtocolError("unknown", f"unknown seed event {event!r}")
 
 
+def _check_not_squatted(path: str) -> None:
+    """libzmq unlinks whatever is at an ipc path before binding. Where others
+    may write (the seed-era path is in /tmp), what is there must be our own
+    stale socket: anything else was planted, and is refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        kind = "socket" if stat.S_ISSOCK(st.st_mode) else "directory" \
+            if stat.S_ISDIR(st.st_mode) else "file"
+        raise OSError(errno.EEXIST, f"a {kind} of uid {st.st_uid} is in the way")
+
+
 class _Endpoint:
     def __init__(self, name: str, uri: str, kind: int):
         self.name = name
@@ -240,6 +256,8 @@ class Ingest:
             self._endpoints.append(_Endpoint("seed", seed_uri, zmq.SUB))
         self.counters: Dict[str, Dict[str, int]] = {
             ep.name: ep.counters for ep in self._endpoints}
+        #: optional endpoint name -> why it is not listening
+        self.failures: Dict[str, str] = {}
         self._seed = SeedTranslator()
         self._last_log: Optional[float] = None
         self._unlogged: Dict[str, int] = {}
@@ -251,30 +269,46 @@ class Ingest:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Bind the endpoints and start draining them."""
-        try:
-            for ep in self._endpoints:
-                sock = self._ctx.socket(ep.kind)
-                ep.asock = sock
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
-                if self.zap_domain:
-                    sock.setsockopt(zmq.ZAP_DOMAIN, self.zap_domain.encode())
-                if ep.kind == zmq.SUB:
-                    sock.setsockopt(zmq.SUBSCRIBE, b"")
-                sock.bind(ep.uri)
-                if self.socket_mode is not None and ep.uri.startswith("ipc://"):
-                    # every user's tasks must be able to connect; what they
-                    # send is attributed by the ZAP handler, not trusted
-                    os.chmod(ep.uri[len("ipc://"):], self.socket_mode)
-                # The synchronous view of the same socket: non-blocking
-                # receives on it cost no Future per message.
-                ep.raw = zmq.Socket.shadow(sock.underlying)
-        except Exception:
-            self._close_sockets()
-            raise
+        """Bind the endpoints and start draining them.
+
+        The protocol-v1 endpoint is required: its failure raises, with
+        nothing left open. An optional one (seed) that cannot be bound is
+        logged in one line and listed in ``failures``; the others serve on."""
+        for ep in list(self._endpoints):
+            try:
+                self._bind(ep)
+            except (zmq.ZMQError, OSError) as exc:
+                if ep.name == "downstream":
+                    self._close_sockets()
+                    raise
+                reason = getattr(exc, "strerror", None) or str(exc)
+                self._close(ep)
+                self._endpoints.remove(ep)
+                self.counters.pop(ep.name, None)
+                self.failures[ep.name] = f"cannot bind {ep.uri}: {reason}"
+                log.warning("downstream %s endpoint off: %s", ep.name, self.failures[ep.name])
         for ep in self._endpoints:
             ep.task = asyncio.ensure_future(self._run(ep))
+
+    def _bind(self, ep: _Endpoint) -> None:
+        if ep.uri.startswith("ipc://"):
+            _check_not_squatted(ep.uri[len("ipc://"):])
+        sock = self._ctx.socket(ep.kind)
+        ep.asock = sock
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        if self.zap_domain:
+            sock.setsockopt(zmq.ZAP_DOMAIN, self.zap_domain.encode())
+        if ep.kind == zmq.SUB:
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.bind(ep.uri)
+        if self.socket_mode is not None and ep.uri.startswith("ipc://"):
+            # every user's tasks must be able to connect; what they
+            # send is attributed by the ZAP handler, not trusted
+            os.chmod(ep.uri[len("ipc://"):], self.socket_mode)
+        # The synchronous view of the same socket: non-blocking
+        # receives on it cost no Future per message.
+        ep.raw = zmq.Socket.shadow(sock.underlying)
 
     async def stop(self) -> None:
         """Stop draining and close the sockets; safe to call twice."""
@@ -297,10 +331,14 @@ class Ingest:
 
     def _close_sockets(self) -> None:
         for ep in self._endpoints:
-            if ep.asock is not None:
-                ep.asock.close(linger=0)
-            ep.asock = None
-            ep.raw = None
+            self._close(ep)
+
+    @staticmethod
+    def _close(ep: _Endpoint) -> None:
+        if ep.asock is not None:
+            ep.asock.close(linger=0)
+        ep.asock = None
+        ep.raw = None
 
     @property
     def endpoints(self) -> Dict[str, str]:

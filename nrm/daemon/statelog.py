@@ -34,7 +34,17 @@ import msgspec
 from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+
 rl_log = RateLimitedLog(log, 10.0)
+
+
+def _unlink_if_present(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
 
 COMPACT_BYTES = 1 << 20
 MAX_LINE = 256 * 1024     # a manifest is at most 64 KiB; anything longer is not ours
@@ -100,7 +110,7 @@ class StateLog:
         crash may have cut the last one."""
         found: Dict[str, ContainerRecord] = {}
         try:
-            f = open(self.path, "rb")
+            f = os.fdopen(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), "rb")
         except FileNotFoundError:
             return found
         except OSError as exc:
@@ -223,13 +233,15 @@ class StateLog:
         data = "".join(line + "\n" for line in lines).encode()
         tmp = self.path + ".tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            _unlink_if_present(tmp)   # whatever is there, a planted link included
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
             try:
                 os.write(fd, data)
             finally:
                 os.close(fd)
             os.rename(tmp, self.path)
-            new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
             self.write_errors += 1
             log.warning("state log %s: %s; after a crash, running tasks may not be found",

@@ -12,6 +12,7 @@ keys, NULL or PLAIN on tcp) is refused at the handshake.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -23,16 +24,25 @@ import zmq.utils.z85
 from zmq.utils.monitor import parse_monitor_message
 
 from nrm import protocol
-
-from nrm.transport import curve
+from nrm.containers.manager import READ_CHUNK
 from nrm.containers.model import Peer, Sink, Task
-from nrm.transport.zmqloop import BatchReader, send_frames
 from nrm.log import RateLimitedLog
+from nrm.transport import curve
+from nrm.transport.zmqloop import BatchReader, send_frames
 
 log = logging.getLogger(__name__)
 rl_log = RateLimitedLog(log)
 
 FLUSH_INTERVAL_S = 0.002
+#: bytes libzmq may hold for one client connection. The ROUTER's send mark
+#: counts messages, and an output chunk is up to READ_CHUNK bytes, so the
+#: mark is this budget in chunks: past it a send says "full", the sink
+#: queues one chunk and the task's pipe stops being read (the task blocks).
+CLIENT_QUEUE_BYTES = 4 << 20
+CLIENT_SNDHWM = max(CLIENT_QUEUE_BYTES // READ_CHUNK, 16)
+#: after a client that held a full queue goes or drains, freed buffers are
+#: handed back to the system (malloc keeps them otherwise)
+TRIM_DELAY_S = 0.5
 #: how often a remote (TCP) client streaming a task is checked for life: it
 #: has no pid to watch, so an empty output chunk is sent, which every
 #: client ignores and which fails once the connection is gone.
@@ -66,6 +76,16 @@ class Requester:
     def reply(self, msg, payload: Optional[bytes] = None) -> str:
         msg.id = self.request_id
         return self.upstream.send(self.identity, msg, payload)
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):     # not glibc
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
 
 
 class ClientSink(Sink):
@@ -103,6 +123,8 @@ class ClientSink(Sink):
 
     def _lost(self):
         self.dead = True
+        if self.queue:
+            self.req.upstream.schedule_trim()
         self.queue.clear()
         if self.task is not None:
             self.gone(self.task)
@@ -172,7 +194,7 @@ class Upstream:
         self.router = ctx.socket(zmq.ROUTER)
         self.router.zap_domain = b"nrm"
         self.router.router_mandatory = 1
-        self.router.sndhwm = 10000
+        self.router.sndhwm = CLIENT_SNDHWM
         self.router.rcvhwm = 10000
         self.router.maxmsgsize = protocol.MAX_REQUEST_BYTES + 4096
         self.router.linger = 200
@@ -196,6 +218,7 @@ class Upstream:
             self._bind_tcp(tcp)
         self._flushing: Deque[ClientSink] = deque()
         self._flush_timer = None
+        self._trim_timer = None
         self.zap_reader = BatchReader(loop, self.zap, self._on_zap, batch=64)
         self.reader = BatchReader(loop, self.router, self._on_request, batch=256)
         self.sub_reader = BatchReader(loop, self.pub, self._on_subscription, batch=64,
@@ -331,6 +354,19 @@ class Upstream:
         self._flushing = still
         if still:
             self._flush_timer = self.loop.call_later(FLUSH_INTERVAL_S, self._flush)
+        else:
+            self.schedule_trim()
+
+    def schedule_trim(self) -> None:
+        """Give back memory once a backed-up client drained or went: glibc
+        keeps freed chunks in its arenas (libzmq's included) otherwise."""
+        if self._trim_timer is None:
+            self._trim_timer = self.loop.call_later(TRIM_DELAY_S, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_timer = None
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     # -- events -----------------------------------------------------------
     def _on_subscription(self, frame: bytes) -> None:
@@ -367,6 +403,8 @@ class Upstream:
         self.sub_reader.close()
         if self._flush_timer is not None:
             self._flush_timer.cancel()
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         if self._probe_timer is not None:
             self._probe_timer.cancel()
         for sock, (mon, reader) in zip((self.router, self.pub), self._monitors):

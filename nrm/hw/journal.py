@@ -21,6 +21,13 @@ from nrm.hw.registry import HardwareError
 log = logging.getLogger(__name__)
 
 
+def _unlink_if_present(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class Journal:
     """Owns the file of saved control originals: append before a write,
     drop once restored, read back by the next daemon."""
@@ -32,7 +39,7 @@ class Journal:
     def load(self) -> List[Dict[str, Any]]:
         """Entries in append order; the first entry of a (backend, name, index) wins."""
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
         except FileNotFoundError:
             return []
         except OSError as e:
@@ -42,7 +49,8 @@ class Journal:
             log.error("control journal %s is not a regular file: ignored", self.path)
             return []
         try:
-            with open(self.path, encoding="utf-8") as f:
+            with os.fdopen(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW),
+                           encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             log.error("cannot read control journal %s: %s", self.path, e)
@@ -73,8 +81,8 @@ class Journal:
                 parent = os.path.dirname(self.path)
                 if parent:
                     os.makedirs(parent, mode=0o700, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                             0o600)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                             | os.O_NOFOLLOW, 0o600)
                 if os.write(fd, line) != len(line):
                     raise OSError(0, "short write")
                 os.fsync(fd)
@@ -112,7 +120,9 @@ class Journal:
         tmp = self.path + ".tmp"
         data = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            _unlink_if_present(tmp)   # whatever is there, a planted link included
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
             try:
                 os.write(fd, data)
                 os.fsync(fd)
