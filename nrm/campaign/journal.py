@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
 
+from nrm import jsonlines
+
 JOURNAL = "journal.jsonl"
 LOCK = "lock"
 PLAN = "plan.json"
@@ -85,22 +87,14 @@ class Journal:
 
     def __init__(self, directory: str, warn=None):
         self.path = os.path.join(directory, JOURNAL)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        size = os.fstat(self.fd).st_size
-        if size:
-            tail = os.pread(self.fd, min(size, 1 << 16), max(0, size - (1 << 16)))
-            if not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n")
-                keep = size - len(tail) + cut + 1 if cut >= 0 else 0
-                os.ftruncate(self.fd, keep)
-                os.fsync(self.fd)
-                if warn:
-                    warn(f"{self.path}: dropped a torn last record ({size - keep} bytes)")
+        self.fd = jsonlines.open_append(self.path, 0o644, readable=True)
+        dropped = jsonlines.cut_torn_tail(self.fd)
+        if dropped and warn:
+            warn(f"{self.path}: dropped a torn last record ({dropped} bytes)")
 
     def append(self, record: Dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str) + "\n"
-        os.write(self.fd, line.encode())
-        os.fsync(self.fd)
+        jsonlines.append(self.fd, line.encode(), durable=True)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -126,18 +120,15 @@ _brief = msgspec.json.Decoder(Brief)
 def _body(directory: str) -> Tuple[str, bytes, List[str]]:
     path = os.path.join(directory, JOURNAL)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data, torn = jsonlines.complete(jsonlines.read(path))
     except FileNotFoundError:
         return path, b"", []
     except OSError as exc:
         raise JournalError(f"{path}: {exc.strerror or exc}") from None
     warnings: List[str] = []
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        warnings.append(f"{path}: skipped a torn last record ({len(data) - cut} bytes: "
+    if torn:
+        warnings.append(f"{path}: skipped a torn last record ({torn} bytes: "
                         "the coordinator was killed while writing it)")
-        data = data[:cut]
     return path, data, warnings
 
 
@@ -243,13 +234,8 @@ def write_plan(directory: str, runs) -> None:
             row.append(i)
         rows.append(row)
     plan = {"parameters": {n: values[n] for n in names}, "runs": rows}
-    path = os.path.join(directory, PLAN)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(msgspec.json.encode(plan))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    jsonlines.replace(os.path.join(directory, PLAN), msgspec.json.encode(plan), durable=True,
+                      mode=0o644)
 
 
 def read_plan(directory: str) -> Optional[dict]:

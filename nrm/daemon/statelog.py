@@ -31,19 +31,13 @@ from typing import Callable, Dict, List, Optional
 
 import msgspec
 
+from nrm import jsonlines
 from nrm.log import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 
 rl_log = RateLimitedLog(log, 10.0)
-
-
-def _unlink_if_present(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 COMPACT_BYTES = 1 << 20
@@ -110,22 +104,21 @@ class StateLog:
         crash may have cut the last one."""
         found: Dict[str, ContainerRecord] = {}
         try:
-            f = os.fdopen(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), "rb")
+            data = jsonlines.read(self.path)
         except FileNotFoundError:
             return found
         except OSError as exc:
-            log.warning("cannot read state log %s: %s", self.path, exc.strerror)
+            log.warning("cannot read state log %s: %s", self.path, exc.strerror or exc)
             return found
         bad = 0
-        with f:
-            for line in f:
-                if len(line) > MAX_LINE:
-                    bad += 1
-                    continue
-                try:
-                    _apply(found, json.loads(line))
-                except (ValueError, KeyError, TypeError):
-                    bad += 1
+        for line in data.splitlines():
+            if len(line) > MAX_LINE:
+                bad += 1
+                continue
+            try:
+                _apply(found, json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                bad += 1
         if bad:
             log.warning("state log %s: %d unreadable records skipped", self.path, bad)
         return found
@@ -214,10 +207,8 @@ class StateLog:
         data = ("\n".join(self._pending) + "\n").encode()
         self._pending.clear()
         try:
-            n = os.write(self._fd, data)
-            self._size += n
-            if n != len(data):
-                raise OSError(28, "short write")
+            jsonlines.append(self._fd, data, durable=False)
+            self._size += len(data)
         except OSError as exc:
             self.write_errors += 1
             rl_log.warning("state log %s: %s; after a crash, running tasks may not be "
@@ -231,17 +222,9 @@ class StateLog:
             lines.append(_container_line(c, _text(c.manifest)))
             lines.extend(_text(_task_line(t)) for t in c.tasks.values())
         data = "".join(line + "\n" for line in lines).encode()
-        tmp = self.path + ".tmp"
         try:
-            _unlink_if_present(tmp)   # whatever is there, a planted link included
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path)
-            new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+            jsonlines.replace(self.path, data, durable=False)
+            new_fd = jsonlines.open_append(self.path)
         except OSError as exc:
             self.write_errors += 1
             log.warning("state log %s: %s; after a crash, running tasks may not be found",

@@ -12,20 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import threading
 from typing import Any, Dict, Iterable, List, Tuple
 
+from nrm import jsonlines
 from nrm.hw.registry import HardwareError
 
 log = logging.getLogger(__name__)
-
-
-def _unlink_if_present(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class Journal:
@@ -39,20 +32,14 @@ class Journal:
     def load(self) -> List[Dict[str, Any]]:
         """Entries in append order; the first entry of a (backend, name, index) wins."""
         try:
-            st = os.lstat(self.path)
+            lines = jsonlines.read(self.path).decode().splitlines()
         except FileNotFoundError:
             return []
         except OSError as e:
-            log.error("cannot read control journal %s: %s", self.path, e.strerror)
+            log.error("cannot read control journal %s: %s (a link, or not a regular "
+                      "file, is ignored)", self.path, e.strerror or e)
             return []
-        if not stat.S_ISREG(st.st_mode):
-            log.error("control journal %s is not a regular file: ignored", self.path)
-            return []
-        try:
-            with os.fdopen(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW),
-                           encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
             log.error("cannot read control journal %s: %s", self.path, e)
             return []
         entries: List[Dict[str, Any]] = []
@@ -81,11 +68,8 @@ class Journal:
                 parent = os.path.dirname(self.path)
                 if parent:
                     os.makedirs(parent, mode=0o700, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                             | os.O_NOFOLLOW, 0o600)
-                if os.write(fd, line) != len(line):
-                    raise OSError(0, "short write")
-                os.fsync(fd)
+                fd = jsonlines.open_append(self.path)
+                jsonlines.append(fd, line, durable=True)
             except OSError as e:
                 raise HardwareError(
                     f"cannot journal the original of {entry.get('name')}[{entry.get('index')}] "
@@ -117,23 +101,9 @@ class Journal:
                 raise HardwareError(f"cannot clear control journal {self.path}: "
                                     f"{e.strerror or e}") from None
             return
-        tmp = self.path + ".tmp"
         data = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
         try:
-            _unlink_if_present(tmp)   # whatever is there, a planted link included
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            jsonlines.replace(self.path, data, durable=True)
         except OSError as e:
             raise HardwareError(f"cannot rewrite control journal {self.path}: "
                                 f"{e.strerror or e}") from None

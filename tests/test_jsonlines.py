@@ -1,0 +1,72 @@
+"""The one durable JSON-lines helper (nrm/jsonlines.py) that the control
+journal, the state log and the campaign journal share."""
+
+import os
+
+import pytest
+
+from nrm import jsonlines
+
+
+def test_append_then_read_back(tmp_path):
+    path = str(tmp_path / "j")
+    fd = jsonlines.open_append(path)
+    try:
+        for durable in (True, False):
+            jsonlines.append(fd, b'{"a":1}\n', durable)
+    finally:
+        os.close(fd)
+    assert jsonlines.read(path) == b'{"a":1}\n{"a":1}\n'
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("data, kept, torn", [
+    (b"", b"", 0), (b"a\n", b"a\n", 0), (b"a\nb", b"a\n", 1), (b"abc", b"", 3),
+    (b"a\nb\n", b"a\nb\n", 0),
+])
+def test_a_torn_last_line_is_left_out(data, kept, torn):
+    assert jsonlines.complete(data) == (kept, torn)
+
+
+def test_cutting_a_torn_tail_lets_the_next_record_start_clean(tmp_path):
+    path = str(tmp_path / "j")
+    with open(path, "wb") as f:
+        f.write(b'{"a":1}\n{"b":')
+    fd = jsonlines.open_append(path, readable=True)
+    try:
+        assert jsonlines.cut_torn_tail(fd) == 5
+        assert jsonlines.cut_torn_tail(fd) == 0
+        jsonlines.append(fd, b'{"c":3}\n', durable=True)
+    finally:
+        os.close(fd)
+    assert jsonlines.read(path) == b'{"a":1}\n{"c":3}\n'
+
+
+def test_replace_is_whole_and_removes_a_planted_tmp_link(tmp_path):
+    path = str(tmp_path / "j")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    os.symlink(victim, path + ".tmp")
+    jsonlines.replace(path, b'{"new":1}\n', durable=True)
+    assert jsonlines.read(path) == b'{"new":1}\n'
+    assert victim.read_bytes() == b"precious\n"
+    assert not os.path.lexists(path + ".tmp")
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo", "dir"])
+def test_nothing_is_read_or_appended_through_what_is_not_a_plain_file(tmp_path, kind):
+    path = str(tmp_path / "j")
+    target = tmp_path / "target"
+    target.write_bytes(b'{"planted":1}\n')
+    if kind == "link":
+        os.symlink(target, path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.mkdir(path)
+    with pytest.raises(OSError):
+        jsonlines.read(path)
+    if kind == "link":
+        with pytest.raises(OSError):
+            jsonlines.open_append(path)
+        assert target.read_bytes() == b'{"planted":1}\n'
