@@ -79,3 +79,12 @@ class DaemonProcess(LocalNrmd):
                  wrapper: Optional[List[str]] = None):
         super().__init__(*extra, rundir=rundir or tempfile.mkdtemp(prefix="nrmt-", dir="/tmp"),
                          env=env, wrapper=wrapper or (), log_level="debug", cwd=REPO)
+
+
+def wait_subscribed(daemon: "DaemonProcess", topic: str, timeout: float = 15.0) -> None:
+    """PUB/SUB: wait until nrmd has a listener's subscription to ``topic``
+    (an event published before it would not reach that listener)."""
+    def subscribed():
+        r = daemon.cli("status", "--json")
+        return r.returncode == 0 and topic in json.loads(r.stdout).get("subscriptions", ())
+    wait_for(subscribed, timeout)

@@ -13,7 +13,7 @@ import zmq
 from nrm import paths, protocol
 from tests.conftest import EXAMPLES, needs_root
 from tests.daemon import (DaemonProcess, check_client_death_kills_the_task,
-                          check_ctrl_c_reaches_the_task, wait_for)
+                          check_ctrl_c_reaches_the_task, wait_for, wait_subscribed)
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 PY = sys.executable
@@ -107,7 +107,7 @@ def test_detach_list_and_kill(daemon):
 def test_listen_sees_task_events(daemon):
     p = daemon.popen_cli("listen", "--json", "--topic", "task", "-n", "2",
                          stdout=subprocess.PIPE)
-    time.sleep(0.5)  # PUB/SUB: the subscription must reach the daemon first
+    wait_subscribed(daemon, "task")
     assert daemon.cli("run", BASIC, "true").returncode == 0
     out, _ = p.communicate(timeout=10)
     events = [json.loads(line) for line in out.decode().splitlines()]
@@ -333,3 +333,24 @@ def test_a_fifo_manifest_nobody_writes_is_an_error_not_a_hang(daemon, tmp_path):
     with open(BASIC, "rb") as f:    # through a pipe, as <(...) gives it
         r = daemon.cli("run", "/dev/stdin", "echo", "piped", input=f.read())
     assert r.returncode == 0 and r.stdout == b"piped\n", r.stderr
+
+
+def test_a_client_that_pipelines_requests_gets_every_reply(daemon):
+    """Output is bounded per connection by pausing tasks; a client that sends
+    many requests before it reads gets every reply all the same (they wait
+    in a bounded backlog), not only the first few the socket can hold."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    s.rcvhwm = 4            # a slow reader: nothing piles up on this side
+    s.connect(paths.upstream_uri(daemon.rundir))
+    try:
+        n = 600
+        for i in range(n):
+            s.send(protocol.encode(protocol.ListContainers(id=i + 1)))
+        time.sleep(1.0)        # the replies pile up while nobody reads
+        got = set()
+        while len(got) < n and s.poll(10000):
+            got.add(protocol.decode_reply(s.recv()).id)
+        assert got == set(range(1, n + 1)), f"{n - len(got)} replies lost"
+    finally:
+        s.close()

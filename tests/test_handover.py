@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import DaemonProcess, wait_for
+from tests.daemon import DaemonProcess, wait_for, wait_subscribed
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 
@@ -51,7 +50,7 @@ def fill(d, *argv):
 def test_a_queued_run_takes_over_a_slice_and_no_cpu_is_held_twice(nrmd, tmp_path):
     listener = nrmd.popen_cli("listen", "--json", "--topic", "container",
                               stdout=subprocess.PIPE)
-    time.sleep(0.3)                      # subscribed before the first event
+    wait_subscribed(nrmd, "container")
     before = status(nrmd)["tasks"]["handovers"]
     gate = tmp_path / "gate"
     ncpus = fill(nrmd, *gated(gate))

@@ -3,13 +3,13 @@
 import json
 import shutil
 import sys
-import time
 
 import pytest
 import zmq
 
 from nrm import paths
 from nrm.tools.perfwrapper import parse_line
+from tests.daemon import wait_subscribed
 
 
 @pytest.mark.parametrize("line,expected", [
@@ -32,7 +32,7 @@ def test_perfwrapper_reports_through_the_daemon(daemon, tmp_path):
     sub.connect(paths.events_uri(daemon.rundir))
     sub.setsockopt(zmq.SUBSCRIBE, b"performance")
     try:
-        time.sleep(0.3)     # PUB/SUB: the subscription must reach the daemon first
+        wait_subscribed(daemon, "performance")
         busy = "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass\nprint('done')"
         r = daemon.cli("run", str(manifest), sys.executable, "-c", busy)
         assert r.returncode == 0, r.stderr

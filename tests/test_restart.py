@@ -6,12 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import EXAMPLES, needs_root
-from tests.daemon import DaemonProcess, wait_for
+from tests.daemon import DaemonProcess, wait_for, wait_subscribed
 
 BASIC = os.path.join(EXAMPLES, "basic.yml")
 WHOLE_NODE = os.path.join(EXAMPLES, "ddcm.json")     # asks for 2 cpus
@@ -98,7 +97,7 @@ def test_adopt_keeps_the_task_in_its_slice_and_never_restarts_it(tmp_path):
         # its output, which no client reads any more, comes out as events
         listen = d2.popen_cli("listen", "--json", "--topic", "task", "-n", "2",
                               stdout=subprocess.PIPE)
-        time.sleep(0.5)
+        wait_subscribed(d2, "task")
         trigger.touch()
         wait_for(lambda: "sleep" in open(f"/proc/{pid}/comm").read())
         assert d2.cli("kill", "keep").returncode == 0

@@ -319,6 +319,7 @@ class Daemon:
             "resources": self.resources.describe(),
             "requests": dict(self.upstream.counters, by_type=dict(self.request_counts)),
             "endpoints": list(self.upstream.endpoints),
+            "subscriptions": self.upstream.subscriptions,
             "tasks": {k: v for k, v in self.containers.counters.items()},
             "containers": len(self.containers.containers),
             "waiting": self.containers.waiting_count,

@@ -74,6 +74,13 @@ class Requester:
         self.request_id = request_id
 
     def reply(self, msg, payload: Optional[bytes] = None) -> str:
+        """A reply the client must get even if it is momentarily full (it may
+        send many requests before it reads): kept in a bounded backlog."""
+        msg.id = self.request_id
+        return self.upstream.reply(self.identity, msg, payload)
+
+    def stream(self, msg, payload: Optional[bytes] = None) -> str:
+        """A run's event: "full" is the caller's cue to pause the task."""
         msg.id = self.request_id
         return self.upstream.send(self.identity, msg, payload)
 
@@ -86,6 +93,38 @@ def _libc_malloc_trim():
 
 
 _malloc_trim = _libc_malloc_trim()
+
+
+class _Backlog:
+    """Replies waiting for one full client, in order, bounded in bytes."""
+
+    __slots__ = ("items", "size")
+
+    def __init__(self):
+        self.items: Deque[tuple] = deque()
+        self.size = 0
+
+    def add(self, body: bytes, payload: Optional[bytes]) -> bool:
+        n = len(body) + len(payload or b"")
+        if self.items and self.size + n > CLIENT_QUEUE_BYTES:
+            return False
+        self.items.append((body, payload))
+        self.size += n
+        return True
+
+    def flush(self, send: Callable[[bytes, Optional[bytes]], str]) -> bool:
+        """Send what the client takes; True when nothing is left (sent, or
+        the client is gone)."""
+        while self.items:
+            body, payload = self.items[0]
+            result = send(body, payload)
+            if result == "full":
+                return False
+            self.items.popleft()
+            self.size -= len(body) + len(payload or b"")
+            if result == "gone":
+                self.items.clear()
+        return True
 
 
 class ClientSink(Sink):
@@ -111,7 +150,7 @@ class ClientSink(Sink):
         if self.queue:
             self.queue.append((msg, payload))
             return False
-        result = self.req.reply(msg, payload)
+        result = self.req.stream(msg, payload)
         if result == "ok":
             return True
         if result == "full":
@@ -133,7 +172,7 @@ class ClientSink(Sink):
         """Send what is queued; True when the queue is empty."""
         while self.queue and not self.dead:
             msg, payload = self.queue[0]
-            result = self.req.reply(msg, payload)
+            result = self.req.stream(msg, payload)
             if result == "full":
                 return False
             self.queue.popleft()
@@ -217,6 +256,7 @@ class Upstream:
         if tcp is not None:
             self._bind_tcp(tcp)
         self._flushing: Deque[ClientSink] = deque()
+        self._backlogs: Dict[bytes, _Backlog] = {}
         self._flush_timer = None
         self._trim_timer = None
         self.zap_reader = BatchReader(loop, self.zap, self._on_zap, batch=64)
@@ -309,7 +349,7 @@ class Upstream:
         if peer is None or len(frames) != 2:
             self.counters["request_errors"] += 1
             if peer is not None:
-                self.send(identity, protocol.Error(
+                self.reply(identity, protocol.Error(
                     code="malformed", message="a request is exactly one JSON frame"))
             return
         try:
@@ -317,13 +357,36 @@ class Upstream:
         except protocol.ProtocolError as exc:
             self.counters["request_errors"] += 1
             rl_log.info("bad request from uid %d: %s", peer.uid, exc)
-            self.send(identity, protocol.Error(code=exc.code, message=str(exc)))
+            self.reply(identity, protocol.Error(code=exc.code, message=str(exc)))
             return
         self.dispatch(Requester(self, identity, peer, msg.id), msg)
 
     def send(self, identity: bytes, msg, payload: Optional[bytes] = None) -> str:
         """"ok", "full" (peer at its high-water mark) or "gone"."""
-        frames = [identity, protocol.encode(msg)]
+        return self._send(identity, protocol.encode(msg), payload)
+
+    def reply(self, identity: bytes, msg, payload: Optional[bytes] = None) -> str:
+        """Like ``send``, but a reply to a full client waits in its backlog
+        (``CLIENT_QUEUE_BYTES`` at most; a client that asks for more without
+        reading loses the excess, counted) and goes out as it reads."""
+        body = protocol.encode(msg)
+        backlog = self._backlogs.get(identity)
+        if backlog is None:
+            result = self._send(identity, body, payload)
+            if result != "full":
+                return result
+            backlog = self._backlogs[identity] = _Backlog()
+        if not backlog.add(body, payload):
+            self.counters["replies_dropped"] = self.counters.get("replies_dropped", 0) + 1
+            rl_log.warning("a client asked for more than %d bytes of replies without reading: "
+                           "reply dropped", CLIENT_QUEUE_BYTES)
+            return "gone"
+        if self._flush_timer is None:
+            self._flush_timer = self.loop.call_later(FLUSH_INTERVAL_S, self._flush)
+        return "queued"
+
+    def _send(self, identity: bytes, body: bytes, payload: Optional[bytes]) -> str:
+        frames = [identity, body]
         if payload is not None:
             frames.append(payload)
         try:
@@ -346,13 +409,17 @@ class Upstream:
 
     def _flush(self) -> None:
         self._flush_timer = None
+        for identity in list(self._backlogs):
+            backlog = self._backlogs[identity]
+            if backlog.flush(lambda body, payload: self._send(identity, body, payload)):
+                del self._backlogs[identity]
         still: Deque[ClientSink] = deque()
         while self._flushing:
             sink = self._flushing.popleft()
             if not sink.flush():
                 still.append(sink)
         self._flushing = still
-        if still:
+        if still or self._backlogs:
             self._flush_timer = self.loop.call_later(FLUSH_INTERVAL_S, self._flush)
         else:
             self.schedule_trim()
@@ -379,6 +446,11 @@ class Upstream:
             self._subscriptions.add(topic)
         else:
             self._subscriptions.discard(topic)
+
+    @property
+    def subscriptions(self) -> list:
+        """Topic prefixes someone listens to ("" for everything)."""
+        return sorted(t.decode(errors="replace") for t in self._subscriptions)
 
     def wanted(self, topic: str) -> bool:
         """Whether any listener subscribed to a prefix of ``topic``."""
