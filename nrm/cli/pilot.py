@@ -123,15 +123,14 @@ def execute(args) -> int:
     daemon = None
     try:
         runtime_dir = args.runtime_dir
-        if across:
-            runtime_dir = None
-        elif not _nrmd_answers(args):
+        if not across and not _nrmd_answers(args):
             if args.uri:
                 return _fail(f"nrmd at {args.uri} does not answer", 1)
             daemon = LocalNrmd(log_level="warning", prefix="nrm-pilot-").start()
             runtime_dir = daemon.rundir
             log.info("no nrmd answers: started a private one in %s", runtime_dir)
-        status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log))
+        status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
+                                  across))
     except AllocationError as exc:
         return _fail(str(exc), 1)
     except NrmdDidNotStart as exc:
@@ -169,9 +168,10 @@ def _nrmd_answers(args) -> bool:
     return asyncio.run(probe())
 
 
-async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log) -> int:
+async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
+               across: bool = False) -> int:
     writer = ReportWriter(report_path, args.report_format)
-    if runtime_dir is None:
+    if across:
         opened = open_allocation(pool, wd, aux, envschema=args.envschema, on_final=writer,
                                  init_timeout=args.nl_init_timeout)
     else:

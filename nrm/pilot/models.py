@@ -64,8 +64,11 @@ def wrap(task: Task, alloc: Allocation, argv: List[str], env: Dict[str, str],
         env["I_MPI_PIN_PROCESSOR_LIST"] = env.get("QCG_PM_CPU_SET", "")
         hosts = ["-hosts", ",".join(alloc.nodes)] if multi else []
         return launcher + ["-n", ncores] + hosts + list(opts.get("mpirun_args") or ()) + argv
-    if shutil.which("srun") is None or "SLURM_JOB_ID" not in env:
+    if shutil.which("srun") is None or not (env.get("SLURM_JOB_ID")
+                                            or os.environ.get("SLURM_JOB_ID")):
         raise ModelError("execution model srunmpi needs a Slurm allocation (srun, SLURM_JOB_ID)")
+    # srun reads this one as --ntasks-per-node, and N(xK) is not its syntax
+    env.pop("SLURM_NTASKS_PER_NODE", None)
     ranks = nrm_command() + ["run", rank_manifest] + argv if rank_manifest else argv
     return (["srun", "--overlap", "--nodelist", ",".join(alloc.nodes), "-N", str(len(alloc.parts)),
              "-n", ncores, "--distribution=arbitrary", "--kill-on-bad-exit=1"]
