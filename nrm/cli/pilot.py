@@ -9,13 +9,15 @@ file cannot be used or an option is not supported yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import sys
 
 from nrm.client import AsyncClient, NrmError
-from nrm.pilot import jobfile
+from nrm.pilot import jobfile, slurmres
+from nrm.pilot.allocation import AllocationError, NodePool, open_allocation
 from nrm.pilot.report import ReportWriter, write_final_status
 from nrm.pilot.runner import Runner
 from nrm.pilot.scheduler import Pool, PoolError, parse_nodes
@@ -29,9 +31,9 @@ NOT_YET = {
     "--net": "the network interface (QCG Python API)", "--net-port": "the network interface",
     "--net-pub-port": "the network interface", "--governor": "governor mode",
     "--parent": "governor mode", "--slurm-partition-nodes": "Slurm partitions",
-    "--slurm-limit-nodes-range-begin": "Slurm multi-node mode",
-    "--slurm-limit-nodes-range-end": "Slurm multi-node mode",
-    "--slurm-resources-file": "Slurm multi-node mode", "--resume": "resuming",
+    "--slurm-limit-nodes-range-begin": "Slurm node ranges",
+    "--slurm-limit-nodes-range-end": "Slurm node ranges",
+    "--slurm-resources-file": "Slurm resource files", "--resume": "resuming",
     "--enable-proc-stats": "process statistics", "--enable-rt-stats": "runtime statistics",
     "--show-progress": "progress output",
 }
@@ -48,7 +50,8 @@ def add_arguments(p) -> None:
                    help="the pool of nodes and cores (default: this node's cpus); larger "
                         "than the machine runs oversubscribed")
     p.add_argument("--resources", choices=("auto", "local", "slurm"), default="auto",
-                   help="where the pool comes from: local only for now")
+                   help="where the pool comes from (auto: the Slurm allocation inside "
+                        "one, without --nodes)")
     p.add_argument("--envschema", choices=("auto", "slurm"), default="auto",
                    help="also set SLURM_* variables in tasks (auto: inside a Slurm job)")
     p.add_argument("--report-format", choices=("json", "text"), default="json")
@@ -58,6 +61,8 @@ def add_arguments(p) -> None:
     p.add_argument("--log", default="info", choices=("critical", "error", "warning", "info",
                                                      "debug", "notset"),
                    help="level of service.log")
+    p.add_argument("--nl-init-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long the node agents may take to start (Slurm allocation)")
     p.add_argument("--system-core", action="store_true",
                    help="keep one core of the first node for the pilot itself")
     p.add_argument("--disable-nl", action="store_true",
@@ -83,9 +88,7 @@ def execute(args) -> int:
             return _fail(f"{opt}: {NOT_YET[opt]} is not supported by nrm pilot yet "
                          "(docs/pilot.md)")
     in_slurm = "SLURM_JOB_ID" in os.environ and not args.nodes
-    if args.resources == "slurm" or (args.resources == "auto" and in_slurm):
-        return _fail("Slurm resources (several nodes) are not supported by nrm pilot yet; "
-                     "give --nodes to use this node alone (docs/pilot.md)")
+    across = args.resources == "slurm" or (args.resources == "auto" and in_slurm)
     try:
         parsed = jobfile.load(args.file_path)
     except jobfile.JobFileError as exc:
@@ -93,10 +96,12 @@ def execute(args) -> int:
     try:
         if args.nodes:
             nodes = parse_nodes(args.nodes)
+        elif across:
+            nodes = slurmres.allocation(os.environ)
         else:
             nodes = [(socket.gethostname(), len(os.sched_getaffinity(0)))]
-        pool = Pool(nodes, system_core=args.system_core)
-    except PoolError as exc:
+        pool = (NodePool if across else Pool)(nodes, system_core=args.system_core)
+    except (PoolError, slurmres.SlurmResourcesError) as exc:
         return _fail(str(exc))
     wd = os.path.abspath(args.wd)
     aux = os.path.join(wd, f".nrm-pilot-{socket.gethostname()}.{os.getpid()}")
@@ -118,13 +123,16 @@ def execute(args) -> int:
     daemon = None
     try:
         runtime_dir = args.runtime_dir
-        if not _nrmd_answers(args):
+        if not across and not _nrmd_answers(args):
             if args.uri:
                 return _fail(f"nrmd at {args.uri} does not answer", 1)
             daemon = LocalNrmd(log_level="warning", prefix="nrm-pilot-").start()
             runtime_dir = daemon.rundir
             log.info("no nrmd answers: started a private one in %s", runtime_dir)
-        status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log))
+        status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
+                                  across))
+    except AllocationError as exc:
+        return _fail(str(exc), 1)
     except NrmdDidNotStart as exc:
         return _fail(f"no nrmd answers and a private one did not start: "
                      f"{str(exc).splitlines()[0]}", 1)
@@ -134,6 +142,13 @@ def execute(args) -> int:
         log.removeHandler(handler)
         handler.close()
     return 1 if parsed.errors and status == 0 else status
+
+
+@contextlib.asynccontextmanager
+async def _local_runner(args, runtime_dir, pool, wd, writer):
+    async with AsyncClient(runtime_dir, timeout=args.timeout, uri=args.uri,
+                           server_key=args.server_key, key=args.key) as client:
+        yield Runner(pool, wd, client, envschema=args.envschema, on_final=writer)
 
 
 def _nrmd_answers(args) -> bool:
@@ -153,11 +168,15 @@ def _nrmd_answers(args) -> bool:
     return asyncio.run(probe())
 
 
-async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log) -> int:
+async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
+               across: bool = False) -> int:
     writer = ReportWriter(report_path, args.report_format)
-    async with AsyncClient(runtime_dir, timeout=args.timeout, uri=args.uri,
-                           server_key=args.server_key, key=args.key) as client:
-        runner = Runner(pool, wd, client, envschema=args.envschema, on_final=writer)
+    if across:
+        opened = open_allocation(pool, wd, aux, envschema=args.envschema, on_final=writer,
+                                 init_timeout=args.nl_init_timeout)
+    else:
+        opened = _local_runner(args, runtime_dir, pool, wd, writer)
+    async with opened as runner:
         writer.manager = runner.manager
         if runner.oversubscribed:
             print(f"nrm pilot: warning: the pool has {pool.total} cores, this node lets "

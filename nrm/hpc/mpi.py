@@ -80,3 +80,11 @@ def launched_by(argv: List[str], path: Optional[str] = None) -> Optional[Mpi]:
     if exe is None:
         return None
     return _LAUNCHERS.get(os.path.basename(os.path.realpath(exe)))
+
+
+def intel_missing() -> str:
+    """Why Intel MPI cannot be used here ('' when it can): Debian's MPICH
+    also installs an ``mpiexec.hydra``, so only Intel's own marks count."""
+    if os.environ.get("I_MPI_ROOT") or shutil.which("impi_info"):
+        return ""
+    return "Intel MPI is not installed here (I_MPI_ROOT unset, no impi_info on PATH)"

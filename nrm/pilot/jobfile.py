@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from nrm.hpc import mpi
 from nrm.manifest import POWER_POLICIES
 
 #: every request type of QCG-PilotJob's file interface (user-facing ones)
@@ -40,10 +41,10 @@ ITER_SCHEDULERS = ("maximum-iters", "split-into")
 ITERATION_KEYS = ("start", "stop", "values")
 DEPENDENCY_KEYS = ("after",)
 NRM_KEYS = ("manifest", "power")
-MODEL_OPTS_KEYS = ("mpirun", "mpirun_args")
-#: models nrm pilot runs today; the others are refused by name (docs/pilot.md)
-MODELS = ("default", "threads")
-MODELS_NOT_YET = ("openmpi", "intelmpi", "srunmpi")
+MODEL_OPTS_KEYS = ("mpirun", "mpirun_args", "srun_args")
+#: execution models (models.py); MODELS_NOT_YET are refused by name
+MODELS = ("default", "threads", "openmpi", "intelmpi", "srunmpi")
+MODELS_NOT_YET: Tuple[str, ...] = ()
 #: extra keys each request type takes besides ``request``
 REQUEST_KEYS = {
     "submit": ("jobs",), "listJobs": (), "jobStatus": ("jobNames",),
@@ -256,6 +257,9 @@ def _execution(d: Any) -> Execution:
     if model in MODELS_NOT_YET:
         raise _Bad("execution.model", f"{model!r} is not supported by nrm pilot yet "
                                       "(docs/pilot.md); use 'default' with an mpirun script")
+    if model == "intelmpi" and mpi.intel_missing():
+        raise _Bad("execution.model", f"'intelmpi': {mpi.intel_missing()}; use openmpi or "
+                   "srunmpi")
     if model not in MODELS:
         raise _Bad("execution.model", f"unknown model {_show(model)}"
                    f"{_hint(str(model), MODELS + MODELS_NOT_YET)}")

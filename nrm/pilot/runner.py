@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 from nrm import protocol
 from nrm.client import AsyncClient, NrmError
 from nrm.manifest import Manifest, Slice, load as load_manifest
-from nrm.pilot import model
+from nrm.pilot import model, models
 from nrm.pilot.jobfile import Request
 from nrm.pilot.manager import Manager
 from nrm.pilot.model import Allocation, Task
@@ -205,7 +205,7 @@ class Runner:
             cpus = self.real_cpus(alloc)
             manifest = self.manifest_for(task, len(cpus))
             env = self.task_env(task, alloc, cpus, wd)
-            argv = self.argv_for(task)
+            argv = models.wrap(task, alloc, self.argv_for(task), env)
         except Exception as exc:              # a bad wd, manifest: the task fails
             self.manager.ended(task, None, now, message=str(exc))
             self.pump()
