@@ -13,10 +13,13 @@ import logging
 import os
 import socket
 import sys
+import uuid
 
 from nrm.client import AsyncClient, NrmError
-from nrm.pilot import jobfile
+from nrm.pilot import jobfile, journal
+from nrm.pilot.attempts import Attempts
 from nrm.pilot.report import ReportWriter, write_final_status
+from nrm.pilot.resume import resume
 from nrm.pilot.runner import Runner
 from nrm.pilot.scheduler import Pool, PoolError, parse_nodes
 from nrm.tools.localnrmd import LocalNrmd, NrmdDidNotStart
@@ -31,7 +34,7 @@ NOT_YET = {
     "--parent": "governor mode", "--slurm-partition-nodes": "Slurm partitions",
     "--slurm-limit-nodes-range-begin": "Slurm multi-node mode",
     "--slurm-limit-nodes-range-end": "Slurm multi-node mode",
-    "--slurm-resources-file": "Slurm multi-node mode", "--resume": "resuming",
+    "--slurm-resources-file": "Slurm multi-node mode",
     "--enable-proc-stats": "process statistics", "--enable-rt-stats": "runtime statistics",
     "--show-progress": "progress output",
 }
@@ -60,6 +63,9 @@ def add_arguments(p) -> None:
                    help="level of service.log")
     p.add_argument("--system-core", action="store_true",
                    help="keep one core of the first node for the pilot itself")
+    p.add_argument("--resume", metavar="AUXDIR",
+                   help="finish the workflow of a killed pilot: its directory "
+                        ".nrm-pilot-HOST.PID (the journal there has the requests)")
     p.add_argument("--disable-nl", action="store_true",
                    help="accepted for QCG compatibility: nrm has no node launchers")
     p.add_argument("--disable-pub", action="store_true",
@@ -86,24 +92,52 @@ def execute(args) -> int:
     if args.resources == "slurm" or (args.resources == "auto" and in_slurm):
         return _fail("Slurm resources (several nodes) are not supported by nrm pilot yet; "
                      "give --nodes to use this node alone (docs/pilot.md)")
-    try:
-        parsed = jobfile.load(args.file_path)
-    except jobfile.JobFileError as exc:
-        return _fail(str(exc))
+    head = None
+    if args.resume:
+        aux = os.path.abspath(args.resume)
+        try:
+            records, intact = journal.read(os.path.join(aux, journal.FILE))
+        except journal.JournalError as exc:
+            return _fail(f"--resume: {exc}")
+        head = records[0]
+        parsed = jobfile.Parsed()
+    else:
+        try:
+            parsed = jobfile.load(args.file_path)
+        except jobfile.JobFileError as exc:
+            return _fail(str(exc))
     try:
         if args.nodes:
             nodes = parse_nodes(args.nodes)
+        elif head is not None:
+            nodes = [(n, c) for n, c in head["nodes"]]
         else:
             nodes = [(socket.gethostname(), len(os.sched_getaffinity(0)))]
-        pool = Pool(nodes, system_core=args.system_core)
+        system_core = args.system_core or bool(head and head.get("system_core"))
+        pool = Pool(nodes, system_core=system_core)
     except PoolError as exc:
         return _fail(str(exc))
-    wd = os.path.abspath(args.wd)
-    aux = os.path.join(wd, f".nrm-pilot-{socket.gethostname()}.{os.getpid()}")
-    try:
-        os.makedirs(aux, exist_ok=True)
-    except OSError as exc:
-        return _fail(f"{aux}: {exc.strerror or exc}")
+    if head is not None:
+        wd = os.path.abspath(args.wd) if args.wd != "." else head["wd"]
+        if args.report_file is None and head.get("report_file"):
+            args.report_file = head["report_file"]
+        args.report_format = head.get("report_format", args.report_format)
+        try:
+            log_journal = journal.Journal(os.path.join(aux, journal.FILE), truncate_to=intact)
+        except journal.JournalError as exc:
+            return _fail(f"--resume: {exc}")
+    else:
+        wd = os.path.abspath(args.wd)
+        aux = os.path.join(wd, f".nrm-pilot-{socket.gethostname()}.{os.getpid()}")
+        try:
+            os.makedirs(aux, exist_ok=True)
+            log_journal = journal.Journal(os.path.join(aux, journal.FILE))
+        except OSError as exc:
+            return _fail(f"{aux}: {exc.strerror or exc}")
+        records = [{"t": "head", "v": journal.VERSION, "pilot": uuid.uuid4().hex[:10],
+                    "nodes": nodes, "wd": wd, "system_core": args.system_core,
+                    "report_file": args.report_file, "report_format": args.report_format}]
+        log_journal.append(records[0])    # made durable with the requests, in one write
     report_path = (os.path.join(wd, args.report_file) if args.report_file
                    else os.path.join(aux, "jobs.report"))
     log = logging.getLogger("nrm.pilot")
@@ -124,11 +158,13 @@ def execute(args) -> int:
             daemon = LocalNrmd(log_level="warning", prefix="nrm-pilot-").start()
             runtime_dir = daemon.rundir
             log.info("no nrmd answers: started a private one in %s", runtime_dir)
-        status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log))
+        status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
+                                  log_journal, records))
     except NrmdDidNotStart as exc:
         return _fail(f"no nrmd answers and a private one did not start: "
                      f"{str(exc).splitlines()[0]}", 1)
     finally:
+        log_journal.close()
         if daemon is not None:
             daemon.stop()
         log.removeHandler(handler)
@@ -153,12 +189,21 @@ def _nrmd_answers(args) -> bool:
     return asyncio.run(probe())
 
 
-async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log) -> int:
-    writer = ReportWriter(report_path, args.report_format)
+async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
+               log_journal, records) -> int:
+    # a resumed pilot rewrites the report: the replay produces every entry again
+    writer = ReportWriter(report_path, args.report_format, fresh=bool(args.resume))
     async with AsyncClient(runtime_dir, timeout=args.timeout, uri=args.uri,
                            server_key=args.server_key, key=args.key) as client:
-        runner = Runner(pool, wd, client, envschema=args.envschema, on_final=writer)
+        runner = Runner(pool, wd, client, envschema=args.envschema, on_final=writer,
+                        journal=log_journal, attempts=Attempts(aux, records[0]["pilot"]))
         writer.manager = runner.manager
+        if args.resume:
+            counts = resume(runner, records[1:])
+            log.info("resumed from %s: %s", aux, counts)
+            if not runner.manager.jobs and not any(r["t"] == "req" for r in records):
+                print(f"nrm pilot: --resume: {aux}: the journal holds no request (the pilot "
+                      "ended before reading its file): nothing to finish", file=sys.stderr)
         if runner.oversubscribed:
             print(f"nrm pilot: warning: the pool has {pool.total} cores, this node lets "
                   f"the pilot use {len(runner.cpus)} cpus: tasks share cpus",
