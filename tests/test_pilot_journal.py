@@ -118,8 +118,8 @@ def test_replay_rebuilds_the_same_states(cut):
     for task in interrupted:
         again.requeue(task, 100.0, "lost")
     run_manager(again, fail=("b",))
-    assert {n: j.state for n, j in again.jobs.items()} == {n: j.state
-                                                         for n, j in mgr.jobs.items()}
+    states = {n: j.state for n, j in mgr.jobs.items()}
+    assert {n: j.state for n, j in again.jobs.items()} == states
     assert all(t.attempt == 2 for t in interrupted)
 
 
