@@ -21,6 +21,7 @@ from nrm.pilot.attempts import Attempts
 from nrm.pilot.report import ReportWriter, write_final_status
 from nrm.pilot.resume import resume
 from nrm.pilot.runner import Runner
+from nrm.pilot.service import ApiServer
 from nrm.pilot.scheduler import Pool, PoolError, parse_nodes
 from nrm.tools.localnrmd import LocalNrmd, NrmdDidNotStart
 
@@ -66,6 +67,9 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", metavar="AUXDIR",
                    help="finish the workflow of a killed pilot: its directory "
                         ".nrm-pilot-HOST.PID (the journal there has the requests)")
+    p.add_argument("--api-socket", metavar="PATH",
+                   help="serve QCG requests on this Unix socket instead of reading a file "
+                        "(what nrm.pilot.qcg.LocalManager starts; its directory becomes 0700)")
     p.add_argument("--disable-nl", action="store_true",
                    help="accepted for QCG compatibility: nrm has no node launchers")
     p.add_argument("--disable-pub", action="store_true",
@@ -100,6 +104,8 @@ def execute(args) -> int:
         except journal.JournalError as exc:
             return _fail(f"--resume: {exc}")
         head = records[0]
+        parsed = jobfile.Parsed()
+    elif args.api_socket:
         parsed = jobfile.Parsed()
     else:
         try:
@@ -198,6 +204,11 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
         runner = Runner(pool, wd, client, envschema=args.envschema, on_final=writer,
                         journal=log_journal, attempts=Attempts(aux, records[0]["pilot"]))
         writer.manager = runner.manager
+        server = None
+        if args.api_socket:
+            server = ApiServer(runner, os.path.abspath(args.api_socket), wd)
+            runner.manager.on_final = lambda item: (writer(item), server.notify())
+            await server.start()
         if args.resume:
             counts = resume(runner, records[1:])
             log.info("resumed from %s: %s", aux, counts)
@@ -216,10 +227,14 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
                       f"{response['message']}", file=sys.stderr)
             if req.kind == "finish":
                 break
+        if server is not None:              # the API's client says when it is over
+            await server.finished.wait()
         # Without finishAfterAllTasksDone QCG ends once the file is read; nrm
         # waits for the submitted jobs anyway (docs/pilot.md): a pilot that
         # exits under its running tasks helps nobody. ``finish`` cancelled them.
         await runner.wait_done()
+        if server is not None:
+            server.close()
         if runner._inflight:
             await asyncio.gather(*list(runner._inflight), return_exceptions=True)
     writer.close()

@@ -121,7 +121,11 @@ class Journal:
         """Until every record appended so far is on disk."""
         if not self._buffer:
             return
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if not self._scheduled:             # appended before the loop ran
+            self._scheduled = True
+            loop.call_soon(self.flush)
+        fut = loop.create_future()
         self._waiters.append(fut)
         await fut
 
