@@ -517,11 +517,15 @@ class AsyncClient(_Endpoint):
                   on_output: Optional[Callable[[str, bytes], None]] = None,
                   on_started: Optional[Callable[[RunResult], None]] = None,
                   wait: bool = False, oversubscribe: bool = False,
-                  cpus_allowed: Optional[List[int]] = None) -> RunResult:
+                  cpus_allowed: Optional[List[int]] = None, follow: bool = False) -> RunResult:
         """Run to completion (or to the start, with ``detach``). nrmd sends
         a ``started`` reply only when ``on_started`` or ``detach`` needs it:
         the result is complete either way, and a launch storm saves one
-        message per run through both sides' zmq I/O threads."""
+        message per run through both sides' zmq I/O threads.
+
+        ``detach`` with ``follow``: the task outlives this client, yet the
+        call waits for its exit, which nrmd reports while this client is
+        connected (a pilot that can be killed and resumed needs both)."""
         msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
                            oversubscribe, cpus_allowed,
                            started=detach or on_started is not None)
@@ -541,7 +545,7 @@ class AsyncClient(_Endpoint):
                 if on_started is not None and isinstance(reply, protocol.Started):
                     on_started(result)
                 if isinstance(reply, protocol.Exit) or (
-                        detach and isinstance(reply, protocol.Started)):
+                        detach and not follow and isinstance(reply, protocol.Started)):
                     return result
         finally:
             self._queues.pop(msg.id, None)

@@ -114,7 +114,7 @@ def test_bad_request_is_one_line_and_the_rest_runs(nrmd, tmp_path):
 @pytest.mark.parametrize("content,args,words", [
     ('[{"request": "listJobs"},\n {bad}]', (), "line 2"),
     ('{"request": "listJobs"}', (), "expected a list"),
-    ("[]", ("--resume", "x"), "--resume: resuming is not supported"),
+    ("[]", ("--resume", "x"), "x/journal.jsonl: cannot read"),
     ("[]", ("--net",), "not supported by nrm pilot yet"),
     ("[]", ("--nodes", "0"), "CORES at least 1"),
 ])

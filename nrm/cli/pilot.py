@@ -14,12 +14,16 @@ import logging
 import os
 import socket
 import sys
+import uuid
 
 from nrm.client import AsyncClient, NrmError
-from nrm.pilot import jobfile, slurmres
+from nrm.pilot import jobfile, journal, slurmres
 from nrm.pilot.allocation import AllocationError, NodePool, open_allocation
+from nrm.pilot.attempts import Attempts
 from nrm.pilot.report import ReportWriter, write_final_status
+from nrm.pilot.resume import resume
 from nrm.pilot.runner import Runner
+from nrm.pilot.service import ApiServer
 from nrm.pilot.scheduler import Pool, PoolError, parse_nodes
 from nrm.tools.localnrmd import LocalNrmd, NrmdDidNotStart
 
@@ -33,7 +37,7 @@ NOT_YET = {
     "--parent": "governor mode", "--slurm-partition-nodes": "Slurm partitions",
     "--slurm-limit-nodes-range-begin": "Slurm node ranges",
     "--slurm-limit-nodes-range-end": "Slurm node ranges",
-    "--slurm-resources-file": "Slurm resource files", "--resume": "resuming",
+    "--slurm-resources-file": "Slurm resource files",
     "--enable-proc-stats": "process statistics", "--enable-rt-stats": "runtime statistics",
     "--show-progress": "progress output",
 }
@@ -61,10 +65,16 @@ def add_arguments(p) -> None:
     p.add_argument("--log", default="info", choices=("critical", "error", "warning", "info",
                                                      "debug", "notset"),
                    help="level of service.log")
-    p.add_argument("--nl-init-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="how long the node agents may take to start (Slurm allocation)")
     p.add_argument("--system-core", action="store_true",
                    help="keep one core of the first node for the pilot itself")
+    p.add_argument("--nl-init-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long the node agents may take to start (Slurm allocation)")
+    p.add_argument("--resume", metavar="AUXDIR",
+                   help="finish the workflow of a killed pilot: its directory "
+                        ".nrm-pilot-HOST.PID (the journal there has the requests)")
+    p.add_argument("--api-socket", metavar="PATH",
+                   help="serve QCG requests on this Unix socket instead of reading a file "
+                        "(what nrm.pilot.qcg.LocalManager starts; its directory becomes 0700)")
     p.add_argument("--disable-nl", action="store_true",
                    help="accepted for QCG compatibility: nrm has no node launchers")
     p.add_argument("--disable-pub", action="store_true",
@@ -89,26 +99,60 @@ def execute(args) -> int:
                          "(docs/pilot.md)")
     in_slurm = "SLURM_JOB_ID" in os.environ and not args.nodes
     across = args.resources == "slurm" or (args.resources == "auto" and in_slurm)
-    try:
-        parsed = jobfile.load(args.file_path)
-    except jobfile.JobFileError as exc:
-        return _fail(str(exc))
+    if across and (args.resume or args.api_socket):
+        return _fail(f"{'--resume' if args.resume else '--api-socket'} across a Slurm "
+                     "allocation is not supported by nrm pilot yet; give --nodes to use "
+                     "this node alone (docs/pilot.md)")
+    head = None
+    if args.resume:
+        aux = os.path.abspath(args.resume)
+        try:
+            records, intact = journal.read(os.path.join(aux, journal.FILE))
+        except journal.JournalError as exc:
+            return _fail(f"--resume: {exc}")
+        head = records[0]
+        parsed = jobfile.Parsed()
+    elif args.api_socket:
+        parsed = jobfile.Parsed()
+    else:
+        try:
+            parsed = jobfile.load(args.file_path)
+        except jobfile.JobFileError as exc:
+            return _fail(str(exc))
     try:
         if args.nodes:
             nodes = parse_nodes(args.nodes)
+        elif head is not None:
+            nodes = [(n, c) for n, c in head["nodes"]]
         elif across:
             nodes = slurmres.allocation(os.environ)
         else:
             nodes = [(socket.gethostname(), len(os.sched_getaffinity(0)))]
-        pool = (NodePool if across else Pool)(nodes, system_core=args.system_core)
+        system_core = args.system_core or bool(head and head.get("system_core"))
+        pool = (NodePool if across else Pool)(nodes, system_core=system_core)
     except (PoolError, slurmres.SlurmResourcesError) as exc:
         return _fail(str(exc))
-    wd = os.path.abspath(args.wd)
-    aux = os.path.join(wd, f".nrm-pilot-{socket.gethostname()}.{os.getpid()}")
-    try:
-        os.makedirs(aux, exist_ok=True)
-    except OSError as exc:
-        return _fail(f"{aux}: {exc.strerror or exc}")
+    if head is not None:
+        wd = os.path.abspath(args.wd) if args.wd != "." else head["wd"]
+        if args.report_file is None and head.get("report_file"):
+            args.report_file = head["report_file"]
+        args.report_format = head.get("report_format", args.report_format)
+        try:
+            log_journal = journal.Journal(os.path.join(aux, journal.FILE), truncate_to=intact)
+        except journal.JournalError as exc:
+            return _fail(f"--resume: {exc}")
+    else:
+        wd = os.path.abspath(args.wd)
+        aux = os.path.join(wd, f".nrm-pilot-{socket.gethostname()}.{os.getpid()}")
+        try:
+            os.makedirs(aux, exist_ok=True)
+            log_journal = journal.Journal(os.path.join(aux, journal.FILE))
+        except OSError as exc:
+            return _fail(f"{aux}: {exc.strerror or exc}")
+        records = [{"t": "head", "v": journal.VERSION, "pilot": uuid.uuid4().hex[:10],
+                    "nodes": nodes, "wd": wd, "system_core": args.system_core,
+                    "report_file": args.report_file, "report_format": args.report_format}]
+        log_journal.append(records[0])    # made durable with the requests, in one write
     report_path = (os.path.join(wd, args.report_file) if args.report_file
                    else os.path.join(aux, "jobs.report"))
     log = logging.getLogger("nrm.pilot")
@@ -130,25 +174,19 @@ def execute(args) -> int:
             runtime_dir = daemon.rundir
             log.info("no nrmd answers: started a private one in %s", runtime_dir)
         status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
-                                  across))
+                                  log_journal, records, across))
     except AllocationError as exc:
         return _fail(str(exc), 1)
     except NrmdDidNotStart as exc:
         return _fail(f"no nrmd answers and a private one did not start: "
                      f"{str(exc).splitlines()[0]}", 1)
     finally:
+        log_journal.close()
         if daemon is not None:
             daemon.stop()
         log.removeHandler(handler)
         handler.close()
     return 1 if parsed.errors and status == 0 else status
-
-
-@contextlib.asynccontextmanager
-async def _local_runner(args, runtime_dir, pool, wd, writer):
-    async with AsyncClient(runtime_dir, timeout=args.timeout, uri=args.uri,
-                           server_key=args.server_key, key=args.key) as client:
-        yield Runner(pool, wd, client, envschema=args.envschema, on_final=writer)
 
 
 def _nrmd_answers(args) -> bool:
@@ -168,16 +206,37 @@ def _nrmd_answers(args) -> bool:
     return asyncio.run(probe())
 
 
+@contextlib.asynccontextmanager
+async def _local_runner(args, runtime_dir, pool, wd, aux, writer, log_journal, records):
+    """One node through its nrmd, journaled so that --resume can finish it."""
+    async with AsyncClient(runtime_dir, timeout=args.timeout, uri=args.uri,
+                           server_key=args.server_key, key=args.key) as client:
+        yield Runner(pool, wd, client, envschema=args.envschema, on_final=writer,
+                     journal=log_journal, attempts=Attempts(aux, records[0]["pilot"]))
+
+
 async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
-               across: bool = False) -> int:
-    writer = ReportWriter(report_path, args.report_format)
+               log_journal, records, across: bool = False) -> int:
+    # a resumed pilot rewrites the report: the replay produces every entry again
+    writer = ReportWriter(report_path, args.report_format, fresh=bool(args.resume))
     if across:
         opened = open_allocation(pool, wd, aux, envschema=args.envschema, on_final=writer,
                                  init_timeout=args.nl_init_timeout)
     else:
-        opened = _local_runner(args, runtime_dir, pool, wd, writer)
+        opened = _local_runner(args, runtime_dir, pool, wd, aux, writer, log_journal, records)
     async with opened as runner:
         writer.manager = runner.manager
+        server = None
+        if args.api_socket:
+            server = ApiServer(runner, os.path.abspath(args.api_socket), wd)
+            runner.manager.on_final = lambda item: (writer(item), server.notify())
+            await server.start()
+        if args.resume:
+            counts = resume(runner, records[1:])
+            log.info("resumed from %s: %s", aux, counts)
+            if not runner.manager.jobs and not any(r["t"] == "req" for r in records):
+                print(f"nrm pilot: --resume: {aux}: the journal holds no request (the pilot "
+                      "ended before reading its file): nothing to finish", file=sys.stderr)
         if runner.oversubscribed:
             print(f"nrm pilot: warning: the pool has {pool.total} cores, this node lets "
                   f"the pilot use {len(runner.cpus)} cpus: tasks share cpus",
@@ -190,10 +249,14 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
                       f"{response['message']}", file=sys.stderr)
             if req.kind == "finish":
                 break
+        if server is not None:              # the API's client says when it is over
+            await server.finished.wait()
         # Without finishAfterAllTasksDone QCG ends once the file is read; nrm
         # waits for the submitted jobs anyway (docs/pilot.md): a pilot that
         # exits under its running tasks helps nobody. ``finish`` cancelled them.
         await runner.wait_done()
+        if server is not None:
+            server.close()
         if runner._inflight:
             await asyncio.gather(*list(runner._inflight), return_exceptions=True)
     writer.close()

@@ -18,6 +18,7 @@ The pure part: nothing here touches the clock, the scheduler or a daemon.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -169,6 +170,10 @@ class Request:
     names: Tuple[str, ...] = ()
     with_childs: bool = False
     command: Optional[str] = None
+    #: the request as given and the directory its paths are relative to:
+    #: what the resume journal keeps, to parse it again
+    raw: Any = field(default=None, compare=False)
+    base_dir: str = field(default=".", compare=False)
 
 
 @dataclass
@@ -370,6 +375,11 @@ def parse_job(d: Any, base_dir: str = ".") -> JobSpec:
 
 def parse_request(index: int, req: Any, base_dir: str = ".") -> Request:
     """One request; raises RequestError (one line, naming what is wrong)."""
+    parsed = _parse_request(index, req, base_dir)
+    return dataclasses.replace(parsed, raw=req, base_dir=base_dir)
+
+
+def _parse_request(index: int, req: Any, base_dir: str) -> Request:
     if not isinstance(req, dict):
         raise RequestError(index, "", f"expected an object with a \"request\" key, "
                                       f"got {_show(req)}")

@@ -4,6 +4,11 @@ No I/O and no clock of its own (every call takes ``now``): the runner
 launches what :meth:`Manager.placements` returns and reports exits back
 with :meth:`Manager.ended`. Responses follow QCG's envelope
 ``{"code": 0|1, "message": str, "data": {...}}``.
+
+Every request that changes something, and every placement, start and end,
+is handed to ``record`` (the resume journal, nrm/pilot/journal.py) as it
+happens; :meth:`Manager.replay` feeds such records back in the same order
+and so rebuilds the same jobs, states and histories.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from nrm.pilot import model
 from nrm.pilot.graph import DependencyGraph
-from nrm.pilot.jobfile import Request
+from nrm.pilot.jobfile import Request, parse_request
 from nrm.pilot.model import (CANCELED, EXECUTING, FAILED, FINAL, OMITTED, QUEUED, SCHEDULED,
                              SUCCEED, Allocation, Job, Task)
 from nrm.pilot.scheduler import Pool, Scheduler, shape_of
@@ -44,18 +49,28 @@ class Manager:
         self.running: Dict[str, Task] = {}
         self.finish_requested = False
         self.wait_requested = False
+        #: every task by its sequence number (stable across a replay)
+        self.by_seq: Dict[int, Task] = {}
+        self.record: Callable[[Dict[str, Any]], None] = lambda r: None
+        self.replaying = False
+        self._uniq: Optional[str] = None
 
     def _state_of(self, name: str) -> Optional[str]:
         job = self.jobs.get(name)
         return None if job is None else job.state
 
     # --------------------------------------------------------- requests ---
-    def handle(self, req: Request, now: float) -> Dict[str, Any]:
+    def handle(self, req: Request, now: float, uniq: Optional[str] = None) -> Dict[str, Any]:
+        if req.kind in JOURNALED:
+            self._uniq = uniq or uuid.uuid4().hex[:12]
+            if not self.replaying:
+                self.record({"t": "req", "raw": req.raw, "i": req.index, "dir": req.base_dir,
+                             "now": now, "uniq": self._uniq})
         return getattr(self, "_req_" + req.kind)(req, now)
 
     def _req_submit(self, req: Request, now: float) -> Dict[str, Any]:
         rcnt = next(self._rcnt)
-        base = model.request_variables(rcnt, uuid.uuid4().hex[:12], now)
+        base = model.request_variables(rcnt, self._uniq or uuid.uuid4().hex[:12], now)
         staged: List[Job] = []
         names = set()
         for spec in req.jobs:
@@ -78,6 +93,7 @@ class Manager:
                 task = Task(job, index, variables, cores, nodes, next(self._seq))
                 task.shape = shape
                 job.tasks.append(task)
+                self.by_seq[task.seq] = task
             staged.append(job)
             names.add(name)
         for job in staged:                      # all valid: the request is atomic
@@ -165,25 +181,51 @@ class Manager:
         """Tasks to start now, each with its cores (state SCHEDULED)."""
         placed = self.scheduler.schedule()
         for task, alloc in placed:
-            task.allocation = alloc
-            task.attempt += 1
-            self._set(task, SCHEDULED, now)
-            self.running[task.name] = task
-            task.variables.update(root_wd=self.root_wd, ncores=alloc.ncores,
-                                  nnodes=len(alloc.parts), nlist=",".join(alloc.nodes))
+            self._place(task, alloc, task.attempt + 1, now)
         return placed
 
+    def _place(self, task: Task, alloc: Allocation, attempt: int, now: float) -> None:
+        task.allocation = alloc
+        task.attempt = attempt
+        if not self.replaying:
+            self.record({"t": "p", "n": task.seq, "a": attempt, "al": alloc.parts, "now": now})
+        self._set(task, SCHEDULED, now)
+        self.running[task.name] = task
+        task.variables.update(root_wd=self.root_wd, ncores=alloc.ncores,
+                              nnodes=len(alloc.parts), nlist=",".join(alloc.nodes))
+
     def started(self, task: Task, now: float) -> None:
+        if not self.replaying:
+            self.record({"t": "x", "n": task.seq, "now": now})
         task.started = now
         self._set(task, EXECUTING, now)
+
+    def requeue(self, task: Task, now: float, message: str) -> None:
+        """A placed task whose attempt was lost (its pilot was killed before
+        it ran, or it died unrecorded): back to the queue for the next attempt."""
+        if not self.replaying:
+            self.record({"t": "q", "n": task.seq, "now": now, "m": message})
+        self.running.pop(task.name, None)
+        if task.allocation is not None and not self.replaying:
+            self.pool.release(task.allocation)
+        task.allocation = None
+        task.started = None
+        task.handle = None
+        task.message = message
+        task.set_state(QUEUED, now)
+        if not self.replaying:
+            self.scheduler.push(task)
 
     def ended(self, task: Task, exit_code: Optional[int], now: float,
               message: Optional[str] = None, canceled: bool = False) -> None:
         """A launched task is over (``exit_code`` None: it never started)."""
         if task.final:
             return
+        if not self.replaying:
+            self.record({"t": "e", "n": task.seq, "c": exit_code, "now": now, "m": message,
+                         "k": canceled, "pid": task.pid, "wd": task.wd})
         self.running.pop(task.name, None)
-        if task.allocation is not None:
+        if task.allocation is not None and not self.replaying:
             self.pool.release(task.allocation)
         task.ended = now
         if task.started is None:
@@ -247,6 +289,46 @@ class Manager:
     @property
     def done(self) -> bool:
         return self.unfinished == 0
+
+    # ----------------------------------------------------------- replay ---
+    def replay(self, records) -> List[Task]:
+        """Rebuild the state a journal describes; the tasks it saw placed
+        and not ended are returned (their cores are held in the pool): the
+        caller finds out what became of them."""
+        self.replaying = True
+        try:
+            for r in records:
+                kind = r["t"]
+                if kind == "req":
+                    req = parse_request(r["i"], r["raw"], r["dir"])
+                    self.handle(req, r["now"], r["uniq"])
+                    continue
+                task = self.by_seq.get(r.get("n"))
+                if task is None:
+                    continue
+                if kind == "p":
+                    alloc = Allocation([(n, list(c)) for n, c in r["al"]])
+                    self._place(task, alloc, r["a"], r["now"])
+                elif kind == "x":
+                    self.started(task, r["now"])
+                elif kind == "e":
+                    task.pid, task.wd = r.get("pid"), r.get("wd")
+                    self.ended(task, r["c"], r["now"], message=r.get("m"),
+                               canceled=bool(r.get("k")))
+                elif kind == "q":
+                    self.requeue(task, r["now"], r.get("m") or "")
+        finally:
+            self.replaying = False
+        # placements replayed without the scheduler: queue what is ready afresh
+        self.scheduler = Scheduler(self.pool)
+        for task in sorted(self.by_seq.values(), key=lambda t: t.seq):
+            if task.state == QUEUED and task.job.name in self.jobs \
+                    and task.job not in self.graph.unmet:
+                self.scheduler.push(task)
+        interrupted = list(self.running.values())
+        for task in interrupted:
+            self.pool.claim(task.allocation)
+        return interrupted
 
     # ---------------------------------------------------------- reports ---
     def runtime(self, task: Task) -> Dict[str, Any]:
@@ -337,6 +419,10 @@ class Manager:
             if job.state in out:
                 out[job.state] += 1
         return out
+
+
+#: the requests a resumed pilot must see again (the others only read)
+JOURNALED = frozenset(("submit", "cancelJob", "removeJob", "control", "finish"))
 
 
 def _account() -> str:

@@ -14,11 +14,11 @@ class ReportWriter:
     """Appends each final task/job as it ends, so a report survives a crash
     up to its last finished entry."""
 
-    def __init__(self, path: str, fmt: str = "json"):
+    def __init__(self, path: str, fmt: str = "json", fresh: bool = False):
         self.path = path
         self.fmt = fmt
         self.manager: Manager = None  # type: ignore[assignment]
-        self._f: IO[str] = open(path, "a")
+        self._f: IO[str] = open(path, "w" if fresh else "a")
 
     def __call__(self, item: Any) -> None:
         entry = self.manager.report_entry(item)

@@ -27,6 +27,8 @@ from nrm import protocol
 from nrm.client import AsyncClient, NrmError
 from nrm.manifest import Manifest, Slice, load as load_manifest
 from nrm.pilot import model, models
+from nrm.pilot.attempts import Attempts
+from nrm.pilot.journal import Journal
 from nrm.pilot.jobfile import Request
 from nrm.pilot.manager import Manager
 from nrm.pilot.model import Allocation, Task
@@ -51,9 +53,16 @@ def tasks_per_node_slurm(counts: List[int]) -> str:
 class Runner:
     def __init__(self, pool: Pool, wd: str, client: AsyncClient, *,
                  cpus: Optional[List[int]] = None, envschema: str = "auto",
-                 on_final: Optional[Callable[[Any], None]] = None):
+                 on_final: Optional[Callable[[Any], None]] = None,
+                 journal: Optional[Journal] = None, attempts: Optional[Attempts] = None):
         self.wd = os.path.abspath(wd)
         self.manager = Manager(pool, self.wd, on_final)
+        #: with both, the pilot can be resumed: states are journaled, tasks run
+        #: detached from this connection under a wrapper that records them
+        self.journal = journal
+        self.attempts = attempts
+        if journal is not None:
+            self.manager.record = journal.append
         self.client = client
         self.cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
         self.oversubscribed = pool.total > len(self.cpus)
@@ -206,6 +215,8 @@ class Runner:
             manifest = self.manifest_for(task, len(cpus))
             env = self.task_env(task, alloc, cpus, wd)
             argv = models.wrap(task, alloc, self.argv_for(task), env)
+            if self.attempts is not None:
+                argv = self.attempts.wrap(task.seq, task.attempt, argv, env.get("PATH"), wd)
         except Exception as exc:              # a bad wd, manifest: the task fails
             self.manager.ended(task, None, now, message=str(exc))
             self.pump()
@@ -225,10 +236,16 @@ class Runner:
         self.manager.started(task, now)
         code: Optional[int] = None
         message = None
+        container = None
+        if self.attempts is not None:
+            container = self.attempts.container(task.seq, task.attempt)
         try:
+            if self.journal is not None:
+                await self.journal.durable()      # no launch the journal does not know
             result = await self.client.run(
                 manifest, argv, env=env, cwd=wd, output=False, on_started=started,
-                wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus)
+                wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus,
+                container=container, detach=container is not None, follow=True)
             code = result.status
             task.pid = result.pid
         except NrmError as exc:

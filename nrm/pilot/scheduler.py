@@ -124,6 +124,18 @@ class Pool:
         self.free_total -= alloc.ncores
         return alloc
 
+    def claim(self, alloc: Allocation) -> None:
+        """Hold cores granted before a restart (a task still running): the
+        ones this pool has and are free."""
+        for name, cores in alloc.parts:
+            if name not in self.names:
+                continue
+            free = self.free[self.names.index(name)]
+            for core in cores:
+                if core in free:
+                    free.remove(core)
+                    self.free_total -= 1
+
     def release(self, alloc: Allocation) -> None:
         index = {n: i for i, n in enumerate(self.names)} if len(self.names) > 1 else None
         for name, cores in alloc.parts:
