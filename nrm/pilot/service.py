@@ -49,8 +49,16 @@ class ApiServer:
         parent = os.path.dirname(self.path)
         os.makedirs(parent, mode=0o700, exist_ok=True)
         os.chmod(parent, 0o700)
-        self.server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
-        os.chmod(self.path, 0o600)
+        # bound and listening under a temporary name, then renamed: the path
+        # appears only once it accepts (a client that sees it may connect)
+        tmp = self.path + ".new"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        self.server = await asyncio.start_unix_server(self._client, tmp, limit=MAX_LINE)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, self.path)
 
     def close(self) -> None:
         if self.server is not None:
