@@ -21,7 +21,7 @@ happens together, so one scenario runs all of it against a real nrmd
 The same probe on the idle daemon, before the load, is the baseline.  The
 daemon starts with a soft RLIMIT_NOFILE of ``--nofile`` (the usual 1024),
 as under a default service manager.  Prints one JSON object;
-``tests/test_load.py`` runs the same scenario and asserts on it.
+``tests/daemon/test_load.py`` runs the same scenario and asserts on it.
 
 usage: benchmarks/load.py [--tasks 1000] [--listeners 10] [--senders 3] [--hold 5]
 """

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from tests import receivers
-from tests.daemon import REPO, DaemonProcess
+from tests.nrmd import REPO, DaemonProcess
 
 EXAMPLES = os.path.join(REPO, "examples")
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-from tests.daemon import DaemonProcess
+from tests.nrmd import DaemonProcess
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "srun", "sinfo", "scontrol")
 

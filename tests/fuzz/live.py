@@ -9,7 +9,7 @@ import shutil
 import zmq
 
 from nrm import paths, protocol
-from tests.daemon import DaemonProcess
+from tests.nrmd import DaemonProcess
 
 #: docs/protocol.md, "Error codes"
 ERROR_CODES = {"malformed", "invalid", "version", "too_large", "manifest", "no_fit", "busy",

@@ -8,7 +8,7 @@ import os
 import yaml
 from hypothesis import strategies as st
 
-from tests.daemon import REPO
+from tests.nrmd import REPO
 from tests.fuzz.common import json_values, scalars
 
 EXAMPLES_DIR = os.path.join(REPO, "examples")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from nrm import paths, protocol
 from nrm.daemon.ingest import SeedTranslator
-from tests.daemon import wait_for
+from tests.nrmd import wait_for
 from tests.fuzz import live
 from tests.fuzz.common import EXAMPLES, FUZZ_DAEMON, count, messages, random_message
 from tests.fuzz.samples import DOWNSTREAM, DOWNSTREAM_KEYS, SEED, SEED_KEYS

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nrm import manifest, protocol
-from tests.daemon import wait_for
+from tests.nrmd import wait_for
 from tests.fuzz import live
 from tests.fuzz.common import EXAMPLES, FUZZ_DAEMON, count, messages, random_message
 from tests.fuzz.manifests import mutated_manifests
