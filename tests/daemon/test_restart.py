@@ -114,15 +114,18 @@ def test_adopt_keeps_the_task_in_its_slice_and_never_restarts_it(tmp_path):
 
 
 @needs_root()
-def test_adopted_task_exit_ends_its_container():
+def test_adopted_task_exit_ends_its_container(tmp_path):
+    gate = tmp_path / "gate"       # the task ends when told, not before the new nrmd is up
     d = DaemonProcess("--hw", "emulated", "--runtime", "affinity").start()
     with _stopped_on_failure(d):
-        assert d.cli("run", "-d", "--container", "short", BASIC, "sleep", "1.5").returncode == 0
+        assert d.cli("run", "-d", "--container", "short", BASIC, "sh", "-c",
+                     f"while [ ! -e {gate} ]; do sleep 0.02; done").returncode == 0
         _crash(d)
     d2 = DaemonProcess("--hw", "emulated", "--runtime", "affinity", "--on-restart", "adopt",
                        rundir=d.rundir).start()
     try:
         assert [c["id"] for c in _listed(d2)] == ["short"]
+        gate.touch()
         wait_for(lambda: _listed(d2) == [], timeout=10)
         assert d2.cli("run", WHOLE_NODE, "true").returncode == 0     # slice released
     finally:
