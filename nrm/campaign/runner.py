@@ -410,7 +410,7 @@ class Coordinator:
         nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
         if nodes and nodes.isdigit() and int(nodes) > 1:
             self.say(f"inside a {nodes}-node Slurm allocation, every run goes to this node "
-                     f"({self.node}) only: spreading runs over nodes is not implemented yet")
+                     f"({self.node}) only (--nodes local, or a step of the allocation)")
 
     # -- one run -----------------------------------------------------------
     def _sleep(self, seconds: float) -> None:
