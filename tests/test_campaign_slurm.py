@@ -164,10 +164,13 @@ def test_kill_9_of_the_coordinator_then_rerun_finishes_each_run_once(cluster, no
     marks.mkdir()
     path = write(tmp_path, RESUME.replace("{marks}", str(marks)))
     d = str(tmp_path / "d")
-    pidfile = tmp_path / "coordinator.pid"
+    pidfile, release = tmp_path / "coordinator.pid", tmp_path / "release"
+    # the allocation outlives its coordinator (as in a batch script that goes
+    # on): only the coordinator's own cleanup can stop the steps
     proc = subprocess.Popen(
         ["salloc", "-N2", "--exclusive", "sh", "-c",
-         f'echo $$ > {pidfile}; exec {NRM} campaign run {path} --dir {d}'],
+         f"{NRM} campaign run {path} --dir {d} 2>/dev/null & echo $! > {pidfile}; wait; "
+         f"while [ ! -e {release} ]; do sleep 0.1; done"],
         env=cluster.env, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     try:
@@ -176,13 +179,16 @@ def test_kill_9_of_the_coordinator_then_rerun_finishes_each_run_once(cluster, no
         wait_for(lambda: all(containers(n) for n in nodes.values()), timeout=30)
         assert caps(nodes) == {"n1": 150, "n2": 150}
         os.kill(int(pidfile.read_text()), 9)
-        proc.wait(timeout=60)
+        # no task outlives its coordinator: its srun ends the step, nrmd kills the task
+        wait_for(lambda: not any(containers(n) for n in nodes.values()), timeout=30)
+        assert proc.poll() is None                  # while the allocation goes on
     finally:
-        if proc.poll() is None:
+        release.write_text("")
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    # no task outlives its coordinator: srun ends the step, nrmd kills the task
-    wait_for(lambda: not any(containers(n) for n in nodes.values()), timeout=30)
     records = journal.read(d)[0]
     left = [rec for rec in records if rec["e"] == "started"]
     assert sorted(rec["node"] for rec in left) == list(NODES)
