@@ -486,7 +486,9 @@ class Coordinator:
         deadline = None if self.camp.timeout is None else time.monotonic() + self.camp.timeout
         why = None
         kill_deadline = None
+        self.progress.running = 1
         while not run.step(STEP_S):
+            self.progress.tick()
             now = time.monotonic()
             if why is None and self.stopping:
                 why = journal.INTERRUPTED
@@ -498,6 +500,7 @@ class Coordinator:
             elif kill_deadline is not None and now >= kill_deadline:
                 raise DaemonUnavailable(f"the task did not exit {KILL_GRACE_S:g} s after "
                                         "being killed")
+        self.progress.running = 0
         return run.result, why
 
     def _kill(self, container: str) -> None:
