@@ -33,9 +33,9 @@ from nrm.campaign.spec import load as _load_spec
 __all__ = ["Campaign", "CampaignError", "Run", "Sweep", "load"]
 
 
-def _run(self: Campaign, directory: str, **kwargs) -> int:
-    from nrm.campaign.runner import Coordinator
-    return Coordinator(self, directory, **kwargs).run()
+def _run(self: Campaign, directory: str, nodes: str = "auto", **kwargs) -> int:
+    from nrm.campaign.slurmrun import coordinator
+    return coordinator(self, directory, nodes, **kwargs).run()
 
 
 Campaign.run = _run  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from nrm import __version__
 from nrm.campaign import journal
+from nrm.campaign.progress import Progress
 from nrm.campaign.spec import CAP, POLICY, Campaign, Run
 from nrm.client import Client, DaemonUnavailable, NrmError
 from nrm.tools import reports
@@ -111,6 +112,41 @@ def _cap_value(value: Any) -> Optional[float]:
     return None if value in (None, "off") else float(value)
 
 
+class Prepared:
+    """What one attempt of a run needs, worked out before its launch."""
+
+    def __init__(self, coord: "Coordinator", run: Run, st: Optional[journal.RunState],
+                 node: str):
+        camp = coord.camp
+        self.run = run
+        self.node = node
+        self.attempt = (st.attempts if st is not None else 0) + 1
+        self.container = coord._container(run, self.attempt)
+        self.rdir = os.path.join(coord.dir, "runs", run.id, f"a{self.attempt}")
+        os.makedirs(self.rdir, exist_ok=True)
+        self.manifest = camp.manifest_for(run, node)
+        self.argv = camp.argv(run, node)
+        self.run_env = camp.run_env(run, node)
+        self.inputs = camp.inputs_hash(run, node)
+        _fsync_json(os.path.join(self.rdir, "manifest.json"), self.manifest.to_dict())
+        row: Dict[str, Any] = dict(run.params)
+        row.update(repetition=run.repetition, run_id=run.id, attempt=self.attempt, node=node,
+                   container=self.container, start_utc=None, duration_s=None, outcome=None,
+                   exit_code=None, signal=None, error=None, energy_j=None, energy_source=None,
+                   avg_power_w=None, cap_applied_w=_cap_value(run.params[CAP])
+                   if CAP in run.params else coord.cap_of(node),
+                   policy=run.params.get(POLICY, self.manifest.power.policy),
+                   nrm_version=__version__, nrmd_version=coord.nrmd_version(node))
+        row.update({m: None for m in camp.metrics})
+        self.row = row
+
+    def started_record(self) -> dict:
+        return {"e": "started", "id": self.run.id, "attempt": self.attempt,
+                "params": self.run.params, "repetition": self.run.repetition,
+                "inputs": self.inputs, "node": self.node, "container": self.container,
+                "t": time.time()}
+
+
 class Coordinator:
     """Runs ``campaign`` in ``directory``; :meth:`run` returns the exit status.
 
@@ -124,13 +160,15 @@ class Coordinator:
                  retry_failed: bool = False, changed: Optional[str] = None,
                  out: TextIO = sys.stderr,
                  on_start: Optional[Callable[[Run, int], None]] = None,
-                 on_end: Optional[Callable[[dict], None]] = None):
+                 on_end: Optional[Callable[[dict], None]] = None,
+                 bar: Optional[bool] = None):
         self.camp = campaign
         self.dir = os.path.abspath(directory)
         self.client_source = client
         self.retry_failed = retry_failed
         self.changed = changed
         self.out = out
+        self.progress = Progress(out, bar)
         self.on_start = on_start
         self.on_end = on_end
         self.node = socket.gethostname()
@@ -144,8 +182,14 @@ class Coordinator:
         self.nrmd_info: Dict[str, Any] = {}
 
     def say(self, text: str) -> None:
-        self.out.write(f"nrm campaign: {text}\n")
-        self.out.flush()
+        self.progress.say(text)
+
+    def cap_of(self, node: str) -> Any:
+        """The node's power cap as far as this coordinator knows."""
+        return self.cap_now
+
+    def nrmd_version(self, node: str) -> Any:
+        return self.nrmd_info.get("version")
 
     # -- the whole campaign -----------------------------------------------
     def run(self) -> int:
@@ -167,18 +211,12 @@ class Coordinator:
             self._warn_allocation()
             finished = len(runs) - len(todo)
             self.say(f"{self.camp.name}: {len(runs)} runs, {finished} finished before, "
-                     f"{len(todo)} to run in {self.dir}")
-            failed_now = 0
-            for i, run in enumerate(todo, 1):
-                if self.stopping:
-                    break
-                row = self._run_one(run, states.get(run.id), f"[{i}/{len(todo)}]")
-                if row["outcome"] != journal.DONE and row["outcome"] != journal.INTERRUPTED:
-                    failed_now += 1
-                if row["outcome"] == "lost" and not self._daemon_alive():
-                    self.say("nrmd does not answer: stopping (rerun the same command to "
-                             "continue once it is back)")
-                    break
+                     f"{len(todo)} to run in {self.dir}{self._where()}")
+            self.progress.begin(len(todo))
+            try:
+                self._run_todo(todo, states)
+            finally:
+                self.progress.end()
             if self.stopping:
                 return EXIT_INTERRUPTED
             records, _ = journal.read(self.dir)
@@ -199,6 +237,20 @@ class Coordinator:
                 self._disconnect()
                 lock.release()
 
+    def _where(self) -> str:
+        return ""
+
+    def _run_todo(self, todo: List[Run], states: Dict[str, journal.RunState]) -> None:
+        """One run at a time on this node, through its nrmd."""
+        for run in todo:
+            if self.stopping:
+                break
+            row = self._run_one(run, states.get(run.id))
+            if row["outcome"] == "lost" and not self._daemon_alive():
+                self.say("nrmd does not answer: stopping (rerun the same command to "
+                         "continue once it is back)")
+                break
+
     def _on_signal(self, signum, _frame) -> None:
         if self.stopping:
             return
@@ -210,8 +262,10 @@ class Coordinator:
         for run in runs:
             st = states.get(run.id)
             state = st.state if st is not None else "pending"
+            node = (st.last.get("row") or {}).get("node") if st is not None \
+                and st.last else None
             if state in ("done", "failed") and st.last.get("inputs") is not None \
-                    and st.last.get("inputs") != self.camp.inputs_hash(run, self.node):
+                    and st.last.get("inputs") != self.camp.inputs_hash(run, node or self.node):
                 if self.changed == "rerun":
                     todo.append(run)
                 elif self.changed is None:
@@ -294,15 +348,20 @@ class Coordinator:
                 while time.monotonic() < deadline and name in {
                         c.get("id") for c in self.client.list()}:
                     time.sleep(0.05)
-            self.journal.append({"e": "finished", "id": st.id, "attempt": rec.get("attempt", 1),
-                                 "params": st.params, "repetition": st.repetition,
-                                 "outcome": journal.INTERRUPTED, "inputs": rec.get("inputs"),
-                                 "error": "the coordinator died during the run",
-                                 "t": time.time()})
-            st.running = None
-            st.last = {"outcome": journal.INTERRUPTED}
-            self.say(f"{st.id} attempt {rec.get('attempt', 1)} was interrupted by the "
-                     "coordinator's death: it runs again")
+            self._record_orphan(st)
+
+    def _record_orphan(self, st: journal.RunState) -> None:
+        rec = st.running
+        self.journal.append({"e": "finished", "id": st.id, "attempt": rec.get("attempt", 1),
+                             "params": st.params, "repetition": st.repetition,
+                             "outcome": journal.INTERRUPTED, "inputs": rec.get("inputs"),
+                             "error": "the coordinator died during the run",
+                             "t": time.time()})
+        st.running = None
+        st.last = {"outcome": journal.INTERRUPTED}
+        where = f" on {rec['node']}" if rec.get("node") else ""
+        self.say(f"{st.id} attempt {rec.get('attempt', 1)}{where} was interrupted by the "
+                 "coordinator's death: it runs again")
 
     # -- the power cap -------------------------------------------------------
     def _cap_path(self) -> str:
@@ -351,7 +410,7 @@ class Coordinator:
         nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
         if nodes and nodes.isdigit() and int(nodes) > 1:
             self.say(f"inside a {nodes}-node Slurm allocation, every run goes to this node "
-                     f"({self.node}) only: spreading runs over nodes is not implemented yet")
+                     f"({self.node}) only (--nodes local, or a step of the allocation)")
 
     # -- one run -----------------------------------------------------------
     def _sleep(self, seconds: float) -> None:
@@ -359,74 +418,65 @@ class Coordinator:
         while not self.stopping and (left := end - time.monotonic()) > 0:
             time.sleep(min(left, 0.05))
 
-    def _run_one(self, run: Run, st: Optional[journal.RunState], prefix: str) -> dict:
-        attempt = (st.attempts if st is not None else 0) + 1
-        container = self._container(run, attempt)
-        rdir = os.path.join(self.dir, "runs", run.id, f"a{attempt}")
-        os.makedirs(rdir, exist_ok=True)
-        manifest = self.camp.manifest_for(run, self.node)
-        argv = self.camp.argv(run, self.node)
-        env = dict(os.environ, **self.camp.run_env(run, self.node))
-        inputs = self.camp.inputs_hash(run, self.node)
-        _fsync_json(os.path.join(rdir, "manifest.json"), manifest.to_dict())
-        row: Dict[str, Any] = dict(run.params)
-        row.update(repetition=run.repetition, run_id=run.id, attempt=attempt, node=self.node,
-                   container=container, start_utc=None, duration_s=None, outcome=None,
-                   exit_code=None, signal=None, error=None, energy_j=None, energy_source=None,
-                   avg_power_w=None, cap_applied_w=_cap_value(run.params[CAP])
-                   if CAP in run.params else self.cap_now,
-                   policy=run.params.get(POLICY, manifest.power.policy),
-                   nrm_version=__version__, nrmd_version=self.nrmd_info.get("version"))
-        row.update({m: None for m in self.camp.metrics})
+    def _run_one(self, run: Run, st: Optional[journal.RunState]) -> dict:
+        p = Prepared(self, run, st, self.node)
+        row = p.row
         if self.on_start is not None:
-            self.on_start(run, attempt)
+            self.on_start(run, p.attempt)
         try:
             if CAP in run.params:
                 self._set_cap(run.params[CAP])
         except NrmError as exc:
             row.update(outcome="launch_error", error=f"setpower: {exc}")
-            return self._finish(run, row, inputs, rdir, prefix, None, started=False)
+            return self._finish(p, None, started=False)
         self._sleep(self.camp.settle)
         if self.stopping:
             # stopped before the launch: nothing ran, nothing to record
             return dict(row, outcome=journal.INTERRUPTED)
-        self.journal.append({"e": "started", "id": run.id, "attempt": attempt,
-                             "params": run.params, "repetition": run.repetition,
-                             "inputs": inputs, "node": self.node, "container": container,
-                             "t": time.time()})
+        self.journal.append(p.started_record())
         row["start_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         profile = None
         t0 = time.monotonic()
-        with open(os.path.join(rdir, "stdout"), "wb") as out, \
-                open(os.path.join(rdir, "stderr"), "wb") as err:
+        env = dict(os.environ, **p.run_env)
+        with open(os.path.join(p.rdir, "stdout"), "wb") as out, \
+                open(os.path.join(p.rdir, "stderr"), "wb") as err:
             try:
-                result, why = self._execute(manifest, argv, env, container, out, err)
+                result, why = self._execute(p.manifest, p.argv, env, p.container, out, err)
                 profile = result.profile
-                row["exit_code"] = result.code
-                row["signal"] = signal_name(result.signal)
-                if why is not None:
-                    row["outcome"] = why
-                    row["error"] = ("killed after the timeout of "
-                                    f"{self.camp.timeout:g} s" if why == "timeout"
-                                    else signal_name(self.stopping))
-                else:
-                    row["outcome"] = outcome_of(result.status, result.code, result.signal,
-                                                self.camp.ok_exit_codes)
+                self._outcome(row, result.status, result.code, result.signal, why)
             except DaemonUnavailable as exc:
                 row.update(outcome="lost", error=str(exc))
             except NrmError as exc:
                 row.update(outcome="lost" if exc.code == "lost" else "launch_error",
                            error=f"{exc.code}: {exc}")
-        wall = time.monotonic() - t0
+        return self._complete(p, profile, time.monotonic() - t0)
+
+    def _outcome(self, row: dict, status: int, code: Optional[int], signum: Optional[int],
+                 why: Optional[str]) -> None:
+        """``why``: None, or "timeout"/"interrupted" when the coordinator
+        killed the task."""
+        row["exit_code"] = code
+        row["signal"] = signal_name(signum)
+        if why is not None:
+            row["outcome"] = why
+            row["error"] = (f"killed after the timeout of {self.camp.timeout:g} s"
+                            if why == "timeout" else signal_name(self.stopping))
+        else:
+            row["outcome"] = outcome_of(status, code, signum, self.camp.ok_exit_codes)
+
+    def _complete(self, p: Prepared, profile: Optional[dict], wall: float) -> dict:
+        """The row from the profile and the output; the run's files, then its
+        finished record."""
+        row = p.row
         row["duration_s"] = (profile or {}).get("duration_s") or wall
         row.update(energy_of(profile))
         if self.camp.metrics:
-            with open(os.path.join(rdir, "stdout"), "rb") as f:
+            with open(os.path.join(p.rdir, "stdout"), "rb") as f:
                 text = f.read().decode(errors="replace")
             row.update(read_metrics(text, self.camp.metrics))
         if profile is not None:
-            _fsync_json(os.path.join(rdir, "profile.json"), profile)
-        return self._finish(run, row, inputs, rdir, prefix, wall, started=True)
+            _fsync_json(os.path.join(p.rdir, "profile.json"), profile)
+        return self._finish(p, wall, started=True)
 
     def _execute(self, manifest, argv, env, container, out, err):
         """(RunResult, None) or (RunResult, "timeout"/"interrupted") when
@@ -436,7 +486,9 @@ class Coordinator:
         deadline = None if self.camp.timeout is None else time.monotonic() + self.camp.timeout
         why = None
         kill_deadline = None
+        self.progress.running = 1
         while not run.step(STEP_S):
+            self.progress.tick()
             now = time.monotonic()
             if why is None and self.stopping:
                 why = journal.INTERRUPTED
@@ -448,6 +500,7 @@ class Coordinator:
             elif kill_deadline is not None and now >= kill_deadline:
                 raise DaemonUnavailable(f"the task did not exit {KILL_GRACE_S:g} s after "
                                         "being killed")
+        self.progress.running = 0
         return run.result, why
 
     def _kill(self, container: str) -> None:
@@ -457,26 +510,24 @@ class Coordinator:
             if exc.code not in ("unknown", "not_found", "invalid"):
                 raise
 
-    def _finish(self, run: Run, row: dict, inputs: str, rdir: str, prefix: str,
-                wall: Optional[float], started: bool) -> dict:
-        _fsync_json(os.path.join(rdir, "meta.json"), row)
+    def _finish(self, p: Prepared, wall: Optional[float], started: bool) -> dict:
+        row, run = p.row, p.run
+        _fsync_json(os.path.join(p.rdir, "meta.json"), row)
         # the parameters are in the row and in the started record
-        record = dict(e="finished", id=run.id, inputs=inputs,
+        record = dict(e="finished", id=run.id, inputs=p.inputs,
                       t=time.time(), row=row, outcome=row["outcome"], attempt=row["attempt"],
                       repetition=run.repetition)
         if not started:
             # a run that never launched still needs a started record for folding
-            self.journal.append({"e": "started", "id": run.id, "attempt": row["attempt"],
-                                 "params": run.params, "repetition": run.repetition,
-                                 "inputs": inputs, "node": self.node,
-                                 "container": row["container"], "t": time.time()})
+            self.journal.append(p.started_record())
         self.journal.append(record)
-        self._progress(run, row, prefix)
+        self.progress.finished()
+        self._progress(run, row)
         if self.on_end is not None:
             self.on_end(row)
         return row
 
-    def _progress(self, run: Run, row: dict, prefix: str) -> None:
+    def _progress(self, run: Run, row: dict) -> None:
         outcome = row["outcome"]
         detail = ""
         if outcome == "nonzero":
@@ -490,7 +541,9 @@ class Coordinator:
             energy = f", {row['energy_j']:.1f} J ({row['energy_source']})"
         took = f" in {row['duration_s']:.2f} s" if row.get("duration_s") is not None else ""
         attempt = f" attempt {row['attempt']}" if row["attempt"] > 1 else ""
-        self.say(f"{prefix} {run.label()}{attempt}: {outcome}{detail}{took}{energy}")
+        where = f" on {row['node']}" if self._where() else ""
+        count = f"[{self.progress.done}/{self.progress.total}]"
+        self.say(f"{count} {run.label()}{attempt}{where}: {outcome}{detail}{took}{energy}")
 
 
 def dry_run(campaign: Campaign, directory: Optional[str], out: TextIO = sys.stdout) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from nrm.campaign import journal, runner, spec
+from nrm.campaign import journal, runner, slurmrun, spec
 from nrm.campaign import status as status_mod
 from nrm.campaign import table as table_mod
 from nrm.cli.common import dump_json
@@ -28,6 +28,10 @@ def add_arguments(p) -> None:
     r.add_argument("--dir", help="the results directory (default: campaign-NAME)")
     r.add_argument("--dry-run", action="store_true", help="list every run, start nothing")
     r.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    r.add_argument("--nodes", default="auto", metavar="auto|local|N1,N2",
+                   help="where runs go: auto (default) = every node of the Slurm allocation "
+                        "this runs in, else this node; local = this node's nrmd only; "
+                        "N1,N2 = those nodes of the allocation")
     changed = r.add_mutually_exclusive_group()
     changed.add_argument("--rerun-changed", dest="changed", action="store_const", const="rerun",
                          help="run again finished runs whose command/env/manifest changed")
@@ -81,9 +85,9 @@ def _run(args) -> int:
     directory = args.dir or f"campaign-{camp.name}"
     if args.dry_run:
         return runner.dry_run(camp, directory)
-    coord = runner.Coordinator(camp, directory, client=_client_factory(args),
-                               retry_failed=args.retry_failed, changed=args.changed)
     try:
+        coord = slurmrun.coordinator(camp, directory, args.nodes, client=_client_factory(args),
+                                     retry_failed=args.retry_failed, changed=args.changed)
         return coord.run()
     except journal.Busy as exc:
         return _fail(str(exc), runner.EXIT_BAD)

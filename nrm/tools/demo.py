@@ -2,24 +2,25 @@
 
 Starts a private nrmd (nrm/tools/localnrmd.py), runs example tasks in
 slices through `nrm run` (each task's cpus, output and exit status), shows
-`nrm status`, then compares power policies on an imbalanced MPI program
-when MPICH and libnrm are available, and stops the daemon cleanly.
+`nrm status`, then runs the campaign examples/policies.campaign.yml on that
+nrmd when MPICH and libnrm are available, and stops the daemon cleanly.
 
-The comparison runs examples/imbalance.c with 2 MPI ranks, rank 0 doing
-twice the work of rank 1, launched the way users launch MPI:
-
-    nrm run --profile-json P power.yml mpiexec.mpich -n 2 -bind-to core ./imbalance ...
-
-once per policy (NONE, DDCM, DVFS, COMBINED), and prints run time, energy
-and the levels/frequencies chosen per cpu. On a node without RAPL the
+The campaign runs examples/imbalance.c with 2 MPI ranks, rank 0 doing
+twice the work of rank 1, launched the way users launch MPI
+(`mpiexec.mpich -n 2 -bind-to core ./imbalance ...`), once per policy
+(NONE, DDCM, DVFS, COMBINED). The demo goes through the CLI, as a user
+would (`nrm campaign run`, `table`, `summary`), then prints per run the
+time, energy and the levels/frequencies each cpu was left at, read from
+the campaign's table and each run's profile. On a node without RAPL the
 daemon's emulated node does the actuation (cgroup CPU bandwidth) and the
 energy accounting (its documented model); the table says which.
-``--power --repeat N [--json F]`` runs only the comparison, N interleaved
-rounds, for measurements (docs/performance.md).
+``--power --repeat N [--json F]`` runs only the campaign, with N
+repetitions (interleaved rounds), for measurements (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -29,17 +30,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Dict, List, Optional
+
+import yaml
 
 from nrm.hpc import mpi
 from nrm.tools.localnrmd import LocalNrmd, nrm_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(REPO, "examples")
+CAMPAIGN = os.path.join(EXAMPLES, "policies.campaign.yml")
 POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED")
-IMBALANCE_ARGS = ["-n", "40", "-u", "30000000", "-b", "-0.5"]
-"""~50 ms phases: several periods of the emulated node's 16 ms CPU-bandwidth window."""
 
 
 def say(text: str = "") -> None:
@@ -108,7 +109,8 @@ def build_imbalance() -> Optional[str]:
     interposer nrmd preloads by default); None (with a reason printed) when
     MPICH or libnrm are missing."""
     if mpi.find("mpich") is None:
-        print("  (skipped: mpicc.mpich/mpiexec.mpich not found; `make setup` installs MPICH)")
+        print("  MPICH is missing (no mpicc.mpich/mpiexec.mpich): the power-policy campaign is "
+              "skipped.\n  `make setup` installs MPICH (apt-get install mpich libmpich-dev).")
         return None
     r = subprocess.run(["make", "-s", "-C", EXAMPLES, "imbalance"], capture_output=True,
                        env=dict(os.environ, PREFIX=sys.prefix))
@@ -121,48 +123,56 @@ def build_imbalance() -> Optional[str]:
     return path
 
 
-def manifest_for(policy: str, directory: str) -> str:
-    path = os.path.join(directory, f"power-{policy.lower()}.yml")
+def campaign_file(workdir: str, policies, repeat: int) -> str:
+    """examples/policies.campaign.yml itself, or (other policies or
+    repetitions) a copy that says so, with its paths made absolute."""
+    if list(policies) == list(POLICIES) and repeat == 1:
+        return CAMPAIGN
+    with open(CAMPAIGN) as f:
+        spec = yaml.safe_load(f)
+    spec["parameters"]["policy"] = list(policies)
+    spec["repetitions"] = repeat
+    spec["manifest"] = os.path.join(EXAMPLES, spec["manifest"])
+    spec["cwd"] = EXAMPLES
+    path = os.path.join(workdir, "policies.campaign.yml")
     with open(path, "w") as f:
-        f.write(f"name: imbalance-{policy.lower()}\n"
-                "app:\n"
-                "  slice: {cpus: 2, mems: 1}\n"
-                f"  power: {{policy: {policy}, profile: true, damper: 1ms, slowdown: 1.1}}\n")
+        yaml.safe_dump(spec, f, sort_keys=False)
     return path
 
 
-def run_policy(session, binary: str, policy: str, workdir: str) -> Dict[str, object]:
-    manifest = manifest_for(policy, workdir)
-    profile_path = os.path.join(workdir, f"profile-{policy.lower()}.json")
-    argv = ["run", "--profile-json", profile_path, manifest,
-            mpi.MPICH.mpiexec, "-n", "2", "-bind-to", "core", binary] + IMBALANCE_ARGS + ["-a"]
-    start = time.monotonic()
-    r = session.nrm(*argv, show=False, cwd=workdir)
-    wall = time.monotonic() - start
-    row: Dict[str, object] = {"policy": policy, "status": r.returncode, "wall_s": wall}
-    if r.returncode != 0:
-        row["error"] = (r.stderr.decode(errors="replace") or r.stdout.decode())[-500:]
-        return row
-    out = r.stdout.decode(errors="replace")
-    for line in out.splitlines():
-        if line.startswith("imbalance:"):
-            fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
-            row["app_time_s"] = float(fields.get("time", "nan").rstrip("s"))
-    # The ranks print concurrently: lines may arrive glued together.
-    row["rank_cpu"] = dict(re.findall(r"affinity rank=(\d+) cpus=(\d+(?:,\d+)*)", out))
-    with open(profile_path) as f:
-        profile = json.load(f)
-    energy = profile.get("energy") or {}
-    row["energy_j"] = energy.get("energy_j")
-    row["power_w"] = energy.get("power_w")
-    row["emulated"] = energy.get("emulated")
-    pol = profile.get("policy") or {}
-    row["decisions"] = pol.get("decisions", 0)
-    row["settings"] = pol.get("final_settings", {})
-    row["lowest_level"] = pol.get("lowest_level", {})
-    row["lowest_frequency"] = pol.get("lowest_frequency", {})
-    row["stats"] = pol.get("stats", {})
-    return row
+def read_rows(directory: str, table: str) -> List[Dict[str, object]]:
+    """The campaign's table, each row with what its run's profile and
+    output say about the policy (levels per cpu, decisions)."""
+    out = []
+    with open(table, newline="") as f:
+        for rec in csv.DictReader(f):
+            row: Dict[str, object] = {"policy": rec["policy"],
+                                      "round": int(rec["repetition"]) + 1,
+                                      "outcome": rec["outcome"]}
+            if rec["outcome"] != "ok":
+                row["error"] = rec["error"] or f"exit {rec['exit_code'] or rec['signal']}"
+                out.append(row)
+                continue
+            rdir = os.path.join(directory, "runs", rec["run_id"], f"a{rec['attempt']}")
+            with open(os.path.join(rdir, "profile.json")) as pf:
+                profile = json.load(pf)
+            with open(os.path.join(rdir, "stdout"), errors="replace") as of:
+                stdout = of.read()
+            # the program's own time; nrmd's run time if it printed none
+            row["app_time_s"] = float(rec.get("app_time_s") or rec["duration_s"])
+            row["energy_j"] = float(rec["energy_j"]) if rec["energy_j"] else None
+            row["emulated"] = rec["energy_source"] == "emulated"
+            # The ranks print concurrently: lines may arrive glued together.
+            row["rank_cpu"] = dict(re.findall(r"affinity rank=(\d+) cpus=(\d+(?:,\d+)*)",
+                                              stdout))
+            pol = profile.get("policy") or {}
+            row["decisions"] = pol.get("decisions", 0)
+            row["settings"] = pol.get("final_settings", {})
+            row["lowest_level"] = pol.get("lowest_level", {})
+            row["lowest_frequency"] = pol.get("lowest_frequency", {})
+            row["stats"] = pol.get("stats", {})
+            out.append(row)
+    return out
 
 
 def _setting(s) -> str:
@@ -202,7 +212,7 @@ def print_table(rows: List[Dict[str, object]]) -> None:
           f"{'decisions':>9} {'resets':>6}  rank/cpu: setting at the end (lowest reached)")
     for r in rows:
         if "error" in r:
-            print(f"  {r['policy']:9} failed (exit {r['status']}): {r['error'].strip()}")
+            print(f"  {r['policy']:9} {r['outcome']}: {str(r['error']).strip()}")
             continue
         t, e = r.get("app_time_s"), r.get("energy_j")
         resets = (r.get("stats") or {}).get("slowdown_resets", 0)
@@ -253,34 +263,42 @@ def print_medians(medians: List[Dict[str, object]]) -> None:
 
 
 def run_comparison(session, policies=POLICIES, repeat: int = 1) -> List[Dict[str, object]]:
-    """Run every policy ``repeat`` times, interleaved; returns the rows of all rounds."""
+    """The campaign examples/policies.campaign.yml (every policy ``repeat``
+    times, interleaved) on the session's nrmd; returns its rows."""
     binary = build_imbalance()
     if binary is None:
         return []
-    print(f"$ nrm run --profile-json P power.yml {mpi.MPICH.mpiexec} -n 2 -bind-to core "
-          f"./imbalance {' '.join(IMBALANCE_ARGS)} -a   # once per policy"
-          + (f", {repeat} rounds" if repeat > 1 else ""))
     workdir = tempfile.mkdtemp(prefix="nrm-powerdemo-")
-    rounds = []
     try:
-        for i in range(repeat):
-            rows = [run_policy(session, binary, p, workdir) for p in policies]
-            for row in rows:
-                row["round"] = i + 1
+        path = campaign_file(workdir, policies, repeat)
+        shown = os.path.relpath(path, REPO) if path == CAMPAIGN else path
+        directory = os.path.join(workdir, "policies")
+        where = ["--nodes", "local"] if os.environ.get("SLURM_JOB_NODELIST") else []
+        say(f"$ nrm campaign run {shown} --dir {directory}" + " ".join([""] + where))
+        # live: one line per run, a progress bar on a terminal
+        subprocess.run(nrm_argv() + ["campaign", "run", path, "--dir", directory] + where,
+                       env=session.env, cwd=REPO)
+        table = os.path.join(workdir, "policies.csv")
+        session.nrm("campaign", "table", directory, "-o", table)
+        rows = read_rows(directory, table)
+        rounds: Dict[object, List[Dict[str, object]]] = {}
+        for row in rows:
+            rounds.setdefault(row["round"], []).append(row)
+        for i, round_rows in sorted(rounds.items()):
             if repeat > 1:
-                print(f"  round {i + 1}:")
-            print_table(rows)
-            rounds.append(rows)
+                print(f"  round {i}:")
+            print_table(round_rows)
+        session.nrm("campaign", "summary", directory)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if repeat > 1:
         print(f"  median of {repeat} rounds (the machine may be shared: compare ratios):")
-        print_medians(median_rows(rounds))
+        print_medians(median_rows(list(rounds.values())))
     load = os.getloadavg()
     print(f"  load average {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cpus"
           + ("  (busy machine: the ranks compete for their cores, times are noisy)"
              if load[1] > (os.cpu_count() or 1) else ""))
-    return [row for rows in rounds for row in rows]
+    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -14,6 +15,9 @@ import textwrap
 import pytest
 
 from nrm.campaign import Sweep, journal, spec
+from nrm.campaign.progress import Progress
+from nrm.campaign.runner import Coordinator
+from nrm.client import Client
 from tests.nrmd import DaemonProcess, wait_for
 
 MANIFEST = "name: app\napp:\n  slice: {cpus: 1, mems: 1}\n"
@@ -325,3 +329,51 @@ def test_summary_and_plot(nrmd, tmp_path):
     assert campaign(nrmd, "plot", d, "-o", png).returncode == 0
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert campaign(nrmd, "table", d, "-o", str(tmp_path / "t.parquet")).returncode == 0
+
+
+# -- progress ----------------------------------------------------------------------
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal():
+    log = io.StringIO()
+    p = Progress(log)
+    p.begin(4)
+    p.finished()
+    p.say("[1/4] n=1 rep=0: ok")
+    p.tick()
+    p.end()
+    assert log.getvalue() == "nrm campaign: [1/4] n=1 rep=0: ok\n"
+    term = _Terminal()
+    p = Progress(term)
+    p.begin(4)
+    p.finished()
+    p.running = 1
+    p.say("[1/4] n=1 rep=0: ok")
+    p.end()
+    text = term.getvalue()
+    # the line is printed whole (the bar erased first), then the bar comes back below it
+    assert "\r\x1b[Knrm campaign: [1/4] n=1 rep=0: ok\n\r[" in text
+    assert " 1/4, 1 running, 00:00" in text and "#" in text
+    assert text.endswith("\r\x1b[K")           # nothing of the bar left behind
+
+
+def test_the_coordinator_draws_a_bar_only_on_a_terminal(nrmd, tmp_path):
+    path = write(tmp_path, """\
+        name: bar
+        manifest: m.yml
+        command: [sh, -c, "echo {n}"]
+        parameters:
+          n: [1, 2]
+        """)
+    for out, bar in ((io.StringIO(), False), (_Terminal(), True)):
+        d = str(tmp_path / f"d{bar}")
+        camp = spec.load(path)
+        coord = Coordinator(camp, d, client=lambda: Client(nrmd.rundir), out=out)
+        assert coord.run() == 0
+        text = out.getvalue()
+        assert text.count("] n=") == 2
+        assert ("\r[" in text) == bar and ("\x1b[K" in text) == bar
