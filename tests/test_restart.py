@@ -61,6 +61,7 @@ def test_restart_after_sigkill_kills_orphans(runtime):
         assert "killed 2 processes left by a previous nrmd" in d2.log()
         restart = json.loads(d2.cli("status", "--json").stdout)["restart"]
         assert restart["on_restart"] == "kill" and restart["killed"] == 2
+        assert "2 processes killed (left by a previous nrmd)" in d2.cli("status").stdout.decode()
     finally:
         assert d2.stop() == 0
 
