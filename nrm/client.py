@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import sys
 import time
@@ -54,6 +55,9 @@ from nrm.manifest import Manifest
 from nrm.transport.zmqloop import BatchReader
 
 DEFAULT_TIMEOUT = 5.0
+#: ZMTP heartbeats on event subscriptions: a daemon silent this long is lost
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
 
 
 class NrmError(Exception):
@@ -407,18 +411,99 @@ class Client(_Endpoint):
         return self.start(manifest, argv, **kwargs).wait()
 
     def subscribe(self, topics=("",)) -> zmq.Socket:
-        """A SUB socket on the daemon's events (``[topic, json]`` frames)."""
-        sock = self.ctx.socket(zmq.SUB)
-        sock.linger = 0
-        if self.tcp is not None:
-            curve.make_client(sock, self.tcp)
-            sock.connect(self.tcp.events_uri)
-        else:
-            _check_trusted(self.rundir, "events")
-            sock.connect(paths.events_uri(self.rundir))
-        for t in topics:
-            sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-        return sock
+        """A SUB socket on the daemon's events (``[topic, json]`` frames).
+        It never says when nrmd goes away: ``events`` does."""
+        return _event_socket(self.ctx, self.rundir, self.tcp, topics)[0]
+
+    def events(self, topics=("",)) -> "Subscription":
+        """The daemon's events on ``topics`` (prefixes), as a ``Subscription``
+        that raises DaemonUnavailable when nrmd goes away instead of
+        waiting for ever; NrmError("usage") for a topic that does not exist."""
+        unknown = protocol.unknown_topics(topics)
+        if unknown:
+            raise NrmError("usage", f"unknown topic {unknown[0]!r} (topics: "
+                                    f"{', '.join(protocol.TOPICS)}, or a prefix of them; "
+                                    "\"\" for all)")
+        return Subscription(self, topics)
+
+
+def _event_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig], topics,
+                  monitor: bool = False):
+    """(SUB, its monitor or None), connected and subscribed, with ZMTP
+    heartbeats on."""
+    sock = ctx.socket(zmq.SUB)
+    sock.linger = 0
+    sock.heartbeat_ivl = HEARTBEAT_IVL_MS
+    sock.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+    if tcp is not None:
+        curve.make_client(sock, tcp)
+        uri = tcp.events_uri
+    else:
+        _check_trusted(rundir, "events")
+        uri = paths.events_uri(rundir)
+    mon = _monitor(sock) if monitor else None
+    sock.connect(uri)
+    for t in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+    return sock, mon
+
+
+class Subscription:
+    """Events, and the news that nrmd is gone. Its loss is noticed two
+    ways: its end of the connection closing (a crash or a stop: the
+    monitor reports the disconnect at once), and, for a daemon or host that
+    stops answering without closing anything (a frozen process, a lost
+    network), ZMTP heartbeats: a PING every HEARTBEAT_IVL_MS that nrmd's
+    libzmq answers from its I/O thread, and the connection dropped after
+    HEARTBEAT_TIMEOUT_MS without one. nrmd publishes nothing for it. A
+    subscription that never connects fails after the client's timeout."""
+
+    def __init__(self, client: Client, topics):
+        self.client = client
+        self.sock, self.monitor = _event_socket(client.ctx, client.rundir, client.tcp, topics,
+                                                monitor=True)
+        self.connected = False
+        self._deadline = time.monotonic() + client.timeout
+
+    def recv(self) -> tuple:
+        """The next event as (topic, body); DaemonUnavailable once nrmd is lost."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        while True:
+            try:
+                topic, body = self.sock.recv_multipart(zmq.NOBLOCK)
+                return topic.decode(), json.loads(body)
+            except zmq.Again:
+                pass
+            wait = None if self.connected else max(0.0, self._deadline - time.monotonic())
+            ready = dict(poller.poll(None if wait is None else int(wait * 1000) + 1))
+            if self.monitor in ready:
+                seen = _monitor_events(self.monitor)
+                self.connected = self.connected or zmq.EVENT_HANDSHAKE_SUCCEEDED in seen
+                error = _monitor_error(seen, self.client.where)
+                if error is not None:
+                    raise error
+            elif not ready and not self.connected:
+                raise DaemonUnavailable(f"{self.client.where} did not answer within "
+                                        f"{self.client.timeout:g} s")
+
+    def close(self) -> None:
+        """In the order Client.close explains."""
+        if self.sock.closed:
+            return
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class _Replies:
