@@ -38,6 +38,7 @@ def test_every_heading_is_followed_by_a_space(capsys):
 
 def test_health_problems_are_shown(capsys):
     restart = {"on_restart": "adopt", "containers_adopted": 1, "tasks_adopted": 2, "killed": 3,
+               "power_cap_restored_w": 150.0,
                "state_log": {"path": "/run/nrm/state.log", "write_errors": 4,
                              "complete": False}}
     out = "\n".join(_lines(capsys, _status(
@@ -48,4 +49,4 @@ def test_health_problems_are_shown(capsys):
     assert "state log: INCOMPLETE: 4 writes to /run/nrm/state.log failed" in out
     assert "seed:      NOT LISTENING: cannot bind ipc:///x: in use" in out
     assert "policy:    5 control writes refused" in out
-    assert "power cap: 150.0 W" in out
+    assert "power cap: 150.0 W (put back after the previous nrmd's crash)" in out

@@ -78,4 +78,6 @@ def _render_health(s) -> None:
         print(_label("policy") + f"{refused} control writes refused (no room to journal "
               "the original)")
     if s.get("power_cap_w") is not None:
-        print(_label("power cap") + f"{s['power_cap_w']:.1f} W")
+        restored = restart.get("power_cap_restored_w") is not None
+        print(_label("power cap") + f"{s['power_cap_w']:.1f} W"
+              + (" (put back after the previous nrmd's crash)" if restored else ""))
