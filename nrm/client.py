@@ -36,7 +36,6 @@ probe of the connection (docs/security.md): writing them is a no-op.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -44,15 +43,25 @@ import sys
 import time
 from dataclasses import dataclass, field
 from collections import deque
-from typing import BinaryIO, Callable, Deque, Dict, List, Optional
+from typing import TYPE_CHECKING, BinaryIO, Callable, Deque, Dict, List, Optional
 
 import zmq
 
 from nrm import paths, protocol
 
-from nrm.transport import curve
-from nrm.manifest import Manifest
-from nrm.transport.zmqloop import BatchReader
+if TYPE_CHECKING:
+    import asyncio
+
+    from nrm.manifest import Manifest
+    from nrm.transport import curve
+    from nrm.transport.zmqloop import BatchReader
+
+# A blocking client imports neither asyncio (AsyncClient does) nor the CURVE
+# module (tcp:// only) nor the manifest parser: every `srun ... nrm run`
+# step pays for what the CLI imports (benchmarks/cli_startup.py).
+
+#: a remote nrmd's endpoint (nrm.transport.curve reads it too)
+ENV_URI = "NRM_URI"
 
 DEFAULT_TIMEOUT = 5.0
 #: ZMTP heartbeats on event subscriptions: a daemon silent this long is lost
@@ -89,9 +98,10 @@ _MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AU
 def _tcp_config(uri: Optional[str], server_key: Optional[str],
                 key: Optional[str]) -> Optional[curve.ClientConfig]:
     """None for the local ipc daemon, else the TCP endpoint and its keys."""
-    uri = uri or os.environ.get(curve.ENV_URI)
+    uri = uri or os.environ.get(ENV_URI)
     if not uri:
         return None
+    from nrm.transport import curve
     if not uri.startswith("tcp://"):
         raise ConfigError(f"{uri}: expected tcp://HOST:PORT (a local nrmd needs no URI)")
     try:
@@ -193,6 +203,7 @@ def _request_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig] = None,
     sock.sndhwm = 0
     sock.rcvhwm = 0
     if tcp is not None:
+        from nrm.transport import curve
         curve.make_client(sock, tcp)
     mon = _monitor(sock) if monitor else None
     sock.connect(uri)
@@ -436,6 +447,7 @@ def _event_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig], topics,
     sock.heartbeat_ivl = HEARTBEAT_IVL_MS
     sock.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
     if tcp is not None:
+        from nrm.transport import curve
         curve.make_client(sock, tcp)
         uri = tcp.events_uri
     else:
@@ -524,6 +536,7 @@ class _Replies:
             waiter.set_result(None)
 
     async def get(self) -> tuple:
+        import asyncio
         while not self.items:
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
@@ -573,12 +586,16 @@ class AsyncClient(_Endpoint):
         from connect() on. The send may consume the socket's edge-triggered
         readiness, hence the check."""
         if self._reader is None:
+            import asyncio
+
+            from nrm.transport.zmqloop import BatchReader
             self._reader = BatchReader(asyncio.get_running_loop(), self.sock, self._on_reply,
                                        batch=256, copy=True)
         self.sock.send(_encode_request(msg), zmq.NOBLOCK)
         self._reader.sent()
 
     async def call(self, msg):
+        import asyncio
         q = self._open(msg)
         try:
             self._send(msg)
