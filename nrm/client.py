@@ -36,24 +36,37 @@ probe of the connection (docs/security.md): writing them is a no-op.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from collections import deque
-from typing import BinaryIO, Callable, Deque, Dict, List, Optional
+from typing import TYPE_CHECKING, BinaryIO, Callable, Deque, Dict, List, Optional
 
 import zmq
 
 from nrm import paths, protocol
 
-from nrm.transport import curve
-from nrm.manifest import Manifest
-from nrm.transport.zmqloop import BatchReader
+if TYPE_CHECKING:
+    import asyncio
+
+    from nrm.manifest import Manifest
+    from nrm.transport import curve
+    from nrm.transport.zmqloop import BatchReader
+
+# A blocking client imports neither asyncio (AsyncClient does) nor the CURVE
+# module (tcp:// only) nor the manifest parser: every `srun ... nrm run`
+# step pays for what the CLI imports (benchmarks/cli_startup.py).
+
+#: a remote nrmd's endpoint (nrm.transport.curve reads it too)
+ENV_URI = "NRM_URI"
 
 DEFAULT_TIMEOUT = 5.0
+#: ZMTP heartbeats on event subscriptions: a daemon silent this long is lost
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
 
 
 class NrmError(Exception):
@@ -85,9 +98,10 @@ _MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AU
 def _tcp_config(uri: Optional[str], server_key: Optional[str],
                 key: Optional[str]) -> Optional[curve.ClientConfig]:
     """None for the local ipc daemon, else the TCP endpoint and its keys."""
-    uri = uri or os.environ.get(curve.ENV_URI)
+    uri = uri or os.environ.get(ENV_URI)
     if not uri:
         return None
+    from nrm.transport import curve
     if not uri.startswith("tcp://"):
         raise ConfigError(f"{uri}: expected tcp://HOST:PORT (a local nrmd needs no URI)")
     try:
@@ -189,6 +203,7 @@ def _request_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig] = None,
     sock.sndhwm = 0
     sock.rcvhwm = 0
     if tcp is not None:
+        from nrm.transport import curve
         curve.make_client(sock, tcp)
     mon = _monitor(sock) if monitor else None
     sock.connect(uri)
@@ -407,18 +422,100 @@ class Client(_Endpoint):
         return self.start(manifest, argv, **kwargs).wait()
 
     def subscribe(self, topics=("",)) -> zmq.Socket:
-        """A SUB socket on the daemon's events (``[topic, json]`` frames)."""
-        sock = self.ctx.socket(zmq.SUB)
-        sock.linger = 0
-        if self.tcp is not None:
-            curve.make_client(sock, self.tcp)
-            sock.connect(self.tcp.events_uri)
-        else:
-            _check_trusted(self.rundir, "events")
-            sock.connect(paths.events_uri(self.rundir))
-        for t in topics:
-            sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-        return sock
+        """A SUB socket on the daemon's events (``[topic, json]`` frames).
+        It never says when nrmd goes away: ``events`` does."""
+        return _event_socket(self.ctx, self.rundir, self.tcp, topics)[0]
+
+    def events(self, topics=("",)) -> "Subscription":
+        """The daemon's events on ``topics`` (prefixes), as a ``Subscription``
+        that raises DaemonUnavailable when nrmd goes away instead of
+        waiting for ever; NrmError("usage") for a topic that does not exist."""
+        unknown = protocol.unknown_topics(topics)
+        if unknown:
+            raise NrmError("usage", f"unknown topic {unknown[0]!r} (topics: "
+                                    f"{', '.join(protocol.TOPICS)}, or a prefix of them; "
+                                    "\"\" for all)")
+        return Subscription(self, topics)
+
+
+def _event_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig], topics,
+                  monitor: bool = False):
+    """(SUB, its monitor or None), connected and subscribed, with ZMTP
+    heartbeats on."""
+    sock = ctx.socket(zmq.SUB)
+    sock.linger = 0
+    sock.heartbeat_ivl = HEARTBEAT_IVL_MS
+    sock.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+    if tcp is not None:
+        from nrm.transport import curve
+        curve.make_client(sock, tcp)
+        uri = tcp.events_uri
+    else:
+        _check_trusted(rundir, "events")
+        uri = paths.events_uri(rundir)
+    mon = _monitor(sock) if monitor else None
+    sock.connect(uri)
+    for t in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+    return sock, mon
+
+
+class Subscription:
+    """Events, and the news that nrmd is gone. Its loss is noticed two
+    ways: its end of the connection closing (a crash or a stop: the
+    monitor reports the disconnect at once), and, for a daemon or host that
+    stops answering without closing anything (a frozen process, a lost
+    network), ZMTP heartbeats: a PING every HEARTBEAT_IVL_MS that nrmd's
+    libzmq answers from its I/O thread, and the connection dropped after
+    HEARTBEAT_TIMEOUT_MS without one. nrmd publishes nothing for it. A
+    subscription that never connects fails after the client's timeout."""
+
+    def __init__(self, client: Client, topics):
+        self.client = client
+        self.sock, self.monitor = _event_socket(client.ctx, client.rundir, client.tcp, topics,
+                                                monitor=True)
+        self.connected = False
+        self._deadline = time.monotonic() + client.timeout
+
+    def recv(self) -> tuple:
+        """The next event as (topic, body); DaemonUnavailable once nrmd is lost."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        while True:
+            try:
+                topic, body = self.sock.recv_multipart(zmq.NOBLOCK)
+                return topic.decode(), json.loads(body)
+            except zmq.Again:
+                pass
+            wait = None if self.connected else max(0.0, self._deadline - time.monotonic())
+            ready = dict(poller.poll(None if wait is None else int(wait * 1000) + 1))
+            if self.monitor in ready:
+                seen = _monitor_events(self.monitor)
+                self.connected = self.connected or zmq.EVENT_HANDSHAKE_SUCCEEDED in seen
+                error = _monitor_error(seen, self.client.where)
+                if error is not None:
+                    raise error
+            elif not ready and not self.connected:
+                raise DaemonUnavailable(f"{self.client.where} did not answer within "
+                                        f"{self.client.timeout:g} s")
+
+    def close(self) -> None:
+        """In the order Client.close explains."""
+        if self.sock.closed:
+            return
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class _Replies:
@@ -439,6 +536,7 @@ class _Replies:
             waiter.set_result(None)
 
     async def get(self) -> tuple:
+        import asyncio
         while not self.items:
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
@@ -488,12 +586,16 @@ class AsyncClient(_Endpoint):
         from connect() on. The send may consume the socket's edge-triggered
         readiness, hence the check."""
         if self._reader is None:
+            import asyncio
+
+            from nrm.transport.zmqloop import BatchReader
             self._reader = BatchReader(asyncio.get_running_loop(), self.sock, self._on_reply,
                                        batch=256, copy=True)
         self.sock.send(_encode_request(msg), zmq.NOBLOCK)
         self._reader.sent()
 
     async def call(self, msg):
+        import asyncio
         q = self._open(msg)
         try:
             self._send(msg)

@@ -20,7 +20,6 @@ of the offending field: the same message is meaningful on both sides.
 from __future__ import annotations
 
 import datetime
-import difflib
 import json
 import math
 import os
@@ -33,7 +32,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-import yaml
 
 from nrm import durations
 
@@ -441,6 +439,7 @@ class _Obj:
 def _unknown_key(path: str, key: Any, allowed: Tuple[str, ...]) -> ManifestError:
     msg = "unknown key"
     if isinstance(key, str):
+        import difflib
         close = difflib.get_close_matches(key, allowed, n=1)
         if close:
             msg += " (did you mean %r?)" % close[0]
@@ -740,6 +739,8 @@ def _load_text(text: str, source: str) -> Any:
 
 
 def _yaml(text: str, source: str) -> Any:
+    # imported here: a JSON manifest, and every verb but run, never pays for PyYAML
+    import yaml
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -769,6 +770,7 @@ def _yaml_duplicates(text: str, source: str) -> None:
     builds only the node graph, no Python objects; shared (aliased) nodes
     are visited once.
     """
+    import yaml
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     seen = set()
     stack = [root]

@@ -223,6 +223,13 @@ Downstream = Union[DStart, DProgress, DPhaseContext, DPerformance, DExit]
 TOPICS = ("container", "task", "power", "progress", "phase_context",
           "performance", "decision", "daemon")
 
+
+def unknown_topics(prefixes) -> list:
+    """The subscription prefixes no topic starts with: a listener on one of
+    them would wait for ever ("" is every topic, "p" several)."""
+    return [p for p in prefixes if not any(t.startswith(p) for t in TOPICS)]
+
+
 # ---------------------------------------------------------------- codecs ---
 
 _encoder = msgspec.json.Encoder()

@@ -272,6 +272,9 @@ def thread_attributes(cpus, mems, sched):
 #            failed before exec: the daemon's zombie, for it to reap.
 
 PROTOCOL = 4
+#: nrm-spawner ships with nrm, whether installed by pip or built in a checkout
+REINSTALL_HINT = ("%s: reinstall nrm (pip install --force-reinstall nrm, "
+                  "or make setup in a checkout)")
 MAGIC = 0x4E524D53
 CANCEL_MAGIC = 0x4E524D43
 MAX_MSG = 1 << 16          # larger requests travel in a memfd
@@ -427,8 +430,7 @@ class SpawnerPool:
     def _start_helper(self, index: int) -> None:
         program = find_spawner()
         if program is None:
-            raise OSError(errno_mod.ENOENT, "nrm-spawner not found (it is built with "
-                          "libnrm: run make setup)")
+            raise OSError(errno_mod.ENOENT, REINSTALL_HINT % "nrm-spawner not found")
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen([program, str(theirs.fileno()), str(os.getpid())],
@@ -566,8 +568,8 @@ class SpawnerPool:
             return None
         if kind == _HELLO and msg[2] != PROTOCOL:
             if self.log is not None:
-                self.log.error("nrm-spawner speaks protocol %d, nrmd %d: rebuild "
-                               "libnrm (make setup)", msg[2], PROTOCOL)
+                self.log.error(REINSTALL_HINT, f"nrm-spawner speaks protocol {msg[2]}, "
+                               f"nrmd {PROTOCOL}")
             return None
         return msg if len(fds) in _FDS_ALLOWED.get(kind, ()) else None
 

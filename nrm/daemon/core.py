@@ -48,6 +48,10 @@ MAX_DEFAULT_SPAWNERS = 4
 _SOCKET_MODE = 0o666 if os.geteuid() == 0 else 0o600
 
 
+#: the admin's node power cap while one is set, for the nrmd after a crash
+POWER_CAP_FILE = "power_cap.json"
+
+
 class StartupError(Exception):
     """nrmd cannot start; the message is shown to the admin as is."""
 
@@ -85,6 +89,7 @@ class Daemon:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.stopping: Optional[asyncio.Event] = None
         self._lock_fd = -1
+        self._ready = False         # started: a stop from now on is a clean one
         self.platform = None
         self.power = None           # NodePower: samples, cap, history
         self.ingest = None
@@ -170,6 +175,8 @@ class Daemon:
         self._start_downstream()
         self._start_policies()
         self._reconcile(previous)
+        if self.power is not None:
+            self.power.restore_cap(protocol.MAX_POWER_CAP_W)
         self._start_http()
         if self.platform is not None:
             self.platform.set_task_provider(self.containers.pids)
@@ -177,6 +184,7 @@ class Daemon:
             self.power.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
+        self._ready = True
         log.info("nrmd %s ready on %s (runtime %s, hardware %s)", __version__, self.rundir,
                  self.runtime.name, self.platform.backend_name if self.platform else "none")
 
@@ -195,7 +203,8 @@ class Daemon:
         log.info("hardware backend: %s%s", self.platform.backend_name,
                  " (emulated)" if self.platform.emulated else "")
         from nrm.power.node import NodePower
-        self.power = NodePower(self.platform, self.config.sensor_period, self.publish, self.loop)
+        self.power = NodePower(self.platform, self.config.sensor_period, self.publish, self.loop,
+                               cap_path=os.path.join(self.rundir, POWER_CAP_FILE))
 
     def _reconcile(self, previous) -> None:
         """Controls are already restored; now the predecessor's tasks."""
@@ -332,6 +341,7 @@ class Daemon:
             "power_cap_w": self.power.cap_w if self.power else None,
             "c_parts": paths.c_parts(),
             "restart": {"on_restart": self.config.on_restart, **self.reconciled,
+                        "power_cap_restored_w": self.power.cap_restored_w if self.power else None,
                         "state_log": self.statelog.describe() if self.statelog else None},
             # controls written and not yet restored (empty when the node is unthrottled)
             "saved_controls": {name: {str(i): v for i, v in entries.items()}
@@ -361,7 +371,7 @@ class Daemon:
         if getattr(self, "upstream", None) is not None:
             self.upstream._flush()
         if self.power is not None:
-            self.power.stop()
+            self.power.stop(forget_cap=self._ready)
         if self.ingest is not None:
             await self.ingest.stop()
         if self.http is not None:

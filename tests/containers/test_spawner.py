@@ -469,8 +469,9 @@ def test_a_stale_or_missing_spawner_is_a_startup_error(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=f"protocol {PROTOCOL} expected"):
         asyncio.run(start())
     monkeypatch.setattr("nrm.containers.spawner.find_spawner", lambda: None)
-    with pytest.raises(OSError, match="nrm-spawner not found"):
+    with pytest.raises(OSError, match="nrm-spawner not found") as missing:
         asyncio.run(start())
+    assert "pip install" in str(missing.value) and "make setup" in str(missing.value)
 
 
 @needs_root()

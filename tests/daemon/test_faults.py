@@ -135,6 +135,8 @@ def test_full_disk_refuses_unjournaled_control_writes_and_keeps_running(small_tm
             json.loads(d.cli("status", "--json").stdout)), timeout=20)
         assert status["saved_controls"] == {}
         assert status["restart"]["state_log"]["write_errors"] > 0
+        plain = d.cli("status").stdout.decode()
+        assert "state log: INCOMPLETE" in plain and "control writes refused" in plain, plain
         r = d.cli("run", "--oversubscribe", BASIC, "echo", "still here")
         assert r.stdout == b"still here\n", (r.returncode, r.stderr)
         assert d.cli("kill", "pol").returncode == 0

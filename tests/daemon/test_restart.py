@@ -61,6 +61,7 @@ def test_restart_after_sigkill_kills_orphans(runtime):
         assert "killed 2 processes left by a previous nrmd" in d2.log()
         restart = json.loads(d2.cli("status", "--json").stdout)["restart"]
         assert restart["on_restart"] == "kill" and restart["killed"] == 2
+        assert "2 processes killed (left by a previous nrmd)" in d2.cli("status").stdout.decode()
     finally:
         assert d2.stop() == 0
 
@@ -176,3 +177,54 @@ def test_policy_controlled_run_survives_a_crash_restored_first_then_adopted():
         assert _status(d2)["saved_controls"] == {}
     finally:
         assert d2.stop() == 0
+
+
+def _cap(d):
+    return json.loads(d.cli("power", "--json").stdout)["cap_w"]
+
+
+@needs_root()
+@pytest.mark.parametrize("mode", ["adopt", "kill"])
+def test_the_admins_power_cap_survives_a_crash_and_not_a_clean_stop(mode):
+    """A crash is nobody's decision to lift the node's cap: the next nrmd,
+    whatever --on-restart, puts it back; a clean stop lifts and forgets it."""
+    d = DaemonProcess("--hw", "emulated").start()
+    with _stopped_on_failure(d):
+        assert d.cli("setpower", "35").returncode == 0
+        _crash(d)
+    d2 = DaemonProcess("--hw", "emulated", "--on-restart", mode, rundir=d.rundir).start()
+    try:
+        assert _cap(d2) == 35
+        assert _status(d2)["restart"]["power_cap_restored_w"] == 35
+        assert "put back after the previous nrmd's crash" in d2.cli("status").stdout.decode()
+        assert "put back the power cap of 35.0 W" in d2.log()
+    finally:
+        assert d2.stop() == 0
+    d3 = DaemonProcess("--hw", "emulated", "--on-restart", mode, rundir=d.rundir).start()
+    try:
+        assert _cap(d3) is None                 # d2 stopped cleanly
+        assert d3.cli("setpower", "40").returncode == 0
+        assert d3.cli("setpower", "off").returncode == 0
+        _crash(d3)                              # cleared before the crash: stays cleared
+    finally:
+        d3.stop()
+    d4 = DaemonProcess("--hw", "emulated", "--on-restart", mode, rundir=d.rundir).start()
+    try:
+        assert _cap(d4) is None
+    finally:
+        assert d4.stop() == 0
+
+
+@needs_root()
+@pytest.mark.parametrize("record", [b"{\"cap_w\": -5}\n", b"{\"cap_w\": true}\n",
+                                    b"not json", b"{\"cap_w\": 1e400}\n"])
+def test_a_bad_power_cap_record_is_ignored_in_one_line(record):
+    d = DaemonProcess("--hw", "emulated")
+    with open(os.path.join(d.rundir, "power_cap.json"), "wb") as f:
+        f.write(record)
+    d.start()
+    try:
+        assert _cap(d) is None
+        assert "ignoring the power cap record" in d.log() and "Traceback" not in d.log()
+    finally:
+        assert d.stop() == 0
