@@ -58,6 +58,9 @@ the worst seed). ``fraction`` is the median of saving / oracle per seed.
 
 usage: python benchmarks/power_oracle.py [--json] [--seeds 10] [--phases 40]
        [--lag 0.4] [--noise 0.05] [--patterns static,noisy] [--policies DDCM]
+       python benchmarks/power_oracle.py --live [--json] [--rounds 5] [--phases 24] ...
+       (the same patterns on the emulated node, with an ORACLE measured in the
+       same run: benchmarks/power_oracle_live.py)
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ import sys
 from typing import Callable, Dict, List, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 
 from nrm.hw.emulated import DEFAULTS, cpu_speed, dynamic_power  # noqa: E402
 from nrm.power import policies as daemon  # noqa: E402
@@ -266,6 +269,9 @@ def table(results: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    if "--live" in (sys.argv[1:] if argv is None else argv):
+        import power_oracle_live
+        return power_oracle_live.main(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--seeds", type=int, default=10)

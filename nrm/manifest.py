@@ -47,7 +47,9 @@ MAX_MANIFEST_BYTES = 64 * 1024
 FORMAT_VERSION = 1
 
 SCHED_POLICIES = ("SCHED_OTHER", "SCHED_FIFO", "SCHED_HPC")
-POWER_POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED")
+POWER_POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED", "FIXED")
+MAX_FIXED_SETTINGS = 4096
+"""Entries of ``app.power.settings``: one per rank, far more than a node's cpus."""
 IMAGE_TYPES = ("sif", "docker")
 FIFO_PRIORITIES = (1, 99)
 
@@ -130,6 +132,9 @@ class Power:
     profile: bool = False
     damper: float = 0.001
     slowdown: float = 1.1
+    settings: Dict[int, Dict[str, Optional[float]]] = field(default_factory=dict)
+    """FIXED only: per MPI rank (the cpu for senders without one), the
+    ``level`` (1..16) and ``frequency`` (Hz or None) to pin."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,8 @@ class Manifest:
             "monitoring": {"enabled": self.monitoring.enabled,
                            "ratelimit": self.monitoring.ratelimit},
         }
+        if self.power.settings:
+            app["power"]["settings"] = {str(k): dict(v) for k, v in self.power.settings.items()}
         if self.image is not None:
             app["image"] = {"path": self.image.path, "type": self.image.type,
                             "binds": list(self.image.binds)}
@@ -492,7 +499,8 @@ def _parse_nrm(d: Any, base_dir: Optional[str]) -> Manifest:
 
     power = Power()
     if "power" in app.value:
-        po = _Obj(app.value["power"], "app.power", ("policy", "profile", "damper", "slowdown"))
+        po = _Obj(app.value["power"], "app.power",
+                  ("policy", "profile", "damper", "slowdown", "settings"))
         power = _power_from(po, parse_duration_bare=_seconds)
 
     mon = Monitoring()
@@ -539,7 +547,48 @@ def _power_from(po: _Obj, parse_duration_bare: Callable[[Decimal], Decimal]) -> 
                  _opt(po, "profile", d.profile, _to_bool),
                  _opt(po, "damper", d.damper,
                       lambda v, path: parse_duration(v, path, parse_duration_bare)),
-                 _opt(po, "slowdown", d.slowdown, _slowdown))
+                 _opt(po, "slowdown", d.slowdown, _slowdown),
+                 _opt(po, "settings", {}, _fixed_settings))
+
+
+_FREQ_RE = re.compile(r"(%s)\s*(Hz|kHz|MHz|GHz)" % durations.NUMBER, re.IGNORECASE)
+_FREQ_UNITS = {"hz": 1.0, "khz": 1e3, "mhz": 1e6, "ghz": 1e9}
+_FREQ_EXPECTED = "a frequency > 0 (Hz, or a string such as \"1.2GHz\")"
+_SETTINGS_EXPECTED = ("a mapping {RANK: {level: 1..16, frequency: HZ}} of at most %d ranks"
+                      % MAX_FIXED_SETTINGS)
+
+
+def _frequency(value: Any, path: str) -> float:
+    if isinstance(value, str) and _FREQ_RE.fullmatch(value.strip()):
+        m = _FREQ_RE.fullmatch(value.strip())
+        hz = float(m.group(1)) * _FREQ_UNITS[m.group(2).lower()]
+    else:
+        hz = _to_float(value, path, _FREQ_EXPECTED)
+    if not (math.isfinite(hz) and hz > 0):
+        raise _bad(path, _FREQ_EXPECTED, value)
+    return hz
+
+
+def _fixed_settings(value: Any, path: str) -> Dict[int, Dict[str, Optional[float]]]:
+    """``{rank: {level, frequency}}``: what the FIXED policy pins (docs/manifest.md)."""
+    if not isinstance(value, Mapping) or len(value) > MAX_FIXED_SETTINGS:
+        raise _bad(path, _SETTINGS_EXPECTED, value)
+    out: Dict[int, Dict[str, Optional[float]]] = {}
+    for key, entry in value.items():
+        kpath = "%s.%s" % (path, _key_text(key))
+        rank = _to_int(key, kpath, "a rank (an integer >= 0) as the key")
+        if rank < 0 or rank in out:
+            raise _bad(kpath, "a rank (an integer >= 0) given once", key)
+        obj = _Obj(entry, kpath, ("level", "frequency"))
+        if not obj.value:
+            raise _missing(obj.sub("level"), "a level 1..16 or a frequency, or both")
+        level = _opt(obj, "level", 16, _to_int)
+        if not 1 <= level <= 16:
+            raise _bad(obj.sub("level"), "an integer 1..16", obj.get("level"))
+        hz = obj.get("frequency", None)
+        out[rank] = {"level": level,
+                     "frequency": None if hz is None else _frequency(hz, obj.sub("frequency"))}
+    return out
 
 
 def _monitoring_from(mo: _Obj, bare: Callable[[Decimal], Decimal]) -> Monitoring:
@@ -551,6 +600,12 @@ def _monitoring_from(mo: _Obj, bare: Callable[[Decimal], Decimal]) -> Monitoring
 
 def _finish(m: Manifest) -> Manifest:
     """Cross-field checks that apply to both formats."""
+    if m.power.policy == "FIXED" and not m.power.settings:
+        raise _missing("app.power.settings",
+                       "the settings policy FIXED pins: {RANK: {level, frequency}}")
+    if m.power.policy != "FIXED" and m.power.settings:
+        m.warnings.append("app.power.settings: ignored: policy %s chooses its own settings "
+                          "(they are pinned by FIXED only)" % m.power.policy)
     if m.power.policy != "NONE" and not m.monitoring.enabled:
         m.warnings.append("app.power.policy: %s acts on the phase reports of the "
                           "application, but monitoring is disabled" % m.power.policy)

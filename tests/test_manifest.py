@@ -80,6 +80,15 @@ GOOD_NRM = [
     ("app.power.damper", 0, lambda m: m.power.damper, 0.0),
     ("app.power.slowdown", 1.0, lambda m: m.power.slowdown, 1.0),
     ("app.power.slowdown", "1.25", lambda m: m.power.slowdown, 1.25),
+    ("app.power", {"policy": "fixed", "settings": {0: {"level": 16}, "1": {"level": 8}}},
+     lambda m: (m.power.policy, m.power.settings),
+     ("FIXED", {0: {"level": 16, "frequency": None}, 1: {"level": 8, "frequency": None}})),
+    ("app.power", {"policy": "FIXED", "settings": {1: {"frequency": "1.2GHz"}}},
+     lambda m: m.power.settings, {1: {"level": 16, "frequency": 1.2e9}}),
+    ("app.power", {"policy": "FIXED", "settings": {1: {"level": "4", "frequency": 1.4e9}}},
+     lambda m: m.power.settings, {1: {"level": 4, "frequency": 1.4e9}}),
+    ("app.power", {"policy": "FIXED", "settings": {1: {"frequency": "1400 MHz"}}},
+     lambda m: m.power.settings, {1: {"level": 16, "frequency": 1.4e9}}),
     ("app.monitoring.enabled", False, lambda m: m.monitoring.enabled, False),
     ("app.monitoring.ratelimit", "0.5 s", lambda m: m.monitoring.ratelimit, 0.5),
     ("app.monitoring.ratelimit", 0, lambda m: m.monitoring.ratelimit, 0.0),
@@ -127,12 +136,31 @@ BAD_NRM = [
     ("hwbind", 2, "hwbind", "got 2"),
     ("app.perfwrapper", "yes please", "app.perfwrapper", "got 'yes please'"),
     ("app.power.policy", "TURBO", "app.power.policy",
-     "one of NONE, DDCM, DVFS, COMBINED, got 'TURBO'"),
+     "one of NONE, DDCM, DVFS, COMBINED, FIXED, got 'TURBO'"),
     ("app.power.profile", "sometimes", "app.power.profile", "got 'sometimes'"),
     ("app.power.damper", "-1ms", "app.power.damper", "got '-1ms'"),
     ("app.power.damper", "1 h", "app.power.damper", "got '1 h'"),
     ("app.power.damper", -0.5, "app.power.damper", "got -0.5"),
     ("app.power.slowdown", 0.9, "app.power.slowdown", "a number >= 1.0, got 0.9"),
+    ("app.power", {"policy": "FIXED"}, "app.power.settings", "missing"),
+    ("app.power", {"policy": "FIXED", "settings": [1]}, "app.power.settings",
+     "expected a mapping {RANK: {level: 1..16, frequency: HZ}}"),
+    ("app.power", {"policy": "FIXED", "settings": {"x": {"level": 3}}},
+     "app.power.settings.x", "a rank (an integer >= 0) as the key, got 'x'"),
+    ("app.power", {"policy": "FIXED", "settings": {-1: {"level": 3}}},
+     "app.power.settings.-1", "given once, got -1"),
+    ("app.power", {"policy": "FIXED", "settings": {0: {"level": 3}, "0": {"level": 4}}},
+     "app.power.settings.0", "given once"),
+    ("app.power", {"policy": "FIXED", "settings": {0: {"level": 17}}},
+     "app.power.settings.0.level", "an integer 1..16, got 17"),
+    ("app.power", {"policy": "FIXED", "settings": {0: {}}},
+     "app.power.settings.0.level", "missing (expected a level 1..16 or a frequency"),
+    ("app.power", {"policy": "FIXED", "settings": {0: {"frequency": "fast"}}},
+     "app.power.settings.0.frequency", "a frequency > 0"),
+    ("app.power", {"policy": "FIXED", "settings": {0: {"frequency": 0}}},
+     "app.power.settings.0.frequency", "got 0"),
+    ("app.power", {"policy": "FIXED", "settings": {0: {"lvl": 3}}},
+     "app.power.settings.0.lvl", "did you mean 'level'?"),
     ("app.power.slowdown", "nan", "app.power.slowdown", "got 'nan'"),
     ("app.power.slowdown", float("inf"), "app.power.slowdown", "got inf"),
     ("app.monitoring.enabled", "on-ish", "app.monitoring.enabled", "got 'on-ish'"),
@@ -234,6 +262,12 @@ def test_sched_hpc_priority_forced_with_warning():
     m = mf.parse(nrm_with("app.scheduler", {"policy": "SCHED_HPC", "priority": 7}))
     assert m.scheduler == mf.Scheduler("SCHED_HPC", 0)
     assert any("app.scheduler.priority" in w and "7" in w for w in m.warnings)
+
+
+def test_fixed_settings_with_another_policy_are_ignored_with_a_warning():
+    m = mf.parse(nrm_with("app.power", {"policy": "DDCM", "settings": {0: {"level": 3}}}))
+    assert m.power.policy == "DDCM"
+    assert any("app.power.settings: ignored: policy DDCM" in w for w in m.warnings)
 
 
 def test_power_policy_without_monitoring_warns():
@@ -615,6 +649,8 @@ ROUND_TRIP = [
     nrm_with("app.power", {"policy": "combined", "profile": True, "damper": "0.1ms",
                            "slowdown": 1.5}),
     nrm_with("app.image", {"path": "/i.sif", "binds": ["/a:/b:ro"]}),
+    nrm_with("app.power", {"policy": "FIXED", "settings": {0: {"level": 8},
+                                                           1: {"frequency": "1.2GHz"}}}),
     nrm_with("x-tool", {"nested": [1, "two", None, True, 2.5]}),
     nrm_with("annotations", {"date": "2024-01-01"}),
 ]

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 from nrm.log import RateLimitedLog
 from nrm.power.latency import LatencyHistogram
 from nrm.power.policy.container import DUTY_CYCLE, FREQUENCY, ContainerPolicy, Decision
+from nrm.power.policy.fixed import FixedPolicy
 
 log = logging.getLogger(__name__)
 rl_log = RateLimitedLog(log)
@@ -78,12 +79,7 @@ class PowerPolicyManager:
         cpus = list(container.slice.cpus)
         freqs = {c: self.platform.frequencies(c) for c in cpus}
         try:
-            policy = ContainerPolicy(power.policy, cpus, damper_s=power.damper,
-                                     slowdown=power.slowdown,
-                                     frequencies=freqs if any(freqs.values()) else None,
-                                     levels=16, warmup_phases=WARMUP_PHASES,
-                                     settle_rounds=SETTLE_ROUNDS, cross_rank=CROSS_RANK,
-                                     phase_window=PHASE_WINDOW)
+            policy = self._policy(power, cpus, freqs if any(freqs.values()) else None)
         except ValueError as exc:
             self.counters["policy_errors"] += 1
             log.warning("container %s: policy %s not started: %s", container.id,
@@ -92,6 +88,16 @@ class PowerPolicyManager:
                                       "policy": power.policy, "message": str(exc)})
             return
         self.active[container.id] = _Active(policy, cpus)
+
+    @staticmethod
+    def _policy(power, cpus, freqs):
+        if power.policy == "FIXED":
+            return FixedPolicy(power.settings, cpus, frequencies=freqs, levels=16)
+        return ContainerPolicy(power.policy, cpus, damper_s=power.damper,
+                               slowdown=power.slowdown, frequencies=freqs,
+                               levels=16, warmup_phases=WARMUP_PHASES,
+                               settle_rounds=SETTLE_ROUNDS, cross_rank=CROSS_RANK,
+                               phase_window=PHASE_WINDOW)
 
     def container_ended(self, container) -> Optional[dict]:
         state = self.active.pop(container.id, None)

@@ -95,6 +95,18 @@ def test_parameters_set_manifest_fields_with_their_type(tmp_path):
     assert m.slice.cpus == 2 and m.power.policy == "DDCM" and m.power.profile
 
 
+def test_policy_fixed_pins_the_settings_the_campaign_sets(tmp_path):
+    """The oracle in a campaign: FIXED beside the policies, its settings set once for all
+    (the others ignore them, with a warning)."""
+    text = (BASE.replace("[NONE, DDCM]", "[NONE, DDCM, fixed]")
+            + "set: {app.power.settings: {'1': {level: 8, frequency: 1.2GHz}}}\n")
+    camp = spec.load(write(tmp_path, text))
+    by_policy = {r.params["policy"]: camp.manifest_for(r) for r in camp.runs()}
+    assert sorted(by_policy) == ["DDCM", "FIXED", "NONE"]
+    assert by_policy["FIXED"].power.settings == {1: {"level": 8, "frequency": 1.2e9}}
+    assert any("ignored: policy DDCM" in w for w in by_policy["DDCM"].warnings)
+
+
 def test_dry_run_lists_every_run_and_starts_nothing(tmp_path):
     path = write(tmp_path, BASE)
     r = subprocess.run([sys.executable, "-m", "nrm.cli.main", "campaign", "run", path, "--dir",

@@ -76,3 +76,27 @@ def test_combined_lowers_the_waiting_ranks_frequency_and_restores(daemon, imbala
               ["frequencies_hz"])
     assert policy["lowest_frequency"][light] < top       # DVFS did the bulk of the slowdown
     _assert_restored_and_measured(daemon, status)
+
+
+@needs_root()
+def test_fixed_pins_the_listed_rank_only_and_restores(daemon, imbalance, tmp_path):
+    """The ORACLE of benchmarks/power_oracle.py --live: settings from the manifest, through
+    the same actuators, applied on the cpu the rank reports from."""
+    manifest = tmp_path / "fixed.yml"
+    manifest.write_text("name: fixed\napp:\n  slice: {cpus: 2, mems: 1}\n"
+                        "  power: {policy: FIXED, profile: true,\n"
+                        "          settings: {1: {level: 8, frequency: 1.4GHz}}}\n")
+    profile_path = tmp_path / "profile.json"
+    r = daemon.cli("run", "--profile-json", str(profile_path), str(manifest),
+                   mpi.MPICH.mpiexec, "-n", "2", "-bind-to", "core", imbalance,
+                   "-n", "10", "-u", "30000000", "-b", "-0.5", "-a", timeout=180)
+    assert r.returncode == 0, r.stderr
+    rank_cpu = dict(re.findall(r"affinity rank=(\d+) cpus=([\d,]+)", r.stdout.decode()))
+    policy = json.loads(profile_path.read_text())["policy"]
+    assert policy["name"] == "FIXED"
+    assert policy["stats"]["pinned"] == 1 and policy["stats"]["unlisted"] > 0
+    assert policy["lowest_level"] == {rank_cpu["1"]: 8}              # rank 0's cpu untouched
+    assert policy["lowest_frequency"] == {rank_cpu["1"]: 1.4e9}
+    assert policy["final_settings"][rank_cpu["1"]] == {"level": 8, "frequency": 1.4e9}
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    _assert_restored_and_measured(daemon, status)
