@@ -180,31 +180,7 @@ def render_summary(entries: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def plot(directory: str, path: str, x: str = "", y: str = "energy_j",
-         hue: str = "policy") -> None:
-    """Boxplots of ``y`` per value of ``x`` (default: the cap, else the
-    first parameter that is not the policy), one box per ``hue`` value."""
-    df, params = frame(directory, "plot")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise TableError(MISSING.format(what="plot", lib="matplotlib")) from None
-    ok = df[df["outcome"] == journal.DONE]
-    if ok.empty:
-        raise TableError(f"{directory}: no ok runs to plot")
-    if y not in ok.columns:
-        raise TableError(f"--y {y}: no such column")
-    if not x:
-        x = next((p for p in params if p != hue), hue)
-    for name in (x, hue):
-        if name not in ok.columns:
-            raise TableError(f"{name}: no such column (parameters: {', '.join(params)})")
-    fig = Figure(figsize=(9, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    xs = list(dict.fromkeys(ok[x].map(str)))
-    hues = list(dict.fromkeys(ok[hue].map(str))) if hue != x else [""]
+def _boxes(ax, ok, x: str, xs, hue: str, hues, y: str) -> None:
     width = 0.8 / max(len(hues), 1)
     for j, h in enumerate(hues):
         data, pos = [], []
@@ -231,6 +207,51 @@ def plot(directory: str, path: str, x: str = "", y: str = "energy_j",
     ax.grid(True, axis="y", alpha=0.3)
     if hue != x:
         ax.legend(title=hue, fontsize=8)
+
+
+def plot(directory: str, path: str, x: str = "", y: str = "energy_j",
+         hue: str = "policy") -> None:
+    """Three views of the ok runs: ``y`` (energy by default) and time as
+    boxplots per value of ``x`` (default: the cap, else the first parameter
+    that is not the policy), one box per ``hue`` value; then energy against
+    time, one colour per ``hue`` value (a policy that saves energy by
+    running longer shows up left-to-right, not down)."""
+    df, params = frame(directory, "plot")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise TableError(MISSING.format(what="plot", lib="matplotlib")) from None
+    ok = df[df["outcome"] == journal.DONE]
+    if ok.empty:
+        raise TableError(f"{directory}: no ok runs to plot")
+    for column in (y, "duration_s"):
+        if column not in ok.columns:
+            raise TableError(f"--y {column}: no such column")
+    if not x:
+        x = next((p for p in params if p != hue), hue)
+    for name in (x, hue):
+        if name not in ok.columns:
+            raise TableError(f"{name}: no such column (parameters: {', '.join(params)})")
+    fig = Figure(figsize=(15, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    xs = list(dict.fromkeys(ok[x].map(str)))
+    hues = list(dict.fromkeys(ok[hue].map(str))) if hue != x else [""]
+    for ax, column in zip(axes[:2], (y, "duration_s")):
+        _boxes(ax, ok, x, xs, hue, hues, column)
+    scatter = axes[2]
+    for j, h in enumerate(hues):
+        sel = ok if hue == x else ok[ok[hue].map(str) == h]
+        sel = sel[["duration_s", y]].dropna().astype(float)
+        scatter.scatter(sel["duration_s"], sel[y], s=18, color=f"C{j % 10}", alpha=0.7,
+                        label=h or None)
+    scatter.set_xlabel("duration_s")
+    scatter.tick_params(axis="x", labelrotation=30)
+    scatter.set_ylabel(y)
+    scatter.grid(True, alpha=0.3)
+    if hue != x:
+        scatter.legend(title=hue, fontsize=8)
     fig.tight_layout()
     try:
         fig.savefig(path, format="png")

@@ -51,7 +51,8 @@ def add_arguments(p) -> None:
     m.add_argument("dir")
     m.add_argument("--json", action="store_true")
     m.set_defaults(campaign_execute=_summary)
-    g = sub.add_parser("plot", help="boxplots of energy (or --y) per parameter value")
+    g = sub.add_parser("plot", help="energy (or --y) and time per parameter value, and "
+                                    "energy against time, per policy")
     g.add_argument("dir")
     g.add_argument("-o", "--output", required=True, metavar="FILE.png")
     g.add_argument("--x", default="", help="parameter on the x axis (default: the first "

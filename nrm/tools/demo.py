@@ -40,7 +40,10 @@ from nrm.tools.localnrmd import LocalNrmd, nrm_argv
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(REPO, "examples")
 CAMPAIGN = os.path.join(EXAMPLES, "policies.campaign.yml")
-POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED")
+POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED", "FIXED")
+#: the pinned settings of examples/policies.yml: the oracle the others are read against
+ORACLE = "FIXED"
+MIN_ORACLE_SAVING = 0.03
 
 
 def say(text: str = "") -> None:
@@ -208,20 +211,31 @@ def print_table(rows: List[Dict[str, object]]) -> None:
     base = next((r for r in rows if r["policy"] == "NONE" and "app_time_s" in r), None)
     bt = base.get("app_time_s") if base else None
     be = base.get("energy_j") if base else None
+    oracle = next((r for r in rows if r["policy"] == ORACLE and r.get("energy_j")), None)
+    saved = (1 - oracle["energy_j"] / be) if oracle and be else None
     print(f"  {'policy':9} {'time (s)':>9} {'vs NONE':>8} {'energy (J)':>11} {'vs NONE':>8} "
-          f"{'decisions':>9} {'resets':>6}  rank/cpu: setting at the end (lowest reached)")
+          f"{'of oracle':>9} {'decisions':>9} {'resets':>6}  "
+          "rank/cpu: setting at the end (lowest reached)")
     for r in rows:
         if "error" in r:
             print(f"  {r['policy']:9} {r['outcome']}: {str(r['error']).strip()}")
             continue
         t, e = r.get("app_time_s"), r.get("energy_j")
         resets = (r.get("stats") or {}).get("slowdown_resets", 0)
+        # a fraction of a saving lost in the noise means nothing: shown only
+        # when the oracle saved more than MIN_ORACLE_SAVING in this run
+        share = (f"{(1 - e / be) / saved:.2f}" if e and be and saved
+                 and saved > MIN_ORACLE_SAVING and r["policy"] != "NONE" else "-")
         print(f"  {r['policy']:9} {t or float('nan'):9.3f} {_pct(t, bt):>8} "
               f"{(e if e is not None else float('nan')):11.1f} {_pct(e, be):>8} "
-              f"{r['decisions']:>9} {resets:>6}  {_levels(r)}")
+              f"{share:>9} {r['decisions']:>9} {resets:>6}  {_levels(r)}")
     if rows and rows[0].get("emulated"):
         print("  (emulated node: actuation by cgroup CPU bandwidth, energy from the model in "
               "docs/hardware.md; resets: slowdown-guard resets)")
+    if saved is not None:
+        print(f"  of oracle: the energy a policy saved as a fraction of what {ORACLE} (the "
+              f"oracle's pinned settings) saved in the same run ({saved:+.1%}; shown when "
+              f"over {MIN_ORACLE_SAVING:.0%})")
 
 
 def median_rows(rounds: List[List[Dict[str, object]]]) -> List[Dict[str, object]]:
