@@ -15,11 +15,36 @@ log lives on a tmpfs and has to outlive the daemon, not the machine.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from typing import Tuple
 
 _NOFOLLOW = os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+class Locked(OSError):
+    """Another process holds the lock; ``holder`` is what it wrote there."""
+
+    def __init__(self, path: str, holder: str):
+        super().__init__(11, f"{path} is held by {holder or 'another process'}")
+        self.holder = holder
+
+
+def hold(path: str, holder: str, mode: int = 0o644) -> int:
+    """One writer at a time: an exclusive lock on ``path`` (never through a
+    link), which names its holder in the file for whoever is refused. The
+    lock goes with the returned fd: closed, or its process killed."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise Locked(path, other) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{holder}\n".encode(), 0)
+    return fd
 
 
 def open_append(path: str, mode: int = 0o600, readable: bool = False) -> int:
@@ -37,7 +62,7 @@ def append(fd: int, data: bytes, durable: bool) -> None:
             raise OSError(28, "short write")
         view = view[n:]
     if durable:
-        os.fsync(fd)
+        os.fdatasync(fd)        # the data and the size: all a reader needs
 
 
 def cut_torn_tail(fd: int) -> int:

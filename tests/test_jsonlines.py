@@ -70,3 +70,24 @@ def test_nothing_is_read_or_appended_through_what_is_not_a_plain_file(tmp_path, 
         with pytest.raises(OSError):
             jsonlines.open_append(path)
         assert target.read_bytes() == b'{"planted":1}\n'
+
+
+def test_one_holder_at_a_time_and_the_refused_learn_who(tmp_path):
+    path = str(tmp_path / "lock")
+    fd = jsonlines.hold(path, "pid 42 on host h")
+    try:
+        with pytest.raises(jsonlines.Locked) as refused:
+            jsonlines.hold(path, "pid 43")
+        assert refused.value.holder == "pid 42 on host h"
+    finally:
+        os.close(fd)
+    os.close(jsonlines.hold(path, "pid 43"))     # released with its fd
+
+
+def test_a_lock_is_never_taken_through_a_link(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("precious\n")
+    os.symlink(target, tmp_path / "lock")
+    with pytest.raises(OSError):
+        jsonlines.hold(str(tmp_path / "lock"), "pid 1")
+    assert target.read_text() == "precious\n"

@@ -20,7 +20,6 @@ its holder, so a kill -9 needs no cleanup. The file names the holder.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -58,16 +57,12 @@ class DirLock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> "DirLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise Busy(f"campaign {os.path.dirname(self.path)} is run by {holder}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
-        self.fd = fd
+            self.fd = jsonlines.hold(self.path,
+                                     f"pid {os.getpid()} on host {socket.gethostname()}")
+        except jsonlines.Locked as exc:
+            raise Busy(f"campaign {os.path.dirname(self.path)} is run by "
+                       f"{exc.holder or 'another process'}") from None
         return self
 
     def release(self) -> None:

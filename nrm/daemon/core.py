@@ -12,7 +12,6 @@ power cap lifted and every control restored last.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import Dict, List, Optional
 
 import zmq
 
-from nrm import __version__, paths, protocol
+from nrm import __version__, jsonlines, paths, protocol
 from nrm.containers.identity import in_group
 from nrm.containers.manager import ContainerManager
 from nrm.containers.model import Peer, RunError
@@ -122,18 +121,12 @@ class Daemon:
                 raise StartupError(f"runtime dir path {self.rundir} is too long for a socket")
         lock_path = os.path.join(self.rundir, "nrmd.pid")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            self._lock_fd = jsonlines.hold(lock_path, str(os.getpid()))
+        except jsonlines.Locked as exc:
+            raise StartupError(f"another nrmd (pid {exc.holder or '?'}) is running on "
+                               f"{self.rundir}") from None
         except OSError as exc:
             raise StartupError(f"cannot open {lock_path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StartupError(f"another nrmd (pid {other}) is running on {self.rundir}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
         for name in ("upstream", "events", "downstream"):
             try:
                 os.unlink(os.path.join(self.rundir, name))
