@@ -311,17 +311,26 @@ class ContainerPolicy:
             return self._act_per_cpu(ready)
         return self._act_cross_rank(ready)
 
-    def _act_cross_rank(self, ready: Sequence[Ready]) -> List[Decision]:
-        # Ranks sharing a cpu: the cpu must serve the one with the least slack.
+    def _neediest_per_cpu(self, ready: Sequence[Ready]) -> Dict[int, Ready]:
+        """Ranks sharing a cpu: the cpu must serve the one with the least slack."""
         per_cpu: Dict[int, Ready] = {}
         for item in ready:
             held = per_cpu.get(item.cpu)
             if held is None or item.work > held.work:
                 per_cpu[item.cpu] = item
-        settling = self._settling > 0
-        if settling:
-            self._settling -= 1
-            self.stats["settle_skipped"] += 1
+        return per_cpu
+
+    def _settle(self) -> bool:
+        """Whether this firing is one the settling rule skips (and count it)."""
+        if self._settling <= 0:
+            return False
+        self._settling -= 1
+        self.stats["settle_skipped"] += 1
+        return True
+
+    def _act_cross_rank(self, ready: Sequence[Ready]) -> List[Decision]:
+        per_cpu = self._neediest_per_cpu(ready)
+        settling = self._settle()
         # The phase ran at the setting decided two firings ago until the last
         # firing's decision landed: its work is an interval (crossrank.py).
         works: Dict[int, Tuple[float, float]] = {}
@@ -405,19 +414,11 @@ class ContainerPolicy:
         return self._grids.get(cpu) or [1.0]
 
     def _act_per_cpu(self, ready: Sequence[Ready]) -> List[Decision]:
-        # Ranks sharing a cpu: the cpu must serve the one with the least slack.
-        per_cpu: Dict[int, Ready] = {}
-        for item in ready:
-            held = per_cpu.get(item.cpu)
-            if held is None or item.work > held.work:
-                per_cpu[item.cpu] = item
+        per_cpu = self._neediest_per_cpu(ready)
         # A decision is written while the next phase is already running, so
         # that phase ran partly at the old settings: with settle_rounds, the
         # policy does not act on it (the slowdown guard still does).
-        settling = self._settling > 0
-        if settling:
-            self._settling -= 1
-            self.stats["settle_skipped"] += 1
+        settling = self._settle()
         # When a cpu we slowed is on the critical path, the others' slack is
         # (partly) our doing: speed that cpu up before cutting anyone else.
         rescue = any(self._slowed(cpu) and self._critical(cpu, item)
