@@ -256,6 +256,26 @@ class SlurmCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def task_prolog_to_node_nrmd(path: str, base: str) -> str:
+    """A TaskProlog that points each task at its node's nrmd (``BASE/NODE``),
+    as a site's node configuration would."""
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\necho export NRM_RUNTIME_DIR={base}/$SLURMD_NODENAME\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def started_or_skip(cluster: "SlurmCluster", timeout: float = 15.0) -> "SlurmCluster":
+    """``cluster`` started, or the calling test skipped with the reason (no
+    Slurm here, or it cannot start): tests of the Slurm paths need a real one."""
+    import pytest
+    try:
+        return cluster.start(timeout=timeout)
+    except SlurmUnavailable as exc:
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+        pytest.skip(f"cannot start a local Slurm: {exc}")
+
+
 class NodeDaemon(DaemonProcess):
     """The nrmd of one fake node: ``--runtime-dir BASE --node-name NAME``,
     so its sockets are in ``BASE/NAME`` as on a host running several slurmd."""

@@ -27,7 +27,8 @@ from nrm.hpc import mpi, slurm
 from nrm.client import Client
 from nrm.manifest import load
 from tests.nrmd import REPO, VENV_BIN, wait_for
-from tests.slurm_cluster import NodeDaemon, SlurmCluster, SlurmUnavailable
+from tests.slurm_cluster import (NodeDaemon, SlurmCluster, SlurmUnavailable, started_or_skip,
+                                 task_prolog_to_node_nrmd)
 
 NRM = os.path.join(VENV_BIN, "nrm")
 PROLOG = os.path.join(REPO, "contrib", "slurm", "prolog.sh")
@@ -204,14 +205,9 @@ def cluster(nodes, tmp_path_factory):
                  f"export NRM_RUNTIME_DIR={base}/$SLURMD_NODENAME\n")
     prolog = _wrapper(str(scripts / "prolog"), env_lines + f"exec {PROLOG}\n")
     epilog = _wrapper(str(scripts / "epilog"), env_lines + f"exec {EPILOG}\n")
-    task_prolog = _wrapper(str(scripts / "task_prolog"),
-                           f"echo export NRM_RUNTIME_DIR={base}/$SLURMD_NODENAME\n")
-    c = SlurmCluster(nodes=len(NODES), prolog=prolog, epilog=epilog, task_prolog=task_prolog)
-    try:
-        c.start(timeout=15)
-    except SlurmUnavailable as exc:
-        shutil.rmtree(c.dir, ignore_errors=True)
-        pytest.skip(f"cannot start a local Slurm: {exc}")
+    task_prolog = task_prolog_to_node_nrmd(str(scripts / "task_prolog"), base)
+    c = started_or_skip(SlurmCluster(nodes=len(NODES), prolog=prolog, epilog=epilog,
+                                     task_prolog=task_prolog))
     yield c
     c.cleanup()
 

@@ -20,7 +20,8 @@ from nrm.hpc import mpi
 from nrm.pilot import slurmres
 from nrm.pilot.allocation import NodePool
 from tests.nrmd import VENV_BIN, wait_for
-from tests.slurm_cluster import NodeDaemon, SlurmCluster, SlurmUnavailable
+from tests.slurm_cluster import (NodeDaemon, SlurmCluster, started_or_skip,
+                                 task_prolog_to_node_nrmd)
 
 NRM = os.path.join(VENV_BIN, "nrm")
 NODES = ("n1", "n2")
@@ -81,16 +82,8 @@ def nodes(tmp_path_factory):
 def cluster(nodes, tmp_path_factory):
     base = next(iter(nodes.values())).base
     scripts = tmp_path_factory.mktemp("pilot-slurm-scripts")
-    task_prolog = str(scripts / "task_prolog")
-    with open(task_prolog, "w") as f:
-        f.write(f"#!/bin/sh\necho export NRM_RUNTIME_DIR={base}/$SLURMD_NODENAME\n")
-    os.chmod(task_prolog, 0o755)
-    c = SlurmCluster(nodes=len(NODES), task_prolog=task_prolog)
-    try:
-        c.start(timeout=15)
-    except SlurmUnavailable as exc:
-        shutil.rmtree(c.dir, ignore_errors=True)
-        pytest.skip(f"cannot start a local Slurm: {exc}")
+    prolog = task_prolog_to_node_nrmd(str(scripts / "task_prolog"), base)
+    c = started_or_skip(SlurmCluster(nodes=len(NODES), task_prolog=prolog))
     yield c
     c.cleanup()
 
