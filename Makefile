@@ -35,11 +35,11 @@ $(STAMP): $(VENV)/bin/python pyproject.toml $(C_SOURCES)
 	$(INSTALL)
 	@touch $@
 
-# A venv copied from another checkout imports that checkout's nrm: reinstall.
+# A venv copied from another checkout, or a module that became a package since
+# the editable install, imports the wrong file: reinstall (scripts/check-editable.py).
 setup: check-editable
 check-editable: $(STAMP)
-	@cd / && $(PY) -c 'import nrm, os, sys; sys.exit(os.path.dirname(nrm.__file__) != "$(CURDIR)/nrm")' \
-	  2>/dev/null || $(INSTALL)
+	@(cd / && $(PY) $(CURDIR)/scripts/check-editable.py $(CURDIR) 2>/dev/null) || $(INSTALL)
 
 # nrm installed for one user only is a trap on a shared node: say so.
 check-shared: $(STAMP)
