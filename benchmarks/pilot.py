@@ -3,13 +3,15 @@
 Both in the same run: ``nrm pilot`` from process start to exit (one job
 file, one iterative job, a pool of 2 cores, against a private nrmd started
 here beforehand, and once more with the pilot starting its own), and a
-baseline Popen loop keeping 2 processes in flight. Prints JSON.
+baseline Popen loop keeping 2 processes in flight; three interleaved
+rounds, medians, the load average before and after. Prints JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nrm.tools.localnrmd import LocalNrmd, nrm_argv  # noqa: E402
 
 N = int(os.environ.get("PILOT_BENCH_N", "1000"))
+ROUNDS = 3
 
 
 def popen_loop(n: int, inflight: int = 2) -> float:
@@ -71,18 +74,35 @@ def scheduling_us_per_task(n: int = 10_000) -> float:
     return 1e6 * (time.perf_counter() - t0) / n
 
 
+def loadavg() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
 def main() -> None:
     runs = sorted(scheduling_us_per_task() for _ in range(3))
-    out = {"iterations": N, "scheduling_us_per_task_10k_chained_median_of_3": runs[1]}
-    out["popen_2_inflight_s"] = popen_loop(N)
+    out = {"iterations": N, "scheduling_us_per_task_10k_chained_median_of_3": runs[1],
+           "load_average_before": loadavg()}
+    # interleaved rounds, so that a change of load hits every variant alike
+    times: dict = {"popen_2_inflight_s": [], "pilot_with_nrmd_s": [], "pilot_private_nrmd_s": []}
     with LocalNrmd(log_level="warning") as d:
-        out["pilot_with_nrmd_s"] = pilot(d.env, tempfile.mkdtemp(prefix="pilot-bench-"))
-    empty = tempfile.mkdtemp(prefix="pilot-bench-none-")
-    out["pilot_private_nrmd_s"] = pilot(dict(os.environ, NRM_RUNTIME_DIR=empty),
-                                        tempfile.mkdtemp(prefix="pilot-bench-"))
-    out["ratio_pilot_vs_popen"] = out["pilot_with_nrmd_s"] / out["popen_2_inflight_s"]
+        for _ in range(ROUNDS):
+            times["popen_2_inflight_s"].append(popen_loop(N))
+            times["pilot_with_nrmd_s"].append(
+                pilot(d.env, tempfile.mkdtemp(prefix="pilot-bench-")))
+            empty = tempfile.mkdtemp(prefix="pilot-bench-none-")
+            times["pilot_private_nrmd_s"].append(
+                pilot(dict(os.environ, NRM_RUNTIME_DIR=empty),
+                      tempfile.mkdtemp(prefix="pilot-bench-")))
+    for key, values in times.items():
+        out[key] = statistics.median(values)
+    ratios = [p / b for p, b in zip(times["pilot_private_nrmd_s"], times["popen_2_inflight_s"])]
+    out["ratio_pilot_private_nrmd_vs_popen_median"] = statistics.median(ratios)
+    ratios = [p / b for p, b in zip(times["pilot_with_nrmd_s"], times["popen_2_inflight_s"])]
+    out["ratio_pilot_with_nrmd_vs_popen_median"] = statistics.median(ratios)
     out["pilot_per_task_ms"] = 1000 * out["pilot_with_nrmd_s"] / N
     out["popen_per_task_ms"] = 1000 * out["popen_2_inflight_s"] / N
+    out["load_average_after"] = loadavg()
     json.dump({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()},
               sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -20,6 +20,7 @@ from nrm.client import AsyncClient, NrmError
 from nrm.pilot import jobfile, journal, slurmres
 from nrm.pilot.allocation import AllocationError, NodePool, open_allocation
 from nrm.pilot.attempts import Attempts
+from nrm.pilot.progress import Progress
 from nrm.pilot.report import ReportWriter, write_final_status
 from nrm.pilot.resume import resume
 from nrm.pilot.runner import Runner
@@ -39,11 +40,21 @@ NOT_YET = {
     "--slurm-limit-nodes-range-end": "Slurm node ranges",
     "--slurm-resources-file": "Slurm resource files",
     "--enable-proc-stats": "process statistics", "--enable-rt-stats": "runtime statistics",
-    "--show-progress": "progress output",
 }
 
 
 def add_arguments(p) -> None:
+    p.add_argument("action", nargs="?", choices=("status", "report"),
+                   help="status DIR: what a running or finished pilot is doing (its "
+                        "aux dir, or a wd holding one); report DIR: per-task launch "
+                        "overhead and core utilisation")
+    p.add_argument("dir", nargs="?", metavar="DIR", help="the pilot's aux dir or wd")
+    p.add_argument("--json", action="store_true", help="status/report as JSON")
+    p.add_argument("--gantt", metavar="OUT.png",
+                   help="report: also draw every task on its cores (needs matplotlib)")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="progress on stderr: a bar on a terminal (auto), plain lines "
+                        "otherwise")
     p.add_argument("--file-path", "--file", dest="file_path", metavar="PATH",
                    default="qcg_pm_reqs.json",
                    help="the request file: a JSON list of requests, or YAML by its "
@@ -75,6 +86,8 @@ def add_arguments(p) -> None:
     p.add_argument("--api-socket", metavar="PATH",
                    help="serve QCG requests on this Unix socket instead of reading a file "
                         "(what nrm.pilot.qcg.LocalManager starts; its directory becomes 0700)")
+    p.add_argument("--show-progress", action="store_true",
+                   help="accepted for QCG compatibility: progress is shown (--progress)")
     p.add_argument("--disable-nl", action="store_true",
                    help="accepted for QCG compatibility: nrm has no node launchers")
     p.add_argument("--disable-pub", action="store_true",
@@ -82,8 +95,7 @@ def add_arguments(p) -> None:
     for opt, what in NOT_YET.items():
         kwargs = {"action": "store_true"} if opt in ("--net", "--governor",
                                                      "--enable-proc-stats",
-                                                     "--enable-rt-stats",
-                                                     "--show-progress") else {}
+                                                     "--enable-rt-stats") else {}
         p.add_argument(opt, default=None, help=f"not supported yet ({what})", **kwargs)
 
 
@@ -92,7 +104,30 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
+def _inspect(args) -> int:
+    from nrm.pilot import view
+    if not args.dir:
+        return _fail(f"{args.action}: give the pilot's directory (nrm pilot {args.action} DIR)")
+    try:
+        aux = view.find_aux(args.dir)
+        if args.action == "status":
+            st = view.status(aux)
+            sys.stdout.write(view.dumps(st) if args.json else view.status_text(st))
+            return 0
+        rep = view.report(aux)
+        sys.stdout.write(view.dumps(rep) if args.json else view.report_text(rep))
+        if args.gantt:
+            view.gantt(aux, args.gantt)
+        return 0
+    except view.InspectError as exc:
+        return _fail(f"{args.action}: {exc}")
+
+
 def execute(args) -> int:
+    if args.action:
+        return _inspect(args)
+    if args.dir:
+        return _fail(f"unexpected argument {args.dir!r} (nrm pilot status|report DIR)")
     for opt in NOT_YET:
         if getattr(args, opt[2:].replace("-", "_"), None) not in (None, False):
             return _fail(f"{opt}: {NOT_YET[opt]} is not supported by nrm pilot yet "
@@ -237,6 +272,8 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
             if not runner.manager.jobs and not any(r["t"] == "req" for r in records):
                 print(f"nrm pilot: --resume: {aux}: the journal holds no request (the pilot "
                       "ended before reading its file): nothing to finish", file=sys.stderr)
+        progress = Progress(runner.manager, sys.stderr, args.progress)
+        progress.start()
         if runner.oversubscribed:
             print(f"nrm pilot: warning: the pool has {pool.total} cores, this node lets "
                   f"the pilot use {len(runner.cpus)} cpus: tasks share cpus",
@@ -255,6 +292,7 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
         # waits for the submitted jobs anyway (docs/pilot.md): a pilot that
         # exits under its running tasks helps nobody. ``finish`` cancelled them.
         await runner.wait_done()
+        progress.stop()
         if server is not None:
             server.close()
         if runner._inflight:

@@ -5,19 +5,26 @@ Why: a pilot killed with ``kill -9`` cannot hear its tasks' exits, and
 nrm.client cannot reattach to another client's run stream (nrmd keeps only
 a few finished containers' profiles, without their exit codes). So tasks run
 detached from the pilot's connection (nrmd does not kill them with it), and
-a small ``sh`` wrapper, the task's own process, records the attempt:
+a small wrapper, the task's own process (``nrm-pilot-fence``,
+libnrm/src/fence.c, built with nrm; a ``sh`` script with the same behaviour
+where it is missing), records the attempt in ONE file, ``runs/SEQ.ATTEMPT``
+(a file creation per task is a good part of what the record costs):
 
-* ``runs/SEQ.ATTEMPT.started``: created with O_EXCL (``set -C``) before the
-  command runs, holding the wrapper's pid. A resumed pilot that finds no
-  such file creates it itself ("fenced"): a launch still in flight then
-  finds it taken and exits 75 without running the command, so an attempt
-  either ran or never will, never both.
-* ``runs/SEQ.ATTEMPT.done``: the command's exit code, written after it
-  ends. A task that ended while no pilot listened is adopted with it.
+* its first line, the wrapper's pid, is written when the wrapper creates
+  the file with O_EXCL (``set -C``) before the command runs. A resumed
+  pilot that finds no such file creates it itself ("fenced"): a launch
+  still in flight then finds it taken and exits 75 without running the
+  command, so an attempt either ran or never will, never both. (The C
+  wrapper spawns the command with a vfork: a shell's exec, parse and fork
+  cost several times more cpu per task.)
+* its second line, the command's exit code, is appended after it ends. A
+  task that ended while no pilot listened is adopted with it.
 
 A started attempt whose wrapper still lives is adopted and watched until
-its ``done`` file appears; one whose wrapper died without it (killed with
-the node's nrmd) runs again as the next attempt.
+its exit code appears; one whose wrapper died without it (killed with the
+node's nrmd) runs again as the next attempt. The exit code of a task that
+ends while its pilot listens also reaches the journal with nrmd's exit
+reply; the file is what a killed pilot leaves to its successor.
 """
 
 from __future__ import annotations
@@ -25,15 +32,32 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from typing import Dict, List, Optional, Tuple
+import time
+from typing import Dict, List, Optional, Set, Tuple
+
+from nrm import paths
 
 FENCED = "fenced"
 #: the wrapper's exit status when its attempt was fenced (never ran)
 FENCED_STATUS = 75
+#: how long an empty record may wait for its wrapper's pid
+EMPTY_WAIT_S = 1.0
 
-#: $1 started file, $2 done file, then the command
-WRAPPER = ('set -C; s=$1; d=$2; shift 2; { echo $$ > "$s"; } 2>/dev/null || exit 75; '
-           'set +C; "$@"; rc=$?; echo $rc > "$d"; exit $rc')
+#: $1 the attempt's record, then the command
+WRAPPER = ('set -C; r=$1; shift; { echo $$ > "$r"; } 2>/dev/null || exit 75; '
+           'set +C; "$@"; rc=$?; echo $rc >> "$r"; exit $rc')
+
+
+def find_fence() -> Optional[str]:
+    """nrm-pilot-fence, installed next to nrm-spawner (``<prefix>/libexec/nrm``)
+    or in this checkout's build; None when it was not built."""
+    candidates = [os.path.join(os.path.dirname(d), "libexec", "nrm", "nrm-pilot-fence")
+                  for d in paths.lib_dirs()]
+    candidates.append(os.path.join(paths.checkout_build(), "nrm-pilot-fence"))
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path
+    return None
 
 
 class LaunchError(Exception):
@@ -46,10 +70,18 @@ class Attempts:
         os.makedirs(self.dir, exist_ok=True)
         self.pilot_id = pilot_id
         self._which: Dict[Tuple[str, Optional[str]], bool] = {}
+        #: the C wrapper; None: the sh one
+        self.fence = find_fence()
 
-    def paths(self, seq: int, attempt: int) -> Tuple[str, str]:
-        base = os.path.join(self.dir, f"{seq}.{attempt}")
-        return base + ".started", base + ".done"
+    def path(self, seq: int, attempt: int) -> str:
+        return os.path.join(self.dir, f"{seq}.{attempt}")
+
+    def used(self) -> Set[str]:
+        """The attempts that have a record (``SEQ.ATTEMPT``), in one listing."""
+        try:
+            return set(os.listdir(self.dir))
+        except OSError:
+            return set()
 
     def container(self, seq: int, attempt: int) -> str:
         """nrmd's container name for an attempt: unique per pilot and attempt."""
@@ -67,8 +99,10 @@ class Attempts:
                                       os.path.join(cwd, prog)) else errno.ENOENT))
         elif not self._on_path(prog, path):
             raise LaunchError(f"cannot execute {prog!r}: {os.strerror(errno.ENOENT)}")
-        started, done = self.paths(seq, attempt)
-        return ["/bin/sh", "-c", WRAPPER, "nrm-pilot-task", started, done] + list(argv)
+        record = self.path(seq, attempt)
+        if self.fence is not None:
+            return [self.fence, record] + list(argv)
+        return ["/bin/sh", "-c", WRAPPER, "nrm-pilot-task", record] + list(argv)
 
     def _on_path(self, prog: str, path: Optional[str]) -> bool:
         key = (prog, path)
@@ -77,47 +111,60 @@ class Attempts:
             found = self._which[key] = shutil.which(prog, path=path) is not None
         return found
 
-    def exit_code(self, seq: int, attempt: int) -> Optional[int]:
-        """The recorded exit code, None while there is none."""
+    def _read(self, seq: int, attempt: int) -> Optional[List[str]]:
         try:
-            with open(self.paths(seq, attempt)[1]) as f:
-                text = f.read().strip()
+            with open(self.path(seq, attempt)) as f:
+                return f.read().split("\n")
         except OSError:
             return None
+
+    def exit_code(self, seq: int, attempt: int) -> Optional[int]:
+        """The recorded exit code, None while there is none."""
+        lines = self._read(seq, attempt)
+        if lines is None or len(lines) < 2:
+            return None
+        text = lines[1].strip()
         return int(text) if text.lstrip("-").isdigit() else None
 
     def inspect(self, seq: int, attempt: int) -> Tuple[str, Optional[int]]:
         """What became of an attempt the journal saw placed but not ended:
         ("done", code), ("running", pid) or ("lost", None) (never ran, or
         died unrecorded: run it again)."""
-        code = self.exit_code(seq, attempt)
-        if code is not None:
-            return "done", code
-        started, _ = self.paths(seq, attempt)
+        record = self.path(seq, attempt)
         try:
-            fd = os.open(started, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             pass
         else:
             os.write(fd, FENCED.encode())
             os.close(fd)
             return "lost", None                 # fenced: the launch will not run it
-        try:
-            with open(started) as f:
-                text = f.read().strip()
-        except OSError:
-            text = ""
-        if text.isdigit() and self.alive(int(text), started):
+        code = self.exit_code(seq, attempt)
+        if code is not None:
+            return "done", code
+        text = self._pid_line(seq, attempt)
+        if text.isdigit() and self.alive(int(text), record):
             return "running", int(text)
         code = self.exit_code(seq, attempt)     # it may have ended meanwhile
         return ("done", code) if code is not None else ("lost", None)
 
+    def _pid_line(self, seq: int, attempt: int) -> str:
+        """The record's first line. An empty record is a wrapper between
+        creating it and writing its pid: wait for the pid (a wrapper killed
+        right there leaves it empty for good)."""
+        deadline = time.monotonic() + EMPTY_WAIT_S
+        while True:
+            lines = self._read(seq, attempt) or [""]
+            if lines[0] or time.monotonic() > deadline:
+                return lines[0].strip()
+            time.sleep(0.01)
+
     @staticmethod
-    def alive(pid: int, started: str) -> bool:
+    def alive(pid: int, record: str) -> bool:
         """The wrapper still runs: the pid lives and is that wrapper (its
-        command line names its started file, so a reused pid does not count)."""
+        command line names its record, so a reused pid does not count)."""
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return started.encode() in f.read()
+                return record.encode() in f.read()
         except OSError:
             return False

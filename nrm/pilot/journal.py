@@ -7,13 +7,18 @@ that changed a task's state (placed, started, ended). Everything else
 (job states, omissions, the dependency index) follows from replaying those
 through the same manager.
 
-Why batched: a pilot changes thousands of states a second and an fsync
-costs far more than the change. Records are buffered and written with ONE
-``fdatasync`` per event-loop turn; a launch waits for :meth:`durable`
-before asking nrmd to start a task, so no task runs that the journal does
-not know was placed. A crash can tear only the last line: the reader skips
-it (and the writer cuts it off before appending); a bad line anywhere else
-is corruption, reported, never guessed around.
+Why written per turn and synced in groups: a pilot changes thousands of
+states a second and an fsync costs far more than the change. Records are
+buffered and written with one ``write(2)`` per event-loop turn, and a
+launch writes what is buffered before asking nrmd to start a task
+(:meth:`Journal.write`), so no task runs that the journal does not know
+was placed. A written record survives the pilot's own death (``kill -9``:
+the page cache outlives the process); ``fdatasync`` only adds the
+machine's crash, so it runs in a thread, at most every :data:`SYNC_S`,
+covering every write since the last one, and when an API request is
+acknowledged (:meth:`durable`). A crash can tear only the last line: the
+reader skips it (and the writer cuts it off before appending); a bad line
+anywhere else is corruption, reported, never guessed around.
 """
 
 from __future__ import annotations
@@ -21,11 +26,16 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+log = logging.getLogger("nrm.pilot")
+
 FILE = "journal.jsonl"
 VERSION = 1
+#: the group commit: at most this long between a write and its fdatasync
+SYNC_S = 0.05
 
 
 class JournalError(Exception):
@@ -64,8 +74,9 @@ def read(path: str) -> Tuple[List[Dict[str, Any]], int]:
 
 
 class Journal:
-    """Appends records; :meth:`flush` makes them durable (scheduled once per
-    event-loop turn when a loop runs, explicit otherwise)."""
+    """Appends records; :meth:`write` hands them to the kernel (at the end
+    of each event-loop turn when a loop runs, or before a launch), and the
+    group commit makes them durable."""
 
     def __init__(self, path: str, truncate_to: Optional[int] = None):
         self.path = path
@@ -85,9 +96,12 @@ class Journal:
             finally:
                 os.close(dfd)
         self._buffer: List[str] = []
-        self._waiters: List[asyncio.Future] = []
         self._scheduled = False
-        self.flushes = 0
+        self._unsynced = False
+        self._sync_timer: Optional[asyncio.TimerHandle] = None
+        self._syncing: Optional[asyncio.Future] = None
+        self.writes = 0
+        self.syncs = 0
         self.records = 0
 
     def append(self, record: Dict[str, Any]) -> None:
@@ -99,38 +113,61 @@ class Journal:
             except RuntimeError:
                 return
             self._scheduled = True
-            loop.call_soon(self.flush)
+            loop.call_soon(self.write)
 
-    def flush(self) -> None:
+    def write(self) -> None:
+        """What is buffered, to the kernel now (one write), the fdatasync
+        scheduled."""
         self._scheduled = False
-        if self._buffer:
-            data = ("\n".join(self._buffer) + "\n").encode()
-            self._buffer.clear()
-            view = memoryview(data)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-            os.fdatasync(self.fd)
-            self.flushes += 1
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        if not self._buffer:
+            return
+        data = ("\n".join(self._buffer) + "\n").encode()
+        self._buffer.clear()
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.writes += 1
+        self._unsynced = True
+        if self._sync_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._sync_timer = loop.call_later(SYNC_S, self._group_commit)
+
+    def _group_commit(self) -> None:
+        self._sync_timer = None
+        if self._unsynced and self.fd >= 0:
+            self._sync()
+
+    def _sync(self) -> "asyncio.Future[None]":
+        """An fdatasync in a thread covering every write so far."""
+        self._unsynced = False
+        self.syncs += 1
+        self._syncing = asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self.fd)
+        self._syncing.add_done_callback(_sync_done)
+        return self._syncing
 
     async def durable(self) -> None:
         """Until every record appended so far is on disk."""
-        if not self._buffer:
-            return
-        loop = asyncio.get_running_loop()
-        if not self._scheduled:             # appended before the loop ran
-            self._scheduled = True
-            loop.call_soon(self.flush)
-        fut = loop.create_future()
-        self._waiters.append(fut)
-        await fut
+        self.write()
+        if self._unsynced:
+            await self._sync()
+        elif self._syncing is not None and not self._syncing.done():
+            await asyncio.shield(self._syncing)     # the sync in flight covers them
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.flush()
+            self.write()
+            if self._sync_timer is not None:
+                self._sync_timer.cancel()
+                self._sync_timer = None
+            os.fdatasync(self.fd)
             os.close(self.fd)
             self.fd = -1
+
+
+def _sync_done(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("journal fdatasync failed: %s", fut.exception())

@@ -46,6 +46,7 @@ class Manager:
         self._rcnt = itertools.count(1)
         self._seq = itertools.count()
         self.unfinished = 0            # jobs not yet final
+        self.final_tasks = 0           # tasks final (progress)
         self.running: Dict[str, Task] = {}
         self.finish_requested = False
         self.wait_requested = False
@@ -217,13 +218,19 @@ class Manager:
             self.scheduler.push(task)
 
     def ended(self, task: Task, exit_code: Optional[int], now: float,
-              message: Optional[str] = None, canceled: bool = False) -> None:
-        """A launched task is over (``exit_code`` None: it never started)."""
+              message: Optional[str] = None, canceled: bool = False,
+              real_start: Optional[float] = None) -> None:
+        """A launched task is over (``exit_code`` None: it never started).
+        ``real_start``: when nrmd saw its process start (for reports of the
+        launch overhead: ``nrm pilot report``)."""
         if task.final:
             return
         if not self.replaying:
-            self.record({"t": "e", "n": task.seq, "c": exit_code, "now": now, "m": message,
-                         "k": canceled, "pid": task.pid, "wd": task.wd})
+            record = {"t": "e", "n": task.seq, "c": exit_code, "now": now, "m": message,
+                      "k": canceled, "pid": task.pid, "wd": task.wd}
+            if real_start is not None:
+                record["st"] = real_start
+            self.record(record)
         self.running.pop(task.name, None)
         if task.allocation is not None and not self.replaying:
             self.pool.release(task.allocation)
@@ -236,6 +243,8 @@ class Manager:
         self._set(task, state, now)
 
     def _set(self, task: Task, state: str, now: float) -> None:
+        if state in FINAL:
+            self.final_tasks += 1
         task.set_state(state, now)
         job = task.job
         if state in FINAL and job.iterative:
@@ -260,6 +269,8 @@ class Manager:
                 continue
             job.messages.append("a dependency did not succeed")
             for task in job.tasks:
+                if not task.final:
+                    self.final_tasks += 1
                 task.set_state(OMITTED, now)
                 if job.iterative:
                     self.on_final(task)

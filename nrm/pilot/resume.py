@@ -15,12 +15,12 @@ import logging
 import time
 from typing import Any, Dict, List
 
-from nrm.pilot.model import Task
+from nrm.pilot.model import QUEUED, Task
 from nrm.pilot.runner import Runner
 
 log = logging.getLogger("nrm.pilot")
 
-#: how often an adopted task's done file is looked for
+#: how often an adopted task's record is looked at
 POLL_S = 0.05
 
 
@@ -47,8 +47,19 @@ def resume(runner: Runner, records: List[Dict[str, Any]]) -> Dict[str, int]:
         else:
             counts["again"] += 1
             _again(runner, task)
+    _skip_recorded_attempts(manager, attempts.used())
     runner.pump()
     return counts
+
+
+def _skip_recorded_attempts(manager, used) -> None:
+    """A queued task's next attempt must not have a record already: after a
+    machine crash the journal may lack the last placements (their records
+    were written, not yet synced) while their attempt records exist."""
+    for task in manager.by_seq.values():
+        if task.state == QUEUED:
+            while f"{task.seq}.{task.attempt + 1}" in used:
+                task.attempt += 1
 
 
 def _end(runner: Runner, task: Task, code: int) -> None:
@@ -67,15 +78,15 @@ def _again(runner: Runner, task: Task) -> None:
 
 
 async def _watch(runner: Runner, task: Task) -> None:
-    """An adopted task: wait for its done file, or for its wrapper to die."""
+    """An adopted task: wait for its exit code, or for its wrapper to die."""
     attempts = runner.attempts
-    started, _ = attempts.paths(task.seq, task.attempt)
+    record = attempts.path(task.seq, task.attempt)
     while True:
         code = attempts.exit_code(task.seq, task.attempt)
         if code is not None:
             _end(runner, task, code)
             break
-        if not attempts.alive(task.pid, started):
+        if not attempts.alive(task.pid, record):
             code = attempts.exit_code(task.seq, task.attempt)
             if code is not None:
                 _end(runner, task, code)

@@ -236,18 +236,21 @@ class Runner:
         self.manager.started(task, now)
         code: Optional[int] = None
         message = None
+        real_start = None
         container = None
         if self.attempts is not None:
             container = self.attempts.container(task.seq, task.attempt)
         try:
             if self.journal is not None:
-                await self.journal.durable()      # no launch the journal does not know
+                self.journal.write()              # no launch the journal does not know
             result = await self.client.run(
                 manifest, argv, env=env, cwd=wd, output=False, on_started=started,
                 wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus,
                 container=container, detach=container is not None, follow=True)
             code = result.status
             task.pid = result.pid
+            if result.started_at is not None:    # nrmd's monotonic clock, this node's
+                real_start = time.time() - (time.monotonic() - result.started_at)
         except NrmError as exc:
             message = str(exc)
             log.warning("%s: %s", task.name, message)
@@ -255,7 +258,7 @@ class Runner:
             message = f"{type(exc).__name__}: {exc}"
             log.exception("%s: launch failed", task.name)
         self.manager.ended(task, code, time.time(), message=message or task.message,
-                           canceled=task.message == "canceled")
+                           canceled=task.message == "canceled", real_start=real_start)
         self.pump()
 
 
