@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 log = logging.getLogger("nrm.pilot")
 
 FILE = "journal.jsonl"
-VERSION = 1
+VERSION = 2     # 2: one attempt record per task attempt (runs/SEQ.ATTEMPT)
 #: the group commit: at most this long between a write and its fdatasync
 SYNC_S = 0.05
 
