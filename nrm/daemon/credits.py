@@ -11,7 +11,11 @@ send ``credit`` requests (a running total of the bytes it consumed), and
 its charge is what was sent minus what was credited. A run without a window
 (an older or raw client) cannot say: its charge is what was sent, up to
 what its connection's send limit lets libzmq hold (``legacy_cap``), and it
-is released when the task ends.
+is released when the task ends. Since such charges only fall when tasks
+end, runs that each hold part of the budget could wait for one another
+for ever: so one of them at a time, the *lead*, may grow to ``legacy_cap``
+past the budget, runs to its end and makes room (the total may exceed the
+budget by one ``legacy_cap``, never more).
 
 A run may take more output while its own window has room, its user holds
 less than ``per_uid`` and all runs together hold less than ``total``. A run
@@ -89,6 +93,8 @@ class OutputBudget:
         #: uid -> accounts that hold bytes and can be asked for credits
         self.holders: Dict[int, Dict[Account, None]] = {}
         self.waiting: "OrderedDict[Account, None]" = OrderedDict()
+        #: the run without a window that may grow past the budget
+        self.lead: Optional[Account] = None
         self.counters = {"output_pauses": 0, "credit_asks": 0}
 
     def open(self, uid: int, window: int, holder: Holder) -> Account:
@@ -108,6 +114,9 @@ class OutputBudget:
         n = min(READ_CHUNK, own, user, shared)
         if n >= MIN_READ:
             return n
+        if not acct.window and (self.lead is None or self.lead is acct):
+            self.lead = acct
+            return READ_CHUNK
         self._wait(acct, own < MIN_READ, user < MIN_READ)
         return 0
 
@@ -171,6 +180,10 @@ class OutputBudget:
     def close(self, acct: Account) -> None:
         """The run is over for good (client gone, or nothing held)."""
         self.waiting.pop(acct, None)
+        if self.lead is acct:
+            self.lead = None
+            if self.waiting:
+                self._wake()
         self._set(acct, 0)
 
     def _set(self, acct: Account, charge: int) -> None:
