@@ -64,6 +64,12 @@ if TYPE_CHECKING:
 ENV_URI = "NRM_URI"
 
 DEFAULT_TIMEOUT = 5.0
+#: output flow control (docs/protocol.md): nrmd keeps at most this much of
+#: a run's output sent and not yet credited; the client credits what it
+#: consumed every quarter window, when nrmd asks, and after the exit. A run
+#: that prints nothing sends no credit.
+CREDIT_WINDOW = 1 << 20
+CREDIT_EVERY = CREDIT_WINDOW // 4
 #: ZMTP heartbeats on event subscriptions: a daemon silent this long is lost
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
@@ -216,7 +222,33 @@ def _run_request(manifest: Manifest, argv, env, cwd, container, detach, output, 
         manifest=manifest.to_dict(), argv=list(argv),
         env=dict(os.environ if env is None else env), cwd=cwd or os.getcwd(),
         container=container, detach=detach, output=output, wait=wait,
-        oversubscribe=oversubscribe, cpus_allowed=cpus_allowed, started=started)
+        oversubscribe=oversubscribe, cpus_allowed=cpus_allowed, started=started,
+        window=CREDIT_WINDOW if output and not detach else 0)
+
+
+class _Credits:
+    """One run's consumed output and the credits that tell nrmd."""
+
+    __slots__ = ("consumed", "credited")
+
+    def __init__(self):
+        self.consumed = 0
+        self.credited = 0
+
+    def output(self, reply: protocol.Output, payload) -> Optional[protocol.Credit]:
+        """After the client has handled an output reply: the credit to send, if any."""
+        self.consumed += len(payload or b"")
+        if self.consumed - self.credited >= CREDIT_EVERY or (
+                reply.credit and self.consumed > self.credited):
+            return self.due(reply.id)
+        return None
+
+    def due(self, request_id: int) -> Optional[protocol.Credit]:
+        """What is owed (after the exit: everything consumed), if anything."""
+        if self.consumed <= self.credited:
+            return None
+        self.credited = self.consumed
+        return protocol.Credit(id=request_id, consumed=self.consumed)
 
 
 def _apply(result: RunResult, reply) -> None:
@@ -241,6 +273,7 @@ class Run:
         self.on_started = on_started
         self.result = RunResult()
         self.done = False
+        self.credits = _Credits()
 
     def signal(self, signum: int) -> None:
         """Forward a signal to the task (no reply is awaited)."""
@@ -253,12 +286,16 @@ class Run:
         for reply, payload in self.client._receive(self.id, timeout):
             if isinstance(reply, protocol.Error):
                 self.done = True
+                self.client._running.discard(self.id)
                 raise NrmError(reply.code, reply.message)
             if isinstance(reply, protocol.Output):
                 out = self.stdout if reply.stream == "stdout" else self.stderr
-                if out is not None and payload is not None:
+                if out is not None and payload:
                     out.write(payload)
                     out.flush()
+                credit = self.credits.output(reply, payload)
+                if credit is not None:
+                    self.client._send(credit)
                 continue
             _apply(self.result, reply)
             if isinstance(reply, protocol.Started) and self.on_started:
@@ -266,6 +303,10 @@ class Run:
             if isinstance(reply, protocol.Exit) or (
                     isinstance(reply, protocol.Started) and self.client._detached(self.id)):
                 self.done = True
+                self.client._running.discard(self.id)
+                credit = self.credits.due(self.id)
+                if credit is not None:
+                    self.client._send(credit)
         return self.done
 
     def wait(self) -> RunResult:
@@ -306,6 +347,9 @@ class Client(_Endpoint):
         self._ids = itertools.count(1)
         self._pending: Dict[int, list] = {}
         self._detach: set = set()
+        #: runs whose exit has not been read: nrmd may ask a finished one
+        #: for credits it was already given, which is dropped
+        self._running: set = set()
 
     def __enter__(self):
         return self
@@ -366,6 +410,8 @@ class Client(_Endpoint):
             payload = frames[1] if len(frames) > 1 else None
             if reply.id == request_id:
                 yield reply, payload
+            elif isinstance(reply, protocol.Output) and reply.id not in self._running:
+                continue
             else:
                 self._pending.setdefault(reply.id, []).append((reply, payload))
 
@@ -411,6 +457,8 @@ class Client(_Endpoint):
         msg.id = next(self._ids)
         if detach:
             self._detach.add(msg.id)
+        else:
+            self._running.add(msg.id)
         self._send(msg)
         return Run(self, msg.id, stdout, stderr, on_started)
 
@@ -633,6 +681,7 @@ class AsyncClient(_Endpoint):
                            started=detach or on_started is not None)
         q = self._open(msg)
         result = RunResult()
+        credits = _Credits()
         try:
             self._send(msg)
             while True:
@@ -640,14 +689,21 @@ class AsyncClient(_Endpoint):
                 if isinstance(reply, protocol.Error):
                     raise NrmError(reply.code, reply.message)
                 if isinstance(reply, protocol.Output):
-                    if on_output is not None:
+                    if on_output is not None and payload:
                         on_output(reply.stream, payload)
+                    credit = credits.output(reply, payload)
+                    if credit is not None:
+                        self._send(credit)
                     continue
                 _apply(result, reply)
                 if on_started is not None and isinstance(reply, protocol.Started):
                     on_started(result)
-                if isinstance(reply, protocol.Exit) or (
-                        detach and not follow and isinstance(reply, protocol.Started)):
+                if isinstance(reply, protocol.Exit):
+                    credit = credits.due(msg.id)
+                    if credit is not None:
+                        self._send(credit)
+                    return result
+                if detach and not follow and isinstance(reply, protocol.Started):
                     return result
         finally:
             self._queues.pop(msg.id, None)

@@ -72,6 +72,12 @@ class Run(_Msg, tag="run"):
     #: A client that only waits for the exit says false and saves a message
     #: per run: ``exit`` carries the same facts.
     started: bool = True
+    #: output flow control: the client sends ``credit`` requests for this
+    #: run's output (docs/protocol.md, "Output flow control") and nrmd keeps
+    #: at most this many bytes (raised to 256 KiB, lowered to 1 MiB) sent
+    #: and not yet credited. 0: no credits, the connection's send limit
+    #: alone paces the run (older clients).
+    window: int = 0
 
 
 class Signal(_Msg, tag="signal"):
@@ -79,6 +85,13 @@ class Signal(_Msg, tag="signal"):
     id: int = 0
     task: str = ""
     signum: int = 15
+
+
+class Credit(_Msg, tag="credit"):
+    """Bytes of run ``id``'s output the client has consumed so far (a
+    running total over both streams); no reply."""
+    id: int = 0
+    consumed: I64 = 0
 
 
 class Kill(_Msg, tag="kill"):
@@ -109,7 +122,7 @@ class Report(_Msg, tag="report"):
     container: Optional[str] = None
 
 
-Request = Union[Run, Signal, Kill, ListContainers, Status, Power, SetPower, Report]
+Request = Union[Run, Credit, Signal, Kill, ListContainers, Status, Power, SetPower, Report]
 
 # ---------------------------------------------------------------- replies ---
 
@@ -135,10 +148,13 @@ class Started(_Msg, tag="started"):
 
 
 class Output(_Msg, tag="output"):
-    """Followed by exactly one raw frame holding the bytes."""
+    """Followed by exactly one raw frame holding the bytes. ``credit``:
+    nrmd asks a run with a ``window`` for a ``credit`` now (it stopped
+    reading the task's output until it gets one)."""
     id: int = 0
     task: str = ""
     stream: str = "stdout"
+    credit: bool = False
 
 
 class Exit(_Msg, tag="exit"):

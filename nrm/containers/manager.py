@@ -336,8 +336,13 @@ class ContainerManager(HandOvers):
         fd = task.pipes.get(stream)
         if fd is None:
             return
+        n = task.sink.room(task)
+        if n <= 0:
+            self.loop.remove_reader(fd)
+            task.paused[stream] = True
+            return
         try:
-            data = os.read(fd, READ_CHUNK)
+            data = os.read(fd, n)
         except BlockingIOError:
             return
         except OSError:

@@ -69,6 +69,11 @@ class Sink:
     def started(self, task: "Task") -> None:
         pass
 
+    def room(self, task: "Task") -> int:
+        """Bytes the receiver takes now; 0 pauses reading until it resumes
+        the task."""
+        return 1 << 16
+
     def output(self, task: "Task", stream: str, data: bytes) -> bool:
         """Return False when the receiver is full: reading pauses until resume."""
         return True

@@ -322,6 +322,7 @@ class Daemon:
             "requests": dict(self.upstream.counters, by_type=dict(self.request_counts)),
             "endpoints": list(self.upstream.endpoints),
             "subscriptions": self.upstream.subscriptions,
+            "output": self.upstream.budget.status(),
             "tasks": {k: v for k, v in self.containers.counters.items()},
             "containers": len(self.containers.containers),
             "waiting": self.containers.waiting_count,

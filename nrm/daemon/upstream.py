@@ -26,6 +26,7 @@ from zmq.utils.monitor import parse_monitor_message
 from nrm import protocol
 from nrm.containers.manager import READ_CHUNK
 from nrm.containers.model import Peer, Sink, Task
+from nrm.daemon.credits import OutputBudget, lingering
 from nrm.log import RateLimitedLog
 from nrm.transport import curve
 from nrm.transport.zmqloop import BatchReader, send_frames
@@ -130,12 +131,15 @@ class _Backlog:
 class ClientSink(Sink):
     """Streams one run's task events to its client, with backpressure.
 
-    When the client is full the chunk is queued and the task's pipe stops
-    being read, so the queue holds at most one chunk per stream and the exit.
+    Output is read only while the run's account in the output budget has
+    room (nrm/daemon/credits.py); past it the task's pipe stops being read
+    until credits or other runs' ends free some. When the client's
+    connection is full the chunk is queued and the pipe stops being read
+    too, so the queue holds at most one chunk per stream and the exit.
     """
 
     def __init__(self, requester: Requester, resume: Callable[[Task], None],
-                 gone: Callable[[Task], None], send_started: bool = True):
+                 gone: Callable[[Task], None], send_started: bool = True, window: int = 0):
         self.req = requester
         self.send_started = send_started
         self.queue: Deque[tuple] = deque()
@@ -143,6 +147,8 @@ class ClientSink(Sink):
         self.gone = gone
         self.task: Optional[Task] = None
         self.dead = False
+        self.budget = requester.upstream.budget
+        self.account = self.budget.open(requester.peer.uid, window, self)
 
     def _send(self, msg, payload=None) -> bool:
         if self.dead:
@@ -162,11 +168,40 @@ class ClientSink(Sink):
 
     def _lost(self):
         self.dead = True
-        if self.queue:
+        if self.queue or self.account.charge:
             self.req.upstream.schedule_trim()
         self.queue.clear()
+        self._close_account()
         if self.task is not None:
             self.gone(self.task)
+
+    def _close_account(self) -> None:
+        self.budget.close(self.account)
+        if self.account.window:
+            self.req.upstream.forget_run(self.req)
+
+    # -- flow control (nrm/daemon/credits.py) -------------------------------
+    def room(self, task: Task) -> int:
+        if self.dead:
+            return READ_CHUNK       # the task is being killed: drain, drop
+        if self.queue:
+            return 0                # flush() resumes the task
+        return self.budget.room(self.account)
+
+    def wake(self) -> None:
+        task = self.task
+        if task is not None and not task.finished and not self.dead and not self.queue:
+            self.resume(task)
+
+    def ask(self) -> None:
+        task = self.task
+        if task is not None and not self.dead:
+            self._send(protocol.Output(task=task.id, stream="stdout", credit=True), b"")
+
+    def credited(self, consumed: int) -> None:
+        self.budget.credit(self.account, consumed)
+        if self.account.finished and not self.account.charge:
+            self._close_account()
 
     def flush(self) -> bool:
         """Send what is queued; True when the queue is empty."""
@@ -186,8 +221,14 @@ class ClientSink(Sink):
         """Check a remote client is still connected; False once the sink
         no longer needs probing (client gone or task over)."""
         task = self.task
-        if self.dead or task is None or task.finished:
+        if self.dead or task is None:
             return False
+        if task.finished:
+            if not lingering(self.account):
+                return False
+            if not self.queue:  # the client has not credited all: there still?
+                self._send(protocol.Output(task=task.id, stream="stdout", credit=True), b"")
+            return not self.dead
         if not self.queue:      # a queued chunk already tests the connection
             self._send(protocol.Output(task=task.id, stream="stdout"), b"")
         return not self.dead
@@ -196,13 +237,18 @@ class ClientSink(Sink):
         self.task = task
         if self.req.peer.pid == 0 and not task.detach:
             self.req.upstream.watch_remote(self)
+        if self.account.window and not task.detach:
+            self.req.upstream.register_run(self.req, self)
         if self.send_started or task.detach:
             self._send(protocol.Started(container=task.container.id, task=task.id, pid=task.pid,
                                         cpus=list(task.container.slice.cpus),
                                         mems=list(task.container.slice.mems)))
 
     def output(self, task: Task, stream: str, data: bytes) -> bool:
-        return self._send(protocol.Output(task=task.id, stream=stream), data)
+        if self.dead:
+            return True
+        ask = self.budget.sent(self.account, len(data))
+        return self._send(protocol.Output(task=task.id, stream=stream, credit=ask), data)
 
     def exited(self, task: Task, profile: Optional[dict]) -> None:
         s = task.container.slice
@@ -210,9 +256,17 @@ class ClientSink(Sink):
                                  signal=task.signal, status=task.status, profile=profile,
                                  pid=task.pid, cpus=list(s.cpus), mems=list(s.mems),
                                  started_at=task.started_at or None))
+        if self.dead:
+            return
+        if self.budget.finish(self.account):
+            # its client still owes credits: watched until they come or it goes
+            self.req.upstream.watch_remote(self)
+        elif self.account.window:
+            self.req.upstream.forget_run(self.req)
 
     def failed(self, code: str, message: str) -> None:
         self._send(protocol.Error(code=code, message=message))
+        self._close_account()
 
 
 class Upstream:
@@ -251,12 +305,15 @@ class Upstream:
         self.endpoints = [request_uri, events_uri]
         self.tcp_users: Dict[bytes, curve.User] = {}
         self._monitors: list = []
-        self._remote: Deque[ClientSink] = deque()
+        self._remote: Dict[ClientSink, None] = {}
         self._probe_timer = None
         if tcp is not None:
             self._bind_tcp(tcp)
         self._flushing: Deque[ClientSink] = deque()
         self._backlogs: Dict[bytes, _Backlog] = {}
+        self.budget = OutputBudget(legacy_cap=CLIENT_QUEUE_BYTES)
+        #: runs with a window, by (connection, request id): where credits go
+        self._runs: Dict[tuple, ClientSink] = {}
         self._flush_timer = None
         self._trim_timer = None
         self.zap_reader = BatchReader(loop, self.zap, self._on_zap, batch=64)
@@ -303,14 +360,33 @@ class Upstream:
             rl_log.warning("refused a connection on %s: handshake failed (protocol error "
                            "%#x: a client with a wrong server key?)", endpoint, event["value"])
 
+    def register_run(self, req: Requester, sink: ClientSink) -> None:
+        self._runs[(req.identity, req.request_id)] = sink
+
+    def forget_run(self, req: Requester) -> None:
+        self._runs.pop((req.identity, req.request_id), None)
+
+    def _credit(self, identity: bytes, msg: protocol.Credit) -> None:
+        """Only the connection that started a run can credit it: the key
+        is its ZeroMQ identity, which no other peer can take."""
+        sink = self._runs.get((identity, msg.id))
+        if sink is not None:
+            sink.credited(msg.consumed)
+        else:
+            self.counters["stray_credits"] = self.counters.get("stray_credits", 0) + 1
+
     def watch_remote(self, sink: ClientSink) -> None:
-        self._remote.append(sink)
+        """Probe ``sink``'s connection every REMOTE_PROBE_S while it
+        says so (a remote client's running task, a run owing credits)."""
+        if sink in self._remote:
+            return
+        self._remote[sink] = None
         if self._probe_timer is None:
             self._probe_timer = self.loop.call_later(REMOTE_PROBE_S, self._probe_remote)
 
     def _probe_remote(self) -> None:
         self._probe_timer = None
-        self._remote = deque(s for s in self._remote if s.probe())
+        self._remote = {s: None for s in list(self._remote) if s.probe()}
         if self._remote:
             self._probe_timer = self.loop.call_later(REMOTE_PROBE_S, self._probe_remote)
 
@@ -358,6 +434,9 @@ class Upstream:
             self.counters["request_errors"] += 1
             rl_log.info("bad request from uid %d: %s", peer.uid, exc)
             self.reply(identity, protocol.Error(code=exc.code, message=str(exc)))
+            return
+        if isinstance(msg, protocol.Credit):
+            self._credit(identity, msg)
             return
         self.dispatch(Requester(self, identity, peer, msg.id), msg)
 

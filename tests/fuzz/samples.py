@@ -17,7 +17,8 @@ def _plain(msg) -> dict:
 
 REQUESTS = [_plain(m) for m in (
     protocol.Run(id=1, manifest=_MANIFEST, argv=["/bin/true"], env={"A": "b"}, cwd="/",
-                 container="c1", cpus_allowed=[0]),
+                 container="c1", cpus_allowed=[0], window=1 << 20),
+    protocol.Credit(id=1, consumed=65536),
     protocol.Signal(id=2, task="t1", signum=2),
     protocol.Kill(id=3, container="c1"),
     protocol.ListContainers(id=4),

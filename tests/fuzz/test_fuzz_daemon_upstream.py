@@ -55,8 +55,9 @@ def sock(nrmd):
 
 
 def _expected_id(frames):
-    """The id of the final reply the daemon owes for ``frames``, and the
-    frames to really send (runs are made harmless first)."""
+    """The id of the final reply the daemon owes for ``frames`` (None: a
+    credit, which has no reply), and the frames to really send (runs are
+    made harmless first)."""
     if len(frames) != 1:
         return 0, frames, False
     try:
@@ -68,6 +69,8 @@ def _expected_id(frames):
         msg = msgspec.structs.replace(msg, argv=["/bin/true"], env={}, detach=False,
                                       output=True)
         frames = [protocol.encode(msg)]
+    if isinstance(msg, protocol.Credit):
+        return None, frames, True
     return msg.id, frames, True
 
 
@@ -77,7 +80,8 @@ def _exchange(sock, batch, timeout_s: float = 10.0):
     for frames in batch:
         rid, frames, ok = _expected_id(frames)
         refused += not ok
-        expected[rid] += 1
+        if rid is not None:
+            expected[rid] += 1
         sock.send_multipart(frames)
     got = collections.Counter()
     errors = 0

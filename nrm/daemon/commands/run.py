@@ -33,7 +33,8 @@ def execute(daemon, req, msg) -> None:
     except (TypeError, ValueError, KeyError) as exc:
         raise RunError("manifest", f"invalid manifest: {exc}") from None
     cm = daemon.containers
-    sink = ClientSink(req, cm.resume, client_gone, send_started=msg.started)
+    sink = ClientSink(req, cm.resume, client_gone, send_started=msg.started,
+                      window=msg.window if msg.output and not msg.detach else 0)
     cm.run(req.peer, manifest, msg.argv, msg.env, msg.cwd, sink,
            container_name=msg.container, detach=msg.detach, output=msg.output and not msg.detach,
            wait=msg.wait, oversubscribe=msg.oversubscribe, cpus_allowed=msg.cpus_allowed)
