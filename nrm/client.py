@@ -335,6 +335,19 @@ class _Endpoint:
         self.where = self.tcp.uri if self.tcp else "nrmd"
 
 
+def _close_monitored(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Monitor off, then its PAIR, then the socket: in any other order
+    libzmq's I/O thread can block for ever sending the next event."""
+    if sock.closed:
+        return
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(linger=0)
+    sock.close(linger=0)
+
+
 class Client(_Endpoint):
     """A blocking connection to one nrmd: requests, runs with their output
     streamed, event subscriptions. Not thread-safe; one per thread."""
@@ -358,16 +371,7 @@ class Client(_Endpoint):
         self.close()
 
     def close(self) -> None:
-        """Monitor off, then its PAIR, then the socket: in any other order
-        libzmq's I/O thread can block for ever sending the next event."""
-        if self.sock.closed:
-            return
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        _close_monitored(self.sock, self.monitor)
 
     def __del__(self):
         # a Client used as a temporary (Client().status()) closes in order too
@@ -549,15 +553,7 @@ class Subscription:
                                         f"{self.client.timeout:g} s")
 
     def close(self) -> None:
-        """In the order Client.close explains."""
-        if self.sock.closed:
-            return
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        _close_monitored(self.sock, self.monitor)
 
     def __enter__(self):
         return self
