@@ -136,7 +136,10 @@ def test_two_ranks_phase_contexts(imbalance, tmp_path, imbalance_factor):
     for rank in ranks:
         expected = work[rank] / heaviest
         measured = least[rank] / least[heaviest_rank]
-        assert abs(measured - expected) <= 0.2 * expected, (rank, least)
+        # each rank nearer its own share than the neighbouring outcomes
+        # (ranks unseen apart: 1.0; swapped: 1 / expected)
+        assert abs(measured - expected) < (1 - expected) / 2 if expected < 1 \
+            else measured == 1.0, (rank, least)
 
     # Alignment: phase counts are multiples of a power of two that grows
     # with aggregation, so ranks that ran the same barriers line up.
