@@ -49,8 +49,10 @@ def test_margin_is_statistical_not_a_whole_step(history, expected):
     ("DVFS", 0.2, (1.0 * GHZ, 16)),          # below the lowest frequency: the lowest
     ("DVFS", 1.0, (2.4 * GHZ, 16)),
     ("COMBINED", 0.5, (1.2 * GHZ, 16)),
-    ("COMBINED", 0.2, (1.0 * GHZ, 8)),       # duty cycle below the lowest frequency
+    ("COMBINED", 0.2, (1.0 * GHZ, 16)),      # computes as DVFS; the duty cycle is for the wait
     ("COMBINED", 1.0, (2.4 * GHZ, 16)),
+    ("COMBINED", 0.92, (2.4 * GHZ, 16)),     # not DDCM's level 15: it keeps the grid's slack
+    ("COMBINED", 0.05, (2.4 * GHZ, 1)),      # far below the lowest frequency: the level
 ])
 def test_cover_is_the_cheapest_setting_of_the_knob(knob, need, expected):
     hz, level = cover(knob, need, GRID, 16)
@@ -94,7 +96,7 @@ def _run(policy, shares, phases, first=1):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("DDCM", (2.4 * GHZ, 9)), ("DVFS", (1.4 * GHZ, 16)), ("COMBINED", (1.4 * GHZ, 14)),
+    ("DDCM", (2.4 * GHZ, 9)), ("DVFS", (1.4 * GHZ, 16)), ("COMBINED", (1.4 * GHZ, 16)),
 ])
 def test_cross_rank_manager_slows_the_light_rank_to_its_need(name, expected):
     policy = ContainerPolicy(name, [0, 1], frequencies=GRID, cross_rank=True)
