@@ -24,6 +24,7 @@ import math
 import statistics
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+from nrm.hw.emulated import voltage_ratio
 from nrm.power.policy.dvfs import round_up
 
 _EPS = 1e-9
@@ -82,14 +83,15 @@ def predict(history: Sequence[float], now: float, last: int = PREDICT_LAST) -> f
 
 
 def relative_power(level: int, levels: int, hz: float, fmax: float) -> float:
-    """Dynamic power of a busy cpu relative to full speed: ``speed * (f / fmax)^2``.
+    """Dynamic power of a busy cpu relative to full speed: ``speed * V(f)^2``.
 
-    The emulated node's model and the usual CMOS approximation (voltage
-    roughly proportional to frequency); a busy-polling cpu is charged its
-    speed, so this is also the energy per phase of a rank that waits.
+    The emulated node's model (``nrm.hw.emulated.dynamic_power``): voltage
+    proportional to frequency down to a floor, flat below it; a busy-polling
+    cpu is charged its speed, so this is also the energy per phase of a
+    rank that waits.
     """
     ratio = hz / fmax
-    return (level / levels) * ratio ** 3
+    return (level / levels) * ratio * voltage_ratio(ratio) ** 2
 
 
 def cover(knob: str, need: float, grid: Sequence[float], levels: int) -> Tuple[float, int]:
