@@ -56,8 +56,15 @@ NONE's. Savings are fractions of NONE's energy, ``slowdown`` the fraction of
 NONE's run time lost; each is the median over the seeds (``slowdown_max``
 the worst seed). ``fraction`` is the median of saving / oracle per seed.
 
+In-wait throttling (``--wait-throttle``, COUNTDOWN-style, modelled only:
+nrmd cannot actuate it, docs/policies.md says why): a waiting core drops to
+level 1 at its frequency ``WAIT_DELAY_S`` after it reaches the collective
+and is restored at the exit, under every policy; the pseudo-policy
+``COUNTDOWN`` is that alone, measured against DDCM's oracle.
+
 usage: python benchmarks/power_oracle.py [--json] [--seeds 10] [--phases 40]
        [--lag 0.4] [--noise 0.05] [--patterns static,noisy] [--policies DDCM]
+       [--wait-throttle] [--no-sites]
 """
 
 from __future__ import annotations
