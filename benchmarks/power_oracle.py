@@ -56,8 +56,15 @@ NONE's. Savings are fractions of NONE's energy, ``slowdown`` the fraction of
 NONE's run time lost; each is the median over the seeds (``slowdown_max``
 the worst seed). ``fraction`` is the median of saving / oracle per seed.
 
+In-wait throttling (``--wait-throttle``, COUNTDOWN-style, modelled only:
+nrmd cannot actuate it, docs/policies.md says why): a waiting core drops to
+level 1 at its frequency ``WAIT_DELAY_S`` after it reaches the collective
+and is restored at the exit, under every policy; the pseudo-policy
+``COUNTDOWN`` is that alone, measured against DDCM's oracle.
+
 usage: python benchmarks/power_oracle.py [--json] [--seeds 10] [--phases 40]
        [--lag 0.4] [--noise 0.05] [--patterns static,noisy] [--policies DDCM]
+       [--wait-throttle] [--no-sites]
        python benchmarks/power_oracle.py --live [--json] [--rounds 5] [--phases 24] ...
        (the same patterns on the emulated node, with an ORACLE measured in the
        same run: benchmarks/power_oracle_live.py)
@@ -89,6 +96,11 @@ IDLE_W = float(DEFAULTS["idle_w"])
 DYNAMIC_W = float(DEFAULTS["dynamic_w"])
 PHASE_S = 0.05
 POLICIES = ("DDCM", "DVFS", "COMBINED")
+WAIT_DELAY_S = 0.0005
+"""In-wait throttling drops a core to level 1 after this long inside a collective (COUNTDOWN)."""
+
+ORACLE_OF = {"COUNTDOWN": "DDCM"}
+"""In-wait throttling alone acts on the duty cycle: it is measured against DDCM's oracle."""
 
 Work = List[List[float]]  # [phase][rank], full-speed seconds
 Setting = Tuple[int, float]  # (level, frequency Hz)
@@ -181,10 +193,38 @@ def site_of(pattern: str, phase: int) -> int:
     return 2 + phase % 2 if pattern == "phase-varying" else 1
 
 
+def rank_energy(compute: float, t: float, switch: float, old: Setting, new: Setting,
+                wait_throttle: bool) -> float:
+    """Dynamic energy of one rank over a phase of length ``t``.
+
+    It computes for ``compute`` seconds and busy-polls until ``t``; its
+    setting changes from ``old`` to ``new`` at ``switch``. With
+    ``wait_throttle`` (COUNTDOWN-style) the core drops to duty-cycle level 1
+    at its current frequency once it has waited ``WAIT_DELAY_S``, and is
+    restored at the collective's exit (at no cost: the model has no
+    actuation latency).
+    """
+    throttle_at = min(t, compute + WAIT_DELAY_S) if wait_throttle else t
+    cuts = sorted({0.0, min(switch, t), throttle_at, t})
+    energy = 0.0
+    for a, b in zip(cuts, cuts[1:]):
+        setting = old if a < switch else new
+        if a >= throttle_at:
+            setting = (1, setting[1])
+        energy += (b - a) * (power([setting]) - IDLE_W)
+    return energy
+
+
 def run_policy(name: str, work: Work, lag: float, cross_rank: bool = daemon.CROSS_RANK,
-               sites: Callable[[int], int] = lambda i: 0) -> Tuple[float, float, dict]:
-    """Drive ``ContainerPolicy(name)`` with the daemon's settings; returns (time, energy, stats)."""
+               sites: Callable[[int], int] = lambda i: 0,
+               wait_throttle: bool = False) -> Tuple[float, float, dict]:
+    """Drive ``ContainerPolicy(name)`` with the daemon's settings; returns (time, energy, stats).
+
+    ``COUNTDOWN`` is NONE's settings with ``wait_throttle``.
+    """
     ranks = list(range(len(work[0])))
+    if name == "COUNTDOWN":
+        name, wait_throttle = "NONE", True
     policy = ContainerPolicy(name, ranks, damper_s=DEFAULT_DAMPER_S, slowdown=DEFAULT_SLOWDOWN,
                              frequencies=GRID, levels=LEVELS,
                              warmup_phases=daemon.WARMUP_PHASES,
@@ -208,8 +248,8 @@ def run_policy(name: str, work: Work, lag: float, cross_rank: bool = daemon.CROS
             else:
                 compute.append(switch + (w - switch * s_old) / s_new)
         t = max(compute)
-        early = min(switch, t)
-        energy += early * power(old) + (t - early) * power(new)
+        energy += IDLE_W * t + sum(rank_energy(compute[r], t, switch, old[r], new[r],
+                                               wait_throttle) for r in ranks)
         elapsed += t
         previous_t = t
         order = ranks if i % 2 else ranks[::-1]
@@ -224,7 +264,8 @@ def _median(values: List[float]) -> float:
 
 
 def evaluate(patterns: Sequence[str], policies: Sequence[str], seeds: int, phases: int,
-             lag: float, noise: float, typed: bool = True) -> List[dict]:
+             lag: float, noise: float, typed: bool = True,
+             wait_throttle: bool = False) -> List[dict]:
     results = []
     for pattern in patterns:
         per = {p: {"saving": [], "oracle": [], "fraction": [], "slowdown": [],
@@ -235,11 +276,12 @@ def evaluate(patterns: Sequence[str], policies: Sequence[str], seeds: int, phase
             oracles = {k: 1 - oracle_energy(k, work) / base_e for k in POLICIES}
             sites = (lambda i, pat=pattern: site_of(pat, i)) if typed else (lambda i: 0)
             for p in policies:
-                t, e, stats = run_policy(p, work, lag, sites=sites)
+                t, e, stats = run_policy(p, work, lag, sites=sites, wait_throttle=wait_throttle)
                 saving = 1 - e / base_e
+                oracle = oracles[ORACLE_OF.get(p, p)]
                 per[p]["saving"].append(saving)
-                per[p]["oracle"].append(oracles[p])
-                per[p]["fraction"].append(saving / oracles[p] if oracles[p] > 1e-9 else math.nan)
+                per[p]["oracle"].append(oracle)
+                per[p]["fraction"].append(saving / oracle if oracle > 1e-9 else math.nan)
                 per[p]["slowdown"].append(t / base_t - 1)
                 per[p]["resets"].append(stats["slowdown_resets"])
         for p in policies:
@@ -281,19 +323,24 @@ def main(argv=None) -> int:
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--no-sites", action="store_true", help="report no phase type")
+    ap.add_argument("--wait-throttle", action="store_true",
+                    help="model in-wait throttling (level 1 after 0.5 ms in a collective) "
+                         "under every policy; policy COUNTDOWN is NONE with it")
     args = ap.parse_args(argv)
     patterns = [p for p in args.patterns.split(",") if p]
     policies = [p.upper() for p in args.policies.split(",") if p]
-    bad = [p for p in patterns if p not in PATTERNS] + [p for p in policies if p not in POLICIES]
+    bad = [p for p in patterns if p not in PATTERNS] + \
+        [p for p in policies if p not in POLICIES + ("COUNTDOWN",)]
     if bad or args.seeds < 1 or args.phases < 2 or not 0 <= args.lag < 1 or args.noise < 0:
         print(f"power_oracle: bad arguments {bad or vars(args)}; patterns: "
               f"{', '.join(PATTERNS)}; policies: {', '.join(POLICIES)}", file=sys.stderr)
         return 2
     results = evaluate(patterns, policies, args.seeds, args.phases, args.lag, args.noise,
-                       typed=not args.no_sites)
+                       typed=not args.no_sites, wait_throttle=args.wait_throttle)
     if args.json:
         print(json.dumps({"plant": {"lag": args.lag, "noise": args.noise, "seeds": args.seeds,
                                     "phases": args.phases, "sites": not args.no_sites,
+                                    "wait_throttle": args.wait_throttle,
                                     "settle_rounds": daemon.SETTLE_ROUNDS,
                                     "warmup_phases": daemon.WARMUP_PHASES},
                           "results": results}, indent=1))

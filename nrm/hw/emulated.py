@@ -20,10 +20,13 @@ that the sensor tick costs the same whatever the number of threads. The
 task provider is called from that thread and must return a snapshot.
 
 Energy model per package p (documented with its defaults in
-docs/hardware.md), recomputed every ``model_period_s`` from /proc/stat
-per-cpu busy-time deltas (USER_HZ ticks are too coarse for 5 ms windows):
+docs/hardware.md), recomputed every ``model_period_s`` from the cpu time of
+the containers' own threads (``/proc/PID/task/TID/schedstat`` of the task
+provider's processes, charged to the cpu each last ran on), or from
+/proc/stat per-cpu busy time when no task provider is set:
 
-    P_p    = idle_w + sum over cpus of p: dynamic_w * u_eff * (f / fmax) ** 2
+    P_p    = idle_w + sum over cpus of p: dynamic_w * u_eff * V(f) ** 2
+    V(f)   = max(f / fmax, VOLTAGE_FLOOR)
     P_dram = dram_idle_w + dram_fraction * (P_p - idle_w)
     dT/dt  = (ambient_c + R * P_p - T) / thermal_tau_s,
              R = (full_load_c - ambient_c) / max power of p
@@ -76,21 +79,41 @@ DEFAULTS: Dict[str, Any] = {
 MIN_QUOTA_US = 1000
 K_MIN = 1.0 / 16
 
+VOLTAGE_FLOOR = 0.5
+"""Below this fraction of fmax the voltage stops falling (1.2 GHz of the default 2.4 GHz).
+
+Dynamic power goes as f * V^2, and V ~ f only down to the lowest voltage
+the circuits work at: real voltage/frequency tables are flat over roughly
+the bottom third to half of the frequency range. Below the floor, power
+falls only linearly with f, so slowing down saves no dynamic energy per
+unit of work (as with duty cycling) while static power keeps being paid;
+without the floor the model would overstate DVFS's savings at the lowest
+frequencies.
+"""
+
 
 def cpu_speed(level: float, levels: int, hz: float, fmax: float, k: float = 1.0) -> float:
     """Fraction of full speed a cpu runs at: duty cycle x frequency x power-limit factor."""
     return (level / levels) * (hz / fmax) * k
 
 
-def dynamic_power(dynamic_w: float, cpus: Iterable[Tuple[float, float]]) -> float:
-    """Dynamic package power of ``(u_eff, f / fmax)`` pairs: ``dynamic_w * u * (f/fmax)^2``.
+def voltage_ratio(ratio: float, floor: float = VOLTAGE_FLOOR) -> float:
+    """The voltage at ``f / fmax = ratio``, relative to fmax's: ``max(ratio, floor)``."""
+    return max(ratio, floor)
 
-    The one place the model's power law lives, so that the daemon's emulated
-    node and the policy benchmark (benchmarks/power_oracle.py) cannot drift
-    apart. ``u_eff`` is the busy fraction the cpu was charged for; a cpu that
-    busy-polls under a bandwidth limit is charged its speed.
+
+def dynamic_power(dynamic_w: float, cpus: Iterable[Tuple[float, float]]) -> float:
+    """Dynamic package power of ``(u_eff, f / fmax)`` pairs: ``dynamic_w * u * V(f)^2``.
+
+    ``V(f) = voltage_ratio(f / fmax)``: proportional to f down to the
+    voltage floor, flat below it. The one place the model's power law
+    lives, so that the daemon's emulated node, the policies' cost
+    (policy/crossrank.py) and the policy benchmark
+    (benchmarks/power_oracle.py) cannot drift apart. ``u_eff`` is the busy
+    fraction the cpu was charged for; a cpu that busy-polls under a
+    bandwidth limit is charged its speed.
     """
-    return sum(dynamic_w * u * ratio * ratio for u, ratio in cpus)
+    return sum(dynamic_w * u * voltage_ratio(ratio) ** 2 for u, ratio in cpus)
 
 
 def find_cpu_cgroup_mount(root: str) -> Optional[str]:
@@ -187,6 +210,8 @@ class EmulatedPlatform(Platform):
         self._t_last = now
         self._t_model = -math.inf
         self._stat_prev: Optional[Dict[int, Tuple[int, int]]] = None
+        self._run_prev: Dict[int, int] = {}
+        self._t_billed = 0.0
         self._util = {c: 0.0 for c in cpus}
         self._power = {p: float(o["idle_w"]) for p in pkgs}
         self._dram_power = {p: float(o["dram_idle_w"]) for p in pkgs}
@@ -294,7 +319,15 @@ class EmulatedPlatform(Platform):
             self._update_model()
 
     def _update_model(self) -> None:
-        o = self.options
+        if self._provider is not None:
+            self._bill_tasks()
+        else:
+            self._bill_cpus()
+        self._update_power()
+
+    def _bill_cpus(self) -> None:
+        """Whole-cpu utilisation from /proc/stat: without a task provider there is
+        nothing else to go by (fake trees, a platform used outside nrmd)."""
         try:
             stat = read_proc_stat(self._stat_path)
         except (OSError, ValueError):
@@ -305,6 +338,52 @@ class EmulatedPlatform(Platform):
                 if cur and prev and cur[1] > prev[1]:
                     self._util[cpu] = min(1.0, max(0.0, (cur[0] - prev[0]) / (cur[1] - prev[1])))
         self._stat_prev = stat
+
+    def _bill_tasks(self) -> None:
+        """Utilisation from the cpu time of the containers' own threads only.
+
+        Each thread's run time since the last step (``/proc/PID/task/TID/
+        schedstat``, nanoseconds) is charged to the cpu it last ran on. Other
+        load on the node is not billed, so a cpu hog beside a container
+        neither raises its energy nor earns a DVFS discount on the hog's
+        unslowed work. A thread seen for the first time only sets its
+        baseline (its first model period, 0.1 s, is not billed).
+        """
+        now = time.monotonic()
+        try:
+            pids = list(self._provider())
+        except Exception as e:  # the provider belongs to the daemon: never die of it
+            rl_log.warning("task provider failed: %r", e)
+            return
+        busy = {cpu: 0 for cpu in self._util}
+        seen: Dict[int, int] = {}
+        for pid in pids:
+            taskdir = os.path.join(self.root, "proc", str(pid), "task")
+            try:
+                tids = [t for t in os.listdir(taskdir) if t.isdigit()]
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    with open(os.path.join(taskdir, tid, "schedstat")) as f:
+                        run_ns = int(f.read().split()[0])
+                    with open(os.path.join(taskdir, tid, "stat")) as f:
+                        cpu = last_cpu(f.read())
+                except (OSError, ValueError, IndexError):
+                    continue
+                seen[int(tid)] = run_ns
+                prev = self._run_prev.get(int(tid))
+                if prev is not None and cpu in busy and run_ns > prev:
+                    busy[cpu] += run_ns - prev
+        dt = now - self._t_billed
+        if self._t_billed > 0 and dt > 0:
+            for cpu in self._util:
+                self._util[cpu] = min(1.0, busy[cpu] / (dt * 1e9))
+        self._t_billed = now
+        self._run_prev = seen
+
+    def _update_power(self) -> None:
+        o = self.options
         changed = []
         for p in self._power:
             dyn = dynamic_power(o["dynamic_w"], (

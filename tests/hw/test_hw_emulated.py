@@ -97,6 +97,20 @@ def test_energy_model(tmp_path):
         assert p.read("package.energy", 0) >= e0
 
 
+@pytest.mark.parametrize("hz, expected_w", [
+    (2.4e9, 40.0),                     # 20 idle + 2 x 10
+    (1.8e9, 20 + 10 + 10 * 0.75 * 0.75 ** 2),
+    (1.2e9, 20 + 10 + 10 * 0.5 * 0.5 ** 2),    # at the voltage floor
+    (1.0e9, 20 + 10 + 10 * (1 / 2.4) * 0.5 ** 2),  # below it: power falls with f only
+])
+def test_voltage_floor(tmp_path, hz, expected_w):
+    node = FakeNode(tmp_path, cores=2)
+    busy = Busy(node, [0, 1])
+    with model_only(node, thermal_tau_s=1e-9) as p:
+        p.write("cpu.frequency", 1, hz)
+        assert settle(p, busy).packages[0]["power_w"] == pytest.approx(expected_w)
+
+
 def test_emulated_power_limit_converges_like_rapl(tmp_path):
     node = FakeNode(tmp_path, cores=2)
     busy = Busy(node, [0, 1])
@@ -227,3 +241,48 @@ def test_stale_groups_from_a_crash_are_cleaned(tmp_path):
         child.kill()
         child.wait()
     assert not os.path.exists(base)
+
+
+HOG = "import os\nos.sched_setaffinity(0, {0})\nwhile True:\n    pass\n"
+SLEEPER = "import time\nwhile True:\n    time.sleep(1)\n"
+
+
+def _average_power(p, seconds: float) -> float:
+    """The model integrates the power computed at each read over the time to the next,
+    so read often, after a first window has set every thread's baseline."""
+    for _ in range(2):
+        p.read("package.energy", 0)
+        time.sleep(0.2)
+    e0, t0 = p.read("package.energy", 0), time.monotonic()
+    for _ in range(int(seconds / 0.1)):
+        time.sleep(0.1)
+        e1 = p.read("package.energy", 0)
+    return (e1 - e0) / (time.monotonic() - t0)
+
+
+@pytest.mark.root
+def test_only_the_containers_own_threads_are_billed():
+    # A cpu hog outside the containers must not be billed to them: with a
+    # sleeping container, the package draws its idle power whatever the hog
+    # does (whole-cpu /proc/stat would bill the hog's cpu, +10 W).
+    name = f"nrm.emu.bill{os.getpid()}"
+    p = EmulatedPlatform(root="/", options={"cgroup_name": name, "model_period_s": 0.05})
+    container = subprocess.Popen([sys.executable, "-c", SLEEPER])
+    hog = subprocess.Popen([sys.executable, "-c", HOG])
+    try:
+        p.set_task_provider(lambda: [container.pid])
+        time.sleep(0.3)
+        if _share(hog.pid, 0.5) < 0.3:
+            pytest.skip("machine too busy: the hog got under 0.3 of a cpu")
+        idle = float(p.options["idle_w"])
+        assert _average_power(p, 1.0) < idle + 0.5     # the idle share, nothing of the hog
+        # the same hog, now inside a container, is billed
+        p.set_task_provider(lambda: [container.pid, hog.pid])
+        time.sleep(0.3)
+        share = _share(hog.pid, 0.5)
+        assert _average_power(p, 1.0) > idle + 10 * share / 2
+    finally:
+        p.close()
+        for child in (container, hog):
+            child.kill()
+            child.wait()

@@ -170,6 +170,7 @@ class ContainerPolicy:
         self._typed: Dict[int, Dict[int, List[float]]] = {}
         self._successors: Dict[int, int] = {}
         self._last_site = 0
+        self._sites: set = set()
         self._gate = PhaseGate(stale_rounds)
         self._grids = _grids(name, self.cpus, frequencies)
         self._level: Dict[int, int] = {cpu: levels for cpu in self.cpus}
@@ -290,6 +291,7 @@ class ContainerPolicy:
         if cpu is None:
             self._successors.clear()
             self._last_site = 0
+            self._sites.clear()
         for table in (self._speed_before, self._history, self._widen, self._typed):
             if cpu is None:
                 table.clear()
@@ -398,13 +400,23 @@ class ContainerPolicy:
 
     def _learn_order(self, items) -> int:
         """The firing's phase type (0 unless every rank names the same), and its predecessor's
-        successor: collectives come in a fixed order per iteration."""
+        successor: collectives come in a fixed order per iteration.
+
+        A program whose one call site has followed itself, and no other site
+        was seen, is treated as untyped (0): its one type is every phase, and
+        the untyped rule keeps an inexact need out of the history instead of
+        entering it at its high end. Until a site has followed itself, a
+        second type may still come, so the phase stays typed (and is not cut).
+        """
         sites = {item.site for item in items}
         site = sites.pop() if len(sites) == 1 else 0
         if site and self._last_site:
             self._successors[self._last_site] = site
         self._last_site = site
-        return site
+        if site:
+            self._sites.add(site)
+        one_site = self._sites == {site} and self._successors.get(site) == site
+        return 0 if one_site else site
 
     def _speed(self, cpu: int) -> float:
         hz = self._hz[cpu]

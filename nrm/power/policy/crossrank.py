@@ -24,6 +24,7 @@ import math
 import statistics
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+from nrm.hw.emulated import voltage_ratio
 from nrm.power.policy.dvfs import round_up
 
 _EPS = 1e-9
@@ -82,42 +83,43 @@ def predict(history: Sequence[float], now: float, last: int = PREDICT_LAST) -> f
 
 
 def relative_power(level: int, levels: int, hz: float, fmax: float) -> float:
-    """Dynamic power of a busy cpu relative to full speed: ``speed * (f / fmax)^2``.
+    """Dynamic power of a busy cpu relative to full speed: ``speed * V(f)^2``.
 
-    The emulated node's model and the usual CMOS approximation (voltage
-    roughly proportional to frequency); a busy-polling cpu is charged its
-    speed, so this is also the energy per phase of a rank that waits.
+    The emulated node's model (``nrm.hw.emulated.dynamic_power``): voltage
+    proportional to frequency down to a floor, flat below it; a busy-polling
+    cpu is charged its speed, so this is also the energy per phase of a
+    rank that waits.
     """
     ratio = hz / fmax
-    return (level / levels) * ratio ** 3
+    return (level / levels) * ratio * voltage_ratio(ratio) ** 2
 
 
 def cover(knob: str, need: float, grid: Sequence[float], levels: int) -> Tuple[float, int]:
-    """The cheapest ``(frequency, level)`` of ``knob`` whose speed is at least ``need``.
+    """The ``(frequency, level)`` of ``knob`` for the compute speed ``need``.
 
     ``DDCM`` varies the level at the maximum frequency, ``DVFS`` the
     frequency at full duty cycle (the minimum frequency when the need is
-    below it), ``COMBINED`` both, by ``relative_power``: it searches a
-    superset of the other two, so for the same need it is never more
-    expensive than either.
+    below it). ``COMBINED`` computes at DVFS's setting, or at DDCM's where
+    the need is below the lowest frequency and DDCM's is cheaper by
+    ``relative_power`` (under 1/16 of full speed on the emulated grid), and
+    keeps the duty cycle for the wait (level 1 inside a collective,
+    COUNTDOWN-style: modelled in benchmarks/power_oracle.py, not actuated
+    by nrmd; docs/policies.md). Trimming the level to the need at a
+    frequency is cheaper per phase but removes the slack of the frequency
+    grid: over whole runs it was late often enough to save less than DVFS
+    alone, so COMBINED does not do it.
     """
     fmax = grid[-1]
     need = min(max(need, 0.0), 1.0)
+    by_level = fmax, max(1, math.ceil(levels * need - _EPS))
     if knob == "DDCM":
-        return fmax, max(1, math.ceil(levels * need - _EPS))
+        return by_level
+    by_frequency = round_up(need * fmax * (1 - _EPS), grid), levels
     if knob == "DVFS":
-        return round_up(need * fmax * (1 - _EPS), grid), levels
-    best: Optional[Tuple[float, float, int]] = None
-    for hz in grid:
-        level = max(1, math.ceil(levels * need * fmax / hz - _EPS))
-        if level > levels:
-            continue
-        cost = relative_power(level, levels, hz, fmax)
-        if best is None or cost < best[0] - _EPS:
-            best = (cost, hz, level)
-    if best is None:
-        return fmax, levels
-    return best[1], best[2]
+        return by_frequency
+    cheaper = relative_power(by_level[1], levels, fmax, fmax) < \
+        relative_power(levels, levels, by_frequency[0], fmax) - _EPS
+    return by_level if need < grid[0] / fmax and cheaper else by_frequency
 
 
 def decide(knob: str, need: Interval, history: Sequence[float], current: Tuple[float, int],
