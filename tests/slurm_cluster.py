@@ -14,6 +14,7 @@ Runnable by hand for debugging::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -254,6 +255,19 @@ class SlurmCluster:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def node_daemons(base: str, names: Sequence[str], *extra: str):
+    """One nrmd per fake node under ``base`` (``--node-name``), stopped at the end."""
+    daemons: Dict[str, "NodeDaemon"] = {}
+    try:
+        for name in names:
+            daemons[name] = NodeDaemon(name, base, *extra).start()
+        yield daemons
+    finally:
+        for d in daemons.values():
+            d.stop()
 
 
 def task_prolog_to_node_nrmd(path: str, base: str) -> str:

@@ -21,7 +21,7 @@ import pytest
 
 from nrm.campaign import journal, slurmrun
 from tests.nrmd import VENV_BIN, wait_for
-from tests.slurm_cluster import (NodeDaemon, SlurmCluster, started_or_skip,
+from tests.slurm_cluster import (SlurmCluster, node_daemons, started_or_skip,
                                  task_prolog_to_node_nrmd)
 
 NRM = os.path.join(VENV_BIN, "nrm")
@@ -45,15 +45,9 @@ def test_allocation_mode_is_chosen_from_the_environment():
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("campaign-nodes"))
-    daemons = {}
-    try:
-        for name in NODES:
-            daemons[name] = NodeDaemon(name, base, "--hw", "emulated", "--runtime",
-                                       "affinity", "--sensor-period", "0.1").start()
+    with node_daemons(base, NODES, "--hw", "emulated", "--runtime", "affinity",
+                      "--sensor-period", "0.1") as daemons:
         yield daemons
-    finally:
-        for d in daemons.values():
-            d.stop()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from nrm.hpc import mpi, slurm
 from nrm.client import Client
 from nrm.manifest import load
 from tests.nrmd import REPO, VENV_BIN, wait_for
-from tests.slurm_cluster import (NodeDaemon, SlurmCluster, SlurmUnavailable, started_or_skip,
+from tests.slurm_cluster import (SlurmCluster, SlurmUnavailable, node_daemons, started_or_skip,
                                  task_prolog_to_node_nrmd)
 
 NRM = os.path.join(VENV_BIN, "nrm")
@@ -129,14 +129,8 @@ def nodes(tmp_path_factory):
     lib = _pmpi_lib()
     if lib:
         extra += ["--pmpi-lib", lib]
-    daemons = {}
-    try:
-        for name in NODES:
-            daemons[name] = NodeDaemon(name, base, *extra).start()
+    with node_daemons(base, NODES, *extra) as daemons:
         yield daemons
-    finally:
-        for d in daemons.values():
-            d.stop()
 
 
 def _script_env(node, **extra):

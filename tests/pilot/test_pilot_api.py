@@ -44,13 +44,15 @@ QCG_SCRIPT = textwrap.dedent('''
           sorted(c.status for c in first.childs))
     print('wide cores:', info['wide'].total_cores, list(info['wide'].nodes))
     print('list:', sorted((n, e['status']) for n, e in manager.list().items()))
-    slow = manager.submit(Jobs().add(name='slow', exec='sleep', args=['30']))
+    slow = manager.submit(Jobs().add(name='slow', exec='sleep', args=['30'])
+                          .add(name='quick', exec='sleep', args=['0.5']))
     try:
         manager.wait4(slow, timeout=0.2)
     except TimeoutElapsed:
         print('timeout elapsed')
-    manager.cancel(slow)
-    print('any:', manager.wait4_any_job_finish(10))
+    print('any:', manager.wait4_any_job_finish(20))
+    manager.cancel('slow')
+    print('cancelled:', manager.wait4('slow'))
     manager.remove('wide')
     print('after remove:', 'wide' in manager.list())
     print('system:', manager.system_status()['JobStats']['TotalJobs'])
@@ -89,8 +91,9 @@ def test_a_qcg_script_runs_with_only_its_imports_changed(nrmd, tmp_path):
     assert "status: SUCCEED" in out
     assert "iterations: 4 4 ['SUCCEED', 'SUCCEED', 'SUCCEED', 'SUCCEED']" in out
     assert "wide cores: 2 ['n0']" in out
-    assert "timeout elapsed" in out and "any: ('slow', 'CANCELED')" in out
-    assert "after remove: False" in out and "system: 3" in out
+    assert "timeout elapsed" in out and "any: ('quick', 'SUCCEED')" in out
+    assert "cancelled: {'slow': 'CANCELED'}" in out
+    assert "after remove: False" in out and "system: 4" in out
     expected = [f"job {i} executed" for i in range(4)]
     assert (wd / "all.out").read_text().split("\n")[:4] == expected
     assert (wd / "wide.out").read_text() == "2\n"

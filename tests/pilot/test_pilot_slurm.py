@@ -20,7 +20,7 @@ from nrm.hpc import mpi
 from nrm.pilot import slurmres
 from nrm.pilot.allocation import NodePool
 from tests.nrmd import VENV_BIN, wait_for
-from tests.slurm_cluster import (NodeDaemon, SlurmCluster, started_or_skip,
+from tests.slurm_cluster import (SlurmCluster, node_daemons, started_or_skip,
                                  task_prolog_to_node_nrmd)
 
 NRM = os.path.join(VENV_BIN, "nrm")
@@ -67,15 +67,8 @@ def test_intelmpi_is_refused_in_one_line_without_intel_mpi():
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("pilot-nodes"))
-    daemons = {}
-    try:
-        for name in NODES:
-            daemons[name] = NodeDaemon(name, base, "--hw", "emulated", "--runtime",
-                                       "affinity").start()
+    with node_daemons(base, NODES, "--hw", "emulated", "--runtime", "affinity") as daemons:
         yield daemons
-    finally:
-        for d in daemons.values():
-            d.stop()
 
 
 @pytest.fixture(scope="module")
