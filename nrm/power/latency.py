@@ -54,11 +54,16 @@ class LatencyHistogram:
                 "sum_s": self.sum_s, "max_s": self.max_s}
 
     def summary(self) -> Dict[str, object]:
-        """Count, median, p99 and max in microseconds, plus the cumulative buckets."""
+        """Count, median, p99 and max in microseconds, plus the cumulative buckets.
+
+        A percentile is its bucket's upper bound, but never above the largest
+        value recorded (with a few records the bound can be, and a p50 above
+        the max reads as a bug).
+        """
         out: Dict[str, object] = {"count": self.count}
         if self.count:
-            out.update(p50_us=percentile(self.bounds, self.counts, 0.50) * 1e6,
-                       p99_us=percentile(self.bounds, self.counts, 0.99) * 1e6,
+            out.update(p50_us=min(percentile(self.bounds, self.counts, 0.50), self.max_s) * 1e6,
+                       p99_us=min(percentile(self.bounds, self.counts, 0.99), self.max_s) * 1e6,
                        max_us=self.max_s * 1e6, mean_us=self.sum_s / self.count * 1e6)
         out["histogram"] = self.snapshot()
         return out
