@@ -56,15 +56,23 @@ NONE's. Savings are fractions of NONE's energy, ``slowdown`` the fraction of
 NONE's run time lost; each is the median over the seeds (``slowdown_max``
 the worst seed). ``fraction`` is the median of saving / oracle per seed.
 
-In-wait throttling (``--wait-throttle``, COUNTDOWN-style, modelled only:
-nrmd cannot actuate it, docs/policies.md says why): a waiting core drops to
-level 1 at its frequency ``WAIT_DELAY_S`` after it reaches the collective
-and is restored at the exit, under every policy; the pseudo-policy
-``COUNTDOWN`` is that alone, measured against DDCM's oracle.
+In-wait throttling (COUNTDOWN-style, ``nrm.power.policy.inwait``): under
+the policies that ``inwait.for_policy`` names (DDCM, COMBINED, COUNTDOWN;
+not DVFS), as the daemon runs them, a waiting core drops to the contract's
+level at its frequency the contract's delay after it reaches the
+collective, and is restored at the exit (the interposer acts in
+microseconds: no actuation latency is modelled). ``COUNTDOWN`` is that
+alone, measured against DDCM's oracle. ``--no-wait-throttle`` turns it off
+for every policy (plant and policy alike), for comparison.
+
+The policies run with the daemon's slowdown budget
+(``nrm.power.policies.SLOWDOWN_BUDGET``, policy/budget.py);
+``--slowdown-budget none`` runs them without it (the rules before the
+budget), ``--slowdown-budget 0.02`` with another.
 
 usage: python benchmarks/power_oracle.py [--json] [--seeds 10] [--phases 40]
        [--lag 0.4] [--noise 0.05] [--patterns static,noisy] [--policies DDCM]
-       [--wait-throttle] [--no-sites]
+       [--no-wait-throttle] [--slowdown-budget none|F] [--no-sites]
        python benchmarks/power_oracle.py --live [--json] [--rounds 5] [--phases 24] ...
        (the same patterns on the emulated node, with an ORACLE measured in the
        same run: benchmarks/power_oracle_live.py)
@@ -79,14 +87,14 @@ import os
 import random
 import statistics
 import sys
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 
 from nrm.hw.emulated import DEFAULTS, cpu_speed, dynamic_power  # noqa: E402
 from nrm.power import policies as daemon  # noqa: E402
-from nrm.power.policy import ContainerPolicy  # noqa: E402
+from nrm.power.policy import ContainerPolicy, inwait  # noqa: E402
 from nrm.power.policy.container import DEFAULT_DAMPER_S, DEFAULT_SLOWDOWN  # noqa: E402
 
 LEVELS = 16
@@ -95,9 +103,10 @@ FMAX = GRID[-1]
 IDLE_W = float(DEFAULTS["idle_w"])
 DYNAMIC_W = float(DEFAULTS["dynamic_w"])
 PHASE_S = 0.05
-POLICIES = ("DDCM", "DVFS", "COMBINED")
-WAIT_DELAY_S = 0.0005
-"""In-wait throttling drops a core to level 1 after this long inside a collective (COUNTDOWN)."""
+KNOBS = ("DDCM", "DVFS", "COMBINED")
+"""The knobs with an oracle."""
+
+POLICIES = KNOBS + ("COUNTDOWN",)
 
 ORACLE_OF = {"COUNTDOWN": "DDCM"}
 """In-wait throttling alone acts on the duty cycle: it is measured against DDCM's oracle."""
@@ -194,42 +203,44 @@ def site_of(pattern: str, phase: int) -> int:
 
 
 def rank_energy(compute: float, t: float, switch: float, old: Setting, new: Setting,
-                wait_throttle: bool) -> float:
+                wait_throttle: Optional[inwait.WaitThrottle]) -> float:
     """Dynamic energy of one rank over a phase of length ``t``.
 
     It computes for ``compute`` seconds and busy-polls until ``t``; its
     setting changes from ``old`` to ``new`` at ``switch``. With
-    ``wait_throttle`` (COUNTDOWN-style) the core drops to duty-cycle level 1
-    at its current frequency once it has waited ``WAIT_DELAY_S``, and is
-    restored at the collective's exit (at no cost: the model has no
-    actuation latency).
+    ``wait_throttle`` (COUNTDOWN-style) the core drops to its duty-cycle
+    level at its current frequency once it has waited its delay, and is
+    restored at the collective's exit (at no cost: the interposer acts in
+    microseconds).
     """
-    throttle_at = min(t, compute + WAIT_DELAY_S) if wait_throttle else t
+    throttle_at = t if wait_throttle is None else min(t, compute + wait_throttle.delay_s)
     cuts = sorted({0.0, min(switch, t), throttle_at, t})
     energy = 0.0
     for a, b in zip(cuts, cuts[1:]):
         setting = old if a < switch else new
         if a >= throttle_at:
-            setting = (1, setting[1])
+            setting = (min(wait_throttle.level, setting[0]), setting[1])
         energy += (b - a) * (power([setting]) - IDLE_W)
     return energy
 
 
 def run_policy(name: str, work: Work, lag: float, cross_rank: bool = daemon.CROSS_RANK,
-               sites: Callable[[int], int] = lambda i: 0,
-               wait_throttle: bool = False) -> Tuple[float, float, dict]:
+               sites: Callable[[int], int] = lambda i: 0, wait_throttle: bool = True,
+               slowdown_budget: Optional[float] = daemon.SLOWDOWN_BUDGET,
+               ) -> Tuple[float, float, dict]:
     """Drive ``ContainerPolicy(name)`` with the daemon's settings; returns (time, energy, stats).
 
-    ``COUNTDOWN`` is NONE's settings with ``wait_throttle``.
+    Waits are throttled as ``inwait.for_policy(name)`` says (policy and
+    plant), unless ``wait_throttle`` is False.
     """
     ranks = list(range(len(work[0])))
-    if name == "COUNTDOWN":
-        name, wait_throttle = "NONE", True
+    throttle = inwait.for_policy(name) if wait_throttle else None
     policy = ContainerPolicy(name, ranks, damper_s=DEFAULT_DAMPER_S, slowdown=DEFAULT_SLOWDOWN,
                              frequencies=GRID, levels=LEVELS,
                              warmup_phases=daemon.WARMUP_PHASES,
                              settle_rounds=daemon.SETTLE_ROUNDS, cross_rank=cross_rank,
-                             phase_window=1 if lag == 0 else daemon.PHASE_WINDOW)
+                             phase_window=1 if lag == 0 else daemon.PHASE_WINDOW,
+                             slowdown_budget=slowdown_budget, wait_throttle=throttle)
 
     def now() -> List[Setting]:
         view = policy.settings()
@@ -249,7 +260,7 @@ def run_policy(name: str, work: Work, lag: float, cross_rank: bool = daemon.CROS
                 compute.append(switch + (w - switch * s_old) / s_new)
         t = max(compute)
         energy += IDLE_W * t + sum(rank_energy(compute[r], t, switch, old[r], new[r],
-                                               wait_throttle) for r in ranks)
+                                               throttle) for r in ranks)
         elapsed += t
         previous_t = t
         order = ranks if i % 2 else ranks[::-1]
@@ -264,8 +275,8 @@ def _median(values: List[float]) -> float:
 
 
 def evaluate(patterns: Sequence[str], policies: Sequence[str], seeds: int, phases: int,
-             lag: float, noise: float, typed: bool = True,
-             wait_throttle: bool = False) -> List[dict]:
+             lag: float, noise: float, typed: bool = True, wait_throttle: bool = True,
+             slowdown_budget: Optional[float] = daemon.SLOWDOWN_BUDGET) -> List[dict]:
     results = []
     for pattern in patterns:
         per = {p: {"saving": [], "oracle": [], "fraction": [], "slowdown": [],
@@ -273,10 +284,11 @@ def evaluate(patterns: Sequence[str], policies: Sequence[str], seeds: int, phase
         for seed in range(seeds):
             work = make_work(pattern, phases, noise, seed)
             base_t, base_e, _ = run_policy("NONE", work, lag)
-            oracles = {k: 1 - oracle_energy(k, work) / base_e for k in POLICIES}
+            oracles = {k: 1 - oracle_energy(k, work) / base_e for k in KNOBS}
             sites = (lambda i, pat=pattern: site_of(pat, i)) if typed else (lambda i: 0)
             for p in policies:
-                t, e, stats = run_policy(p, work, lag, sites=sites, wait_throttle=wait_throttle)
+                t, e, stats = run_policy(p, work, lag, sites=sites, wait_throttle=wait_throttle,
+                                         slowdown_budget=slowdown_budget)
                 saving = 1 - e / base_e
                 oracle = oracles[ORACLE_OF.get(p, p)]
                 per[p]["saving"].append(saving)
@@ -323,24 +335,40 @@ def main(argv=None) -> int:
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--no-sites", action="store_true", help="report no phase type")
-    ap.add_argument("--wait-throttle", action="store_true",
-                    help="model in-wait throttling (level 1 after 0.5 ms in a collective) "
-                         "under every policy; policy COUNTDOWN is NONE with it")
+    ap.add_argument("--no-wait-throttle", action="store_true",
+                    help="no in-wait throttling for any policy (by default the policies "
+                         "inwait.for_policy names carry it, as the daemon runs them)")
+    ap.add_argument("--slowdown-budget", default=str(daemon.SLOWDOWN_BUDGET),
+                    help="the policies' slowdown budget, a fraction, or 'none' "
+                         "(the rules before the budget)")
     args = ap.parse_args(argv)
     patterns = [p for p in args.patterns.split(",") if p]
     policies = [p.upper() for p in args.policies.split(",") if p]
-    bad = [p for p in patterns if p not in PATTERNS] + \
-        [p for p in policies if p not in POLICIES + ("COUNTDOWN",)]
+    bad = [p for p in patterns if p not in PATTERNS] + [p for p in policies if p not in POLICIES]
+    try:
+        slowdown_budget = (None if args.slowdown_budget.lower() == "none"
+                           else float(args.slowdown_budget))
+    except ValueError:
+        bad.append(f"--slowdown-budget {args.slowdown_budget}")
+        slowdown_budget = None
+    if slowdown_budget is not None and not (math.isfinite(slowdown_budget)
+                                            and slowdown_budget >= 0):
+        bad.append(f"--slowdown-budget {args.slowdown_budget}")
     if bad or args.seeds < 1 or args.phases < 2 or not 0 <= args.lag < 1 or args.noise < 0:
         print(f"power_oracle: bad arguments {bad or vars(args)}; patterns: "
               f"{', '.join(PATTERNS)}; policies: {', '.join(POLICIES)}", file=sys.stderr)
         return 2
     results = evaluate(patterns, policies, args.seeds, args.phases, args.lag, args.noise,
-                       typed=not args.no_sites, wait_throttle=args.wait_throttle)
+                       typed=not args.no_sites, wait_throttle=not args.no_wait_throttle,
+                       slowdown_budget=slowdown_budget)
     if args.json:
+        throttle = inwait.WaitThrottle()
         print(json.dumps({"plant": {"lag": args.lag, "noise": args.noise, "seeds": args.seeds,
                                     "phases": args.phases, "sites": not args.no_sites,
-                                    "wait_throttle": args.wait_throttle,
+                                    "wait_throttle": None if args.no_wait_throttle else {
+                                        "policies": sorted(inwait.POLICIES_WITH_WAIT_THROTTLE),
+                                        "delay_s": throttle.delay_s, "level": throttle.level},
+                                    "slowdown_budget": slowdown_budget,
                                     "settle_rounds": daemon.SETTLE_ROUNDS,
                                     "warmup_phases": daemon.WARMUP_PHASES},
                           "results": results}, indent=1))

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 
 from nrm.log import RateLimitedLog
 from nrm.power.latency import LatencyHistogram
+from nrm.power.policy import budget
 from nrm.power.policy.container import DUTY_CYCLE, FREQUENCY, ContainerPolicy, Decision
 from nrm.power.policy.fixed import FixedPolicy
 
@@ -44,6 +45,10 @@ CROSS_RANK = True
 PHASE_WINDOW = 2
 """A decision is written after the collective's exit, so it lands inside the next phase and
 stays until the next decision lands inside the one after: it must cover two phase types."""
+
+SLOWDOWN_BUDGET = budget.BUDGET
+"""The compute is slowed only as far as the observed rate of critical-rank changes keeps the
+expected loss under this fraction of run time (policy/budget.py)."""
 
 
 class _Active:
@@ -97,7 +102,7 @@ class PowerPolicyManager:
                                slowdown=power.slowdown, frequencies=freqs,
                                levels=16, warmup_phases=WARMUP_PHASES,
                                settle_rounds=SETTLE_ROUNDS, cross_rank=CROSS_RANK,
-                               phase_window=PHASE_WINDOW)
+                               phase_window=PHASE_WINDOW, slowdown_budget=SLOWDOWN_BUDGET)
 
     def container_ended(self, container) -> Optional[dict]:
         state = self.active.pop(container.id, None)

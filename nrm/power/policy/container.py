@@ -13,11 +13,17 @@ from collections import abc
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from nrm.power.policy import combined, crossrank, ddcm, dvfs
+from nrm.power.policy import budget, combined, crossrank, ddcm, dvfs, inwait
 from nrm.power.policy.guards import (DEFAULT_STALE_ROUNDS, PhaseGate, Ready, SlowdownGuard,
                                      damper_skips)
 
-POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED")
+POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED", "COUNTDOWN")
+"""COUNTDOWN throttles inside waits only (the interposer's, inwait.py): no compute decision."""
+
+_PASSIVE = ("NONE", "COUNTDOWN")
+
+_CONTRACT = object()
+"""``wait_throttle``'s default: what ``inwait.for_policy`` gives the policy (the daemon's)."""
 
 DUTY_CYCLE = "cpu.duty_cycle"
 FREQUENCY = "cpu.frequency"
@@ -108,7 +114,14 @@ class ContainerPolicy:
     setting: docs/policies.md says why. ``cross_rank`` (the daemon's choice)
     sets every cpu from its need relative to the critical rank's work
     (``crossrank.py``) instead of the single-cpu rules and the phase-to-phase
-    slowdown guard.
+    slowdown guard. With the cross-rank rule, ``slowdown_budget`` (a
+    fraction of run time; the daemon passes ``budget.BUDGET``, None: no
+    bound) limits how far a cpu's compute is slowed by how often it has been
+    the critical rank, and ``wait_throttle`` (by default
+    ``inwait.for_policy(policy)``: the contract the daemon runs the policy
+    under) tells the expected-cost choice that its waits are nearly free
+    (``budget.py``). COUNTDOWN decides nothing: its waits are the
+    interposer's.
     """
 
     def __init__(
@@ -126,6 +139,8 @@ class ContainerPolicy:
         settle_rounds: int = 0,
         cross_rank: bool = False,
         phase_window: int = 2,
+        slowdown_budget: Optional[float] = None,
+        wait_throttle=_CONTRACT,
     ) -> None:
         name = str(policy).strip().upper()
         if name not in POLICIES:
@@ -150,6 +165,18 @@ class ContainerPolicy:
             raise ValueError(f"settle_rounds must be an integer >= 0, got {settle_rounds!r}")
         if phase_window not in (1, 2):
             raise ValueError(f"phase_window must be 1 or 2, got {phase_window!r}")
+        if slowdown_budget is not None and not (
+                isinstance(slowdown_budget, (int, float)) and not isinstance(slowdown_budget, bool)
+                and math.isfinite(slowdown_budget) and slowdown_budget >= 0):
+            raise ValueError(
+                f"slowdown_budget must be a fraction >= 0 or None, got {slowdown_budget!r}")
+        if wait_throttle is _CONTRACT:
+            wait_throttle = inwait.for_policy(name)
+        if wait_throttle is not None and not isinstance(wait_throttle, inwait.WaitThrottle):
+            raise ValueError(f"wait_throttle must be an inwait.WaitThrottle or None, "
+                             f"got {wait_throttle!r}")
+        self.slowdown_budget = slowdown_budget
+        self.wait_throttle = wait_throttle
         self.phase_window = phase_window
         self.policy = name
         self.warmup_phases = warmup_phases
@@ -171,6 +198,9 @@ class ContainerPolicy:
         self._successors: Dict[int, int] = {}
         self._last_site = 0
         self._sites: set = set()
+        self._episodes: Dict[int, int] = {}
+        self._critical_cpu: Optional[int] = None
+        self._phases_seen = 0
         self._gate = PhaseGate(stale_rounds)
         self._grids = _grids(name, self.cpus, frequencies)
         self._level: Dict[int, int] = {cpu: levels for cpu in self.cpus}
@@ -204,7 +234,7 @@ class ContainerPolicy:
             self.stats["foreign_cpu"] += 1
             return []
         self.stats["phases"] += aggregation
-        if self.policy == "NONE":
+        if self.policy in _PASSIVE:
             return []
         if 0 < phase <= self.warmup_phases:
             # The first phase of an MPI program runs from MPI_Init to the
@@ -292,7 +322,12 @@ class ContainerPolicy:
             self._successors.clear()
             self._last_site = 0
             self._sites.clear()
-        for table in (self._speed_before, self._history, self._widen, self._typed):
+            self._critical_cpu = None
+            self._phases_seen = 0
+        elif self._critical_cpu == cpu:
+            self._critical_cpu = None
+        for table in (self._speed_before, self._history, self._widen, self._typed,
+                      self._episodes):
             if cpu is None:
                 table.clear()
             else:
@@ -346,6 +381,8 @@ class ContainerPolicy:
             self._speed_before[cpu] = now
             works[cpu] = crossrank.work_interval(item.compute_s / item.phases, now, before)
         needs = crossrank.need_intervals(works)
+        phases = max((per_cpu[cpu].phases for cpu in works), default=1)
+        self._count_critical(works, phases)
         site = self._learn_order(per_cpu.values())
         upcoming = (crossrank.successor_types(site, self._successors, self.phase_window)
                     if site else None)
@@ -379,14 +416,16 @@ class ContainerPolicy:
             target = None
             if upcoming is not None:
                 target = crossrank.provision([typed.get(t, []) for t in upcoming], widen)
+            risk = self._risk(cpu, phases, len(works))
             if target is not None:
-                hz, level = crossrank.cover(self._knob, target, self._grid(cpu), self.levels)
+                hz, level = crossrank.choose(self._knob, target, self._grid(cpu), self.levels,
+                                             risk)
             else:
                 # A typed phase whose successor is not known yet may be followed
                 # by any need: raise when required, never cut.
                 bound = (need[0], 1.0) if site else need
                 hz, level = crossrank.decide(self._knob, bound, history, current,
-                                             self._grid(cpu), self.levels, widen)
+                                             self._grid(cpu), self.levels, widen, risk)
             if exact:
                 history.append((need[0] + need[1]) / 2)
                 del history[:-crossrank.HISTORY]
@@ -397,6 +436,38 @@ class ContainerPolicy:
         if decisions:
             self._settling = self.settle_rounds
         return decisions
+
+    def _count_critical(self, works: Mapping[int, Tuple[float, float]], phases: int) -> None:
+        """Count the phases seen and each cpu's episodes as the critical rank (budget.py).
+
+        The critical rank is the one with the most full-speed work (the
+        middle of its interval), which does not depend on the settings: all
+        policies see the same episodes. An episode starts when the critical
+        rank differs from the last firing's.
+        """
+        if not works:
+            return
+        self._phases_seen += phases
+        critical = max(sorted(works), key=lambda c: works[c][0] + works[c][1])
+        if critical != self._critical_cpu:
+            self._episodes[critical] = self._episodes.get(critical, 0) + 1
+            self._critical_cpu = critical
+
+    def _risk(self, cpu: int, phases: int, ranks: int) -> Optional[budget.Risk]:
+        """The slowdown budget's floor and the expected cost's terms for ``cpu`` (None: no budget).
+
+        A late rank runs slow for the firing's phases and, until the raise
+        lands, the ``phase_window - 1`` after them.
+        """
+        if self.slowdown_budget is None:
+            return None
+        rate = budget.change_rate(self._episodes.get(cpu, 0), self._phases_seen)
+        window = phases + self.phase_window - 1
+        wait_level = None if self.wait_throttle is None else self.wait_throttle.level
+        return budget.Risk(floor=budget.speed_floor(rate, window, self.slowdown_budget),
+                           rate=rate, window=window,
+                           lateness=budget.lateness_power(ranks, wait_level, self.levels),
+                           wait_level=wait_level)
 
     def _learn_order(self, items) -> int:
         """The firing's phase type (0 unless every rank names the same), and its predecessor's

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from nrm.hw.emulated import voltage_ratio
+from nrm.power.policy.budget import Risk
 from nrm.power.policy.dvfs import round_up
 
 _EPS = 1e-9
@@ -122,25 +123,88 @@ def cover(knob: str, need: float, grid: Sequence[float], levels: int) -> Tuple[f
     return by_level if need < grid[0] / fmax and cheaper else by_frequency
 
 
+def phase_energy(setting: Tuple[float, int], need: float, grid: Sequence[float], levels: int,
+                 wait_level: Optional[int] = None) -> float:
+    """Dynamic energy of one cpu over a phase, relative to a busy cpu at fmax all phase.
+
+    The cpu computes ``need / speed`` of the phase at ``setting`` and
+    busy-polls the rest, at the same setting or, with in-wait throttling,
+    at ``wait_level`` at its frequency (the 0.5 ms delay is neglected).
+    """
+    hz, level = setting
+    fmax = grid[-1]
+    speed = level / levels * hz / fmax
+    busy = 1.0 if speed <= 0 else min(1.0, max(need, 0.0) / speed)
+    power = relative_power(level, levels, hz, fmax)
+    wait = power if wait_level is None else relative_power(min(wait_level, level), levels, hz, fmax)
+    return busy * power + (1.0 - busy) * wait
+
+
+def _candidates(knob: str, grid: Sequence[float], levels: int) -> List[Tuple[float, int]]:
+    """DDCM: the levels at fmax; DVFS: the frequencies at full duty cycle; COMBINED: both."""
+    by_level = [(grid[-1], level) for level in range(1, levels + 1)]
+    by_frequency = [(hz, levels) for hz in grid]
+    if knob == "DDCM":
+        return by_level
+    if knob == "DVFS":
+        return by_frequency
+    return by_level + by_frequency
+
+
+def choose(knob: str, need: float, grid: Sequence[float], levels: int,
+           risk: Optional[Risk] = None) -> Tuple[float, int]:
+    """The ``(frequency, level)`` of ``knob`` to compute a phase of speed ``need`` at.
+
+    Without ``risk``: ``cover``. With it: among the knob's settings at
+    least as fast as ``need`` and as the budget's floor, the one of least
+    expected cost per phase, ``phase_energy`` (with the wait throttled if
+    ``risk.wait_level``) plus the lateness it risks, ``rate * window *
+    (1/speed - 1) * lateness`` (budget.py); ties go to the faster setting.
+    COMBINED chooses among DDCM's and DVFS's settings, so its expected cost
+    is never above either knob's, and its wait is throttled.
+    """
+    if risk is None:
+        return cover(knob, need, grid, levels)
+    fmax = grid[-1]
+    need = min(max(need, 0.0), 1.0)
+    lowest = max(need, min(risk.floor, 1.0))
+
+    def speed(setting: Tuple[float, int]) -> float:
+        return setting[0] / fmax * setting[1] / levels
+
+    ok = [s for s in _candidates(knob, grid, levels) if speed(s) >= lowest - _EPS]
+    if not ok:
+        return fmax, levels
+
+    def cost(setting: Tuple[float, int]) -> Tuple[float, float]:
+        late = risk.rate * risk.window * (1.0 / speed(setting) - 1.0) * risk.lateness
+        energy = phase_energy(setting, need, grid, levels, risk.wait_level)
+        return round(energy + late, 12), -speed(setting)
+
+    return min(ok, key=cost)
+
+
 def decide(knob: str, need: Interval, history: Sequence[float], current: Tuple[float, int],
-           grid: Sequence[float], levels: int, widen: float = 1.0) -> Tuple[float, int]:
+           grid: Sequence[float], levels: int, widen: float = 1.0,
+           risk: Optional[Risk] = None) -> Tuple[float, int]:
     """The next ``(frequency, level)`` of one cpu from its need interval and history.
 
-    Provision ``predict(history, need) * (1 + widen * margin(history))``;
-    move down only when the high end of the need allows it, up only when
-    the low end requires it, and otherwise hold the current setting.
-    ``widen`` (>= 1) is the critical-path guard's extra margin for a cpu
-    that was late.
+    Provision ``predict(history, need) * (1 + widen * margin(history))``
+    (at the setting ``choose`` gives under ``risk``); move down only when
+    the high end of the need allows it, up only when the low end requires
+    it (or the budget's floor rose above the current speed), and otherwise
+    hold the current setting. ``widen`` (>= 1) is the critical-path guard's
+    extra margin for a cpu that was late.
     """
     fmax = grid[-1]
     g = widen * margin(history)
     cur_speed = current[0] * current[1] / (fmax * levels)
-    hi = cover(knob, min(1.0, predict(history, need[1]) * (1 + g)), grid, levels)
+    hi = choose(knob, min(1.0, predict(history, need[1]) * (1 + g)), grid, levels, risk)
     if hi[0] * hi[1] / (fmax * levels) < cur_speed - _EPS:
         return hi
-    lo = cover(knob, min(1.0, predict(history, need[0]) * (1 + g)), grid, levels)
+    lo = choose(knob, min(1.0, predict(history, need[0]) * (1 + g)), grid, levels, risk)
     if lo[0] * lo[1] / (fmax * levels) > cur_speed + _EPS:
-        return hi
+        return max(hi, lo, key=lambda s: s[0] * s[1])
     return current
 
 
