@@ -39,6 +39,8 @@ MAX_REQUEST_BYTES = 1 << 20
 #: enough that a typo (or 1e308) is refused rather than taken as "no cap"
 MAX_POWER_CAP_W = 1e6
 MAX_DOWNSTREAM_BYTES = 4096
+#: task keys named in one ``claim`` or ``forget``
+MAX_KEYS_PER_REQUEST = 4096
 
 
 class ProtocolError(ValueError):

@@ -58,7 +58,7 @@ import re
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from nrm import jsonlines
+from nrm import jsonlines, protocol
 from nrm.containers.model import RunError, Task
 from nrm.daemon.upstream import ClientSink
 from nrm.log import RateLimitedLog
@@ -71,8 +71,7 @@ FILE = "keys.log"
 KEY = re.compile(r"[A-Za-z0-9_@+:=,./-]{1,128}")
 MAX_KEYS_PER_UID = 16384
 MAX_KEYS = 65536
-#: keys named in one claim or forget
-MAX_PER_REQUEST = 4096
+MAX_PER_REQUEST = protocol.MAX_KEYS_PER_REQUEST
 #: the file is rewritten from memory when it is this much larger than that
 COMPACT_BYTES = 1 << 20
 

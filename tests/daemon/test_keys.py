@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -242,4 +241,3 @@ def test_an_old_client_is_unaffected(daemon):
         before = c.status()["keys"]["keys"]
         r = c.run(ONE, ["true"], stdout=None, stderr=None, cwd="/", oversubscribe=True)
         assert r.status == 0 and c.status()["keys"]["keys"] == before
-        time.sleep(0)
