@@ -92,7 +92,10 @@ def test_a_run_that_never_starts_is_lost_once_its_client_leaves(daemon):
               f"key='q.1.1', wait=True, stdout=None, stderr=None, cwd='/')\n")
     with Client(daemon.rundir) as c:
         started = c.status()["tasks"]["tasks_started"]
-        hog = c.run(whole, ["sleep", "60"], detach=True, stdout=None, stderr=None, cwd="/")
+        # named: its slice is not promised to the queued run (a hand-over
+        # could launch it before nrmd sees its client gone)
+        hog = c.run(whole, ["sleep", "60"], detach=True, stdout=None, stderr=None, cwd="/",
+                    container="keys-hog")
         try:
             p = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
             wait_for(lambda: c.status()["waiting"] == 1)
@@ -241,3 +244,19 @@ def test_an_old_client_is_unaffected(daemon):
         before = c.status()["keys"]["keys"]
         r = c.run(ONE, ["true"], stdout=None, stderr=None, cwd="/", oversubscribe=True)
         assert r.status == 0 and c.status()["keys"]["keys"] == before
+
+
+def test_nrm_keys_shows_fences_and_forgets(daemon):
+    r = daemon.cli("keys", "show", "cli.1", "cli.2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["keys"] == {"cli.1": {"state": "unknown"},
+                                            "cli.2": {"state": "unknown"}}
+    assert json.loads(daemon.cli("keys", "show", "cli.1").stdout)["keys"]["cli.1"] == \
+        {"state": "fenced"}
+    r = daemon.cli("keys", "show", "no good")
+    err = r.stderr.decode()
+    assert r.returncode != 0 and "not a task key" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert daemon.cli("keys", "forget").returncode == 2
+    r = daemon.cli("keys", "forget", "--prefix", "cli.")
+    assert r.returncode == 0 and r.stdout.strip() == b"forgot 2 keys"
