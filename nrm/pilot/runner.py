@@ -62,7 +62,8 @@ class Runner:
         self.wd = os.path.abspath(wd)
         self.manager = Manager(pool, self.wd, on_final)
         #: with both, the pilot can be resumed: states are journaled, tasks run
-        #: detached from this connection under a wrapper that records them
+        #: detached from this connection, with task keys nrmd keeps or under a
+        #: wrapper that records them (nrm/pilot/attempts.py)
         self.journal = journal
         self.attempts = attempts
         if journal is not None:

@@ -63,3 +63,26 @@ def test_a_resumed_pilot_adopts_what_ran_and_runs_the_rest_once(tmp_path, mode):
     assert "'adopted_running': 1" in log, log
     with open(os.path.join(aux, "jobs.report")) as f:
         assert {e["state"] for e in map(json.loads, f)} == {"SUCCEED"}
+
+
+def test_with_nrmd_full_of_keys_the_pilot_launches_under_the_fence(tmp_path):
+    """nrmd refuses new keys past its bound (keys a killed pilot left):
+    the pilot's launches fall back to the fence and the work gets done."""
+    wd = str(tmp_path / "wd")
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps([
+        {"request": "submit", "jobs": [{"name": "t", "execution": {"exec": "/bin/true"},
+                                        "iteration": {"stop": 3}}]},
+        {"request": "control", "command": "finishAfterAllTasksDone"}]))
+    with DaemonProcess() as nrmd:
+        with Client(nrmd.rundir) as c:
+            bound = c.status()["keys"]["max_per_user"]
+            for start in range(0, bound, 4096):
+                c.claim([f"old.{i}" for i in range(start, min(bound, start + 4096))])
+            r = nrmd.cli("pilot", "--file-path", str(path), "--wd", wd, "--nodes", "2")
+            assert r.returncode == 0, r.stderr
+            assert c.status()["keys"]["keys"] == bound
+        (aux,) = glob.glob(os.path.join(wd, ".nrm-pilot-*"))
+        assert sorted(os.listdir(os.path.join(aux, "runs"))) == ["1.1", "2.1", "3.1"]
+        with open(os.path.join(aux, "service.log")) as f:
+            assert "launching it with the fence" in f.read()
