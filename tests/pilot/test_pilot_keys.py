@@ -16,7 +16,7 @@ from tests.nrmd import DaemonProcess, wait_for
 
 
 def _jobs(tmp_path, ledger):
-    slow = f'echo "start $0" >> {ledger}; sleep 1.5; echo "end $0" >> {ledger}'
+    slow = f'echo "start $0" >> {ledger}; sleep 5; echo "end $0" >> {ledger}'
     quick = f'echo "start $0" >> {ledger}; echo "end $0" >> {ledger}'
     path = tmp_path / "jobs.json"
     path.write_text(json.dumps([
