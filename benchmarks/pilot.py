@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,11 @@ from nrm.tools.localnrmd import LocalNrmd, nrm_argv  # noqa: E402
 
 N = int(os.environ.get("PILOT_BENCH_N", "1000"))
 ROUNDS = 3
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def popen_loop(n: int, inflight: int = 2) -> float:
@@ -84,22 +90,29 @@ def main() -> None:
     out = {"iterations": N, "scheduling_us_per_task_10k_chained_median_of_3": runs[1],
            "load_average_before": loadavg()}
     # interleaved rounds, so that a change of load hits every variant alike
-    times: dict = {"popen_2_inflight_s": [], "pilot_with_nrmd_s": [], "pilot_private_nrmd_s": []}
+    times: dict = {"popen_2_inflight_s": [], "pilot_with_nrmd_s": [], "pilot_private_nrmd_s": [],
+                   "popen_cpu_s": [], "pilot_private_nrmd_cpu_s": []}
     with LocalNrmd(log_level="warning") as d:
         for _ in range(ROUNDS):
+            cpu = children_cpu()
             times["popen_2_inflight_s"].append(popen_loop(N))
+            times["popen_cpu_s"].append(children_cpu() - cpu)
             times["pilot_with_nrmd_s"].append(
                 pilot(d.env, tempfile.mkdtemp(prefix="pilot-bench-")))
             empty = tempfile.mkdtemp(prefix="pilot-bench-none-")
+            cpu = children_cpu()
             times["pilot_private_nrmd_s"].append(
                 pilot(dict(os.environ, NRM_RUNTIME_DIR=empty),
                       tempfile.mkdtemp(prefix="pilot-bench-")))
+            times["pilot_private_nrmd_cpu_s"].append(children_cpu() - cpu)
     for key, values in times.items():
         out[key] = statistics.median(values)
     ratios = [p / b for p, b in zip(times["pilot_private_nrmd_s"], times["popen_2_inflight_s"])]
     out["ratio_pilot_private_nrmd_vs_popen_median"] = statistics.median(ratios)
     ratios = [p / b for p, b in zip(times["pilot_with_nrmd_s"], times["popen_2_inflight_s"])]
     out["ratio_pilot_with_nrmd_vs_popen_median"] = statistics.median(ratios)
+    out["cpu_per_task_ms_pilot_private_nrmd"] = 1000 * out["pilot_private_nrmd_cpu_s"] / N
+    out["cpu_per_task_ms_popen"] = 1000 * out["popen_cpu_s"] / N
     out["pilot_per_task_ms"] = 1000 * out["pilot_with_nrmd_s"] / N
     out["popen_per_task_ms"] = 1000 * out["popen_2_inflight_s"] / N
     out["load_average_after"] = loadavg()

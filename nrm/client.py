@@ -217,13 +217,13 @@ def _request_socket(ctx, rundir: str, tcp: Optional[curve.ClientConfig] = None,
 
 
 def _run_request(manifest: Manifest, argv, env, cwd, container, detach, output, wait,
-                 oversubscribe, cpus_allowed=None, started=True) -> protocol.Run:
+                 oversubscribe, cpus_allowed=None, started=True, key=None) -> protocol.Run:
     return protocol.Run(
         manifest=manifest.to_dict(), argv=list(argv),
         env=dict(os.environ if env is None else env), cwd=cwd or os.getcwd(),
         container=container, detach=detach, output=output, wait=wait,
         oversubscribe=oversubscribe, cpus_allowed=cpus_allowed, started=started,
-        window=CREDIT_WINDOW if output and not detach else 0)
+        window=CREDIT_WINDOW if output and not detach else 0, key=key)
 
 
 class _Credits:
@@ -450,14 +450,23 @@ class Client(_Endpoint):
     def report(self, container: Optional[str] = None) -> List[dict]:
         return self.call(protocol.Report(container=container))["reports"]
 
+    def claim(self, keys: List[str]) -> dict:
+        """``{"epoch", "keys": {key: state}}``; unknown keys are fenced
+        (docs/protocol.md, "Task keys")."""
+        return self.call(protocol.Claim(keys=list(keys)))
+
+    def forget(self, keys: List[str] = (), prefix: Optional[str] = None) -> int:
+        return self.call(protocol.Forget(keys=list(keys), prefix=prefix))["forgotten"]
+
     def start(self, manifest: Manifest, argv: List[str], *, container: Optional[str] = None,
               detach: bool = False, env: Optional[Dict[str, str]] = None,
               cwd: Optional[str] = None, stdout: Optional[BinaryIO] = None,
               stderr: Optional[BinaryIO] = None, output: bool = True, wait: bool = False,
               oversubscribe: bool = False, cpus_allowed: Optional[List[int]] = None,
-              on_started: Optional[Callable[[RunResult], None]] = None) -> Run:
+              on_started: Optional[Callable[[RunResult], None]] = None,
+              key: Optional[str] = None) -> Run:
         msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
-                           oversubscribe, cpus_allowed)
+                           oversubscribe, cpus_allowed, key=key)
         msg.id = next(self._ids)
         if detach:
             self._detach.add(msg.id)
@@ -657,13 +666,20 @@ class AsyncClient(_Endpoint):
     async def status(self) -> dict:
         return await self.call(protocol.Status())
 
+    async def claim(self, keys: List[str]) -> dict:
+        return await self.call(protocol.Claim(keys=list(keys)))
+
+    async def forget(self, keys: List[str] = (), prefix: Optional[str] = None) -> int:
+        return (await self.call(protocol.Forget(keys=list(keys), prefix=prefix)))["forgotten"]
+
     async def run(self, manifest: Manifest, argv: List[str], *, container: Optional[str] = None,
                   detach: bool = False, env: Optional[Dict[str, str]] = None,
                   cwd: Optional[str] = None, output: bool = True,
                   on_output: Optional[Callable[[str, bytes], None]] = None,
                   on_started: Optional[Callable[[RunResult], None]] = None,
                   wait: bool = False, oversubscribe: bool = False,
-                  cpus_allowed: Optional[List[int]] = None, follow: bool = False) -> RunResult:
+                  cpus_allowed: Optional[List[int]] = None, follow: bool = False,
+                  key: Optional[str] = None) -> RunResult:
         """Run to completion (or to the start, with ``detach``). nrmd sends
         a ``started`` reply only when ``on_started`` or ``detach`` needs it:
         the result is complete either way, and a launch storm saves one
@@ -671,10 +687,11 @@ class AsyncClient(_Endpoint):
 
         ``detach`` with ``follow``: the task outlives this client, yet the
         call waits for its exit, which nrmd reports while this client is
-        connected (a pilot that can be killed and resumed needs both)."""
+        connected (a pilot that can be killed and resumed needs both).
+        ``key``: nrmd remembers the launch's outcome under it (``claim``)."""
         msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
                            oversubscribe, cpus_allowed,
-                           started=detach or on_started is not None)
+                           started=detach or on_started is not None, key=key)
         q = self._open(msg)
         result = RunResult()
         credits = _Credits()

@@ -27,12 +27,20 @@ I64 = Annotated[int, msgspec.Meta(ge=-(2 ** 63), le=2 ** 63 - 1)]
 
 PROTOCOL_VERSION = 1
 
+#: what this nrm's daemon adds to protocol 1 without a new version (older
+#: clients never send the new fields or requests); ``status`` lists them and
+#: a client checks before it relies on one. ``keys``: ``run.key``, ``claim``,
+#: ``forget`` (docs/protocol.md, "Task keys").
+FEATURES = ("keys",)
+
 # Sizes that bound what the daemon accepts, so no peer can grow its memory.
 MAX_REQUEST_BYTES = 1 << 20
 #: the largest node power cap accepted, in watts: far above any node, low
 #: enough that a typo (or 1e308) is refused rather than taken as "no cap"
 MAX_POWER_CAP_W = 1e6
 MAX_DOWNSTREAM_BYTES = 4096
+#: task keys named in one ``claim`` or ``forget``
+MAX_KEYS_PER_REQUEST = 4096
 
 
 class ProtocolError(ValueError):
@@ -78,6 +86,10 @@ class Run(_Msg, tag="run"):
     #: and not yet credited. 0: no credits, the connection's send limit
     #: alone paces the run (older clients).
     window: int = 0
+    #: a name of the client's choosing under which nrmd remembers this
+    #: launch's outcome, even after the client is gone (``claim`` reads
+    #: it; docs/protocol.md, "Task keys"). None: no memory.
+    key: Optional[str] = None
 
 
 class Signal(_Msg, tag="signal"):
@@ -122,7 +134,24 @@ class Report(_Msg, tag="report"):
     container: Optional[str] = None
 
 
-Request = Union[Run, Credit, Signal, Kill, ListContainers, Status, Power, SetPower, Report]
+class Claim(_Msg, tag="claim"):
+    """The state of each of ``keys`` (the requester's own): ``unknown``
+    keys are fenced by the claim, so a launch with one arriving later is
+    refused and never runs."""
+    id: int = 0
+    keys: List[str] = []
+
+
+class Forget(_Msg, tag="forget"):
+    """Drop the requester's ended keys: those in ``keys`` and, with
+    ``prefix``, every one that starts with it (running ones are kept)."""
+    id: int = 0
+    keys: List[str] = []
+    prefix: Optional[str] = None
+
+
+Request = Union[Run, Credit, Signal, Kill, ListContainers, Status, Power, SetPower, Report,
+                Claim, Forget]
 
 # ---------------------------------------------------------------- replies ---
 

@@ -31,6 +31,7 @@ VERBS = {
     "setpower": ("nrm.cli.setpower", "set the node power cap in watts ('off' clears it; "
                                      "root or the power group)"),
     "report": ("nrm.cli.report", "show profiles of finished containers"),
+    "keys": ("nrm.cli.keys", "show (and fence) or forget your task keys kept by nrmd"),
     "keygen": ("nrm.cli.keygen", "write a CurveZMQ keypair (FILE, mode 0600) and its public "
                                  "key (FILE.pub)"),
     "build-interposer": ("nrm.cli.build_interposer",

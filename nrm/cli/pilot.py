@@ -212,6 +212,8 @@ def execute(args) -> int:
                                   log_journal, records, across))
     except AllocationError as exc:
         return _fail(str(exc), 1)
+    except NrmError as exc:             # nrmd refused what the pilot must ask (a claim)
+        return _fail(f"nrmd: {exc}", 1)
     except NrmdDidNotStart as exc:
         return _fail(f"no nrmd answers and a private one did not start: "
                      f"{str(exc).splitlines()[0]}", 1)
@@ -246,8 +248,11 @@ async def _local_runner(args, runtime_dir, pool, wd, aux, writer, log_journal, r
     """One node through its nrmd, journaled so that --resume can finish it."""
     async with AsyncClient(runtime_dir, timeout=args.timeout, uri=args.uri,
                            server_key=args.server_key, key=args.key) as client:
+        attempts = Attempts(aux, records[0]["pilot"])
+        if attempts.use_keys(await client.status()):      # else every task under the fence
+            log_journal.append({"t": "keys", "epoch": attempts.epoch})
         yield Runner(pool, wd, client, envschema=args.envschema, on_final=writer,
-                     journal=log_journal, attempts=Attempts(aux, records[0]["pilot"]))
+                     journal=log_journal, attempts=attempts)
 
 
 async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
@@ -267,7 +272,7 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
             runner.manager.on_final = lambda item: (writer(item), server.notify())
             await server.start()
         if args.resume:
-            counts = resume(runner, records[1:])
+            counts = await resume(runner, records[1:])
             log.info("resumed from %s: %s", aux, counts)
             if not runner.manager.jobs and not any(r["t"] == "req" for r in records):
                 print(f"nrm pilot: --resume: {aux}: the journal holds no request (the pilot "
@@ -292,6 +297,7 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
         # waits for the submitted jobs anyway (docs/pilot.md): a pilot that
         # exits under its running tasks helps nobody. ``finish`` cancelled them.
         await runner.wait_done()
+        await runner.forget_keys()
         progress.stop()
         if server is not None:
             server.close()

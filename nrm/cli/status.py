@@ -73,6 +73,12 @@ def _render_health(s) -> None:
             print(_label("state log") + f"INCOMPLETE: {state_log.get('write_errors')} writes to "
                   f"{state_log.get('path')} failed; after a crash the next nrmd would miss "
                   "tasks started since")
+    keys = s.get("keys") or {}
+    if keys.get("keys") or keys.get("write_errors"):
+        print(_label("task keys") + f"{keys['keys']} kept for {keys.get('users', 0)} users "
+              f"(at most {keys.get('max_per_user')} each; forget ended ones)"
+              + (f"; {keys['write_errors']} writes to {keys.get('path')} failed"
+                 if keys.get("write_errors") else ""))
     refused = (s.get("policy") or {}).get("write_errors")
     if refused:
         print(_label("policy") + f"{refused} control writes refused (no room to journal "

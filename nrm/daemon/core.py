@@ -97,6 +97,7 @@ class Daemon:
         self.policies = None
         self.http = None
         self.statelog = None
+        self.keys = None
         self.reconciled: Dict[str, int] = {}
         self.request_counts: Dict[str, int] = {}
         #: downstream messages refused after decoding (unknown container, foreign sender)
@@ -168,6 +169,7 @@ class Daemon:
         self._start_downstream()
         self._start_policies()
         self._reconcile(previous)
+        self._start_keys()
         if self.power is not None:
             self.power.restore_cap(protocol.MAX_POWER_CAP_W)
         self._start_http()
@@ -206,6 +208,24 @@ class Daemon:
         self.reconciled = reconcile(self.config.on_restart, previous, self.runtime,
                                     self.containers)
         self.statelog.open()
+
+    def _start_keys(self) -> None:
+        """Task keys (nrm/daemon/keys.py), after the reconciliation: which
+        keyed tasks it adopted or killed decides their keys' state."""
+        from nrm.daemon.keys import FILE, TaskKeys, still_pending
+        cm = self.containers
+        self.keys = TaskKeys(os.path.join(self.rundir, FILE), self.loop.call_soon,
+                             pending=lambda sink: still_pending(cm, sink),
+                             alive=lambda tid: tid in cm.tasks, closing=lambda: cm.closing,
+                             # the cgroup runtimes (the ones isolating memory) kill
+                             # every process a crashed predecessor left unadopted
+                             exact=self.config.on_restart == "kill"
+                             and self.runtime.isolates_memory)
+        if self.keys.load():
+            settled = self.keys.settle()
+            log.info("task keys: %d reloaded (%d running tasks adopted, %d lost)",
+                     len(self.keys.keys), settled["adopted"], settled["lost"])
+        self.keys.open()
 
     def _start_downstream(self) -> None:
         from nrm.daemon.applications import ApplicationManager
@@ -315,6 +335,7 @@ class Daemon:
     def status(self) -> dict:
         return {
             "version": __version__, "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(),
+            "features": list(protocol.FEATURES), "keys": self.keys.describe(),
             "uptime_s": time.time() - self.started, "runtime_dir": self.rundir,
             "runtime": self.runtime.describe(),
             "hardware": self.platform.describe() if self.platform else None,
@@ -360,6 +381,8 @@ class Daemon:
         log.info("nrmd stopping")
         if getattr(self, "containers", None) is not None:
             self.containers.shutdown()
+        if self.keys is not None:
+            self.keys.close()
         if self.statelog is not None:
             self.statelog.close(clean=True)
         if getattr(self, "upstream", None) is not None:

@@ -1,30 +1,48 @@
-"""Each launch of a task (an attempt) leaves two files, so a resumed pilot
-knows what its killed predecessor's launches did.
+"""What a resumed pilot learns about the launches its killed predecessor
+left in flight (an attempt: one launch of a task), and how.
 
-Why: a pilot killed with ``kill -9`` cannot hear its tasks' exits, and
-nrm.client cannot reattach to another client's run stream (nrmd keeps only
-a few finished containers' profiles, without their exit codes). So tasks run
-detached from the pilot's connection (nrmd does not kill them with it), and
-a small wrapper, the task's own process (``nrm-pilot-fence``,
-libnrm/src/fence.c, built with nrm; a ``sh`` script with the same behaviour
-where it is missing), records the attempt in ONE file, ``runs/SEQ.ATTEMPT``
-(a file creation per task is a good part of what the record costs):
+Why: a pilot killed with ``kill -9`` cannot hear its tasks' exits, so its
+tasks run detached from its connection (nrmd does not kill them with it),
+and its successor must know, for each attempt the journal saw placed and
+not ended, (a) whether it ran, and (b) its exit code. Two ways:
+
+**Task keys** (when nrmd has them: nrm/daemon/keys.py, docs/protocol.md,
+"Task keys"). Each launch carries the key ``PILOT.SEQ.ATTEMPT``; nrmd keeps
+its state for this uid after the pilot is gone. The successor's ``claim``
+answers each key's state and fences the keys nrmd never saw, so a launch
+still in flight from the dead pilot is refused and never runs: an attempt
+either ran or never will. An attempt that ``exited`` is adopted with its
+exit code; one ``running`` (or still ``pending``) is adopted and its key
+polled until it ends; one ``lost`` (killed with nrmd, dropped while
+queued) or never seen runs again as the next attempt. The task runs as
+itself: no process is added. The pilot uses keys only when nrmd's status
+says ``exact`` (a crash of nrmd leaves no task of an unrecorded launch
+alive: cgroup runtime, ``--on-restart kill``); the keys' ``epoch`` goes to
+the journal, so that a successor can tell nrmd's memory was lost (a
+reboot) and say so.
+
+**The fence** (an older nrmd, or one that is not ``exact``). A small
+wrapper is the task's own process (``nrm-pilot-fence``,
+libnrm/src/fence.c, built with nrm; a ``sh`` script with the same
+behaviour where it is missing) and records the attempt in ONE file,
+``runs/SEQ.ATTEMPT``:
 
 * its first line, the wrapper's pid, is written when the wrapper creates
   the file with O_EXCL (``set -C``) before the command runs. A resumed
   pilot that finds no such file creates it itself ("fenced"): a launch
   still in flight then finds it taken and exits 75 without running the
-  command, so an attempt either ran or never will, never both. (The C
-  wrapper spawns the command with a vfork: a shell's exec, parse and fork
-  cost several times more cpu per task.)
+  command. (The C wrapper spawns the command with a vfork: a shell's
+  exec, parse and fork cost several times more cpu per task.)
 * its second line, the command's exit code, is appended after it ends. A
   task that ended while no pilot listened is adopted with it.
 
 A started attempt whose wrapper still lives is adopted and watched until
 its exit code appears; one whose wrapper died without it (killed with the
-node's nrmd) runs again as the next attempt. The exit code of a task that
-ends while its pilot listens also reaches the journal with nrmd's exit
-reply; the file is what a killed pilot leaves to its successor.
+node's nrmd) runs again as the next attempt. The extra process costs
+0.6-0.8 ms of cpu per task (docs/performance.md, "nrm pilot").
+
+A successor looks at an attempt's key first when nrmd has keys, and at its
+file when the key is unknown (the attempt was launched with the fence).
 """
 
 from __future__ import annotations
@@ -72,6 +90,26 @@ class Attempts:
         self._which: Dict[Tuple[str, Optional[str]], bool] = {}
         #: the C wrapper; None: the sh one
         self.fence = find_fence()
+        #: launches carry task keys (nrmd said it keeps them exactly)
+        self.keyed = False
+        #: nrmd's key memory, as its status named it
+        self.epoch: Optional[str] = None
+
+    def use_keys(self, status: dict) -> bool:
+        """Launch with keys when nrmd's ``status`` says it has them and they
+        are exact after a crash of nrmd (docstring above); True if so."""
+        info = status.get("keys") or {}
+        self.keyed = "keys" in (status.get("features") or ()) and info.get("exact") is True
+        self.epoch = str(info.get("epoch")) if self.keyed else None
+        return self.keyed
+
+    def key(self, seq: int, attempt: int) -> str:
+        """nrmd's task key for an attempt: unique per pilot and attempt."""
+        return f"{self.pilot_id}.{seq}.{attempt}"
+
+    @property
+    def key_prefix(self) -> str:
+        return f"{self.pilot_id}."
 
     def path(self, seq: int, attempt: int) -> str:
         return os.path.join(self.dir, f"{seq}.{attempt}")

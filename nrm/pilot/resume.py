@@ -1,10 +1,14 @@
 """Resuming a killed pilot: replay its journal, then settle the tasks it
 left placed but not ended (docs/pilot.md, "Resume").
 
-Each such task's attempt is looked up in its files (nrm/pilot/attempts.py):
-an attempt that ended is adopted with its exit code; one still running is
-adopted and watched until it ends; one that never ran (fenced now) or died
-unrecorded runs again as the next attempt. So no task that finished starts
+Each such task's attempt is looked up (nrm/pilot/attempts.py): with one
+``claim`` of their task keys when nrmd has keys, which also fences the
+attempts nrmd never saw, and in the attempt's file for a key nrmd does not
+know (an attempt launched with the fence, by this pilot under an older
+nrmd). An attempt that ended is adopted with its exit code; one still
+running is adopted and watched until it ends (its key polled, or its
+file); one that never ran (fenced now) or was interrupted without an exit
+code runs again as the next attempt. So no task that finished starts
 again, and none is lost.
 """
 
@@ -13,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+from nrm import protocol
 from nrm.pilot.model import QUEUED, Task
 from nrm.pilot.runner import Runner
 
@@ -22,34 +27,115 @@ log = logging.getLogger("nrm.pilot")
 
 #: how often an adopted task's record is looked at
 POLL_S = 0.05
+#: how often nrmd is asked about adopted keyed tasks (one claim for all)
+KEY_POLL_S = 0.1
 
 
-def resume(runner: Runner, records: List[Dict[str, Any]]) -> Dict[str, int]:
+async def resume(runner: Runner, records: List[Dict[str, Any]]) -> Dict[str, int]:
     """Replay ``records`` into the runner's manager and settle what was
     running; returns how many tasks were adopted done, adopted running,
     and run again."""
     manager, attempts = runner.manager, runner.attempts
     counts = {"adopted_done": 0, "adopted_running": 0, "again": 0}
-    for task in manager.replay(records):
-        verdict, value = attempts.inspect(task.seq, task.attempt)
-        if verdict == "done":
-            counts["adopted_done"] += 1
-            _end(runner, task, value)
-        elif verdict == "running":
-            counts["adopted_running"] += 1
-            task.pid = value
-            task.handle = attempts.container(task.seq, task.attempt)
-            if task.message == "canceled":
-                runner._kill(task)
-            fut = asyncio.ensure_future(_watch(runner, task))
-            runner._inflight.add(fut)
-            fut.add_done_callback(runner._inflight.discard)
-        else:
+    interrupted = manager.replay(records)
+    states = await _claim(runner, interrupted, _last_epoch(records))
+    watched: Dict[str, Task] = {}
+    for task in interrupted:
+        key = attempts.key(task.seq, task.attempt)
+        state = states.get(key) or {"state": "unknown"}
+        if state["state"] in ("unknown", "fenced"):   # not launched with its key
+            _settle_file(runner, task)
+        elif not _settle_key(runner, task, state):
+            _adopt(runner, task, task.pid, attempts.container(task.seq, task.attempt))
+            watched[key] = task
+    for task in interrupted:
+        if task.state == QUEUED:
             counts["again"] += 1
-            _again(runner, task)
+        elif task.final:
+            counts["adopted_done"] += 1
+        else:
+            counts["adopted_running"] += 1
+    if watched:
+        fut = asyncio.ensure_future(_watch_keys(runner, watched))
+        runner._inflight.add(fut)
+        fut.add_done_callback(runner._inflight.discard)
     _skip_recorded_attempts(manager, attempts.used())
     runner.pump()
     return counts
+
+
+def _last_epoch(records: List[Dict[str, Any]]) -> Optional[str]:
+    """The key memory of nrmd the last pilot launched with (its journal's
+    last ``keys`` record), None when it used the fence."""
+    epoch = None
+    for r in records:
+        if r.get("t") == "keys":
+            epoch = r.get("epoch")
+    return epoch
+
+
+async def _claim(runner: Runner, tasks: List[Task], epoch: Optional[str]) -> Dict[str, dict]:
+    """The states of the tasks' keys, fencing the ones nrmd never saw;
+    nothing when nrmd has no keys (all attempts then have files)."""
+    attempts = runner.attempts
+    if not attempts.keyed or not tasks:
+        if epoch is not None and tasks:
+            log.warning("the previous pilot launched with task keys, this nrmd keeps none: "
+                        "tasks it left running that ended unheard run again")
+        return {}
+    keys = [attempts.key(t.seq, t.attempt) for t in tasks]
+    states: Dict[str, dict] = {}
+    step = protocol.MAX_KEYS_PER_REQUEST
+    for i in range(0, len(keys), step):
+        reply = await runner.client.claim(keys[i:i + step])
+        states.update(reply["keys"])
+        if epoch is not None and reply.get("epoch") != epoch:
+            log.warning("nrmd's task keys are not those the previous pilot launched with "
+                        "(epoch %s, was %s: the node restarted?): a task it left running that "
+                        "ended unheard runs again", reply.get("epoch"), epoch)
+            epoch = None
+    return states
+
+
+def _settle_file(runner: Runner, task: Task) -> None:
+    """An attempt launched with the fence: its file says (and fences it)."""
+    attempts = runner.attempts
+    verdict, value = attempts.inspect(task.seq, task.attempt)
+    if verdict == "done":
+        _end(runner, task, value)
+    elif verdict == "running":
+        _adopt(runner, task, value, attempts.container(task.seq, task.attempt))
+        fut = asyncio.ensure_future(_watch(runner, task))
+        runner._inflight.add(fut)
+        fut.add_done_callback(runner._inflight.discard)
+    else:
+        _again(runner, task)
+
+
+def _settle_key(runner: Runner, task: Task, state: dict) -> bool:
+    """An adopted keyed task's state: True once it is settled (ended or
+    queued again), False while it runs."""
+    kind = state["state"]
+    if kind == "exited":
+        if state.get("status") is None:
+            task.message = task.message or ("its exit status is unknown: nrmd restarted "
+                                            "and adopted it while it ran")
+        _end(runner, task, state.get("status"))
+    elif kind == "failed":
+        _end(runner, task, None, state.get("message") or "nrmd refused the launch")
+    elif kind in ("running", "pending"):
+        task.pid = state.get("pid") or task.pid
+        return False
+    else:                           # lost, or (forgotten, fenced by this claim) never ran
+        _again(runner, task)
+    return True
+
+
+def _adopt(runner: Runner, task: Task, pid: Optional[int], container: str) -> None:
+    task.pid = pid
+    task.handle = container
+    if task.message == "canceled":
+        runner._kill(task)
 
 
 def _skip_recorded_attempts(manager, used) -> None:
@@ -62,9 +148,10 @@ def _skip_recorded_attempts(manager, used) -> None:
                 task.attempt += 1
 
 
-def _end(runner: Runner, task: Task, code: int) -> None:
+def _end(runner: Runner, task: Task, code: Optional[int], message: Optional[str] = None) -> None:
     canceled = task.message == "canceled"
-    runner.manager.ended(task, code, time.time(), message=task.message, canceled=canceled)
+    runner.manager.ended(task, code, time.time(), message=message or task.message,
+                         canceled=canceled)
 
 
 def _again(runner: Runner, task: Task) -> None:
@@ -78,7 +165,8 @@ def _again(runner: Runner, task: Task) -> None:
 
 
 async def _watch(runner: Runner, task: Task) -> None:
-    """An adopted task: wait for its exit code, or for its wrapper to die."""
+    """An adopted task launched with the fence: wait for its exit code, or
+    for its wrapper to die."""
     attempts = runner.attempts
     record = attempts.path(task.seq, task.attempt)
     while True:
@@ -95,3 +183,24 @@ async def _watch(runner: Runner, task: Task) -> None:
             break
         await asyncio.sleep(POLL_S)
     runner.pump()
+
+
+async def _watch_keys(runner: Runner, tasks: Dict[str, Task]) -> None:
+    """Adopted keyed tasks: one claim for all of them every KEY_POLL_S
+    (a known key is only read), until each has ended."""
+    step = protocol.MAX_KEYS_PER_REQUEST
+    while tasks:
+        await asyncio.sleep(KEY_POLL_S)
+        keys = list(tasks)
+        for i in range(0, len(keys), step):
+            try:
+                reply = await runner.client.claim(keys[i:i + step])
+            except Exception as exc:         # nrmd restarting: ask again
+                log.warning("asking nrmd about adopted tasks: %s", exc)
+                break
+            for key, state in reply["keys"].items():
+                task = tasks.get(key)
+                if task is not None and _settle_key(runner, task, state):
+                    del tasks[key]
+                    runner.ended_key(key)
+        runner.pump()

@@ -36,6 +36,10 @@ from nrm.pilot.scheduler import Pool
 
 log = logging.getLogger("nrm.pilot")
 
+#: ended keyed attempts per ``forget`` request: nrmd keeps 16384 keys per
+#: user, a pilot holds its in-flight ones plus at most this many
+FORGET_BATCH = 1024
+
 
 def tasks_per_node_slurm(counts: List[int]) -> str:
     """Slurm's run-length form: ``2(x3),1``."""
@@ -58,7 +62,8 @@ class Runner:
         self.wd = os.path.abspath(wd)
         self.manager = Manager(pool, self.wd, on_final)
         #: with both, the pilot can be resumed: states are journaled, tasks run
-        #: detached from this connection under a wrapper that records them
+        #: detached from this connection, with task keys nrmd keeps or under a
+        #: wrapper that records them (nrm/pilot/attempts.py)
         self.journal = journal
         self.attempts = attempts
         if journal is not None:
@@ -78,6 +83,9 @@ class Runner:
         self._inflight: set = set()
         self._done = asyncio.Event()
         self.rejected = 0
+        #: keyed attempts that have ended, for nrmd to forget in batches
+        self._ended_keys: List[str] = []
+        self._forgetting: Optional[asyncio.Future] = None
 
     # ------------------------------------------------------------ input ---
     def handle(self, req: Request) -> Dict[str, Any]:
@@ -215,7 +223,8 @@ class Runner:
             manifest = self.manifest_for(task, len(cpus))
             env = self.task_env(task, alloc, cpus, wd)
             argv = models.wrap(task, alloc, self.argv_for(task), env)
-            if self.attempts is not None:
+            plain = argv
+            if self.attempts is not None and not self.attempts.keyed:
                 argv = self.attempts.wrap(task.seq, task.attempt, argv, env.get("PATH"), wd)
         except Exception as exc:              # a bad wd, manifest: the task fails
             self.manager.ended(task, None, now, message=str(exc))
@@ -237,16 +246,31 @@ class Runner:
         code: Optional[int] = None
         message = None
         real_start = None
-        container = None
+        container = key = None
         if self.attempts is not None:
             container = self.attempts.container(task.seq, task.attempt)
+            if self.attempts.keyed:
+                key = self.attempts.key(task.seq, task.attempt)
         try:
             if self.journal is not None:
                 self.journal.write()              # no launch the journal does not know
-            result = await self.client.run(
-                manifest, argv, env=env, cwd=wd, output=False, on_started=started,
-                wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus,
-                container=container, detach=container is not None, follow=True)
+            try:
+                result = await self.client.run(
+                    manifest, argv, env=env, cwd=wd, output=False, on_started=started,
+                    wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus,
+                    container=container, detach=container is not None, follow=True, key=key)
+            except NrmError as exc:
+                if exc.code != "keys_full":
+                    raise
+                # nrmd holds as many keys of this user as it keeps (other
+                # pilots' not forgotten): this launch goes under the fence
+                log.warning("%s: %s; launching it with the fence", task.name, exc)
+                key = None
+                argv = self.attempts.wrap(task.seq, task.attempt, plain, env.get("PATH"), wd)
+                result = await self.client.run(
+                    manifest, argv, env=env, cwd=wd, output=False, on_started=started,
+                    wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus,
+                    container=container, detach=True, follow=True)
             code = result.status
             task.pid = result.pid
             if result.started_at is not None:    # nrmd's monotonic clock, this node's
@@ -259,7 +283,44 @@ class Runner:
             log.exception("%s: launch failed", task.name)
         self.manager.ended(task, code, time.time(), message=message or task.message,
                            canceled=task.message == "canceled", real_start=real_start)
+        if key is not None:
+            self.ended_key(key)
         self.pump()
+
+    # ------------------------------------------------------------- keys ---
+    def ended_key(self, key: str) -> None:
+        """A keyed attempt has ended in the journal: nrmd may forget its key
+        once that record is durable (a successor reads the journal then)."""
+        self._ended_keys.append(key)
+        if len(self._ended_keys) >= FORGET_BATCH and self._forgetting is None:
+            self._forgetting = asyncio.ensure_future(self._forget())
+
+    async def _forget(self) -> None:
+        try:
+            while len(self._ended_keys) >= FORGET_BATCH:
+                keys, self._ended_keys = self._ended_keys, []
+                await self.journal.durable()
+                step = protocol.MAX_KEYS_PER_REQUEST
+                for i in range(0, len(keys), step):
+                    await self.client.forget(keys[i:i + step])
+        except Exception as exc:        # nrmd keeps them: forgotten by prefix at the end
+            log.warning("could not make nrmd forget ended task keys: %s", exc)
+        finally:
+            self._forgetting = None
+
+    async def forget_keys(self) -> None:
+        """The pilot is over: every key of its attempts goes (its journal
+        records every end, durably)."""
+        if self.attempts is None or not self.attempts.keyed:
+            return
+        if self._forgetting is not None:
+            await asyncio.gather(self._forgetting, return_exceptions=True)
+        try:
+            await self.journal.durable()
+            await self.client.forget(prefix=self.attempts.key_prefix)
+            self._ended_keys.clear()
+        except Exception as exc:
+            log.warning("could not make nrmd forget this pilot's task keys: %s", exc)
 
 
 def _quiet(fut: asyncio.Future) -> None:
