@@ -22,7 +22,9 @@ import dataclasses
 import difflib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Dict, List, Optional, Tuple
 
 from nrm.hpc import mpi
@@ -86,13 +88,20 @@ class _Bad(ValueError):
 
 # ------------------------------------------------------------------ model ---
 
-@dataclass(frozen=True)
+#: the parsed descriptions are frozen, and slotted where Python allows it
+#: (3.10+): a pilot holds one per job, 10 000s of them
+_FROZEN: Dict[str, Any] = {"frozen": True}
+if sys.version_info >= (3, 10):
+    _FROZEN["slots"] = True
+
+
+@dataclass(**_FROZEN)
 class IterScheduler:
     name: str                  # maximum-iters | split-into
     params: Dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(**_FROZEN)
 class Count:
     """numCores or numNodes: exact, or a min/max range (as many as free)."""
     exact: Optional[int] = None
@@ -109,7 +118,7 @@ class Count:
         return self.exact if self.exact is not None else self.max
 
 
-@dataclass(frozen=True)
+@dataclass(**_FROZEN)
 class Execution:
     exec: Optional[str] = None
     args: Tuple[str, ...] = ()
@@ -125,7 +134,7 @@ class Execution:
     model_opts: Dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(**_FROZEN)
 class Iteration:
     start: int = 0
     stop: int = 0
@@ -143,13 +152,13 @@ class Iteration:
         return self.values[index] if self.values is not None else index
 
 
-@dataclass(frozen=True)
+@dataclass(**_FROZEN)
 class NrmOptions:
     manifest: Optional[str] = None     # absolute path
     power: Optional[str] = None        # a manifest power policy
 
 
-@dataclass(frozen=True)
+@dataclass(**_FROZEN)
 class JobSpec:
     name: str
     execution: Execution
@@ -158,8 +167,16 @@ class JobSpec:
     iteration: Optional[Iteration] = None
     after: Tuple[str, ...] = ()
     nrm: NrmOptions = field(default_factory=NrmOptions)
-    #: the description as given, for jobs.report
+    #: what jobs.report repeats of the description as given (execution and
+    #: resources): the rest of it is not held for every job
     raw: Dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+NO_NRM_OPTIONS = NrmOptions()
+#: the keys of a job description that jobs.report repeats as given
+REPORTED_KEYS = ("execution", "resources")
+#: the empty env and model_opts, one read-only mapping for every job
+_NONE: Any = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -274,10 +291,12 @@ def _execution(d: Any) -> Execution:
     if d.get("modules") is not None:
         modules = _str_list(d["modules"], "execution.modules", allow_str=True)
     return Execution(
-        exec=exe, args=args, script=script, env=dict(env), wd=_opt_str(d, "wd", "execution"),
+        exec=exe, args=args, script=script, env=dict(env) if env else _NONE,
+        wd=_opt_str(d, "wd", "execution"),
         stdin=_opt_str(d, "stdin", "execution"), stdout=_opt_str(d, "stdout", "execution"),
         stderr=_opt_str(d, "stderr", "execution"), modules=modules,
-        venv=_opt_str(d, "venv", "execution"), model=model, model_opts=dict(opts))
+        venv=_opt_str(d, "venv", "execution"), model=model,
+        model_opts=dict(opts) if opts else _NONE)
 
 
 def _count(value: Any, where: str) -> Count:
@@ -367,8 +386,9 @@ def parse_job(d: Any, base_dir: str = ".") -> JobSpec:
         deps = _keys(d["dependencies"], "dependencies", DEPENDENCY_KEYS)
         after = () if deps.get("after") is None else _str_list(deps["after"],
                                                                "dependencies.after")
-    nrm = NrmOptions() if d.get("nrm") is None else _nrm_options(d["nrm"], base_dir)
-    return JobSpec(name, execution, cores, nodes, iteration, after, nrm, raw=d)
+    nrm = NO_NRM_OPTIONS if d.get("nrm") is None else _nrm_options(d["nrm"], base_dir)
+    return JobSpec(name, execution, cores, nodes, iteration, after, nrm,
+                   raw={k: d[k] for k in REPORTED_KEYS if k in d})
 
 
 # ----------------------------------------------------------- the request ---

@@ -85,13 +85,10 @@ class Manager:
             shape = shape_of(cores, nodes)
             if not self.pool.fits_ever(shape):
                 return error(f"Not enough resources for job {name}")
-            job = Job(spec, name, req.index, next(self._seq))
+            job = Job(spec, name, req.index, next(self._seq), base, self.root_wd)
             it = spec.iteration
             for index in (it.indexes() if it is not None else (None,)):
-                variables = dict(base, jname=name, uniq=f"{base['uniq']}.{index or 0}",
-                                 it=index if index is not None else "",
-                                 itval=it.value(index) if it is not None else "")
-                task = Task(job, index, variables, cores, nodes, next(self._seq))
+                task = Task(job, index, cores, nodes, next(self._seq))
                 task.shape = shape
                 job.tasks.append(task)
                 self.by_seq[task.seq] = task
@@ -192,8 +189,6 @@ class Manager:
             self.record({"t": "p", "n": task.seq, "a": attempt, "al": alloc.parts, "now": now})
         self._set(task, SCHEDULED, now)
         self.running[task.name] = task
-        task.variables.update(root_wd=self.root_wd, ncores=alloc.ncores,
-                              nnodes=len(alloc.parts), nlist=",".join(alloc.nodes))
 
     def started(self, task: Task, now: float) -> None:
         if not self.replaying:

@@ -76,20 +76,24 @@ class Allocation:
 
 
 class Task:
-    """One schedulable unit: a whole job, or one iteration of it."""
+    """One schedulable unit: a whole job, or one iteration of it.
 
-    __slots__ = ("job", "index", "name", "state", "history", "variables", "cores",
+    Slotted, with its ``${...}`` variables built when asked for (from its
+    job's request-wide ones, its index and its allocation) and its history
+    kept flat: a pilot holds 10 000s of tasks, and a dict of 13-17 variables
+    and a tuple per state change were most of each one's memory."""
+
+    __slots__ = ("job", "index", "name", "state", "_log", "cores",
                  "nodes", "allocation", "wd", "exit_code", "started", "ended", "attempt",
                  "seq", "message", "pid", "handle", "shape")
 
-    def __init__(self, job: "Job", index: Optional[int], variables: Dict[str, Any],
+    def __init__(self, job: "Job", index: Optional[int],
                  cores: Optional[Count], nodes: Optional[Count], seq: int):
         self.job = job
         self.index = index
         self.name = job.name if index is None else f"{job.name}:{index}"
         self.state = QUEUED
-        self.history: List[Tuple[str, float]] = []
-        self.variables = variables
+        self._log: List[Any] = []         # state, time, state, time, ...
         self.cores, self.nodes = cores, nodes
         self.allocation: Optional[Allocation] = None
         self.wd: Optional[str] = None
@@ -105,7 +109,27 @@ class Task:
 
     def set_state(self, state: str, now: float) -> None:
         self.state = state
-        self.history.append((state, now))
+        self._log += (state, now)
+
+    @property
+    def history(self) -> List[Tuple[str, float]]:
+        return list(zip(self._log[::2], self._log[1::2]))
+
+    @property
+    def variables(self) -> Dict[str, Any]:
+        """Its request's variables, its own (jname, uniq, it, itval) and,
+        once placed, its allocation's (root_wd, ncores, nnodes, nlist)."""
+        job, index = self.job, self.index
+        base = job.variables
+        it = job.spec.iteration
+        v = dict(base, jname=job.name, uniq=f"{base['uniq']}.{index or 0}",
+                 it=index if index is not None else "",
+                 itval=it.value(index) if it is not None else "")
+        alloc = self.allocation
+        if alloc is not None:
+            v.update(root_wd=job.root_wd, ncores=alloc.ncores, nnodes=len(alloc.parts),
+                     nlist=",".join(alloc.nodes))
+        return v
 
     @property
     def final(self) -> bool:
@@ -119,21 +143,33 @@ class Task:
 
 
 class Job:
-    """A registered job: its description, its tasks, its own state."""
+    """A registered job: its description, its tasks, its own state, and
+    the variables its request defined (shared by the request's jobs)."""
 
-    def __init__(self, spec: JobSpec, name: str, request: int, seq: int):
+    __slots__ = ("spec", "name", "request", "seq", "state", "_log", "tasks", "after",
+                 "finished_tasks", "failed_tasks", "messages", "reported", "variables",
+                 "root_wd")
+
+    def __init__(self, spec: JobSpec, name: str, request: int, seq: int,
+                 variables: Optional[Dict[str, Any]] = None, root_wd: str = ""):
         self.spec = spec
         self.name = name
         self.request = request
         self.seq = seq
         self.state = QUEUED
-        self.history: List[Tuple[str, float]] = []
+        self._log: List[Any] = []         # state, time, state, time, ...
         self.tasks: List[Task] = []
         self.after: Tuple[str, ...] = spec.after
         self.finished_tasks = 0
         self.failed_tasks = 0
         self.messages: List[str] = []
         self.reported = False
+        self.variables: Dict[str, Any] = variables if variables is not None else {"uniq": ""}
+        self.root_wd = root_wd
+
+    @property
+    def history(self) -> List[Tuple[str, float]]:
+        return list(zip(self._log[::2], self._log[1::2]))
 
     @property
     def iterative(self) -> bool:
@@ -144,10 +180,10 @@ class Job:
         return self.state in FINAL
 
     def set_state(self, state: str, now: float) -> None:
-        if self.state == state and self.history:
+        if self.state == state and self._log:
             return
         self.state = state
-        self.history.append((state, now))
+        self._log += (state, now)
 
     def task_state_changed(self, task: Task, now: float) -> bool:
         """Follow a task's new state; True when the job became final."""

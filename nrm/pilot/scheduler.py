@@ -45,13 +45,18 @@ def parse_nodes(text: str) -> List[Tuple[str, int]]:
     return nodes
 
 
+#: one tuple per distinct shape, shared by every job of that shape
+_SHAPES: Dict[Shape, Shape] = {}
+
+
 def shape_of(cores: Optional[Count], nodes: Optional[Count]) -> Shape:
     if nodes is None:
-        c = cores or Count(exact=1)
-        return (c.lowest, c.highest, 0, 0)
-    if cores is None:
-        return (0, 0, nodes.lowest, nodes.highest)
-    return (cores.lowest, cores.highest, nodes.lowest, nodes.highest)
+        shape: Shape = (1, 1, 0, 0) if cores is None else (cores.lowest, cores.highest, 0, 0)
+    elif cores is None:
+        shape = (0, 0, nodes.lowest, nodes.highest)
+    else:
+        shape = (cores.lowest, cores.highest, nodes.lowest, nodes.highest)
+    return _SHAPES.setdefault(shape, shape)
 
 
 class Pool:

@@ -174,7 +174,7 @@ def test_scheduler_skips_cancelled_lazily():
     pool = Pool(parse_nodes("1"))
     sched = Scheduler(pool)
     job = model.Job(jobfile.parse_job(spec("a", iteration={"stop": 3})), "a", 1, 0)
-    tasks = [model.Task(job, i, {}, None, None, i) for i in range(3)]
+    tasks = [model.Task(job, i, None, None, i) for i in range(3)]
     for t in tasks:
         sched.push(t)
     tasks[0].state = "CANCELED"
