@@ -30,7 +30,7 @@ import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from nrm.pilot import models
-from nrm.pilot.model import QUEUED, Allocation, Task, substitute
+from nrm.pilot.model import QUEUED, Allocation, Task
 from nrm.pilot.runner import Runner
 from nrm.pilot.scheduler import Pool
 from nrm.pilot.wire import ManagerEndpoint, make_keys
@@ -208,15 +208,12 @@ class ClusterRunner(Runner):
             self._done.set()
 
     def _send(self, task: Task, alloc: Allocation, now: float) -> None:
-        ex = task.job.spec.execution
         node = alloc.parts[0][0]
         agent = self.agents.get(node)
         try:
             if agent is None:
                 raise RuntimeError(f"node {node} has no agent")
-            wd = os.path.join(self.wd, substitute(ex.wd, task.variables)) if ex.wd else self.wd
-            task.wd = wd
-            os.makedirs(wd, exist_ok=True)
+            wd = self.task_wd(task)
             cpus = self.real_cpus(alloc)
             env = self.task_env(task, alloc, cpus, wd)
             argv = models.wrap(task, alloc, self.argv_for(task), env, self.rank_manifest)

@@ -116,13 +116,17 @@ class Task:
         return list(zip(self._log[::2], self._log[1::2]))
 
     @property
+    def uniq(self) -> str:
+        return f"{self.job.variables['uniq']}.{self.index or 0}"
+
+    @property
     def variables(self) -> Dict[str, Any]:
         """Its request's variables, its own (jname, uniq, it, itval) and,
         once placed, its allocation's (root_wd, ncores, nnodes, nlist)."""
         job, index = self.job, self.index
         base = job.variables
         it = job.spec.iteration
-        v = dict(base, jname=job.name, uniq=f"{base['uniq']}.{index or 0}",
+        v = dict(base, jname=job.name, uniq=self.uniq,
                  it=index if index is not None else "",
                  itval=it.value(index) if it is not None else "")
         alloc = self.allocation
@@ -130,6 +134,11 @@ class Task:
             v.update(root_wd=job.root_wd, ncores=alloc.ncores, nnodes=len(alloc.parts),
                      nlist=",".join(alloc.nodes))
         return v
+
+    def expand(self, text: str) -> str:
+        """``text`` with this task's variables substituted; they are built
+        only for a text that names one (most launches have none)."""
+        return substitute(text, self.variables) if "${" in text else text
 
     @property
     def final(self) -> bool:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 from nrm import protocol
 from nrm.client import AsyncClient, NrmError
 from nrm.manifest import Manifest, Slice, load as load_manifest
-from nrm.pilot import model, models
+from nrm.pilot import models
 from nrm.pilot.attempts import Attempts
 from nrm.pilot.journal import Journal
 from nrm.pilot.jobfile import Request
@@ -81,6 +81,7 @@ class Runner:
         self.base_env = dict(os.environ)
         self._manifests: Dict[str, Manifest] = {}
         self._inflight: set = set()
+        self._wd_made = False
         self._done = asyncio.Event()
         self.rejected = 0
         #: keyed attempts that have ended, for nrmd to forget in batches
@@ -130,6 +131,22 @@ class Runner:
             await self._done.wait()
 
     # ----------------------------------------------------------- launch ---
+    def task_wd(self, task: Task) -> str:
+        """The task's working directory, made if need be. The pilot's own
+        (most tasks') is made once: a mkdir per launch is two system calls,
+        and on a cluster's shared file system a round trip to its server."""
+        wd_opt = task.job.spec.execution.wd
+        if wd_opt:
+            wd = os.path.join(self.wd, task.expand(wd_opt))
+            os.makedirs(wd, exist_ok=True)
+        else:
+            wd = self.wd
+            if not self._wd_made:
+                os.makedirs(wd, exist_ok=True)
+                self._wd_made = True
+        task.wd = wd
+        return wd
+
     def real_cpus(self, alloc: Allocation) -> List[int]:
         n = len(self.cpus)
         out = {self.cpus[(self.offsets[node] + core) % n] for node, cores in alloc.parts
@@ -151,14 +168,13 @@ class Runner:
 
     def task_env(self, task: Task, alloc: Allocation, cpus: List[int], wd: str) -> Dict[str, str]:
         env = dict(self.base_env)
-        v = task.variables
         nodes = alloc.nodes
         per_node = [len(c) for _, c in alloc.parts]
         ncores = alloc.ncores
         env.update({
             "QCG_PM_NNODES": str(len(nodes)), "QCG_PM_NODELIST": ",".join(nodes),
             "QCG_PM_NPROCS": str(ncores), "QCG_PM_NTASKS": str(ncores),
-            "QCG_PM_STEP_ID": str(v["uniq"]),
+            "QCG_PM_STEP_ID": task.uniq,
             "QCG_PM_TASKS_PER_NODE": ",".join(map(str, per_node)),
             "QCG_PM_CPU_SET": ",".join(map(str, cpus)),
         })
@@ -181,15 +197,14 @@ class Runner:
         if task.job.spec.execution.model == "threads":
             env["OMP_NUM_THREADS"] = str(ncores)
         for key, value in task.job.spec.execution.env.items():
-            env[key] = model.substitute(value, v)
+            env[key] = task.expand(value)
         return env
 
     def argv_for(self, task: Task) -> List[str]:
         """The command, wrapped in a shell only when the job needs one (a
         script, modules, a venv, redirections)."""
         ex = task.job.spec.execution
-        v = task.variables
-        sub = lambda s: model.substitute(s, v)  # noqa: E731
+        sub = task.expand
         prefix: List[str] = []
         if ex.modules:
             prefix.append("source /etc/profile && module load "
@@ -212,13 +227,9 @@ class Runner:
         return ["bash", "-c", " && ".join(prefix + [body]), "bash"] + command
 
     async def _launch(self, task: Task, alloc: Allocation) -> None:
-        ex = task.job.spec.execution
         now = time.time()
         try:
-            wd = os.path.join(self.wd, model.substitute(ex.wd, task.variables)) if ex.wd \
-                else self.wd
-            task.wd = wd
-            os.makedirs(wd, exist_ok=True)
+            wd = self.task_wd(task)
             cpus = self.real_cpus(alloc)
             manifest = self.manifest_for(task, len(cpus))
             env = self.task_env(task, alloc, cpus, wd)
