@@ -85,6 +85,11 @@ class ApiServer:
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
+        except asyncio.CancelledError:
+            # the pilot ends with this client still connected (LocalManager's
+            # finish): ending cancelled would make Python 3.11's stream
+            # server print a traceback on the pilot's stderr
+            pass
         finally:
             writer.close()
 
