@@ -230,6 +230,7 @@ class Manager:
         if task.allocation is not None and not self.replaying:
             self.pool.release(task.allocation)
         task.ended = now
+        task.handle = None                  # nothing left to cancel
         if task.started is None:
             task.started = now
         task.exit_code = -1 if exit_code is None else exit_code
@@ -262,7 +263,7 @@ class Manager:
         for job in jobs:
             if job.final:
                 continue
-            job.messages.append("a dependency did not succeed")
+            job.messages += ("a dependency did not succeed",)
             for task in job.tasks:
                 if not task.final:
                     self.final_tasks += 1

@@ -171,7 +171,7 @@ class Job:
         self.after: Tuple[str, ...] = spec.after
         self.finished_tasks = 0
         self.failed_tasks = 0
-        self.messages: List[str] = []
+        self.messages: Tuple[str, ...] = ()
         self.reported = False
         self.variables: Dict[str, Any] = variables if variables is not None else {"uniq": ""}
         self.root_wd = root_wd
