@@ -15,7 +15,8 @@ this machine), and the manager's RSS with its agents connected (before the submi
 at the end.
 
 Baseline, same run: the pure manager (submit, place, end; no channel) over
-the same pool and job, in this process: the rate its own logic allows.
+the same pool and job, in this process (median of 3): the rate its own
+logic allows.
 
 ``--nodes 1,4,16,64`` picks the counts; ``--nrmd`` also runs up to 4 nodes
 with a real nrmd per agent and ``/bin/true`` (the machine's 2 cores then
@@ -29,6 +30,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -209,7 +211,7 @@ def main() -> None:
     counts = [int(n) for n in args.nodes.split(",")]
     out: dict = {"load_average_before": loadavg(), "stand_in": []}
     for n in counts:
-        base = pure_rate(n, args.tasks)
+        base = statistics.median(pure_rate(n, args.tasks) for _ in range(3))
         res = run_child(n, args.tasks, False)
         res["pure_manager_tasks_per_s"] = base
         res["ratio_to_pure_manager"] = res["steady_tasks_per_s"] / base
