@@ -3,9 +3,9 @@
 Two measurements, each against a baseline taken in the same run:
 
 * the pure manager (submit, place, end; no I/O) in a fresh interpreter per
-  round: RSS after its imports and the request's JSON text (the baseline),
-  with the 10 000 jobs queued (parsed from that text, which is then
-  dropped) and after all of them ran; microseconds per task for the parse,
+  round: RSS after its imports (the baseline) and with the request's JSON
+  text made, with the 10 000 jobs queued (parsed from that text, which is
+  then dropped) and after all of them ran; microseconds per task for the parse,
   the submit and the run (scheduling = submit + run),
   at 1/10, 1 and 3 times the size (a cost per task that stays flat as the
   queue grows is what "no scan of the whole queue per event" looks like),
@@ -73,9 +73,11 @@ def child(n: int, shape: str, freeze: bool) -> dict:
     from nrm.pilot import jobfile
     from nrm.pilot.manager import Manager
     from nrm.pilot.scheduler import Pool
-    text = jobs_json(n, shape)            # what the pilot reads from its file or socket
     gc.collect()
     out = {"rss_imports_mb": rss_mb()["VmRSS"]}
+    text = jobs_json(n, shape)            # what the pilot reads from its file or socket
+    gc.collect()
+    out["rss_with_request_text_mb"] = rss_mb()["VmRSS"]
     t0 = time.perf_counter()
     req = jobfile.parse_requests(json.loads(text)).requests[0]
     t1 = time.perf_counter()
