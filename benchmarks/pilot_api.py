@@ -9,11 +9,12 @@ nrmd, so a change of load hits them alike:
 
 * ``qcg``: ``nrm.pilot.qcg.LocalManager`` (the pilot a subprocess, over its
   Unix socket; journal, fdatasync before the acknowledgement, the task
-  under ``nrm-pilot-fence``), ``submit`` then ``wait4``;
+  launched with a task key, or under ``nrm-pilot-fence`` where nrmd's keys
+  are not exact), ``submit`` then ``wait4``;
 * ``native``: the asyncio API the CLI sits on (``Runner.handle`` in this
   process, no journal, no wrapper), then ``wait_done``;
-* ``native_journaled``: the same with the journal and the fence, as the
-  CLI runs it;
+* ``native_journaled``: the same with the journal and the attempts (task
+  keys or the fence, as the CLI chooses: ``attempts_keyed`` in the output);
 * ``client`` (the baseline): ``nrm.client.AsyncClient.run`` of the same
   command and manifest straight on the same nrmd.
 
@@ -100,6 +101,7 @@ class Variants:
         self.lat: dict = {}
         self.nrmd_lat: dict = {}
         self.submit_rtt: list = []
+        self.keyed = None
         saved = dict(os.environ)
         os.environ.update(nrmd.env)
         try:
@@ -139,12 +141,13 @@ class Variants:
         wd = os.path.join(self.work, key)
         os.makedirs(wd, exist_ok=True)
         journal = attempts = None
-        if journaled:
-            aux = tempfile.mkdtemp(prefix="aux-", dir=wd)
-            journal = Journal(os.path.join(aux, "journal.jsonl"))
-            attempts = Attempts(aux, "bench")
         starts: dict = {}
         async with AsyncClient(self.rundir) as client:
+            if journaled:
+                aux = tempfile.mkdtemp(prefix="aux-", dir=wd)
+                journal = Journal(os.path.join(aux, "journal.jsonl"))
+                attempts = Attempts(aux, os.path.basename(aux))
+                self.keyed = attempts.use_keys(await client.status())
             runner = Runner(Pool([("n0", 2)]), wd, client, journal=journal, attempts=attempts,
                             on_final=lambda item: None)
             sink = runner.manager.record
@@ -169,6 +172,8 @@ class Variants:
                 self._add(key, t0, path, None if real is None else real - wall0 + t0)
             if runner._inflight:
                 await asyncio.gather(*list(runner._inflight), return_exceptions=True)
+            if journaled:
+                await runner.forget_keys()
         if journal is not None:
             journal.close()
 
@@ -217,6 +222,7 @@ def main() -> None:
     out["submit_to_task_started"] = {k: quantiles(x) for k, x in v.lat.items()}
     out["submit_to_nrmd_started"] = {k: quantiles(x) for k, x in v.nrmd_lat.items()}
     out["qcg_submit_round_trip"] = quantiles(v.submit_rtt)
+    out["attempts_keyed"] = v.keyed
     base = out["submit_to_task_started"]["client"]["p50_ms"]
     out["p50_ratio_vs_client"] = {k: round(q["p50_ms"] / base, 2)
                                   for k, q in out["submit_to_task_started"].items()}
