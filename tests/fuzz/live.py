@@ -14,7 +14,7 @@ from tests.nrmd import DaemonProcess
 #: docs/protocol.md, "Error codes"
 ERROR_CODES = {"malformed", "invalid", "version", "too_large", "manifest", "no_fit", "busy",
                "exec", "cwd", "sched", "denied", "not_found", "runtime", "hardware",
-               "unavailable", "internal"}
+               "unavailable", "duplicate", "fenced", "keys_full", "internal"}
 
 
 def start_daemon() -> DaemonProcess:

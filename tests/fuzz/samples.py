@@ -17,7 +17,7 @@ def _plain(msg) -> dict:
 
 REQUESTS = [_plain(m) for m in (
     protocol.Run(id=1, manifest=_MANIFEST, argv=["/bin/true"], env={"A": "b"}, cwd="/",
-                 container="c1", cpus_allowed=[0], window=1 << 20),
+                 container="c1", cpus_allowed=[0], window=1 << 20, key="p.1.1"),
     protocol.Credit(id=1, consumed=65536),
     protocol.Signal(id=2, task="t1", signum=2),
     protocol.Kill(id=3, container="c1"),
@@ -26,6 +26,8 @@ REQUESTS = [_plain(m) for m in (
     protocol.Power(id=6),
     protocol.SetPower(id=7, watts=100.0),
     protocol.Report(id=8, container="c1"),
+    protocol.Claim(id=9, keys=["p.1.1", "p.2.1"]),
+    protocol.Forget(id=10, keys=["p.1.1"], prefix="p."),
 )]
 REQUEST_KEYS = sorted({f.name for t in protocol.Request.__args__
                        for f in msgspec.structs.fields(t)})
