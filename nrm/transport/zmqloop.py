@@ -85,9 +85,14 @@ class BatchReader:
             self.kick()
 
     def _wake(self) -> None:
+        """Drain a batch. After the first message, ZMQ_EVENTS says whether
+        another is pending: a wake-up for one message (a request of a
+        launch loop) then ends without a receive that fails with pyzmq's
+        Again (~2 us more); a burst is drained until Again, as before."""
         self._scheduled = False
         sock = self.sock
         copy = self.copy
+        first = True
         for _ in range(self.batch):
             try:
                 msg = recv_frames(sock, copy) if self.multipart else sock.recv(_NOBLOCK, copy=copy)
@@ -100,6 +105,13 @@ class BatchReader:
                 self.handle(msg)
             except Exception:
                 rl_log.error("handler failed; message dropped", exc_info=True)
+            if first:
+                first = False
+                try:
+                    if not sock.get(_EVENTS) & _POLLIN:
+                        return      # as in sent(): the next message signals ZMQ_FD
+                except zmq.ZMQError:
+                    pass            # closed meanwhile: the receive reports it, as before
         self.kick()
 
     def close(self) -> None:
