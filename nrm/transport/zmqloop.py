@@ -15,6 +15,7 @@ import logging
 from typing import Callable
 
 import zmq
+import zmq.backend
 
 from nrm.log import RateLimitedLog
 
@@ -30,12 +31,19 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
+# pyzmq's Socket.send is a Python layer over the compiled backend's, for
+# DRAFT sockets' routing_id and group, which these frames never carry: the
+# backend's own send saves ~0.6 us per frame (4 frames per launch)
+_send = zmq.backend.Socket.send if issubclass(zmq.Socket, zmq.backend.Socket) else zmq.Socket.send
+
+
 def send_frames(sock: zmq.Socket, frames: list, copy: bool = True) -> None:
-    """``send_multipart(frames, NOBLOCK)``, minus the enum arithmetic."""
+    """``send_multipart(frames, NOBLOCK)``, minus the enum arithmetic and
+    pyzmq's Python layer."""
     more = _NOBLOCK | _SNDMORE
     for frame in frames[:-1]:
-        sock.send(frame, more, copy=copy)
-    sock.send(frames[-1], _NOBLOCK, copy=copy)
+        _send(sock, frame, more, copy)
+    _send(sock, frames[-1], _NOBLOCK, copy)
 
 
 def recv_frames(sock: zmq.Socket, copy: bool = True) -> list:
