@@ -6,8 +6,8 @@ real interposer and the emulated node's actuation (cgroup CPU bandwidth),
 with the oracle measured on the same machine in the same run.
 
 A private nrmd (``--hw emulated``) runs ``examples/patterns -p PATTERN``
-under ``nrm run --profile-json`` once per policy NONE, DDCM, DVFS, COMBINED
-and ORACLE, for ``--rounds`` rounds in ABBA order (the policy order reversed
+under ``nrm run --profile-json`` once per policy NONE, DDCM, DVFS, COMBINED,
+COUNTDOWN and ORACLE, for ``--rounds`` rounds in ABBA order (the policy order reversed
 every other round, so that a drift of the machine's load does not favour a
 policy). ORACLE is the manifest policy FIXED with settings computed here
 from the program's own work table (``patterns -W``): each rank pinned at
@@ -45,7 +45,7 @@ sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 
 import power_oracle as model  # noqa: E402  (the deterministic part: the model's oracle)
 
-LIVE_POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED", "ORACLE")
+LIVE_POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED", "COUNTDOWN", "ORACLE")
 LIVE_PATTERNS = ("static", "shifting", "phase-varying", "noisy", "random-walk", "balanced")
 FOUR_RANK = ("static4",)
 UNIT = 60_000_000

@@ -136,7 +136,7 @@ BAD_NRM = [
     ("hwbind", 2, "hwbind", "got 2"),
     ("app.perfwrapper", "yes please", "app.perfwrapper", "got 'yes please'"),
     ("app.power.policy", "TURBO", "app.power.policy",
-     "one of NONE, DDCM, DVFS, COMBINED, FIXED, got 'TURBO'"),
+     "one of NONE, DDCM, DVFS, COMBINED, FIXED, COUNTDOWN, got 'TURBO'"),
     ("app.power.profile", "sometimes", "app.power.profile", "got 'sometimes'"),
     ("app.power.damper", "-1ms", "app.power.damper", "got '-1ms'"),
     ("app.power.damper", "1 h", "app.power.damper", "got '1 h'"),

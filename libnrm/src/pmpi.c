@@ -13,8 +13,13 @@
  * so that ranks with different load addresses agree), which lets the
  * daemon predict each phase type's need.
  *
- * With NRM_TRANSMIT unset or 0 (or no NRM_DOWNSTREAM_URI) every wrapper is
- * one predictable branch in front of the PMPI call: no clock reads.
+ * With NRM_INWAIT_DELAY set the same wrappers also throttle the core of a
+ * rank that waits (inwait.h): a call site whose recent waits exceeded the
+ * delay arms a timer at entry, and the core is restored at exit.
+ *
+ * With neither NRM_TRANSMIT (unset or 0, or no NRM_DOWNSTREAM_URI) nor
+ * in-wait throttling every wrapper is one predictable branch in front of
+ * the PMPI call: no clock reads.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -27,6 +32,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "inwait.h"
 #include "nrm.h"
 #include "nrm_internal.h"
 #include "phase.h"
@@ -38,7 +44,9 @@
 #endif
 
 static struct {
-	int on;
+	int active;		/* on or in-wait throttling: the wrappers do work */
+	int on;			/* transmitting phase contexts */
+	int inwait;
 	int rank;
 	int locked;		/* MPI_THREAD_MULTIPLE: collectives may race */
 	pthread_mutex_t lock;
@@ -64,22 +72,29 @@ static void emit(const struct nrm_phase_msg *m)
 
 #define SITE_CACHE 16
 
+struct site {
+	const void *ret;
+	uint64_t id;
+	uint8_t waits;		/* in-wait: bit i set when the i-th last wait was long */
+};
+
 /*
  * The phase type of a collective called from `ret`: FNV-1a over the
  * calling object's name and the offset of `ret` in it, 48 bits, never 0.
  * dladdr() takes a lock and a search, so the last few sites are cached
- * (a program has few collective call sites).
+ * (a program has few collective call sites), with each site's recent
+ * wait history for the in-wait prediction.
  */
-static uint64_t site_of(const void *ret)
+static struct site *site_of(const void *ret)
 {
-	static __thread struct { const void *ret; uint64_t site; } cache[SITE_CACHE];
-	unsigned slot = (unsigned)(((uintptr_t)ret >> 2) % SITE_CACHE);
+	static __thread struct site cache[SITE_CACHE];
+	struct site *s = &cache[((uintptr_t)ret >> 2) % SITE_CACHE];
 	uint64_t h = 1469598103934665603ULL;
 	uintptr_t offset = (uintptr_t)ret;
 	Dl_info info;
 
-	if (cache[slot].ret == ret && cache[slot].site != 0)
-		return cache[slot].site;
+	if (s->ret == ret && s->id != 0)
+		return s;
 	if (dladdr(ret, &info) != 0 && info.dli_fbase != NULL) {
 		const char *name = info.dli_fname ? strrchr(info.dli_fname, '/') : NULL;
 
@@ -90,20 +105,28 @@ static uint64_t site_of(const void *ret)
 	}
 	for (unsigned i = 0; i < sizeof(offset); i++)
 		h = (h ^ ((offset >> (8 * i)) & 0xff)) * 1099511628211ULL;
-	h = (h & 0xffffffffffffULL) | 1;
-	cache[slot].ret = ret;
-	cache[slot].site = h;
-	return h;
+	s->ret = ret;
+	s->id = (h & 0xffffffffffffULL) | 1;
+	s->waits = 0;
+	return s;
 }
 
-static void phase_end(uint64_t entered, const void *ret)
+/* A wait at `s` entered at `entered` returned; `armed`: nrm_iw_enter armed it. */
+static void phase_end(uint64_t entered, struct site *s, int armed)
 {
 	struct nrm_phase_msg out[2];
 	uint64_t left = now_ns();
-	int cpu = sched_getcpu();
-	uint64_t site = site_of(ret);
+	uint64_t site = s->id;
+	int cpu;
 	int count;
 
+	if (armed)
+		nrm_iw_leave(left);
+	if (g.inwait)
+		s->waits = nrm_iw_learn(s->waits, left - entered, nrm_iw.delay_ns);
+	if (!g.on)
+		return;
+	cpu = sched_getcpu();
 	if (g.locked)
 		pthread_mutex_lock(&g.lock);
 	/* Under MPI_THREAD_MULTIPLE another thread's phase may have ended in
@@ -141,6 +164,8 @@ static void start(int provided)
 {
 	const char *name;
 
+	g.inwait = nrm_iw_init();
+	g.active = g.inwait;
 	if (!transmit_requested())
 		return;
 	name = getenv("NRM_APP_NAME");
@@ -154,6 +179,7 @@ static void start(int provided)
 	g.last_exit_ns = now_ns();
 	g.compute_start_ns = g.last_exit_ns;
 	g.on = 1;
+	g.active = 1;
 }
 
 int MPI_Init(int *argc, char ***argv)
@@ -178,6 +204,11 @@ int MPI_Finalize(void)
 {
 	struct nrm_phase_msg m;
 
+	if (g.inwait) {
+		g.inwait = 0;
+		nrm_iw_fini();
+	}
+	g.active = 0;
 	if (g.on) {
 		g.on = 0;
 		if (nrm_phase_flush(&g.agg, &m))
@@ -189,16 +220,21 @@ int MPI_Finalize(void)
 	return PMPI_Finalize();
 }
 
-#define NRM_PHASE(pcall)                        \
-	do {                                    \
-		uint64_t entered_;              \
-		int rc_;                        \
-		if (!g.on)                      \
-			return pcall;           \
-		entered_ = now_ns();            \
-		rc_ = pcall;                    \
-		phase_end(entered_, __builtin_return_address(0)); \
-		return rc_;                     \
+#define NRM_PHASE(pcall)                                                \
+	do {                                                            \
+		struct site *site_;                                     \
+		uint64_t entered_;                                      \
+		int armed_ = 0;                                         \
+		int rc_;                                                \
+		if (!g.active)                                          \
+			return pcall;                                   \
+		entered_ = now_ns();                                    \
+		site_ = site_of(__builtin_return_address(0));           \
+		if (g.inwait && nrm_iw_predict(site_->waits))           \
+			armed_ = nrm_iw_enter();                        \
+		rc_ = pcall;                                            \
+		phase_end(entered_, site_, armed_);                     \
+		return rc_;                                             \
 	} while (0)
 
 int MPI_Barrier(MPI_Comm comm)

@@ -92,7 +92,7 @@ def build(mpicc: str, prefix: str) -> str:
         argv = [mpicc, "-std=gnu11", "-O2", "-g", "-fPIC", "-shared", *include,
                 f"-Wl,-soname,{name}", "-o", out, os.path.join(src, "pmpi.c"),
                 f"-L{libnrm_dir}", f"-Wl,-rpath,{libnrm_dir}", "-Wl,-rpath,$ORIGIN",
-                "-lnrm", "-pthread"]
+                "-lnrm", "-lrt", "-pthread"]
         proc = _run(argv)
         if proc.returncode != 0 or not os.path.exists(out):
             sys.stderr.write(proc.stderr)

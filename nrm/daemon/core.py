@@ -151,9 +151,13 @@ class Daemon:
             raise StartupError(str(exc)) from None
         topology = self.platform.topology if self.platform else _topology(self.config.hw_root)
         self.resources = ResourceManager(topology)
+        from nrm.power.waitthrottle import WaitThrottleActuation
+        runtime = self.runtime
+        self.wait_throttle = WaitThrottleActuation(self.platform, self.rundir,
+                                                   lambda c: runtime.pids(c.handle))
         try:
             task_env = TaskEnvironment(self.rundir, self.config.seed_downstream,
-                                       self.config.pmpi_lib)
+                                       self.config.pmpi_lib, self.wait_throttle.environment)
             self.containers = ContainerManager(self.runtime, self.resources, self.publish,
                                                task_env, self.loop, spawners=spawners,
                                                wants=self.wants)
@@ -245,6 +249,7 @@ class Daemon:
         from nrm.power.profiles import ProfileListener
         self.policies = PowerPolicyManager(self.platform, self.publish)
         self.containers.listeners.append(self.policies)
+        self.containers.listeners.append(self.wait_throttle)
         self.containers.listeners.append(
             ProfileListener(self.power, getattr(self.runtime, "cpu_time", None)))
         self.containers.listeners.append(ApplicationsListener(self.apps, self.app_events))

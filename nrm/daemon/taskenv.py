@@ -4,20 +4,24 @@ A task learns where to report (the downstream endpoint, its container and
 task ids, the seed-era names older programs read), and, under a power
 policy, gets the PMPI interposer preloaded: the one matching the MPI its
 launcher belongs to, since an MPICH interposer in an Open MPI program
-finds none of its symbols.
+finds none of its symbols. When the container's policy throttles inside
+MPI waits and the node has an actuator for it, the interposer is told how
+(``NRM_INWAIT_*``, nrm.power.waitthrottle).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from nrm import paths
 from nrm.hpc import mpi
 
 
 class TaskEnvironment:
-    def __init__(self, rundir: str, seed_downstream: Optional[str], pmpi_lib: Optional[str]):
+    def __init__(self, rundir: str, seed_downstream: Optional[str], pmpi_lib: Optional[str],
+                 wait_throttle: Optional[Callable[..., Dict[str, str]]] = None):
         self.rundir = rundir
+        self.wait_throttle = wait_throttle
         self.seed_downstream = seed_downstream
         self.pmpi_lib = pmpi_lib
         self.downstream_uri = paths.downstream_uri(rundir)
@@ -46,4 +50,8 @@ class TaskEnvironment:
                 out["LD_PRELOAD"] = f"{lib} {pre}" if pre else lib
             out["NRM_TRANSMIT"] = "1"
             out["NRM_DAMPER"] = f"{power.damper:.9f}"
+        for name in [k for k in out if k.startswith("NRM_INWAIT_")]:
+            del out[name]   # only nrmd decides whether a rank throttles
+        if self.wait_throttle is not None:
+            out.update(self.wait_throttle(container))
         return out

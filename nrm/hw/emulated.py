@@ -54,6 +54,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from nrm.hw.registry import (ControlInfo, HardwareError, Platform, Sample, SignalInfo,
                              node_power, package_entry)
+from nrm.hw.waitcounters import ThreadLedger, read as read_wait_counters
 from nrm.hw.topology import read_topology
 from nrm.log import RateLimitedLog
 
@@ -224,6 +225,9 @@ class EmulatedPlatform(Platform):
             self._reasons.append(f"no {self._stat_path}: utilisation modelled as 0")
         # actuation state
         self._provider: Optional[Callable[[], Iterable[int]]] = None
+        self._wait_counters: Optional[Callable[[], Iterable[Tuple[str, Iterable[int]]]]] = None
+        self._ledger = ThreadLedger()
+        self._wait_discount_ns = 0
         self._quota: Dict[int, int] = {}
         self._slowed: Set[int] = set()
         self._groups: Set[int] = set()
@@ -348,6 +352,10 @@ class EmulatedPlatform(Platform):
         neither raises its energy nor earns a DVFS discount on the hog's
         unslowed work. A thread seen for the first time only sets its
         baseline (its first model period, 0.1 s, is not billed).
+
+        In-wait throttling: the part of a thread's run time its rank
+        reported as spent throttled inside MPI waits is billed at the
+        throttled level's power (nrm.hw.waitcounters).
         """
         now = time.monotonic()
         try:
@@ -355,6 +363,7 @@ class EmulatedPlatform(Platform):
         except Exception as e:  # the provider belongs to the daemon: never die of it
             rl_log.warning("task provider failed: %r", e)
             return
+        counter_files = self._wait_counter_files()
         busy = {cpu: 0 for cpu in self._util}
         seen: Dict[int, int] = {}
         for pid in pids:
@@ -363,6 +372,8 @@ class EmulatedPlatform(Platform):
                 tids = [t for t in os.listdir(taskdir) if t.isdigit()]
             except OSError:
                 continue
+            path = counter_files.get(pid)
+            counters = read_wait_counters(path) if path else None
             for tid in tids:
                 try:
                     with open(os.path.join(taskdir, tid, "schedstat")) as f:
@@ -373,14 +384,34 @@ class EmulatedPlatform(Platform):
                     continue
                 seen[int(tid)] = run_ns
                 prev = self._run_prev.get(int(tid))
-                if prev is not None and cpu in busy and run_ns > prev:
-                    busy[cpu] += run_ns - prev
+                ran = run_ns - prev if prev is not None and run_ns > prev else 0
+                if counters is not None:
+                    off = self._ledger.discount(int(tid), counters.get(int(tid)), ran)
+                    ran -= off
+                    self._wait_discount_ns += off
+                if cpu in busy:
+                    busy[cpu] += ran
+        self._ledger.forget(seen)
         dt = now - self._t_billed
         if self._t_billed > 0 and dt > 0:
             for cpu in self._util:
                 self._util[cpu] = min(1.0, busy[cpu] / (dt * 1e9))
         self._t_billed = now
         self._run_prev = seen
+
+    def _wait_counter_files(self) -> Dict[int, str]:
+        """pid -> its rank's counter file, for the containers that throttle in waits."""
+        fn = self._wait_counters
+        if fn is None:
+            return {}
+        out: Dict[int, str] = {}
+        try:
+            for directory, pids in fn():
+                for pid in pids:
+                    out[int(pid)] = os.path.join(directory, str(int(pid)))
+        except Exception as e:  # the daemon's callable: never die of it
+            rl_log.warning("wait counter provider failed: %r", e)
+        return out
 
     def _update_power(self) -> None:
         o = self.options
@@ -460,6 +491,13 @@ class EmulatedPlatform(Platform):
 
     def set_task_provider(self, fn: Optional[Callable[[], Iterable[int]]]) -> None:
         self._provider = fn
+
+    def set_wait_counters(self, fn) -> None:
+        self._wait_counters = fn
+
+    def wait_throttle_target(self) -> Optional[Dict[str, Any]]:
+        """Ranks count their throttled waits in files this platform bills."""
+        return {"kind": "counters", "levels": self.duty_cycle_levels}
 
     def _thread_origin(self, proc: str, tid: int) -> str:
         try:
@@ -677,6 +715,7 @@ class EmulatedPlatform(Platform):
             placed = len(self._placed)
         return {"cgroup": self._base, "slowed_cpus": slowed, "placed_threads": placed,
                 "speed_factor": dict(self._k),
+                "wait_throttled_unbilled_s": self._wait_discount_ns / 1e9,
                 "model": {k: v for k, v in self.options.items()
                           if k not in ("cgroup_mount", "cgroup_name")}}
 

@@ -295,6 +295,38 @@ class Platform:
     def set_task_provider(self, fn: Optional[Callable[[], Iterable[int]]]) -> None:
         pass
 
+    def set_wait_counters(self, fn) -> None:
+        """``fn()`` -> ``(directory, pids)`` pairs: where each container's ranks
+        count their throttled waits (backends that bill them: emulated)."""
+
+    def wait_throttle_target(self) -> Optional[Dict[str, Any]]:
+        """How a rank can throttle its own core inside MPI waits, or None.
+
+        ``{"kind": "msr", "dir": ..., "bits": {level: bits 4:0 of 0x19A}}``
+        on hardware with msr-safe, ``{"kind": "counters"}`` on the emulated
+        node (docs/hardware.md, "In-wait throttling").
+        """
+        return None
+
+    def claim(self, name: str, indices: Iterable[int]) -> None:
+        """Save (and journal) the originals of a control that someone else
+        will write, so that ``restore`` puts them back: the interposer
+        writes clock modulation from the ranks, the daemon restores it."""
+        info = self.control_info(name)
+        with self._lock:
+            if self._closed:
+                raise HardwareError(f"{name}: platform is closed")
+            for index in indices:
+                i = self._check_index(info, index)
+                key = (name, i)
+                if key in self._saved:
+                    continue
+                original = self._snapshot(name, i)
+                if self._journal is not None:
+                    self._journal.append({"backend": self.backend_name, "name": name,
+                                          "index": i, "original": original})
+                self._saved[key] = original
+
     def describe(self) -> Dict[str, Any]:
         d = {
             "backend": self.backend_name,

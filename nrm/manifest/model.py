@@ -14,7 +14,7 @@ MAX_MANIFEST_BYTES = 64 * 1024
 FORMAT_VERSION = 1
 
 SCHED_POLICIES = ("SCHED_OTHER", "SCHED_FIFO", "SCHED_HPC")
-POWER_POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED", "FIXED")
+POWER_POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED", "FIXED", "COUNTDOWN")
 MAX_FIXED_SETTINGS = 4096
 """Entries of ``app.power.settings``: one per rank, far more than a node's cpus."""
 IMAGE_TYPES = ("sif", "docker")

@@ -51,6 +51,11 @@ SLOWDOWN_BUDGET = budget.BUDGET
 expected loss under this fraction of run time (policy/budget.py)."""
 
 
+WAIT_ONLY = ("NONE", "COUNTDOWN")
+"""Policies without per-phase decisions: COUNTDOWN is in-wait throttling alone, which the
+ranks do themselves (nrm.power.waitthrottle), with NONE's settings otherwise."""
+
+
 class _Active:
     def __init__(self, policy: ContainerPolicy, cpus: List[int]):
         self.policy = policy
@@ -79,7 +84,7 @@ class PowerPolicyManager:
     # -- lifecycle (ContainerListener) -------------------------------------
     def container_started(self, container) -> None:
         power = container.manifest.power
-        if power.policy == "NONE" or self.platform is None:
+        if power.policy in WAIT_ONLY or self.platform is None:
             return
         cpus = list(container.slice.cpus)
         freqs = {c: self.platform.frequencies(c) for c in cpus}

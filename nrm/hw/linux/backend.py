@@ -19,7 +19,8 @@ from nrm.hw.linux.energy import WrappingCounter
 from nrm.hw.linux.hwmon import Hwmon
 from nrm.hw.linux.msr import (IA32_CLOCK_MODULATION, MSR_DRAM_ENERGY_STATUS,
                               MSR_PKG_ENERGY_STATUS, ClockModulation, MsrAccess, MsrRapl,
-                              detect_extended_modulation)
+                              allowlist_refuses_clock_modulation, detect_extended_modulation,
+                              msr_safe_path)
 from nrm.hw.linux.powercap import Powercap, PowercapLimit
 from nrm.hw.linux.sysfs import AttrFile
 from nrm.hw.registry import (ControlInfo, HardwareError, Platform, Sample, SignalInfo,
@@ -342,6 +343,27 @@ class LinuxPlatform(Platform):
     def frequencies(self, cpu: int) -> List[float]:
         c = self._cpufreq.get(cpu)
         return list(c.available) if c else []
+
+    def wait_throttle_target(self) -> Optional[Dict[str, Any]]:
+        """msr-safe devices the ranks can write clock modulation through, if any.
+
+        The raw msr device is never handed out (it lets its user write any
+        register); msr-safe enforces an allowlist. Whether a given user may
+        write it is checked per container (``msr.writable_by``).
+        """
+        if self._clockmod is None:
+            return None
+        cpus = [c for c in self._clockmod_cpus if os.path.exists(msr_safe_path(self.root, c))]
+        if not cpus:
+            return None
+        why = allowlist_refuses_clock_modulation(self.root)
+        if why:
+            rl_log.warning("in-wait throttling unavailable: %s", why)
+            return None
+        return {"kind": "msr", "dir": os.path.join(self.root, "dev/cpu"), "cpus": cpus,
+                "levels": self.duty_cycle_levels,
+                "bits": {lv: 0x10 | q for lv in range(1, 16)
+                         if (q := self._clockmod.quantize(lv)) < 16}}
 
     def _describe_backend(self) -> Dict[str, Any]:
         return {"energy_source": self.energy_source, "paths": dict(self._paths),

@@ -21,9 +21,10 @@ import errno
 import logging
 import math
 import os
+import pwd
 import stat
 import struct
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from nrm.hw.linux.energy import WrappingCounter
 from nrm.hw.linux.sysfs import hw_error, reason, try_read_text
@@ -285,3 +286,59 @@ class ClockModulation:
     def put_back(self, cpu: int, original: int) -> None:
         cur = self.msr.read(cpu, IA32_CLOCK_MODULATION)
         self.msr.write(cpu, IA32_CLOCK_MODULATION, (cur & ~0x1F) | (int(original) & 0x1F))
+
+
+def msr_safe_path(root: str, cpu: int) -> str:
+    return os.path.join(root, "dev/cpu", str(cpu), "msr_safe")
+
+
+def writable_by(path: str, uid: int) -> bool:
+    """Whether a process of ``uid`` (with its passwd groups) may open ``path`` for writing.
+
+    The ranks, not the daemon, write clock modulation in waits, so it is
+    their permission that counts (msr-safe devices are usually group-owned
+    by a site group).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IWUSR)
+    try:
+        pw = pwd.getpwuid(uid)
+        groups: List[int] = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    except (KeyError, OSError):
+        groups = []
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IWGRP)
+    return bool(st.st_mode & stat.S_IWOTH)
+
+
+def allowlist_refuses_clock_modulation(root: str) -> Optional[str]:
+    """Why msr-safe's allowlist would refuse writes of 0x19A bits 4:0, or None.
+
+    None also when no allowlist can be read (it is often root-only): the
+    interposer then tests a write of the value it read before relying on it.
+    """
+    for name in ("msr_allowlist", "msr_whitelist"):
+        path = os.path.join(root, "dev/cpu", name)
+        text = try_read_text(path)
+        if text is None:
+            continue
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            if len(words) < 2:
+                continue
+            try:
+                reg, mask = int(words[0], 16), int(words[1], 16)
+            except ValueError:
+                continue
+            if reg == IA32_CLOCK_MODULATION:
+                if mask & 0x1F == 0x1F:
+                    return None
+                return f"{path} allows MSR 0x19A with write mask {mask:#x}, not 0x1f"
+        return f"{path} does not list MSR 0x19A (add '0x0000019A 0x000000000000001F')"
+    return None

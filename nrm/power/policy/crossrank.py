@@ -104,8 +104,8 @@ def cover(knob: str, need: float, grid: Sequence[float], levels: int) -> Tuple[f
     the need is below the lowest frequency and DDCM's is cheaper by
     ``relative_power`` (under 1/16 of full speed on the emulated grid), and
     keeps the duty cycle for the wait (level 1 inside a collective,
-    COUNTDOWN-style: modelled in benchmarks/power_oracle.py, not actuated
-    by nrmd; docs/policies.md). Trimming the level to the need at a
+    COUNTDOWN-style, applied by the ranks' interposer: nrm/power/policy/
+    inwait.py, docs/policies.md). Trimming the level to the need at a
     frequency is cheaper per phase but removes the slack of the frequency
     grid: over whole runs it was late often enough to save less than DVFS
     alone, so COMBINED does not do it.

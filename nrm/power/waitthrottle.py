@@ -1,0 +1,182 @@
+"""The daemon's side of in-wait throttling: who does it, how, and the restore.
+
+The ranks throttle their own cores inside MPI waits (the PMPI interposer,
+libnrm/src/inwait.h): a daemon round trip is too slow for waits of a
+millisecond. The daemon decides whether a container does it (its policy,
+``nrm.power.policy.inwait.for_policy``), tells its ranks how through their
+environment, and owns the safety net: on real hardware it saves every cpu's
+clock modulation before the container's ranks run (journaled, like any
+control it writes) and puts it back when the container ends, so a rank
+killed inside a throttled wait never leaves its core slow.
+
+Backends (``Platform.wait_throttle_target``):
+
+* ``msr``: the ranks write IA32_CLOCK_MODULATION through msr-safe. Offered
+  only when every cpu of the container has an ``msr_safe`` device the
+  container's user may write and the allowlist (when readable) lets bits
+  4:0 of 0x19A be written.
+* ``counters``: the emulated node. The ranks count their throttled time in
+  per-process files under ``<rundir>/inwait/<container>``, which the
+  platform reads and bills at the throttled level's power.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from nrm.hw.linux.msr import msr_safe_path, writable_by
+from nrm.hw.registry import HardwareError
+from nrm.hw.waitcounters import read as read_counters
+from nrm.power.policy.inwait import WaitThrottle, for_policy
+
+log = logging.getLogger(__name__)
+
+DUTY_CYCLE = "cpu.duty_cycle"
+
+
+@dataclass
+class _Throttling:
+    kind: str
+    setting: WaitThrottle
+    cpus: List[int]
+    env: Dict[str, str]
+    container: object
+    directory: Optional[str] = None
+    errors: List[str] = field(default_factory=list)
+
+
+class WaitThrottleActuation:
+    """Owns the in-wait throttling of containers whose policy carries it:
+    their ranks' environment, their counter directories (emulated node) and
+    the saved clock modulation of their cpus (hardware), restored at the
+    container's end (a container listener)."""
+
+    def __init__(self, platform, rundir: str, pids_of: Callable[[object], Iterable[int]]):
+        self.platform = platform
+        self.root = os.path.join(rundir, "inwait")
+        self.pids_of = pids_of
+        self.active: Dict[str, _Throttling] = {}
+        self.target = None
+        if platform is not None:
+            try:
+                self.target = platform.wait_throttle_target()
+            except HardwareError as exc:
+                log.warning("in-wait throttling unavailable: %s", exc)
+        if self.target is not None and self.target["kind"] == "counters":
+            platform.set_wait_counters(self.counter_dirs)
+        if self.target is None:
+            log.info("in-wait throttling: no actuator on this node (needs msr-safe or the "
+                     "emulated node)")
+        else:
+            log.info("in-wait throttling through %s", self.target["kind"])
+
+    # -- lifecycle (ContainerListener) -------------------------------------
+    def container_started(self, container) -> None:
+        setting = for_policy(container.manifest.power.policy)
+        if setting is None or self.target is None:
+            return
+        cpus = sorted(container.slice.cpus)
+        env = {"NRM_INWAIT_DELAY": f"{int(round(setting.delay_s * 1e9))}ns",
+               "NRM_INWAIT_LEVEL": str(setting.level)}
+        if self.target["kind"] == "msr":
+            state = self._start_msr(container, setting, cpus, env)
+        else:
+            state = self._start_counters(container, setting, cpus, env)
+        if state is not None:
+            self.active[container.id] = state
+
+    def _start_msr(self, container, setting, cpus, env) -> Optional[_Throttling]:
+        bits = self.target["bits"].get(setting.level)
+        missing = [c for c in cpus if c not in self.target["cpus"]]
+        denied = [c for c in cpus if c not in missing
+                  and not writable_by(msr_safe_path(self.platform.root, c), container.uid)]
+        if bits is None or missing or denied:
+            log.warning("container %s: no in-wait throttling: %s", container.id,
+                        f"level {setting.level} not available" if bits is None else
+                        f"no msr_safe for cpus {missing}" if missing else
+                        f"uid {container.uid} may not write msr_safe of cpus {denied}")
+            return None
+        try:
+            self.platform.claim(DUTY_CYCLE, cpus)
+        except HardwareError as exc:
+            log.warning("container %s: no in-wait throttling: %s", container.id, exc)
+            return None
+        env.update({"NRM_INWAIT_MSR_DIR": self.target["dir"],
+                    "NRM_INWAIT_MSR_BITS": f"{bits:#x}"})
+        return _Throttling("msr", setting, cpus, env, container)
+
+    def _start_counters(self, container, setting, cpus, env) -> Optional[_Throttling]:
+        directory = os.path.join(self.root, container.id)
+        try:
+            os.makedirs(self.root, mode=0o755, exist_ok=True)
+            # exists when a restarted nrmd adopts the container: its ranks
+            # still write there
+            os.makedirs(directory, 0o700, exist_ok=True)
+            if os.path.islink(directory):
+                raise OSError(f"{directory} is a symbolic link")
+            if container.uid != os.geteuid():
+                os.chown(directory, container.uid, -1)
+        except OSError as exc:
+            log.warning("container %s: no in-wait throttling: cannot create %s: %s",
+                        container.id, directory, exc.strerror or exc)
+            return None
+        env["NRM_INWAIT_COUNTERS"] = directory
+        return _Throttling("counters", setting, cpus, env, container, directory)
+
+    def environment(self, container) -> Dict[str, str]:
+        """What the container's tasks need to throttle in waits ({} when they do not)."""
+        state = self.active.get(container.id)
+        return dict(state.env) if state is not None else {}
+
+    def container_ended(self, container) -> Optional[dict]:
+        state = self.active.pop(container.id, None)
+        if state is None:
+            return None
+        out = {"backend": state.kind, "delay_s": state.setting.delay_s,
+               "level": state.setting.level}
+        if state.kind == "msr":
+            try:
+                self.platform.restore(DUTY_CYCLE, state.cpus)
+                out["restored_cpus"] = state.cpus
+            except HardwareError as exc:
+                log.error("container %s: restoring clock modulation of cpus %s: %s",
+                          container.id, state.cpus, exc)
+                out["restore_error"] = str(exc)
+        else:
+            out.update(self._totals(state.directory))
+            shutil.rmtree(state.directory, ignore_errors=True)
+        return {"inwait": out}
+
+    # -- emulated node -------------------------------------------------------
+    def counter_dirs(self) -> List[Tuple[str, List[int]]]:
+        """(directory, pids) of every throttling container; called from the
+        platform's sensor thread, hence the snapshot."""
+        out = []
+        for state in list(self.active.values()):
+            if state.directory is None:
+                continue
+            try:
+                out.append((state.directory, list(self.pids_of(state.container))))
+            except Exception as exc:  # a container going away under us
+                log.debug("pids of %s: %r", state.directory, exc)
+        return out
+
+    @staticmethod
+    def _totals(directory: str) -> dict:
+        """What the ranks reported, summed over their files."""
+        cpu = wall = waits = 0
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            names = []
+        for name in names:
+            for c in read_counters(os.path.join(directory, name)).values():
+                cpu += c.cpu_ns
+                wall += c.wall_ns
+                waits += c.waits
+        return {"throttled_cpu_s": cpu / 1e9, "throttled_wall_s": wall / 1e9,
+                "throttled_waits": waits}

@@ -1,0 +1,174 @@
+"""In-wait throttling's hardware side: the counter files the emulated node
+bills, the linux backend's msr-safe target, and ``Platform.claim`` (the
+originals the daemon restores after the ranks wrote clock modulation)."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from nrm.hw import open_platform
+from nrm.hw.linux.msr import IA32_CLOCK_MODULATION, writable_by
+from nrm.hw.waitcounters import (CHECK, HEADER, MAGIC, SLOT, Counters, ThreadLedger,
+                                 discount_ns, parse, read)
+from tests.fakehw import FakeNode
+
+
+def slot(tid, level, cpu_ns, wall_ns, waits, check=None):
+    if check is None:
+        check = tid ^ level ^ cpu_ns ^ wall_ns ^ waits ^ CHECK
+    return struct.pack("<6Q", tid, level, cpu_ns, wall_ns, waits, check)
+
+
+def counter_file(*slots):
+    return MAGIC + struct.pack("<Q", SLOT) + b"".join(slots)
+
+
+# ---------------------------------------------------------------- the file
+
+def test_parse_keeps_sealed_slots_only():
+    data = counter_file(slot(10, 1, 500, 900, 3),
+                        slot(11, 1, 7, 8, 1, check=12345),      # torn: dropped
+                        bytes(SLOT),                            # never used
+                        slot(12, 17, 1, 1, 1),                  # not a level: dropped
+                        slot(13, 16, 4, 5, 6))
+    assert parse(data) == {10: Counters(1, 500, 900, 3), 13: Counters(16, 4, 5, 6)}
+
+
+@pytest.mark.parametrize("data", [b"", b"NRMIW001", b"NOTMAGIC" + struct.pack("<Q", SLOT),
+                                  MAGIC + struct.pack("<Q", 64) + slot(1, 1, 1, 1, 1)])
+def test_parse_refuses_foreign_files(data):
+    assert parse(data) == {}
+
+
+def test_read_follows_no_link_and_opens_no_fifo(tmp_path):
+    good = tmp_path / "1"
+    good.write_bytes(counter_file(slot(1, 1, 2, 3, 4)))
+    assert read(str(good)) == {1: Counters(1, 2, 3, 4)}
+    os.symlink(good, tmp_path / "2")
+    assert read(str(tmp_path / "2")) == {}
+    os.mkfifo(tmp_path / "3")
+    assert read(str(tmp_path / "3")) == {}          # returns, does not block
+    assert read(str(tmp_path / "missing")) == {}
+    assert HEADER == 16
+
+
+# ------------------------------------------------------------- the billing
+
+@pytest.mark.parametrize("cpu,wall,level,expected", [
+    (16_000, 16_000, 1, 15_000),     # polled all along: billed 1/16
+    (16_000, 16_000, 8, 8_000),
+    (1_000, 16_000, 1, 0),           # mostly blocked: billed what it ran
+    (16_000, 32_000, 1, 14_000),     # preempted half the time: 1/16 of the wall billed
+    (0, 5_000, 1, 0),
+    (16_000, 16_000, 16, 0),         # level 16 is full speed
+])
+def test_discount(cpu, wall, level, expected):
+    assert discount_ns(cpu, wall, level) == expected
+
+
+def test_ledger_baseline_cap_and_one_period_carry():
+    led = ThreadLedger()
+    # first sight: baseline only, as for the thread's run time
+    assert led.discount(7, Counters(1, 10_000, 10_000, 1), 50_000) == 0
+    # 16 ms polled in a wait: 15 ms not billed
+    assert led.discount(7, Counters(1, 26_000, 26_000, 2), 50_000) == 15_000
+    # a claim larger than what the thread ran is capped by it ...
+    assert led.discount(7, Counters(1, 126_000, 126_000, 3), 40_000) == 40_000
+    # ... the rest carried into the next period only
+    assert led.discount(7, Counters(1, 126_000, 126_000, 3), 30_000) == 30_000
+    assert led.discount(7, Counters(1, 126_000, 126_000, 3), 90_000) == 0
+    # counters that went back (a new writer) count from there
+    assert led.discount(7, Counters(1, 5, 5, 1), 10_000) == 0
+    # a thread with no slot has nothing to discount
+    assert led.discount(8, None, 10_000) == 0
+    led.forget({8})
+    assert 7 not in led.last and 7 not in led.carry
+
+
+# ---------------------------------------------------- the hardware target
+
+def test_linux_target_needs_msr_safe(tmp_path):
+    node = FakeNode(tmp_path / "a", cores=2, msr=True)      # the raw device only
+    with open_platform("linux", root=node.root) as p:
+        assert p.wait_throttle_target() is None
+    node = FakeNode(tmp_path / "b", cores=2, msr_safe=True)
+    with open_platform("linux", root=node.root) as p:
+        t = p.wait_throttle_target()
+        assert t["kind"] == "msr" and t["cpus"] == [0, 1]
+        assert t["dir"] == os.path.join(node.root, "dev/cpu")
+        assert t["bits"][1] == 0x11 and t["bits"][15] == 0x1F
+
+
+def test_linux_target_without_extended_modulation_rounds_up_to_even(tmp_path):
+    node = FakeNode(tmp_path, cores=2, msr_safe=True, ecmd=False)
+    with open_platform("linux", root=node.root) as p:
+        bits = p.wait_throttle_target()["bits"]
+        assert bits[1] == 0x12 and bits[2] == 0x12 and bits[3] == 0x14
+        assert 15 not in bits                               # rounds up to 16: no throttle
+
+
+@pytest.mark.parametrize("allowlist,offered", [
+    ("# MSR # Write Mask # Comment\n0x0000019A 0x000000000000001F\n", True),
+    ("0x0000019A 0x0000000000000010\n", False),
+    ("0x00000610 0x0000000000FFFFFF\n", False),
+])
+def test_linux_target_honours_a_readable_allowlist(tmp_path, allowlist, offered):
+    node = FakeNode(tmp_path, cores=2, msr_safe=True)
+    with open(os.path.join(node.root, "dev/cpu/msr_allowlist"), "w") as f:
+        f.write(allowlist)
+    with open_platform("linux", root=node.root) as p:
+        assert (p.wait_throttle_target() is not None) == offered
+
+
+def test_writable_by(tmp_path):
+    path = tmp_path / "msr_safe"
+    path.write_bytes(b"")
+    nobody = 65534
+    os.chmod(path, 0o600)
+    assert writable_by(str(path), 0)                     # root ignores modes
+    assert not writable_by(str(path), nobody)
+    os.chmod(path, 0o602)
+    assert writable_by(str(path), nobody)                # other
+    if os.geteuid() == 0:
+        os.chown(path, nobody, -1)
+        os.chmod(path, 0o200)
+        assert writable_by(str(path), nobody)            # owner
+        os.chmod(path, 0o400)
+        assert not writable_by(str(path), nobody)
+    assert not writable_by(str(tmp_path / "missing"), 0)
+
+
+def test_claim_saves_journals_and_restore_puts_back(tmp_path):
+    node = FakeNode(tmp_path / "hw", cores=2, msr_safe=True)
+    node.set_msr(1, IA32_CLOCK_MODULATION, 0x1234500)
+    journal = str(tmp_path / "controls.journal")
+    with open_platform("linux", root=node.root, journal_path=journal) as p:
+        p.claim("cpu.duty_cycle", [1])
+        assert p.saved() == {"cpu.duty_cycle": {1: 0x1234500}}
+        assert os.path.getsize(journal) > 0                      # before anyone writes
+        node.set_msr(1, IA32_CLOCK_MODULATION, 0x1234511)       # a rank throttled and died
+        p.claim("cpu.duty_cycle", [1])                          # a second claim keeps the first
+        assert p.saved() == {"cpu.duty_cycle": {1: 0x1234500}}
+        p.restore("cpu.duty_cycle", [1])
+        assert node.get_msr(1, IA32_CLOCK_MODULATION) == 0x1234500
+        assert p.saved() == {}
+    assert not os.path.exists(journal)
+
+
+def test_a_crashed_daemons_claim_is_restored_at_the_next_start(tmp_path):
+    node = FakeNode(tmp_path / "hw", cores=2, msr_safe=True)
+    journal = str(tmp_path / "controls.journal")
+    p = open_platform("linux", root=node.root, journal_path=journal)
+    p.claim("cpu.duty_cycle", [0, 1])
+    node.set_msr(0, IA32_CLOCK_MODULATION, 0x11)               # throttled when nrmd died
+    del p                                                       # no close: a crash
+    with open_platform("linux", root=node.root, journal_path=journal):
+        assert node.get_msr(0, IA32_CLOCK_MODULATION) == 0
+
+
+def test_emulated_target_is_the_counter_files(tmp_path):
+    with open_platform("emulated", emulated_options={"cgroup_mount": str(tmp_path)}) as p:
+        assert p.wait_throttle_target()["kind"] == "counters"

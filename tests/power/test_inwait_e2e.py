@@ -1,0 +1,211 @@
+"""In-wait throttling (COUNTDOWN) through a real nrmd: the ranks throttle
+their own cores inside MPI waits, the daemon decides, tells them how, and
+restores.
+
+* Emulated node: the ranks count their throttled time in files the
+  platform bills at level 1's power. An imbalanced program's waiting rank
+  spins for most of the run, so COUNTDOWN bills less power than NONE; a
+  balanced program hardly waits, so both bill the same within the model.
+* Hardware path (the linux backend on a fake tree with msr_safe files):
+  the waiting rank writes level 1 into its cpu's IA32_CLOCK_MODULATION,
+  and when the container is killed while it waits throttled, nrmd puts the
+  original back.
+
+The energy compared is the dynamic package energy per second of the
+container's cpu time: it does not depend on how long the loaded machine
+made a run take or on how much cpu other tenants left the ranks, only on
+the price each cpu second was billed at.
+"""
+
+import json
+import os
+import struct
+import subprocess
+
+import pytest
+
+from nrm.hpc import mpi
+from tests.conftest import EXAMPLES, needs_root
+from tests.fakehw import FakeNode
+from tests.nrmd import REPO, DaemonProcess, wait_for
+
+pytestmark = [pytest.mark.mpi,
+              pytest.mark.skipif(mpi.find("mpich") is None, reason="MPICH not installed")]
+
+PROBE = os.path.join(REPO, "tests", "libnrm", "inwait_probe.c")
+PMPI = os.path.join(REPO, "libnrm", "build", mpi.MPICH.pmpi)
+ORIGINAL = 0x1234500   # bits outside 4:0 set, modulation off
+
+
+@pytest.fixture(scope="module")
+def daemon(probe):
+    """The emulated node, preloading this checkout's interposer (built by ``probe``)."""
+    d = DaemonProcess("--hw", "emulated", "--sensor-period", "0.1", "--pmpi-lib", PMPI).start()
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+@pytest.fixture(scope="module")
+def imbalance():
+    r = subprocess.run(["make", "-s", "-C", EXAMPLES, "imbalance"], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot build examples/imbalance: " + r.stderr.decode()[-500:])
+    return os.path.join(EXAMPLES, "imbalance")
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    subprocess.run(["make", "-s", "-C", os.path.join(REPO, "libnrm"), "all"], check=True,
+                   stdout=subprocess.DEVNULL)
+    exe = tmp_path_factory.mktemp("probe") / "inwait_probe"
+    subprocess.run([mpi.MPICH.mpicc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+                    PROBE], check=True)
+    return str(exe)
+
+
+def _profile(daemon, tmp_path, policy, argv):
+    manifest = tmp_path / f"{policy.lower()}.yml"
+    manifest.write_text(f"name: {policy.lower()}\napp:\n  slice: {{cpus: 2, mems: 1}}\n"
+                        f"  power: {{policy: {policy}, profile: true}}\n")
+    path = tmp_path / f"{policy.lower()}.json"
+    r = daemon.cli("run", "--profile-json", str(path), str(manifest), *argv, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(path.read_text())
+
+
+def _rate(profile, idle_w=20.0):
+    """Dynamic package energy per second of the container's cpu time (J/s)."""
+    return (profile["energy"]["energy_j"] - idle_w * profile["energy"]["duration_s"]) \
+        / profile["cpu_time_s"]
+
+
+def _imbalance_argv(imbalance, factor):
+    return [mpi.MPICH.mpiexec, "-n", "2", "-bind-to", "core", imbalance,
+            "-n", "150", "-u", "3000000", "-b", str(factor)]
+
+
+def _discounted(profile):
+    """The share of the container's cpu time the model bills at level 1 instead
+    of full power: per nrm.hw.waitcounters, throttled cpu time beyond L/16 of
+    the throttled wall time."""
+    iw = profile["inwait"]
+    off = iw["throttled_cpu_s"] - min(iw["throttled_cpu_s"], iw["throttled_wall_s"] / 16)
+    return off / profile["cpu_time_s"]
+
+
+@needs_root()
+def test_countdown_bills_the_waiting_rank_at_level_1(daemon, imbalance, tmp_path):
+    """Rank 1 does a quarter of rank 0's work: it spins in the barrier for
+    about three quarters of the run under NONE, and is billed level 1 there
+    under COUNTDOWN."""
+    argv = _imbalance_argv(imbalance, -0.75)
+    none = _profile(daemon, tmp_path, "NONE", argv)
+    countdown = _profile(daemon, tmp_path, "COUNTDOWN", argv)
+    assert "inwait" not in none
+    iw = countdown["inwait"]
+    assert iw["backend"] == "counters" and iw["level"] == 1 and iw["delay_s"] == 0.0005
+    assert iw["throttled_waits"] > 50, iw          # 150 barriers, the first teaches
+    assert 0 < iw["throttled_cpu_s"] <= iw["throttled_wall_s"] * 1.05, iw
+    assert "policy" not in countdown               # NONE's settings: no phase decisions
+    # Per second of the container's cpu time (independent of how long the
+    # loaded machine made each run): NONE bills every second at full power,
+    # COUNTDOWN the waiting rank's throttled part at 1/16.
+    assert _discounted(countdown) > 0.1, iw
+    assert _rate(countdown) < 0.9 * _rate(none), (_rate(none), _rate(countdown), iw)
+
+
+@needs_root()
+def test_countdown_bills_only_the_throttled_waits(daemon, imbalance, tmp_path):
+    """Equal work on both ranks: COUNTDOWN's bill differs from NONE's by the
+    throttled waits the ranks reported, at the model's price, and by
+    nothing else. (On a quiet node a balanced program hardly waits; on this
+    shared machine a rank also waits for a peer that other tenants
+    preempted, and that wait is rightly throttled.)"""
+    argv = _imbalance_argv(imbalance, 0)
+    none = _profile(daemon, tmp_path, "NONE", argv)
+    countdown = _profile(daemon, tmp_path, "COUNTDOWN", argv)
+    expected = _rate(none) * (1 - _discounted(countdown))
+    assert abs(_rate(countdown) - expected) < 0.15 * _rate(none), \
+        (_rate(none), _rate(countdown), expected, countdown["inwait"])
+
+
+@needs_root()
+def test_only_nrmd_tells_a_rank_to_throttle(daemon, tmp_path):
+    manifest = tmp_path / "m.yml"
+    for policy, expected in (("COUNTDOWN", True), ("NONE", False), ("DVFS", False)):
+        manifest.write_text(f"name: env\napp:\n  slice: {{cpus: 1, mems: 1}}\n"
+                            f"  power: {{policy: {policy}}}\n")
+        r = daemon.cli("run", str(manifest), "env",
+                       env={"NRM_INWAIT_MSR_DIR": "/dev/cpu", "NRM_INWAIT_DELAY": "1us"})
+        assert r.returncode == 0, r.stderr
+        env = dict(line.split("=", 1) for line in r.stdout.decode().splitlines() if "=" in line)
+        assert "NRM_INWAIT_MSR_DIR" not in env             # the client's own is dropped
+        assert ("NRM_INWAIT_COUNTERS" in env) == expected, (policy, env)
+        if expected:
+            assert env["NRM_INWAIT_DELAY"] == "500000ns" and env["NRM_INWAIT_LEVEL"] == "1"
+            # the directory goes with the container
+            assert not os.path.exists(env["NRM_INWAIT_COUNTERS"])
+
+
+def _msr(node, cpu):
+    with open(os.path.join(node.root, "dev/cpu", str(cpu), "msr_safe"), "rb") as f:
+        f.seek(8 * 0x19A)
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+def _seen(out):
+    """What rank 0 read from the waiting rank's register before each barrier."""
+    return [int(line.split("value=")[1], 16) for line in out.read_text().splitlines()
+            if line.startswith("seen")]
+
+
+def _set_msr(node, cpu, value):
+    with open(os.path.join(node.root, "dev/cpu", str(cpu), "msr_safe"), "r+b") as f:
+        f.seek(8 * 0x19A)
+        f.write(struct.pack("<Q", value))
+
+
+@needs_root()
+def test_killed_in_a_throttled_wait_the_core_is_restored(probe, tmp_path):
+    ncpus = os.cpu_count()
+    node = FakeNode(tmp_path / "hw", packages=1, cores=ncpus, msr_safe=True)
+    for c in range(ncpus):
+        _set_msr(node, c, ORIGINAL)
+    d = DaemonProcess("--hw", "linux", "--hw-root", node.root, "--sensor-period", "0.2",
+                      "--pmpi-lib", PMPI).start()
+    try:
+        status = json.loads(d.cli("status", "--json").stdout)
+        assert status["hardware"]["backend"] == "linux", status["hardware"]
+        manifest = tmp_path / "countdown.yml"
+        manifest.write_text("name: cd\napp:\n  slice: {cpus: 2, mems: 1}\n"
+                            "  power: {policy: COUNTDOWN}\n")
+        out = tmp_path / "out.txt"
+        with open(out, "w") as f:
+            proc = d.popen_cli(
+                "run", "-c", "cd", str(manifest), mpi.MPICH.mpiexec, "-n", "2",
+                "-bind-to", "core", probe, "-n", "10", "-u", "5000", "-f", "120",
+                "-m", os.path.join(node.root, "dev/cpu"), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "waiter cpu=" in out.read_text(), timeout=60)
+            waiter = int(out.read_text().split("waiter cpu=")[1].split()[0])
+            # Rank 0 computes 5 ms ten times, then 120 s: rank 1 waits at the
+            # same barrier, armed after the first long wait.
+            wait_for(lambda: _msr(node, waiter) == (ORIGINAL & ~0x1F) | 0x11, timeout=60)
+            wait_for(lambda: len(_seen(out)) == 10, timeout=60)
+            # the first long wait only teaches the call site; later ones are throttled
+            seen = _seen(out)
+            assert seen[0] == ORIGINAL and (ORIGINAL | 0x11) in seen, out.read_text()
+            r = d.cli("kill", "cd")
+            assert r.returncode == 0, r.stderr
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        # The rank died throttled; nrmd put the original back at the container's end.
+        wait_for(lambda: _msr(node, waiter) == ORIGINAL, timeout=30)
+        assert all(_msr(node, c) == ORIGINAL for c in range(ncpus))
+        status = json.loads(d.cli("status", "--json").stdout)
+        assert not status["saved_controls"].get("cpu.duty_cycle"), status["saved_controls"]
+    finally:
+        assert d.stop() == 0, d.log()
