@@ -79,9 +79,9 @@ def _rate(profile, idle_w=20.0):
         / profile["cpu_time_s"]
 
 
-def _imbalance_argv(imbalance, factor):
+def _imbalance_argv(imbalance, factor, phases=150):
     return [mpi.MPICH.mpiexec, "-n", "2", "-bind-to", "core", imbalance,
-            "-n", "150", "-u", "3000000", "-b", str(factor)]
+            "-n", str(phases), "-u", "3000000", "-b", str(factor)]
 
 
 def _discounted(profile):
@@ -121,7 +121,9 @@ def test_countdown_bills_only_the_throttled_waits(daemon, imbalance, tmp_path):
     nothing else. (On a quiet node a balanced program hardly waits; on this
     shared machine a rank also waits for a peer that other tenants
     preempted, and that wait is rightly throttled.)"""
-    argv = _imbalance_argv(imbalance, 0)
+    # long enough (a few seconds) that the energy read at the sensor's
+    # 0.1 s ticks is not a coarse fraction of the run
+    argv = _imbalance_argv(imbalance, 0, phases=600)
     none = _profile(daemon, tmp_path, "NONE", argv)
     countdown = _profile(daemon, tmp_path, "COUNTDOWN", argv)
     expected = _rate(none) * (1 - _discounted(countdown))
