@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pilotsim  # noqa: E402
 from nrm.tools.localnrmd import LocalNrmd, nrm_argv  # noqa: E402
 
 N = int(os.environ.get("PILOT_BENCH_N", "1000"))
@@ -69,13 +70,7 @@ def scheduling_us_per_task(n: int = 10_000) -> float:
     t0 = time.perf_counter()
     mgr = Manager(Pool([("n0", 2)]), "/wd")
     mgr.handle(req, 0.0)
-    while True:
-        placed = mgr.placements(1.0)
-        if not placed:
-            break
-        for task, _ in placed:
-            mgr.started(task, 1.0)
-            mgr.ended(task, 0, 2.0)
+    pilotsim.drain(mgr)
     assert mgr.outcome()["SUCCEED"] == n
     return 1e6 * (time.perf_counter() - t0) / n
 

@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+import pilotsim
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = int(os.environ.get("PILOT_MEM_N", "10000"))
 ROUNDS = int(os.environ.get("PILOT_MEM_ROUNDS", "3"))
@@ -92,13 +94,7 @@ def child(n: int, shape: str, freeze: bool) -> dict:
     gc.collect()
     out["rss_queued_mb"] = rss_mb()["VmRSS"]
     t0 = time.perf_counter()
-    while True:
-        placed = mgr.placements(1.0)
-        if not placed:
-            break
-        for task, _ in placed:
-            mgr.started(task, 1.0)
-            mgr.ended(task, 0, 2.0)
+    pilotsim.drain(mgr)
     out["run_us_per_task"] = 1e6 * (time.perf_counter() - t0) / n
     out["scheduling_us_per_task"] = out["submit_us_per_task"] + out["run_us_per_task"]
     if mgr.outcome()["SUCCEED"] != n:

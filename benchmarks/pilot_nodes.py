@@ -38,6 +38,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pilotsim  # noqa: E402
+
 TASKS = int(os.environ.get("PILOT_NODES_TASKS", "50000"))
 CORES = int(os.environ.get("PILOT_NODES_CORES", "16"))
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -89,14 +91,7 @@ def pure_rate(nodes: int, tasks: int) -> float:
     mgr = Manager(Pool([(f"n{i}", CORES) for i in range(nodes)]), "/wd")
     t0 = time.perf_counter()
     mgr.handle(request(tasks), 0.0)
-    while True:
-        placed = mgr.placements(1.0)
-        if not placed:
-            break
-        for task, _ in placed:
-            mgr.started(task, 1.0)
-        for task, _ in placed:
-            mgr.ended(task, 0, 2.0)
+    pilotsim.drain(mgr, batch_ends=True)
     return tasks / (time.perf_counter() - t0)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from typing import Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 _NOFOLLOW = os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -133,3 +133,83 @@ def replace(path: str, data: bytes, durable: bool, mode: int = 0o600) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+class TurnLog:
+    """An append-only JSON-lines file written once per event-loop turn and
+    compacted from a snapshot of what is live: the daemon's state log and
+    its task keys.
+
+    Why: a launch burst appends several records per task, and one write(2)
+    per loop turn keeps that to one system call; rewriting from a snapshot
+    keeps the file as large as what is live, not as its history. Files are
+    not ``durable`` (they outlive the daemon, not the machine).
+
+    ``defer(fn)`` runs fn at the end of the current loop turn (the daemon
+    passes loop.call_soon); without it every line is written at once.
+    ``snapshot()`` gives the lines a compacted file holds; ``compact(size)``
+    says whether a file of ``size`` bytes is worth rewriting; ``on_error``
+    hears every failed write (the owner counts and logs it: it knows what a
+    lost record costs)."""
+
+    def __init__(self, path: str, snapshot: Callable[[], Iterable[str]],
+                 on_error: Callable[[OSError], None],
+                 defer: Optional[Callable[[Callable[[], None]], None]] = None,
+                 compact: Optional[Callable[[int], bool]] = None):
+        self.path = path
+        self.defer = defer
+        self._snapshot = snapshot
+        self._on_error = on_error
+        self._compact = compact or (lambda size: size > COMPACT_BYTES)
+        self._fd = -1
+        self._size = 0
+        self._pending: List[str] = []
+
+    def add(self, line: str) -> None:
+        """Queue one record (a JSON text without its newline) for this turn."""
+        if self._fd < 0:
+            return
+        self._pending.append(line)
+        if self.defer is None:
+            self.flush()
+        elif len(self._pending) == 1:
+            self.defer(self.flush)
+
+    def flush(self) -> None:
+        if not self._pending or self._fd < 0:
+            self._pending.clear()
+            return
+        data = ("\n".join(self._pending) + "\n").encode()
+        self._pending.clear()
+        try:
+            append(self._fd, data, durable=False)
+            self._size += len(data)
+        except OSError as exc:
+            self._on_error(exc)
+        if self._compact(self._size):
+            self.rewrite()
+
+    def rewrite(self) -> None:
+        """Replace the file with the snapshot, atomically, and append to it."""
+        data = "".join(line + "\n" for line in self._snapshot()).encode()
+        try:
+            replace(self.path, data, durable=False)
+            fd = open_append(self.path)
+        except OSError as exc:
+            self._on_error(exc)
+            return
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        self._size = len(data)
+
+    def close(self) -> None:
+        """Flush and stop writing; the file stays."""
+        self.flush()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+#: the size past which a TurnLog is compacted by default
+COMPACT_BYTES = 1 << 20

@@ -91,3 +91,32 @@ def test_a_lock_is_never_taken_through_a_link(tmp_path):
     with pytest.raises(OSError):
         jsonlines.hold(str(tmp_path / "lock"), "pid 1")
     assert target.read_text() == "precious\n"
+
+
+def test_a_turn_log_writes_once_per_turn_and_compacts_to_its_snapshot(tmp_path):
+    path = str(tmp_path / "log")
+    turns, errors, live = [], [], ['{"live":1}']
+    log = jsonlines.TurnLog(path, lambda: live, errors.append, defer=turns.append,
+                            compact=lambda size: size > 40)
+    log.rewrite()                                   # open: the snapshot
+    log.add('{"a":1}')
+    log.add('{"b":2}')
+    assert len(turns) == 1                          # one flush scheduled for the turn
+    assert open(path).read() == '{"live":1}\n'     # nothing written before it
+    turns.pop()()
+    assert open(path).read() == '{"live":1}\n{"a":1}\n{"b":2}\n'
+    log.add('{"c":"' + "x" * 30 + '"}')
+    turns.pop()()                                   # past 40 bytes: rewritten from the snapshot
+    assert open(path).read() == '{"live":1}\n'
+    log.close()
+    log.add('{"d":4}')                              # closed: dropped, never raised
+    assert open(path).read() == '{"live":1}\n' and errors == []
+
+
+def test_a_turn_log_reports_a_failed_write_and_goes_on(tmp_path):
+    errors = []
+    log = jsonlines.TurnLog(str(tmp_path / "missing" / "log"), lambda: [], errors.append)
+    log.rewrite()                                   # its directory does not exist
+    assert len(errors) == 1 and isinstance(errors[0], OSError)
+    log.add('{"a":1}')                              # not open: nothing, no error
+    assert len(errors) == 1

@@ -137,7 +137,6 @@ class TaskKeys:
                  closing: Callable[[], bool], exact: bool = True):
         self.path = path
         self.exact = exact
-        self.defer = defer
         self._pending_check = pending
         self._alive = alive
         self._closing = closing
@@ -146,9 +145,10 @@ class TaskKeys:
         self.epoch = ""
         self.counters = {"launched": 0, "fenced": 0, "refused": 0, "forgotten": 0,
                          "write_errors": 0}
-        self._fd = -1
-        self._size = 0
-        self._pending: List[str] = []
+        self._file = jsonlines.TurnLog(
+            path, self._snapshot, self._write_failed, defer,
+            lambda size: size > COMPACT_BYTES and size > 400 * len(self.keys))
+        self.flush = self._file.flush
 
     # -- the file ----------------------------------------------------------
     def load(self) -> int:
@@ -211,57 +211,25 @@ class TaskKeys:
 
     def open(self) -> None:
         """A fresh file holding what is known now."""
-        self._rewrite()
+        self._file.rewrite()
 
     def close(self) -> None:
         """Flush and keep the file: the keys outlive this nrmd."""
-        self.flush()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     def _write(self, uid: int, key: str, record: dict) -> None:
-        if self._fd < 0:
-            return
-        self._pending.append(json.dumps(record, separators=(",", ":")))
-        if self.defer is None:
-            self.flush()
-        elif len(self._pending) == 1:
-            self.defer(self.flush)
+        self._file.add(json.dumps(record, separators=(",", ":")))
 
-    def flush(self) -> None:
-        if not self._pending or self._fd < 0:
-            self._pending.clear()
-            return
-        data = ("\n".join(self._pending) + "\n").encode()
-        self._pending.clear()
-        try:
-            jsonlines.append(self._fd, data, durable=False)
-            self._size += len(data)
-        except OSError as exc:
-            self.counters["write_errors"] += 1
-            rl_log.warning("task keys %s: %s; after a restart, keyed tasks may be "
-                           "reported unknown", self.path, exc.strerror or exc)
-        if self._size > COMPACT_BYTES and self._size > 400 * len(self.keys):
-            self._rewrite()
-
-    def _rewrite(self) -> None:
+    def _snapshot(self) -> List[str]:
         lines = [json.dumps({"epoch": self.epoch})]
         lines.extend(json.dumps(e.record(uid, key), separators=(",", ":"))
                      for (uid, key), e in self.keys.items())
-        data = "".join(line + "\n" for line in lines).encode()
-        try:
-            jsonlines.replace(self.path, data, durable=False)
-            fd = jsonlines.open_append(self.path)
-        except OSError as exc:
-            self.counters["write_errors"] += 1
-            log.warning("task keys %s: %s; after a restart, keyed tasks may be reported "
-                        "unknown", self.path, exc.strerror or exc)
-            return
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = fd
-        self._size = len(data)
+        return lines
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.counters["write_errors"] += 1
+        rl_log.warning("task keys %s: %s; after a restart, keyed tasks may be "
+                       "reported unknown", self.path, exc.strerror or exc)
 
     # -- entries ------------------------------------------------------------
     def _add(self, uid: int, key: str, state: str) -> Entry:

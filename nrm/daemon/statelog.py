@@ -90,12 +90,12 @@ class StateLog:
 
     def __init__(self, path: str, defer: Optional[Callable[[Callable[[], None]], None]] = None):
         self.path = path
-        self.defer = defer
         self.live: Dict[str, ContainerRecord] = {}
         self.write_errors = 0
-        self._fd = -1
-        self._size = 0
-        self._pending: List[str] = []
+        self._file = jsonlines.TurnLog(path, self._snapshot, self._write_failed, defer,
+                                       lambda size: size > COMPACT_BYTES)
+        self._append_text = self._file.add
+        self.flush = self._file.flush
         self._manifest_json: Dict[int, tuple] = {}
 
     # -- reading (at start, before anything runs) --------------------------
@@ -126,7 +126,7 @@ class StateLog:
     # -- writing ------------------------------------------------------------
     def open(self) -> None:
         """Start a fresh log holding what is live now (adopted containers)."""
-        self._rewrite()
+        self._file.rewrite()
 
     def container_started(self, rec: ContainerRecord, manifest_key: object = None) -> None:
         """``manifest_key``: the object rec.manifest was made from, when
@@ -159,10 +159,7 @@ class StateLog:
 
     def close(self, clean: bool) -> None:
         """A clean stop leaves nothing to reconcile: remove the log."""
-        self.flush()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
         if clean:
             try:
                 os.unlink(self.path)
@@ -191,49 +188,17 @@ class StateLog:
         self._manifest_json[id(manifest)] = entry
         return entry
 
-    def _append_text(self, line: str) -> None:
-        if self._fd < 0:
-            return
-        self._pending.append(line)
-        if self.defer is None:
-            self.flush()
-        elif len(self._pending) == 1:
-            self.defer(self.flush)
-
-    def flush(self) -> None:
-        if not self._pending or self._fd < 0:
-            self._pending.clear()
-            return
-        data = ("\n".join(self._pending) + "\n").encode()
-        self._pending.clear()
-        try:
-            jsonlines.append(self._fd, data, durable=False)
-            self._size += len(data)
-        except OSError as exc:
-            self.write_errors += 1
-            rl_log.warning("state log %s: %s; after a crash, running tasks may not be "
-                           "found", self.path, exc.strerror or exc)
-        if self._size > COMPACT_BYTES:
-            self._rewrite()
-
-    def _rewrite(self) -> None:
+    def _snapshot(self) -> List[str]:
         lines = []
         for c in self.live.values():
             lines.append(_container_line(c, _text(c.manifest)))
             lines.extend(_text(_task_line(t)) for t in c.tasks.values())
-        data = "".join(line + "\n" for line in lines).encode()
-        try:
-            jsonlines.replace(self.path, data, durable=False)
-            new_fd = jsonlines.open_append(self.path)
-        except OSError as exc:
-            self.write_errors += 1
-            log.warning("state log %s: %s; after a crash, running tasks may not be found",
-                        self.path, exc.strerror)
-            return
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = new_fd
-        self._size = len(data)
+        return lines
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.write_errors += 1
+        rl_log.warning("state log %s: %s; after a crash, running tasks may not be "
+                       "found", self.path, exc.strerror or exc)
 
 
 _encode = msgspec.json.Encoder().encode
