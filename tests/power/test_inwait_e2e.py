@@ -25,7 +25,7 @@ import subprocess
 import pytest
 
 from nrm.hpc import mpi
-from tests.conftest import EXAMPLES, needs_root
+from tests.conftest import needs_root
 from tests.fakehw import FakeNode
 from tests.nrmd import REPO, DaemonProcess, wait_for
 
@@ -43,14 +43,6 @@ def daemon(probe):
     d = DaemonProcess("--hw", "emulated", "--sensor-period", "0.1", "--pmpi-lib", PMPI).start()
     yield d
     assert d.stop() == 0, d.log()
-
-
-@pytest.fixture(scope="module")
-def imbalance():
-    r = subprocess.run(["make", "-s", "-C", EXAMPLES, "imbalance"], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot build examples/imbalance: " + r.stderr.decode()[-500:])
-    return os.path.join(EXAMPLES, "imbalance")
 
 
 @pytest.fixture(scope="module")

@@ -2,24 +2,14 @@
 DDCM on the emulated node, launched as users launch MPI."""
 
 import json
-import os
 import re
-import subprocess
 
 import pytest
 
 from nrm.hpc import mpi
-from tests.conftest import EXAMPLES, needs_root
+from tests.conftest import needs_root
 
 pytestmark = pytest.mark.skipif(mpi.find("mpich") is None, reason="MPICH not installed")
-
-
-@pytest.fixture(scope="module")
-def imbalance():
-    r = subprocess.run(["make", "-s", "-C", EXAMPLES, "imbalance"], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot build examples/imbalance: " + r.stderr.decode()[-500:])
-    return os.path.join(EXAMPLES, "imbalance")
 
 
 def _run_imbalance(daemon, imbalance, tmp_path, policy, decides=True, phases=60,
