@@ -17,24 +17,26 @@ import sys
 import uuid
 
 from nrm.client import AsyncClient, NrmError
-from nrm.pilot import jobfile, journal, slurmres
+from nrm.pilot import jobfile, journal, netapi, slurmres
 from nrm.pilot.allocation import AllocationError, NodePool, open_allocation
 from nrm.pilot.attempts import Attempts
 from nrm.pilot.progress import Progress
 from nrm.pilot.report import ReportWriter, write_final_status
 from nrm.pilot.resume import resume
 from nrm.pilot.runner import Runner
+from nrm.pilot.netapi import NetServer
 from nrm.pilot.service import ApiServer
 from nrm.pilot.scheduler import Pool, PoolError, parse_nodes
 from nrm.tools.localnrmd import LocalNrmd, NrmdDidNotStart
+from nrm.transport.curve import CurveError, load_users
 
 NAME = "pilot"
 HELP = "run many small tasks from a QCG-PilotJob request file, each in its own slice"
 
 #: qcg-pm-service options nrm pilot does not implement yet: refused by name
 NOT_YET = {
-    "--net": "the network interface (QCG Python API)", "--net-port": "the network interface",
-    "--net-pub-port": "the network interface", "--governor": "governor mode",
+    "--net-pub-port": "the event publisher (the API's waits need none: nrmWait)",
+    "--governor": "governor mode",
     "--parent": "governor mode", "--slurm-partition-nodes": "Slurm partitions",
     "--slurm-limit-nodes-range-begin": "Slurm node ranges",
     "--slurm-limit-nodes-range-end": "Slurm node ranges",
@@ -56,7 +58,6 @@ def add_arguments(p) -> None:
                    help="progress on stderr: a bar on a terminal (auto), plain lines "
                         "otherwise")
     p.add_argument("--file-path", "--file", dest="file_path", metavar="PATH",
-                   default="qcg_pm_reqs.json",
                    help="the request file: a JSON list of requests, or YAML by its "
                         ".yml/.yaml name (default: qcg_pm_reqs.json)")
     p.add_argument("--wd", default=".", help="working directory of the pilot and default "
@@ -92,8 +93,26 @@ def add_arguments(p) -> None:
                    help="accepted for QCG compatibility: nrm has no node launchers")
     p.add_argument("--disable-pub", action="store_true",
                    help="accepted for QCG compatibility: nrm pilot publishes nothing yet")
+    p.add_argument("--net", action="store_true",
+                   help="serve the QCG API on TCP for nrm.pilot.qcg.Manager, from this or "
+                        "another host: CurveZMQ, only keys the owner authorized (the "
+                        "pilot's own client key in AUX/net, --net-keys); the address is "
+                        "written to AUX/address (0600). No request file is read")
+    p.add_argument("--net-port", type=int, metavar="PORT",
+                   help="the TCP port (implies --net; default: a free one in "
+                        "--net-port-min..--net-port-max)")
+    p.add_argument("--net-port-min", type=int, metavar="PORT",
+                   help=f"lowest port tried (implies --net; default {netapi.PORT_MIN})")
+    p.add_argument("--net-port-max", type=int, metavar="PORT",
+                   help=f"highest port tried (implies --net; default {netapi.PORT_MAX})")
+    p.add_argument("--net-host", metavar="ADDR",
+                   help="the interface address to listen on (implies --net; default: all "
+                        "interfaces; the address file names this host)")
+    p.add_argument("--net-keys", metavar="FILE",
+                   help="more client keys to accept (implies --net): 'USER PUBLIC-KEY' "
+                        "lines as nrmd's --curve-users, USER being you (nrm keygen)")
     for opt, what in NOT_YET.items():
-        kwargs = {"action": "store_true"} if opt in ("--net", "--governor",
+        kwargs = {"action": "store_true"} if opt in ("--governor",
                                                      "--enable-proc-stats",
                                                      "--enable-rt-stats") else {}
         p.add_argument(opt, default=None, help=f"not supported yet ({what})", **kwargs)
@@ -132,12 +151,20 @@ def execute(args) -> int:
         if getattr(args, opt[2:].replace("-", "_"), None) not in (None, False):
             return _fail(f"{opt}: {NOT_YET[opt]} is not supported by nrm pilot yet "
                          "(docs/pilot.md)")
+    net = _net_options(args)
+    if isinstance(net, str):
+        return _fail(net)
+    if net is not None and args.file_path is not None:
+        return _fail("--net serves requests from the API: no request file is read "
+                     f"(give --net or --file-path {args.file_path}, not both)")
+    if args.file_path is None:
+        args.file_path = "qcg_pm_reqs.json"
     in_slurm = "SLURM_JOB_ID" in os.environ and not args.nodes
     across = args.resources == "slurm" or (args.resources == "auto" and in_slurm)
-    if across and (args.resume or args.api_socket):
-        return _fail(f"{'--resume' if args.resume else '--api-socket'} across a Slurm "
-                     "allocation is not supported by nrm pilot yet; give --nodes to use "
-                     "this node alone (docs/pilot.md)")
+    if across and (args.resume or args.api_socket or net is not None):
+        which = "--resume" if args.resume else "--api-socket" if args.api_socket else "--net"
+        return _fail(f"{which} across a Slurm allocation is not supported by nrm pilot "
+                     "yet; give --nodes to use this node alone (docs/pilot.md)")
     head = None
     if args.resume:
         aux = os.path.abspath(args.resume)
@@ -147,7 +174,7 @@ def execute(args) -> int:
             return _fail(f"--resume: {exc}")
         head = records[0]
         parsed = jobfile.Parsed()
-    elif args.api_socket:
+    elif args.api_socket or net is not None:
         parsed = jobfile.Parsed()
     else:
         try:
@@ -209,11 +236,13 @@ def execute(args) -> int:
             runtime_dir = daemon.rundir
             log.info("no nrmd answers: started a private one in %s", runtime_dir)
         status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
-                                  log_journal, records, across))
+                                  log_journal, records, across, net))
     except AllocationError as exc:
         return _fail(str(exc), 1)
     except NrmError as exc:             # nrmd refused what the pilot must ask (a claim)
         return _fail(f"nrmd: {exc}", 1)
+    except netapi.NetError as exc:
+        return _fail(f"--net: {exc}", 1)
     except NrmdDidNotStart as exc:
         return _fail(f"no nrmd answers and a private one did not start: "
                      f"{str(exc).splitlines()[0]}", 1)
@@ -224,6 +253,31 @@ def execute(args) -> int:
         log.removeHandler(handler)
         handler.close()
     return 1 if parsed.errors and status == 0 else status
+
+
+def _net_options(args):
+    """--net and the options implying it -> (host, ports, extra keys), None
+    without --net, or the one-line refusal."""
+    if not (args.net or any(v is not None for v in (
+            args.net_port, args.net_port_min, args.net_port_max, args.net_host,
+            args.net_keys))):
+        return None
+    try:
+        ports = netapi.port_range(args.net_port, args.net_port_min, args.net_port_max)
+    except netapi.NetError as exc:
+        return str(exc)
+    keys = []
+    if args.net_keys:
+        try:
+            users = load_users(args.net_keys)
+        except CurveError as exc:
+            return f"--net-keys: {exc}"
+        others = sorted({u.name for u in users.values() if u.uid != os.getuid()})
+        if others:
+            return (f"--net-keys: {args.net_keys}: the pilot runs every task as you, so "
+                    f"it accepts only your keys (not {', '.join(others)})")
+        keys = list(users)
+    return args.net_host or "*", ports, keys
 
 
 def _nrmd_answers(args) -> bool:
@@ -256,7 +310,7 @@ async def _local_runner(args, runtime_dir, pool, wd, aux, writer, log_journal, r
 
 
 async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
-               log_journal, records, across: bool = False) -> int:
+               log_journal, records, across: bool = False, net=None) -> int:
     # a resumed pilot rewrites the report: the replay produces every entry again
     writer = ReportWriter(report_path, args.report_format, fresh=bool(args.resume))
     if across:
@@ -264,45 +318,65 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
                                  init_timeout=args.nl_init_timeout)
     else:
         opened = _local_runner(args, runtime_dir, pool, wd, aux, writer, log_journal, records)
-    async with opened as runner:
-        writer.manager = runner.manager
-        server = None
-        if args.api_socket:
-            server = ApiServer(runner, os.path.abspath(args.api_socket), wd)
-            runner.manager.on_final = lambda item: (writer(item), server.notify())
-            await server.start()
-        if args.resume:
-            counts = await resume(runner, records[1:])
-            log.info("resumed from %s: %s", aux, counts)
-            if not runner.manager.jobs and not any(r["t"] == "req" for r in records):
-                print(f"nrm pilot: --resume: {aux}: the journal holds no request (the pilot "
-                      "ended before reading its file): nothing to finish", file=sys.stderr)
-        progress = Progress(runner.manager, sys.stderr, args.progress)
-        progress.start()
-        if runner.oversubscribed:
-            print(f"nrm pilot: warning: the pool has {pool.total} cores, this node lets "
-                  f"the pilot use {len(runner.cpus)} cpus: tasks share cpus",
-                  file=sys.stderr)
-        for req in parsed.requests:
-            response = runner.handle(req)
-            log.info("request %d (%s): response %s", req.index, req.kind, response)
-            if response["code"] != 0:
-                print(f"nrm pilot: {args.file_path}: request {req.index} ({req.kind}): "
-                      f"{response['message']}", file=sys.stderr)
-            if req.kind == "finish":
-                break
-        if server is not None:              # the API's client says when it is over
-            await server.finished.wait()
-        # Without finishAfterAllTasksDone QCG ends once the file is read; nrm
-        # waits for the submitted jobs anyway (docs/pilot.md): a pilot that
-        # exits under its running tasks helps nobody. ``finish`` cancelled them.
-        await runner.wait_done()
-        await runner.forget_keys()
-        progress.stop()
-        if server is not None:
-            server.close()
-        if runner._inflight:
-            await asyncio.gather(*list(runner._inflight), return_exceptions=True)
+    tcp = None
+    try:
+        async with opened as runner:
+            writer.manager = runner.manager
+            server = None
+            if args.api_socket or net is not None:
+                server = ApiServer(runner, os.path.abspath(args.api_socket)
+                                   if args.api_socket else None, wd)
+                runner.manager.on_final = lambda item: (writer(item), server.notify())
+                await server.start()
+            if net is not None:
+                host, ports, keys = net
+                try:
+                    tcp = NetServer(server.answer, aux, host, ports, keys)
+                    uri = tcp.start()
+                except (netapi.NetError, CurveError, OSError) as exc:
+                    server.close()
+                    raise netapi.NetError(str(exc)) from None
+                print(f"nrm pilot: QCG API on {uri}: Manager('{aux}') here, or "
+                      f"Manager('{uri}', {{'nrm_keys': '{aux}'}}) (docs/pilot.md)",
+                      file=sys.stderr)
+            if args.resume:
+                counts = await resume(runner, records[1:])
+                log.info("resumed from %s: %s", aux, counts)
+                if not runner.manager.jobs and not any(r["t"] == "req" for r in records):
+                    print(f"nrm pilot: --resume: {aux}: the journal holds no request (the pilot "
+                          "ended before reading its file): nothing to finish", file=sys.stderr)
+            progress = Progress(runner.manager, sys.stderr, args.progress)
+            progress.start()
+            if runner.oversubscribed:
+                print(f"nrm pilot: warning: the pool has {pool.total} cores, this node lets "
+                      f"the pilot use {len(runner.cpus)} cpus: tasks share cpus",
+                      file=sys.stderr)
+            for req in parsed.requests:
+                response = runner.handle(req)
+                log.info("request %d (%s): response %s", req.index, req.kind, response)
+                if response["code"] != 0:
+                    print(f"nrm pilot: {args.file_path}: request {req.index} ({req.kind}): "
+                          f"{response['message']}", file=sys.stderr)
+                if req.kind == "finish":
+                    break
+            if server is not None:              # the API's client says when it is over
+                await server.finished.wait()
+            # Without finishAfterAllTasksDone QCG ends once the file is read; nrm
+            # waits for the submitted jobs anyway (docs/pilot.md): a pilot that
+            # exits under its running tasks helps nobody. ``finish`` cancelled them.
+            await runner.wait_done()
+            await runner.forget_keys()
+            progress.stop()
+            if tcp is not None:
+                tcp.close()
+                tcp = None
+            if server is not None:
+                server.close()
+            if runner._inflight:
+                await asyncio.gather(*list(runner._inflight), return_exceptions=True)
+    finally:
+        if tcp is not None:      # also when the run fails: its ZAP thread must end
+            tcp.close()
     writer.close()
     write_final_status(os.path.join(aux, "final_status.json"), runner.manager)
     outcome = runner.manager.outcome()

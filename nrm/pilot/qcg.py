@@ -14,7 +14,9 @@ script's interpreter state no better or worse than QCG's, keeps its own
 event loop off the script's thread, and the script's GIL never slows its
 launches. They talk over a Unix socket in a 0700 directory, answered only
 for the same user (nrm/pilot/service.py). Waits are answered by the pilot
-when the jobs end (no polling).
+when the jobs end (no polling). :class:`Manager` also reaches a pilot
+started with ``--net`` from another host, over CurveZMQ with the keys the
+pilot wrote for its owner (nrm/pilot/netapi.py).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import uuid
 from datetime import timedelta
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from nrm.pilot import jobfile
+from nrm.pilot import jobfile, netapi
 from nrm.pilot.model import FINAL, STATE_CODES
 
 Names = Union[str, List[str]]
+_HOST_PORT = re.compile(r"^[\w.-]+:\d+$")         # QCG's address without its tcp://
 
 
 # ------------------------------------------------------------------ errors ---
@@ -271,18 +274,49 @@ def _names(names: Names) -> List[str]:
 
 
 class Manager:
-    """A running pilot's API. ``address``: its socket path (``ipc://PATH``
-    or a path); default ``$NRM_PILOT_API``."""
+    """A running pilot's API. ``address``:
+
+    * ``tcp://HOST:PORT`` (or QCG's ``HOST:PORT``): a pilot started with
+      ``--net``, over CurveZMQ. The keys: ``cfg["nrm_keys"]`` or
+      ``$NRM_PILOT_KEYS`` (the pilot's aux dir), or ``cfg["server_key"]`` and
+      ``cfg["client_key"]`` (files); ``cfg["connect_timeout"]`` (10 s);
+    * the pilot's aux dir: its ``address`` file and keys, as above;
+    * ``ipc://PATH`` or a path: the Unix socket of ``--api-socket``.
+
+    Default: ``$NRM_PILOT_API``, then QCG's ``$QCG_PM_ZMQ_ADDRESS``."""
 
     def __init__(self, address: Optional[str] = None, cfg: Optional[Dict[str, Any]] = None):
         self.cfg = dict(cfg or {})
-        address = address or os.environ.get("NRM_PILOT_API")
+        address = (address or os.environ.get("NRM_PILOT_API")
+                   or os.environ.get("QCG_PM_ZMQ_ADDRESS"))
         if not address:
             raise ConnectionError("no pilot address: give one, or set NRM_PILOT_API")
-        self.address = address[len("ipc://"):] if address.startswith("ipc://") else address
         self._sock: Optional[socket.socket] = None
         self._file = None
+        self._net = None
+        near = None
+        if os.path.isdir(address):              # an aux dir: its address file and keys
+            near = address
+            try:
+                address = netapi.read_address(address)
+            except netapi.NetError as exc:
+                raise ConnectionError(str(exc)) from None
+        bare = _HOST_PORT.match(address) and not os.path.exists(address)
+        if address.startswith("tcp://") or bare:
+            self.address = address if address.startswith("tcp://") else f"tcp://{address}"
+            self._connect_net(near)
+            return
+        self.address = address[len("ipc://"):] if address.startswith("ipc://") else address
         self._connect()
+
+    def _connect_net(self, near: Optional[str]) -> None:
+        try:
+            keys = netapi.find_keys(self.cfg, near)
+            self._net = netapi.NetClient(
+                self.address, keys,
+                float(self.cfg.get("connect_timeout", netapi.CONNECT_TIMEOUT)))
+        except netapi.NetError as exc:
+            raise ConnectionError(str(exc)) from None
 
     def _connect(self) -> None:
         try:
@@ -293,19 +327,29 @@ class Manager:
         self._sock = sock
         self._file = sock.makefile("rwb")
 
-    def send_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        """One request; its response's ``data``. ConnectionError when refused."""
+    def _exchange(self, payload: bytes) -> bytes:
+        if self._net is not None:
+            try:
+                return self._net.request(payload)
+            except netapi.NetError as exc:
+                raise ConnectionError(str(exc)) from None
         if self._file is None:
             raise ConnectionError("the manager is finished")
         try:
-            self._file.write(json.dumps(request).encode() + b"\n")
+            self._file.write(payload + b"\n")
             self._file.flush()
             line = self._file.readline()
         except OSError as exc:
             raise ConnectionError(f"pilot at {self.address}: {exc.strerror or exc}") from None
         if not line:
             raise ConnectionError(f"pilot at {self.address} closed the connection")
-        response = json.loads(line)
+        return line
+
+    def send_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """One request; its response's ``data``. ConnectionError when refused."""
+        if self._file is None and self._net is None:
+            raise ConnectionError("the manager is finished")
+        response = json.loads(self._exchange(json.dumps(request).encode()))
         if response.get("code") != 0:
             raise ConnectionError(response.get("message") or "request refused")
         return response.get("data") or {}
@@ -383,6 +427,9 @@ class Manager:
             self.cleanup()
 
     def cleanup(self) -> None:
+        if self._net is not None:
+            self._net.close()
+            self._net = None
         if self._file is not None:
             try:
                 self._file.close()

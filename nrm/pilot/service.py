@@ -8,7 +8,10 @@ any one) are final, so the API's waits need no polling.
 
 Why a Unix socket in a 0700 directory, and SO_PEERCRED on top: the pilot
 runs commands as its user, so whoever can talk to it can run code as that
-user. Only that user (or root) gets an answer; nothing listens on a network.
+user. Only that user (or root) gets an answer. The same answers travel over
+TCP only through :mod:`nrm.pilot.netapi` (``--net``: CurveZMQ, keys the
+owner authorized); :meth:`ApiServer.answer` is the one place requests are
+served, whatever carried them, and it never raises on what a client sent.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 class ApiServer:
-    def __init__(self, runner: Runner, path: str, base_dir: str):
+    def __init__(self, runner: Runner, path: Optional[str], base_dir: str):
+        """``path``: the Unix socket, or None when only ``--net`` serves."""
         self.runner = runner
         self.path = path
         self.base_dir = base_dir
@@ -46,6 +50,8 @@ class ApiServer:
         self._waiters: List[tuple] = []
 
     async def start(self) -> None:
+        if self.path is None:
+            return
         parent = os.path.dirname(self.path)
         os.makedirs(parent, mode=0o700, exist_ok=True)
         os.chmod(parent, 0o700)
@@ -63,6 +69,8 @@ class ApiServer:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.path is None:
+            return
         try:
             os.unlink(self.path)
         except OSError:
@@ -96,7 +104,7 @@ class ApiServer:
     async def answer(self, line: bytes) -> Dict[str, Any]:
         try:
             req = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:     # RecursionError: nested too deep
             return _error(f"not JSON: {exc}")
         if isinstance(req, dict) and req.get("request") == "nrmWait":
             return await self._wait(req)
@@ -138,6 +146,12 @@ class ApiServer:
         if isinstance(names, str):
             names = [names]
         any_, timeout = bool(req.get("any")), req.get("timeout")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return _error("nrmWait: jobNames: expected a list of job names")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or not 0 <= timeout < 1e9):
+            return _error(f"nrmWait: timeout: expected seconds (a number >= 0), "
+                          f"got {str(timeout)[:40]!r}")
         if not self._satisfied(names, any_):
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append((names, any_, fut))
