@@ -35,7 +35,7 @@ HELP = "run many small tasks from a QCG-PilotJob request file, each in its own s
 
 #: qcg-pm-service options nrm pilot does not implement yet: refused by name
 NOT_YET = {
-    "--net-pub-port": "the event publisher (the API's waits need none: nrmWait)",
+    "--net-pub-port": "the PUB event socket",
     "--governor": "governor mode",
     "--parent": "governor mode", "--slurm-partition-nodes": "Slurm partitions",
     "--slurm-limit-nodes-range-begin": "Slurm node ranges",

@@ -115,7 +115,7 @@ def test_bad_request_is_one_line_and_the_rest_runs(nrmd, tmp_path):
     ('[{"request": "listJobs"},\n {bad}]', (), "line 2"),
     ('{"request": "listJobs"}', (), "expected a list"),
     ("[]", ("--resume", "x"), "x/journal.jsonl: cannot read"),
-    ("[]", ("--net",), "not supported by nrm pilot yet"),
+    ("[]", ("--governor",), "not supported by nrm pilot yet"),
     ("[]", ("--nodes", "0"), "CORES at least 1"),
 ])
 def test_unusable_input_exits_2(nrmd, tmp_path, content, args, words):
