@@ -21,9 +21,8 @@ PROBE = os.path.join(REPO, "tests", "libnrm", "inwait_probe.c")
 ORIGINAL = 0x1234500        # bits outside 4:0 set: they must survive
 THROTTLED = ORIGINAL | 0x11  # enable + level 1
 
-FLAVORS = [pytest.param(name, marks=pytest.mark.skipif(mpi.find(name) is None,
-                                                     reason=f"{name} not installed"))
-           for name in ("mpich", "openmpi")]
+FLAVORS = [pytest.param(name, marks=pytest.mark.skipif(
+    mpi.find(name) is None, reason=f"{name} not installed")) for name in ("mpich", "openmpi")]
 pytestmark = pytest.mark.mpi
 
 
