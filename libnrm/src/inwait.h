@@ -30,6 +30,16 @@
  *   NRM_INWAIT_COUNTERS  directory for the rank's counter file (emulated)
  *   NRM_INWAIT_SIGNAL    realtime signal number (default SIGRTMIN + 4)
  *
+ * In msr mode only a thread whose affinity is one cpu throttles (checked
+ * when its timer is made, and the cpu again in the handler): a rank free
+ * to migrate could leave a cpu it left throttled under another rank.  A
+ * child forked without exec does not throttle.  The handler is installed
+ * with SA_RESTART, which does not restart poll, epoll_wait, nanosleep and
+ * the like: a wait blocked in one returns EINTR once when its timer fires
+ * (MPI progress loops retry).  A program that resets the signal to
+ * SIG_DFL would be killed by a queued timer signal; NRM_INWAIT_SIGNAL
+ * picks another one.
+ *
  * Everything here is self-contained (no MPI), so that nrm build-interposer
  * and a unit test can use it as is.
  */
@@ -115,6 +125,7 @@ static struct {
 	off_t off[NRM_IW_MAX_CPUS];
 	int counters_fd;
 	atomic_uint slots;
+	atomic_int warned_unbound;
 	pthread_key_t key;
 } nrm_iw = { .kind = NRM_IW_OFF };
 
@@ -128,6 +139,7 @@ struct nrm_iw_thread {
 	int cpu;		/* whose register the handler wrote, or -1 */
 	uint64_t saved, written;
 	uint64_t fire_cpu_ns, fire_wall_ns;
+	int bound;		/* msr: the one cpu the thread may run on */
 	int slot;
 	struct nrm_iw_record rec;
 };
@@ -163,7 +175,9 @@ static void nrm_iw_on_timer(int sig, siginfo_t *si, void *uc)
 		uint64_t cur, val;
 		int fd;
 
-		if (syscall(SYS_getcpu, &cpu, NULL, NULL) != 0 || cpu >= NRM_IW_MAX_CPUS)
+		/* Only a thread bound to one cpu throttles: one that migrated
+		 * mid-wait would leave the old cpu slow under another rank. */
+		if (syscall(SYS_getcpu, &cpu, NULL, NULL) != 0 || (int)cpu != t->bound)
 			goto out;
 		fd = nrm_iw.fd[cpu];
 		if (fd < 0 || pread(fd, &cur, 8, nrm_iw.off[cpu]) != 8)
@@ -190,10 +204,41 @@ static void nrm_iw_thread_exit(void *arg)
 	nrm_iw_t.state = -1;
 }
 
-/* A forked child has no timers; its copy of the state must not be used. */
+static void nrm_iw_close_all(void)
+{
+	for (int c = 0; c < NRM_IW_MAX_CPUS; c++) {
+		if (nrm_iw.fd[c] >= 0)
+			close(nrm_iw.fd[c]);
+		nrm_iw.fd[c] = -1;
+	}
+	if (nrm_iw.counters_fd >= 0)
+		close(nrm_iw.counters_fd);
+	nrm_iw.counters_fd = -1;
+}
+
+/* A child forked without exec does not throttle: it has no timers, and
+ * its threads' counter slots are its parent's (same file, same numbers). */
 static void nrm_iw_after_fork(void)
 {
-	nrm_iw_t.state = 0;
+	nrm_iw.kind = NRM_IW_OFF;
+	nrm_iw_close_all();
+	nrm_iw_t.armed = 0;
+	nrm_iw_t.fired = 0;
+	nrm_iw_t.state = -1;
+}
+
+/* The one cpu the calling thread may run on, or -1. */
+static int nrm_iw_single_cpu(void)
+{
+	cpu_set_t set;
+	int cpu = -1;
+
+	if (sched_getaffinity(0, sizeof(set), &set) != 0 || CPU_COUNT(&set) != 1)
+		return -1;
+	for (int c = 0; c < CPU_SETSIZE && cpu < 0; c++)
+		if (CPU_ISSET(c, &set))
+			cpu = c;
+	return cpu;
 }
 
 static int nrm_iw_thread_init(struct nrm_iw_thread *t)
@@ -203,6 +248,16 @@ static int nrm_iw_thread_init(struct nrm_iw_thread *t)
 	if (t->state != 0)
 		return t->state == 1;
 	t->state = -1;
+	if (nrm_iw.kind == NRM_IW_KIND_MSR) {
+		t->bound = nrm_iw_single_cpu();
+		if (t->bound < 0 || t->bound >= NRM_IW_MAX_CPUS || nrm_iw.fd[t->bound] < 0) {
+			if (atomic_exchange(&nrm_iw.warned_unbound, 1) == 0)
+				nrm_iw_warn("a thread not bound to one cpu with a writable "
+					    "msr_safe does not throttle (bind ranks to cores)",
+					    NULL);
+			return 0;
+		}
+	}
 	memset(&sev, 0, sizeof(sev));
 	sev.sigev_notify = SIGEV_THREAD_ID;
 	sev.sigev_signo = nrm_iw.sig;
@@ -432,6 +487,7 @@ static int nrm_iw_init(void)
 	}
 	if (pthread_key_create(&nrm_iw.key, nrm_iw_thread_exit) != 0) {
 		nrm_iw.kind = NRM_IW_OFF;
+		nrm_iw_close_all();
 		return 0;
 	}
 	pthread_atfork(NULL, NULL, nrm_iw_after_fork);
@@ -443,6 +499,7 @@ static int nrm_iw_init(void)
 	 * disarm must never meet the default action (terminate). */
 	if (sigaction(nrm_iw.sig, &sa, NULL) != 0) {
 		nrm_iw.kind = NRM_IW_OFF;
+		nrm_iw_close_all();
 		return 0;
 	}
 	return 1;

@@ -2,12 +2,14 @@
  * In-wait throttling (src/inwait.h) without MPI: the pure parts, then a
  * real timer, signal and handler against a fake msr file of this thread's
  * cpu (a regular file: 0x19A at offset 8 x 0x19A), and a late signal that
- * must not throttle anything.
+ * must not throttle anything; a forked child and a thread free to migrate
+ * never throttle.
  */
 #define _GNU_SOURCE
 #include "../src/inwait.h"
 
 #include <sys/stat.h>
+#include <sys/wait.h>
 
 #include "check.h"
 
@@ -31,12 +33,18 @@ static void spin_until_fired(void)
 		;
 }
 
+static void *enter_once(void *arg)
+{
+	*(int *)arg = nrm_iw_enter();
+	return NULL;
+}
+
 int main(void)
 {
 	char dir[] = "/tmp/nrm-inwait-XXXXXX";
 	char path[4096];
 	uint64_t original = 0x1234500, v;
-	cpu_set_t one;
+	cpu_set_t one, all;
 	int cpu, fd;
 
 	/* prediction: any long wait among the last eight */
@@ -51,6 +59,7 @@ int main(void)
 	CHECK(nrm_iw_throttled(0, 0xff) == 0x1f);
 
 	/* pin to one cpu and give it a fake register */
+	CHECK(sched_getaffinity(0, sizeof(all), &all) == 0);
 	cpu = sched_getcpu();
 	CPU_ZERO(&one);
 	CPU_SET(cpu, &one);
@@ -103,6 +112,32 @@ int main(void)
 			;
 	}
 	CHECK(!nrm_iw_t.fired && slot_of(path) == original);
+
+	/* a child forked without exec does not throttle, and has closed
+	 * its copy of the device */
+	{
+		int fdc = nrm_iw.fd[cpu], status = -1;
+		pid_t pid = fork();
+
+		if (pid == 0)
+			_exit(nrm_iw.kind == NRM_IW_OFF && nrm_iw_enter() == 0 &&
+			      fcntl(fdc, F_GETFD) < 0 ? 0 : 1);
+		CHECK(pid > 0 && waitpid(pid, &status, 0) == pid);
+		CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+		CHECK(nrm_iw.kind == NRM_IW_KIND_MSR && fcntl(fdc, F_GETFD) >= 0);
+	}
+
+	/* a new thread's affinity must be one cpu: a thread that may migrate
+	 * never arms */
+	if (CPU_COUNT(&all) > 1) {
+		pthread_t th;
+		int armed = -1;
+
+		CHECK(sched_setaffinity(0, sizeof(all), &all) == 0);
+		CHECK(pthread_create(&th, NULL, enter_once, &armed) == 0);
+		CHECK(pthread_join(th, NULL) == 0 && armed == 0);
+		CHECK(atomic_load(&nrm_iw.warned_unbound) == 1);
+	}
 
 	unlink(path);
 	snprintf(path, sizeof(path), "%s/%d", dir, cpu);

@@ -230,6 +230,7 @@ class ContainerManager(HandOvers):
                 raise RunError(exc.code, str(exc)) from None
             ids = {"uid": peer.uid, "gid": peer.gid, "groups": groups}
         bind_cpus, bind_mems, sched = self._spawn_options(container)
+        task.cpus = list(bind_cpus) if bind_cpus else None
         argv = self._wrap_perf(container, argv)
         try:
             envl = env_list(self.task_env(container, task, env))

@@ -114,6 +114,8 @@ class Task:
     adopted: bool = False
     #: start time in clock ticks since boot, when the spawner saw it (else read from /proc)
     start_ticks: Optional[int] = None
+    #: the cpus it was bound to (hwbind), None when it may run on all its container's
+    cpus: Optional[List[int]] = None
 
     @property
     def status(self) -> int:

@@ -225,7 +225,8 @@ class EmulatedPlatform(Platform):
             self._reasons.append(f"no {self._stat_path}: utilisation modelled as 0")
         # actuation state
         self._provider: Optional[Callable[[], Iterable[int]]] = None
-        self._wait_counters: Optional[Callable[[], Iterable[Tuple[str, Iterable[int]]]]] = None
+        self._wait_counters: Optional[
+            Callable[[], Iterable[Tuple[str, Iterable[int], int]]]] = None
         self._ledger = ThreadLedger()
         self._wait_discount_ns = 0
         self._quota: Dict[int, int] = {}
@@ -372,7 +373,7 @@ class EmulatedPlatform(Platform):
                 tids = [t for t in os.listdir(taskdir) if t.isdigit()]
             except OSError:
                 continue
-            path = counter_files.get(pid)
+            path, level = counter_files.get(pid, (None, 16))
             counters = read_wait_counters(path) if path else None
             for tid in tids:
                 try:
@@ -386,7 +387,7 @@ class EmulatedPlatform(Platform):
                 prev = self._run_prev.get(int(tid))
                 ran = run_ns - prev if prev is not None and run_ns > prev else 0
                 if counters is not None:
-                    off = self._ledger.discount(int(tid), counters.get(int(tid)), ran)
+                    off = self._ledger.discount(int(tid), counters.get(int(tid)), ran, level)
                     ran -= off
                     self._wait_discount_ns += off
                 if cpu in busy:
@@ -399,16 +400,17 @@ class EmulatedPlatform(Platform):
         self._t_billed = now
         self._run_prev = seen
 
-    def _wait_counter_files(self) -> Dict[int, str]:
-        """pid -> its rank's counter file, for the containers that throttle in waits."""
+    def _wait_counter_files(self) -> Dict[int, Tuple[str, int]]:
+        """pid -> its rank's counter file and its container's throttle level,
+        for the containers that throttle in waits."""
         fn = self._wait_counters
         if fn is None:
             return {}
-        out: Dict[int, str] = {}
+        out: Dict[int, Tuple[str, int]] = {}
         try:
-            for directory, pids in fn():
+            for directory, pids, level in fn():
                 for pid in pids:
-                    out[int(pid)] = os.path.join(directory, str(int(pid)))
+                    out[int(pid)] = (os.path.join(directory, str(int(pid))), int(level))
         except Exception as e:  # the daemon's callable: never die of it
             rl_log.warning("wait counter provider failed: %r", e)
         return out

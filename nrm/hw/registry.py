@@ -115,6 +115,10 @@ class Platform:
         self._journal = journal
         self._lock = threading.RLock()
         self._saved: Dict[Tuple[str, int], Any] = {}
+        #: holders of claimed controls (containers sharing cpus claim each one)
+        self._claims: Dict[Tuple[str, int], int] = {}
+        #: originals a previous nrmd journaled and this one put back at start
+        self._recovered: Dict[Tuple[str, int], Any] = {}
         self._signals: Dict[str, SignalInfo] = {}
         self._controls: Dict[str, ControlInfo] = {}
         self._reasons: List[str] = []
@@ -133,6 +137,12 @@ class Platform:
 
     def _put_back(self, name: str, index: int, original: Any) -> None:
         raise NotImplementedError
+
+    def _claim_snapshot(self, name: str, index: int) -> Any:
+        """The original to save for a claim; backends whose controls the
+        claimers may have written already (clock modulation in waits) return
+        the unmodulated value when the current one is a claimer's."""
+        return self._snapshot(name, index)
 
     def _sample(self) -> Sample:
         raise NotImplementedError
@@ -212,11 +222,14 @@ class Platform:
                 out.setdefault(name, {})[i] = orig
             return out
 
-    def restore(self, name: Optional[str] = None, indices: Optional[Iterable[int]] = None) -> None:
+    def restore(self, name: Optional[str] = None, indices: Optional[Iterable[int]] = None,
+                keep: bool = False) -> None:
         """Put saved originals back; raise HardwareError listing any failure.
 
         Entries that fail stay saved (and journaled) so a later restore or
-        the next daemon start retries them.
+        the next daemon start retries them. Entries still claimed
+        (``claim``), or all with ``keep``, are put back but stay saved: a
+        holder may yet leave the control changed again.
         """
         wanted = None if indices is None else {int(i) for i in indices}
         failures = []
@@ -227,7 +240,8 @@ class Platform:
             for key in keys:
                 try:
                     self._put_back(key[0], key[1], self._saved[key])
-                    done.append(key)
+                    if not keep and key not in self._claims:
+                        done.append(key)
                 except HardwareError as e:
                     failures.append(f"{key[0]}[{key[1]}]: {e}")
             for key in done:
@@ -243,6 +257,8 @@ class Platform:
             raise HardwareError("restore failed for " + "; ".join(failures))
 
     def restore_all(self) -> None:
+        with self._lock:
+            self._claims.clear()
         self.restore()
 
     def recover(self) -> List[Dict[str, Any]]:
@@ -272,6 +288,7 @@ class Platform:
                         raise HardwareError("control no longer available")
                     self._put_back(name, int(index), e.get("original"))
                     restored.append(e)
+                    self._recovered[(name, int(index))] = e.get("original")
                     log.warning("restored %s[%s] to %r, left by a previous nrmd that did not "
                                 "shut down cleanly", name, index, e.get("original"))
                 except (HardwareError, TypeError, ValueError) as err:
@@ -296,8 +313,10 @@ class Platform:
         pass
 
     def set_wait_counters(self, fn) -> None:
-        """``fn()`` -> ``(directory, pids)`` pairs: where each container's ranks
-        count their throttled waits (backends that bill them: emulated)."""
+        """``fn()`` -> ``(directory, pids, level)`` triples: where each
+        container's ranks count their throttled waits, and the level the
+        daemon set for them, the one billed (backends that bill them:
+        emulated)."""
 
     def wait_throttle_target(self) -> Optional[Dict[str, Any]]:
         """How a rank can throttle its own core inside MPI waits, or None.
@@ -311,21 +330,64 @@ class Platform:
     def claim(self, name: str, indices: Iterable[int]) -> None:
         """Save (and journal) the originals of a control that someone else
         will write, so that ``restore`` puts them back: the interposer
-        writes clock modulation from the ranks, the daemon restores it."""
+        writes clock modulation from the ranks, the daemon restores it.
+
+        Claims are counted per index: holders sharing an index each claim
+        and each ``release``; the original goes back when the last one
+        does. The original is the one a previous nrmd journaled when this
+        one put it back at start (its ranks, adopted, may have written the
+        control since), else the backend's ``_claim_snapshot``.
+        """
         info = self.control_info(name)
+        keys = [(name, self._check_index(info, index)) for index in indices]
         with self._lock:
             if self._closed:
                 raise HardwareError(f"{name}: platform is closed")
+            taken: List[int] = []
+            try:
+                for key in keys:
+                    if key not in self._saved:
+                        if key in self._recovered:
+                            original = self._recovered[key]
+                        else:
+                            original = self._claim_snapshot(*key)
+                        if self._journal is not None:
+                            self._journal.append({"backend": self.backend_name, "name": name,
+                                                  "index": key[1], "original": original})
+                        self._saved[key] = original
+                        self._recovered.pop(key, None)
+                    self._claims[key] = self._claims.get(key, 0) + 1
+                    taken.append(key[1])
+            except HardwareError:
+                self.release(name, taken)
+                raise
+
+    def release(self, name: str, indices: Iterable[int]) -> None:
+        """End one claim of each index; put back the originals of those no
+        one holds any more (raise HardwareError as ``restore`` does)."""
+        last = []
+        with self._lock:
             for index in indices:
-                i = self._check_index(info, index)
-                key = (name, i)
-                if key in self._saved:
-                    continue
-                original = self._snapshot(name, i)
-                if self._journal is not None:
-                    self._journal.append({"backend": self.backend_name, "name": name,
-                                          "index": i, "original": original})
-                self._saved[key] = original
+                key = (name, int(index))
+                held = self._claims.get(key, 0)
+                if held > 1:
+                    self._claims[key] = held - 1
+                elif held == 1:
+                    del self._claims[key]
+                    last.append(key[1])
+            if last:
+                self.restore(name, last)
+
+    def claimed(self, name: str) -> Dict[int, int]:
+        """How many holders claim each index of ``name``."""
+        with self._lock:
+            return {i: n for (c, i), n in self._claims.items() if c == name}
+
+    def wait_throttle_denied(self, cpus: Iterable[int], uid: int) -> List[int]:
+        """The cpus of ``cpus`` whose in-wait actuator (``wait_throttle_target``)
+        a process of ``uid`` may not write: all of them unless the backend
+        hands the ranks a device."""
+        return sorted(cpus)
 
     def describe(self) -> Dict[str, Any]:
         d = {

@@ -108,8 +108,10 @@ class ThreadLedger:
         self.last: Dict[int, Counters] = {}
         self.carry: Dict[int, int] = {}
 
-    def discount(self, tid: int, counters: Optional[Counters], run_ns: int) -> int:
-        """Cpu ns of ``tid``'s ``run_ns`` (this period) not to bill."""
+    def discount(self, tid: int, counters: Optional[Counters], run_ns: int,
+                 level: int) -> int:
+        """Cpu ns of ``tid``'s ``run_ns`` (this period) not to bill, with its
+        throttled time priced at ``level`` (the container's)."""
         carried = self.carry.pop(tid, 0)
         new = 0
         if counters is not None:
@@ -120,7 +122,7 @@ class ThreadLedger:
             if prev is not None and counters.cpu_ns >= prev.cpu_ns \
                     and counters.wall_ns >= prev.wall_ns:
                 new = discount_ns(counters.cpu_ns - prev.cpu_ns,
-                                  counters.wall_ns - prev.wall_ns, counters.level)
+                                  counters.wall_ns - prev.wall_ns, level)
         run_ns = max(0, run_ns)
         from_carry = min(carried, run_ns)
         from_new = min(new, run_ns - from_carry)

@@ -4,10 +4,13 @@ The ranks throttle their own cores inside MPI waits (the PMPI interposer,
 libnrm/src/inwait.h): a daemon round trip is too slow for waits of a
 millisecond. The daemon decides whether a container does it (its policy,
 ``nrm.power.policy.inwait.for_policy``), tells its ranks how through their
-environment, and owns the safety net: on real hardware it saves every cpu's
-clock modulation before the container's ranks run (journaled, like any
-control it writes) and puts it back when the container ends, so a rank
-killed inside a throttled wait never leaves its core slow.
+environment, and owns the safety net: on real hardware it claims every
+cpu's clock modulation before the container's ranks run (saved and
+journaled, like any control it writes), puts it back on the cpus of a task
+that ends while its container lives on (cpus no other task of the
+container is bound to), and releases the claim when the container ends, so
+a rank killed inside a throttled wait never leaves its core slow.
+Containers sharing cpus each hold a claim; the last one out restores.
 
 Backends (``Platform.wait_throttle_target``):
 
@@ -17,7 +20,7 @@ Backends (``Platform.wait_throttle_target``):
   4:0 of 0x19A be written.
 * ``counters``: the emulated node. The ranks count their throttled time in
   per-process files under ``<rundir>/inwait/<container>``, which the
-  platform reads and bills at the throttled level's power.
+  platform reads and bills at the container's level's power.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from nrm.hw.linux.msr import msr_safe_path, writable_by
 from nrm.hw.registry import HardwareError
 from nrm.hw.waitcounters import read as read_counters
 from nrm.power.policy.inwait import WaitThrottle, for_policy
@@ -36,6 +38,10 @@ from nrm.power.policy.inwait import WaitThrottle, for_policy
 log = logging.getLogger(__name__)
 
 DUTY_CYCLE = "cpu.duty_cycle"
+#: counter files read for a container's totals, per cpu of it (the
+#: directory is writable by its ranks: what they leave there is bounded)
+FILES_PER_CPU = 4
+MIN_FILES = 64
 
 
 @dataclass
@@ -60,6 +66,9 @@ class WaitThrottleActuation:
         self.root = os.path.join(rundir, "inwait")
         self.pids_of = pids_of
         self.active: Dict[str, _Throttling] = {}
+        # what the sensor thread reads (counter_dirs): replaced, never
+        # mutated, whenever ``active`` changes on the loop
+        self._published: Tuple[_Throttling, ...] = ()
         self.target = None
         if platform is not None:
             try:
@@ -88,12 +97,15 @@ class WaitThrottleActuation:
             state = self._start_counters(container, setting, cpus, env)
         if state is not None:
             self.active[container.id] = state
+            self._publish()
+
+    def _publish(self) -> None:
+        self._published = tuple(s for s in self.active.values() if s.directory is not None)
 
     def _start_msr(self, container, setting, cpus, env) -> Optional[_Throttling]:
         bits = self.target["bits"].get(setting.level)
         missing = [c for c in cpus if c not in self.target["cpus"]]
-        denied = [c for c in cpus if c not in missing
-                  and not writable_by(msr_safe_path(self.platform.root, c), container.uid)]
+        denied = [] if missing else self.platform.wait_throttle_denied(cpus, container.uid)
         if bits is None or missing or denied:
             log.warning("container %s: no in-wait throttling: %s", container.id,
                         f"level {setting.level} not available" if bits is None else
@@ -132,51 +144,84 @@ class WaitThrottleActuation:
         state = self.active.get(container.id)
         return dict(state.env) if state is not None else {}
 
+    def task_ended(self, task) -> None:
+        """Put back clock modulation on the cpus of a task that ended while
+        its container lives on, unless another of its tasks may run there:
+        a rank killed in a throttled wait left its core throttled, and the
+        next rank there would take that for the value to restore. The
+        originals stay saved (claimed) for the container's end."""
+        container = task.container
+        state = self.active.get(container.id)
+        if state is None or state.kind != "msr" or container.ending:
+            return
+        busy = set()
+        for other in list(container.tasks.values()) + list(container.starting.values()):
+            if other is not task:
+                busy.update(other.cpus or state.cpus)
+        free = sorted((set(task.cpus or state.cpus) & set(state.cpus)) - busy)
+        if not free:
+            return
+        try:
+            self.platform.restore(DUTY_CYCLE, free, keep=True)
+        except HardwareError as exc:
+            log.error("container %s: restoring clock modulation of cpus %s after task %s: %s",
+                      container.id, free, task.id, exc)
+
     def container_ended(self, container) -> Optional[dict]:
         state = self.active.pop(container.id, None)
         if state is None:
             return None
+        self._publish()
         out = {"backend": state.kind, "delay_s": state.setting.delay_s,
                "level": state.setting.level}
         if state.kind == "msr":
             try:
-                self.platform.restore(DUTY_CYCLE, state.cpus)
+                self.platform.release(DUTY_CYCLE, state.cpus)
                 out["restored_cpus"] = state.cpus
             except HardwareError as exc:
                 log.error("container %s: restoring clock modulation of cpus %s: %s",
                           container.id, state.cpus, exc)
                 out["restore_error"] = str(exc)
         else:
-            out.update(self._totals(state.directory))
+            out.update(self._totals(state.directory,
+                                    max(MIN_FILES, FILES_PER_CPU * len(state.cpus))))
             shutil.rmtree(state.directory, ignore_errors=True)
         return {"inwait": out}
 
     # -- emulated node -------------------------------------------------------
-    def counter_dirs(self) -> List[Tuple[str, List[int]]]:
-        """(directory, pids) of every throttling container; called from the
-        platform's sensor thread, hence the snapshot."""
+    def counter_dirs(self) -> List[Tuple[str, List[int], int]]:
+        """(directory, pids, level) of every throttling container; called
+        from the platform's sensor thread, so it reads the published tuple,
+        never ``active``."""
         out = []
-        for state in list(self.active.values()):
-            if state.directory is None:
-                continue
+        for state in self._published:
             try:
-                out.append((state.directory, list(self.pids_of(state.container))))
+                out.append((state.directory, list(self.pids_of(state.container)),
+                            state.setting.level))
             except Exception as exc:  # a container going away under us
                 log.debug("pids of %s: %r", state.directory, exc)
         return out
 
     @staticmethod
-    def _totals(directory: str) -> dict:
-        """What the ranks reported, summed over their files."""
-        cpu = wall = waits = 0
+    def _totals(directory: str, limit: int) -> dict:
+        """What the ranks reported, summed over at most ``limit`` counter
+        files (``<pid>``; anything else the ranks left there is skipped)."""
+        cpu = wall = waits = files = 0
         try:
-            names = os.listdir(directory)
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if not entry.name.isdigit():
+                        continue
+                    if files == limit:
+                        log.warning("%s: more than %d counter files, the rest not summed",
+                                    directory, limit)
+                        break
+                    files += 1
+                    for c in read_counters(os.path.join(directory, entry.name)).values():
+                        cpu += c.cpu_ns
+                        wall += c.wall_ns
+                        waits += c.waits
         except OSError:
-            names = []
-        for name in names:
-            for c in read_counters(os.path.join(directory, name)).values():
-                cpu += c.cpu_ns
-                wall += c.wall_ns
-                waits += c.waits
+            pass
         return {"throttled_cpu_s": cpu / 1e9, "throttled_wall_s": wall / 1e9,
                 "throttled_waits": waits}

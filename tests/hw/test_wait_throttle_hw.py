@@ -11,6 +11,7 @@ import pytest
 
 from nrm.hw import open_platform
 from nrm.hw.linux.msr import IA32_CLOCK_MODULATION, writable_by
+from nrm.hw.registry import HardwareError
 from nrm.hw.waitcounters import (CHECK, HEADER, MAGIC, SLOT, Counters, ThreadLedger,
                                  discount_ns, parse, read)
 from tests.fakehw import FakeNode
@@ -72,20 +73,28 @@ def test_discount(cpu, wall, level, expected):
 def test_ledger_baseline_cap_and_one_period_carry():
     led = ThreadLedger()
     # first sight: baseline only, as for the thread's run time
-    assert led.discount(7, Counters(1, 10_000, 10_000, 1), 50_000) == 0
+    assert led.discount(7, Counters(1, 10_000, 10_000, 1), 50_000, 1) == 0
     # 16 ms polled in a wait: 15 ms not billed
-    assert led.discount(7, Counters(1, 26_000, 26_000, 2), 50_000) == 15_000
+    assert led.discount(7, Counters(1, 26_000, 26_000, 2), 50_000, 1) == 15_000
     # a claim larger than what the thread ran is capped by it ...
-    assert led.discount(7, Counters(1, 126_000, 126_000, 3), 40_000) == 40_000
+    assert led.discount(7, Counters(1, 126_000, 126_000, 3), 40_000, 1) == 40_000
     # ... the rest carried into the next period only
-    assert led.discount(7, Counters(1, 126_000, 126_000, 3), 30_000) == 30_000
-    assert led.discount(7, Counters(1, 126_000, 126_000, 3), 90_000) == 0
+    assert led.discount(7, Counters(1, 126_000, 126_000, 3), 30_000, 1) == 30_000
+    assert led.discount(7, Counters(1, 126_000, 126_000, 3), 90_000, 1) == 0
     # counters that went back (a new writer) count from there
-    assert led.discount(7, Counters(1, 5, 5, 1), 10_000) == 0
+    assert led.discount(7, Counters(1, 5, 5, 1), 10_000, 1) == 0
     # a thread with no slot has nothing to discount
-    assert led.discount(8, None, 10_000) == 0
+    assert led.discount(8, None, 10_000, 1) == 0
     led.forget({8})
     assert 7 not in led.last and 7 not in led.carry
+
+
+def test_ledger_prices_at_the_containers_level_not_the_slots():
+    """A rank that writes level 1 in its slot while its container throttles
+    at level 8 is billed at level 8: half of a polled wait, not 1/16."""
+    led = ThreadLedger()
+    led.discount(7, Counters(1, 0, 0, 0), 0, 8)
+    assert led.discount(7, Counters(1, 16_000, 16_000, 1), 50_000, 8) == 8_000
 
 
 # ---------------------------------------------------- the hardware target
@@ -152,10 +161,73 @@ def test_claim_saves_journals_and_restore_puts_back(tmp_path):
         node.set_msr(1, IA32_CLOCK_MODULATION, 0x1234511)       # a rank throttled and died
         p.claim("cpu.duty_cycle", [1])                          # a second claim keeps the first
         assert p.saved() == {"cpu.duty_cycle": {1: 0x1234500}}
-        p.restore("cpu.duty_cycle", [1])
+        assert p.claimed("cpu.duty_cycle") == {1: 2}
+        p.release("cpu.duty_cycle", [1])                        # one holder left: untouched
+        assert node.get_msr(1, IA32_CLOCK_MODULATION) == 0x1234511
+        assert p.saved() == {"cpu.duty_cycle": {1: 0x1234500}}
+        p.release("cpu.duty_cycle", [1])                        # the last one restores
         assert node.get_msr(1, IA32_CLOCK_MODULATION) == 0x1234500
-        assert p.saved() == {}
+        assert p.saved() == {} and p.claimed("cpu.duty_cycle") == {}
     assert not os.path.exists(journal)
+
+
+def test_a_claimed_control_outlives_a_restore_of_it(tmp_path):
+    """A policy's restore (or a task's end, ``keep``) puts the original back
+    but leaves it saved while a claim holds it."""
+    node = FakeNode(tmp_path / "hw", cores=2, msr_safe=True)
+    with open_platform("linux", root=node.root) as p:
+        p.claim("cpu.duty_cycle", [0])
+        p.write("cpu.duty_cycle", 1, 8)
+        node.set_msr(0, IA32_CLOCK_MODULATION, 0x11)
+        p.restore("cpu.duty_cycle")
+        assert node.get_msr(0, IA32_CLOCK_MODULATION) == 0
+        assert node.get_msr(1, IA32_CLOCK_MODULATION) == 0
+        assert p.saved() == {"cpu.duty_cycle": {0: 0}}
+        node.set_msr(0, IA32_CLOCK_MODULATION, 0x11)
+        p.restore("cpu.duty_cycle", [0], keep=True)
+        assert node.get_msr(0, IA32_CLOCK_MODULATION) == 0
+        node.set_msr(0, IA32_CLOCK_MODULATION, 0x11)
+        p.release("cpu.duty_cycle", [0])
+        assert node.get_msr(0, IA32_CLOCK_MODULATION) == 0 and p.saved() == {}
+
+
+def test_a_failed_claim_holds_nothing(tmp_path):
+    node = FakeNode(tmp_path / "hw", cores=2, msr_safe=True)
+    with open_platform("linux", root=node.root) as p:
+        with pytest.raises(HardwareError):
+            p.claim("cpu.duty_cycle", [0, 7])
+        assert p.claimed("cpu.duty_cycle") == {} and p.saved() == {}
+
+
+def test_a_modulated_register_is_never_claimed_as_the_original(tmp_path):
+    """A rank (adopted after a restart, or killed) may hold the register
+    throttled when nrmd claims it: the unmodulated value is saved instead."""
+    node = FakeNode(tmp_path / "hw", cores=2, msr_safe=True)
+    node.set_msr(0, IA32_CLOCK_MODULATION, 0x1234511)
+    with open_platform("linux", root=node.root) as p:
+        p.claim("cpu.duty_cycle", [0])
+        assert p.saved() == {"cpu.duty_cycle": {0: 0x1234500}}
+        p.release("cpu.duty_cycle", [0])
+        assert node.get_msr(0, IA32_CLOCK_MODULATION) == 0x1234500
+
+
+def test_after_a_restart_the_journaled_original_is_claimed(tmp_path):
+    """``--on-restart adopt``: the adopted ranks throttle again between the
+    new nrmd's recovery and its claim; the original is the journaled one."""
+    node = FakeNode(tmp_path / "hw", cores=2, msr_safe=True)
+    node.set_msr(0, IA32_CLOCK_MODULATION, 0x1234508)         # a site's own modulation
+    journal = str(tmp_path / "controls.journal")
+    p = open_platform("linux", root=node.root, journal_path=journal)
+    p.claim("cpu.duty_cycle", [0])
+    node.set_msr(0, IA32_CLOCK_MODULATION, 0x1234511)
+    del p                                                      # no close: a crash
+    with open_platform("linux", root=node.root, journal_path=journal) as p:
+        assert node.get_msr(0, IA32_CLOCK_MODULATION) == 0x1234508    # recovered
+        node.set_msr(0, IA32_CLOCK_MODULATION, 0x1234511)  # an adopted rank waits again
+        p.claim("cpu.duty_cycle", [0])
+        assert p.saved() == {"cpu.duty_cycle": {0: 0x1234508}}
+        p.release("cpu.duty_cycle", [0])
+        assert node.get_msr(0, IA32_CLOCK_MODULATION) == 0x1234508
 
 
 def test_a_crashed_daemons_claim_is_restored_at_the_next_start(tmp_path):

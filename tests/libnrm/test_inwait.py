@@ -21,9 +21,8 @@ PROBE = os.path.join(REPO, "tests", "libnrm", "inwait_probe.c")
 ORIGINAL = 0x1234500        # bits outside 4:0 set: they must survive
 THROTTLED = ORIGINAL | 0x11  # enable + level 1
 
-FLAVORS = [pytest.param(name, marks=pytest.mark.skipif(mpi.find(name) is None,
-                                                     reason=f"{name} not installed"))
-           for name in ("mpich", "openmpi")]
+FLAVORS = [pytest.param(name, marks=pytest.mark.skipif(
+    mpi.find(name) is None, reason=f"{name} not installed")) for name in ("mpich", "openmpi")]
 pytestmark = pytest.mark.mpi
 
 
@@ -61,7 +60,7 @@ def msr(root, cpu):
         return struct.unpack("<Q", f.read(8))[0]
 
 
-def run(flavor, build, env, *args):
+def run(flavor, build, env, *args, bind="core", mca=()):
     exe, lib = build[flavor]
     m = mpi.find(flavor)
     full = {k: v for k, v in os.environ.items()
@@ -70,9 +69,10 @@ def run(flavor, build, env, *args):
     full.update(env, LD_PRELOAD=lib)
     argv = m.launcher() + ["-n", "2"]
     if flavor == "openmpi":
-        argv += [a for k in env for a in ("-x", k)] + ["-x", "LD_PRELOAD", "--bind-to", "core"]
+        argv += [a for k in env for a in ("-x", k)] + ["-x", "LD_PRELOAD", "--bind-to", bind]
+        argv += [a for k, v in mca for a in ("--mca", k, v)]
     else:
-        argv += ["-bind-to", "core"]
+        argv += ["-bind-to", bind]
     r = subprocess.run(argv + [exe, *args], env=full, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -99,6 +99,34 @@ def test_waiting_rank_core_throttled_and_restored(flavor, build, tmp_path):
     assert values.count(THROTTLED) >= 3, values
     assert set(values) <= {ORIGINAL, THROTTLED}, [hex(v) for v in values]
     # every exit put the original back, on every cpu
+    assert [msr(root, c) for c in range(os.cpu_count())] == [ORIGINAL] * os.cpu_count()
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_ranks_free_to_migrate_do_not_throttle(flavor, build, tmp_path):
+    """msr mode throttles the cpu a thread is on: only a thread bound to
+    one cpu may, or a migration mid-wait would leave a cpu slow under
+    another rank. Unbound, each rank says so once and runs unthrottled."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cpus to be unbound")
+    root = fake_msr(tmp_path / "cpu")
+    out, err = run(flavor, build, {"NRM_INWAIT_DELAY": "500us", "NRM_INWAIT_MSR_DIR": root},
+                   "-n", "8", "-u", "5000", "-m", root, bind="none")
+    assert seen(out) == [ORIGINAL] * 8, out
+    lines = [line for line in err.splitlines() if "nrm-pmpi" in line]
+    assert 1 <= len(lines) <= 2 and all("not bound to one cpu" in line for line in lines), err
+
+
+def test_throttled_waits_under_open_mpis_yielding_progress(build, tmp_path):
+    """Open MPI told to yield when idle (sched_yield in its progress loop):
+    the timer signal interrupts the wait's system calls, the wait goes on."""
+    if "openmpi" not in build:
+        pytest.skip("Open MPI not installed")
+    root = fake_msr(tmp_path / "cpu")
+    out, err = run("openmpi", build, {"NRM_INWAIT_DELAY": "500us", "NRM_INWAIT_MSR_DIR": root},
+                   "-n", "8", "-u", "5000", "-m", root, mca=[("mpi_yield_when_idle", "1")])
+    assert "in-wait throttling off" not in err, err
+    assert seen(out).count(THROTTLED) >= 3, out
     assert [msr(root, c) for c in range(os.cpu_count())] == [ORIGINAL] * os.cpu_count()
 
 

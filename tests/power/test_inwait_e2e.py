@@ -203,3 +203,122 @@ def test_killed_in_a_throttled_wait_the_core_is_restored(probe, tmp_path):
         assert not status["saved_controls"].get("cpu.duty_cycle"), status["saved_controls"]
     finally:
         assert d.stop() == 0, d.log()
+
+
+def _linux_daemon(tmp_path):
+    """A real nrmd on the linux backend over a fake tree whose cpus all
+    hold ORIGINAL in IA32_CLOCK_MODULATION."""
+    ncpus = os.cpu_count()
+    node = FakeNode(tmp_path / "hw", packages=1, cores=ncpus, msr_safe=True)
+    for c in range(ncpus):
+        _set_msr(node, c, ORIGINAL)
+    d = DaemonProcess("--hw", "linux", "--hw-root", node.root, "--sensor-period", "0.2",
+                      "--pmpi-lib", PMPI).start()
+    return node, d
+
+
+def _status(d):
+    return json.loads(d.cli("status", "--json").stdout)
+
+
+def _containers(d):
+    return {c["name"]: c for c in json.loads(d.cli("list", "--json").stdout)}
+
+
+def _tasks(d, name):
+    c = _containers(d).get(name)
+    return c["tasks"] if c else None
+
+
+def _pids_of(exe):
+    """This test's processes running ``exe`` (its own temporary build)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == exe:
+                out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+@needs_root()
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cpus")
+def test_a_task_killed_in_a_throttled_wait_is_restored_while_its_container_lives(
+        probe, tmp_path):
+    """A named container runs on after one of its tasks died with a rank
+    throttled in a wait: nrmd puts that task's core back at once, not at
+    the container's end, and keeps the original for the end."""
+    node, d = _linux_daemon(tmp_path)
+    procs = []
+    try:
+        manifest = tmp_path / "countdown.yml"
+        manifest.write_text("name: reused\napp:\n  slice: {cpus: 2, mems: 1}\n  hwbind: true\n"
+                            "  power: {policy: COUNTDOWN}\n")
+        # the first task holds one core (hwbind), the container lives on it
+        procs.append(d.popen_cli("run", "-c", "reused", str(manifest), "sleep", "600",
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for(lambda: _tasks(d, "reused"), timeout=30)
+        out = tmp_path / "out.txt"
+        with open(out, "w") as f:
+            procs.append(d.popen_cli(
+                "run", "-c", "reused", str(manifest), mpi.MPICH.mpiexec, "-n", "2",
+                "-bind-to", "core", probe, "-n", "10", "-u", "5000", "-f", "120",
+                "-m", os.path.join(node.root, "dev/cpu"), stdout=f, stderr=subprocess.STDOUT))
+        wait_for(lambda: "waiter cpu=" in out.read_text(), timeout=60)
+        waiter = int(out.read_text().split("waiter cpu=")[1].split()[0])
+        wait_for(lambda: _msr(node, waiter) == (ORIGINAL & ~0x1F) | 0x11, timeout=60)
+        for pid in _pids_of(probe):
+            os.kill(pid, 9)
+        procs[1].wait(timeout=60)
+        assert len(_tasks(d, "reused")) == 1                # the container lives on
+        wait_for(lambda: _msr(node, waiter) == ORIGINAL, timeout=30)
+        # still claimed: the container's end restores again
+        assert _status(d)["saved_controls"]["cpu.duty_cycle"], _status(d)
+        _set_msr(node, waiter, ORIGINAL | 0x11)
+        assert d.cli("kill", "reused").returncode == 0
+        wait_for(lambda: _msr(node, waiter) == ORIGINAL, timeout=30)
+        assert not _status(d)["saved_controls"].get("cpu.duty_cycle")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert d.stop() == 0, d.log()
+
+
+@needs_root()
+def test_containers_sharing_cpus_restore_when_the_last_one_ends(tmp_path):
+    """Two oversubscribed COUNTDOWN containers claim the same cpus: the
+    first one's end leaves the originals saved for the second, whose end
+    puts them back (a rank of it died throttled)."""
+    node, d = _linux_daemon(tmp_path)
+    procs = []
+    try:
+        for name in ("first", "second"):
+            manifest = tmp_path / f"{name}.yml"
+            # every cpu of the node: the second slice shares them all
+            manifest.write_text(f"name: {name}\napp:\n  slice: {{cpus: {os.cpu_count()}, "
+                                "mems: 1}\n  power: {policy: COUNTDOWN}\n")
+            procs.append(d.popen_cli("run", "--oversubscribe", "-c", name, str(manifest),
+                                     "sleep", "600", stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL))
+            wait_for(lambda: _tasks(d, name), timeout=30)
+        cpus = {n: c["cpus"] for n, c in _containers(d).items()}
+        shared = sorted(set(cpus["first"]) & set(cpus["second"]))
+        if not shared:
+            pytest.skip(f"the slices did not overlap: {cpus}")
+        assert d.cli("kill", "first").returncode == 0
+        wait_for(lambda: _tasks(d, "first") is None, timeout=30)
+        assert set(shared) <= {int(c) for c in _status(d)["saved_controls"]["cpu.duty_cycle"]}
+        for c in shared:
+            _set_msr(node, c, ORIGINAL | 0x11)       # the second's rank died throttled
+        assert d.cli("kill", "second").returncode == 0
+        wait_for(lambda: all(_msr(node, c) == ORIGINAL for c in shared), timeout=30)
+        assert not _status(d)["saved_controls"].get("cpu.duty_cycle")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert d.stop() == 0, d.log()

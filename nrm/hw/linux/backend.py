@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from nrm.hw.linux import cpufreq
 from nrm.hw.linux.energy import WrappingCounter
@@ -20,7 +20,7 @@ from nrm.hw.linux.hwmon import Hwmon
 from nrm.hw.linux.msr import (IA32_CLOCK_MODULATION, MSR_DRAM_ENERGY_STATUS,
                               MSR_PKG_ENERGY_STATUS, ClockModulation, MsrAccess, MsrRapl,
                               allowlist_refuses_clock_modulation, detect_extended_modulation,
-                              msr_safe_path)
+                              msr_safe_path, writable_by)
 from nrm.hw.linux.powercap import Powercap, PowercapLimit
 from nrm.hw.linux.sysfs import AttrFile
 from nrm.hw.registry import (ControlInfo, HardwareError, Platform, Sample, SignalInfo,
@@ -300,6 +300,20 @@ class LinuxPlatform(Platform):
             return self._rapl_msr.snapshot_limit(index)
         raise HardwareError(f"unknown control {name!r}")
 
+    def _claim_snapshot(self, name: str, index: int) -> Any:
+        """Clock modulation is claimed for ranks that throttle in waits: a
+        register found modulated may be an adopted rank's throttle (or one a
+        killed rank left), never an original to put back, so the
+        unmodulated value stands in for it."""
+        raw = self._snapshot(name, index)
+        if name == "cpu.duty_cycle" and int(raw) & 0x10:
+            clean = int(raw) & ~0x1F
+            log.warning("cpu %d: IA32_CLOCK_MODULATION is %#x (modulated) when claimed for "
+                        "in-wait throttling; %#x (unmodulated) is the original restored",
+                        index, int(raw), clean)
+            return clean
+        return raw
+
     def _put_back(self, name: str, index: int, original: Any) -> None:
         if name == "cpu.duty_cycle":
             self._clockmod.put_back(index, original)
@@ -364,6 +378,11 @@ class LinuxPlatform(Platform):
                 "levels": self.duty_cycle_levels,
                 "bits": {lv: 0x10 | q for lv in range(1, 16)
                          if (q := self._clockmod.quantize(lv)) < 16}}
+
+    def wait_throttle_denied(self, cpus: Iterable[int], uid: int) -> List[int]:
+        """Cpus whose msr_safe device a process of ``uid`` (with its groups)
+        may not open for writing: the ranks, not the daemon, write it."""
+        return [c for c in sorted(cpus) if not writable_by(msr_safe_path(self.root, c), uid)]
 
     def _describe_backend(self) -> Dict[str, Any]:
         return {"energy_source": self.energy_source, "paths": dict(self._paths),
