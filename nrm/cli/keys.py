@@ -2,9 +2,13 @@
 
 Why a verb: a pilot killed and never resumed leaves its keys in nrmd
 (nrmd keeps them until their owner forgets them, at most 16384 per user);
-``nrm keys forget --prefix PILOT.`` (or ``--all``) frees them. ``nrm keys
-show KEY...`` claims the keys, which fences the unknown ones: a launch with
-one of them is refused afterwards.
+``nrm keys forget --prefix PILOT.`` (or ``--all``) frees them. Never those
+of a pilot still to be resumed: its resume reads which tasks ended from
+them, and takes a forgotten key for a launch that never ran (the task runs
+again); nrmd cannot tell such a pilot from a finished one, so this verb
+says so on stderr whenever it forgets by prefix. ``nrm keys show KEY...``
+claims the keys, which fences the unknown ones: a launch with one of them
+is refused afterwards.
 """
 
 import json
@@ -35,5 +39,9 @@ def execute(args) -> int:
     if prefix is None and not args.names:
         print("nrm keys: forget needs KEY..., --prefix PREFIX or --all", file=sys.stderr)
         return 2
+    if prefix is not None:
+        print("nrm keys: forgetting keys a killed pilot still needs makes its resume run "
+              "their finished tasks again: forget only those of finished pilots",
+              file=sys.stderr)
     print(f"forgot {c.forget(args.names, prefix)} keys")
     return 0

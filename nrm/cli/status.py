@@ -76,7 +76,7 @@ def _render_health(s) -> None:
     keys = s.get("keys") or {}
     if keys.get("keys") or keys.get("write_errors"):
         print(_label("task keys") + f"{keys['keys']} kept for {keys.get('users', 0)} users "
-              f"(at most {keys.get('max_per_user')} each; forget ended ones)"
+              f"(at most {keys.get('max_per_user')} each; forget those of finished clients)"
               + (f"; {keys['write_errors']} writes to {keys.get('path')} failed"
                  if keys.get("write_errors") else ""))
     refused = (s.get("policy") or {}).get("write_errors")

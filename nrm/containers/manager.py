@@ -484,12 +484,21 @@ class ContainerManager(HandOvers):
     def _force_finish(self, task: Task) -> None:
         """Container teardown while a task is still known: kill and reap now."""
         if task.pidfd >= 0:
+            # a task that ended on its own, its exit not handled yet, keeps
+            # its status: only a task nrmd kills is ``killed`` (interrupted)
+            status = _ended_status(task.pid)
             kill_group(task.pid)
-            reap(task.pid)
+            if status is None:
+                reap(task.pid)
+                task.signal = signal.SIGKILL
+                task.killed = True
+            elif os.WIFSIGNALED(status):
+                task.signal = os.WTERMSIG(status)
+            else:
+                task.code = os.WEXITSTATUS(status)
             self.exits.remove(task.pidfd)
             os.close(task.pidfd)
             task.pidfd = -1
-            task.signal = signal.SIGKILL
         for stream in list(task.pipes):
             fd = task.pipes.pop(stream)
             self.loop.remove_reader(fd)
@@ -511,7 +520,8 @@ class ContainerManager(HandOvers):
                 self.waiting.append(q)   # cannot fit: skip the failing attempt
                 continue
             if q.peer.pid and q.peer.pid not in self.clients.watched and not alive(q.peer.pid):
-                continue    # its client gave up waiting (Ctrl-C, killed): nobody to run for
+                q.sink.dropped()    # its client gave up waiting (Ctrl-C, killed)
+                continue
             try:
                 self._run(q, wait=True)
             except RunError as exc:
@@ -627,6 +637,16 @@ class ContainerManager(HandOvers):
         self.exits.close()
         if self.pool is not None:
             self.pool.close()
+
+
+def _ended_status(pid: int) -> Optional[int]:
+    """The wait status of a child that has exited, reaped; None while it
+    runs, or when it is not our child (adopted: init reaps it)."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return status if done else None
 
 
 def _spawn_error(argv, sched, exc: BaseException, stage: Optional[str] = None) -> RunError:

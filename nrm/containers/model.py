@@ -47,7 +47,7 @@ class RunError(Exception):
         self.code = code
 
 
-@dataclass
+@dataclass(frozen=True)
 class Peer:
     """A verified requester: kernel credentials over ipc, a CURVE key mapped to
     a user over tcp (then pid is 0: nothing to watch)."""
@@ -81,6 +81,10 @@ class Sink:
     def exited(self, task: "Task", profile: Optional[dict]) -> None:
         pass
 
+    def dropped(self) -> None:
+        """The run was dropped before it started, without an answer: its
+        client left while it waited for a slice. It never runs."""
+
 
 def refuse(sink: Sink, exc: RunError) -> None:
     """A run that will not start after all: tell its client, if it listens."""
@@ -112,6 +116,8 @@ class Task:
     finished: bool = False
     #: taken over from a crashed nrmd: not our child, so its exit status is unknown
     adopted: bool = False
+    #: ended by nrmd's own kill at teardown (its stop), not on its own
+    killed: bool = False
     #: start time in clock ticks since boot, when the spawner saw it (else read from /proc)
     start_ticks: Optional[int] = None
     #: the cpus it was bound to (hwbind), None when it may run on all its container's

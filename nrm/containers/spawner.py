@@ -83,7 +83,8 @@ def env_list(env: Dict[str, str]) -> List[bytes]:
     sends its client's, some 50 entries): the entries are joined, encoded
     and split in three C calls (~3x faster than an encode per entry), and
     anything unusual (a NUL inside, a key with '=', a value that is no
-    str) takes the entry-by-entry path, which raises as it always did."""
+    str) takes the entry-by-entry path, which raises ValueError for a key
+    holding '=' and TypeError for a value that is no str."""
     if not env:
         return []
     try:

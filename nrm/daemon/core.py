@@ -216,11 +216,10 @@ class Daemon:
     def _start_keys(self) -> None:
         """Task keys (nrm/daemon/keys.py), after the reconciliation: which
         keyed tasks it adopted or killed decides their keys' state."""
-        from nrm.daemon.keys import FILE, TaskKeys, still_pending
+        from nrm.daemon.keys import FILE, TaskKeys
         cm = self.containers
         self.keys = TaskKeys(os.path.join(self.rundir, FILE), self.loop.call_soon,
-                             pending=lambda sink: still_pending(cm, sink),
-                             alive=lambda tid: tid in cm.tasks, closing=lambda: cm.closing,
+                             alive=lambda tid: tid in cm.tasks,
                              # the cgroup runtimes (the ones isolating memory) kill
                              # every process a crashed predecessor left unadopted
                              exact=self.config.on_restart == "kill"

@@ -17,22 +17,28 @@ Keys are namespaced by the kernel-verified uid of the requester: no other
 user can read, fence or forget them (root included: its keys are its own).
 
 Bounds: MAX_KEYS_PER_UID keys per user and MAX_KEYS in all, pending and
-running ones included. Past a bound a keyed launch, or a claim that would
-fence a new key, is refused with ``keys_full`` (never a silent eviction,
-which could make a finished task look never run); the owner frees room
-with ``forget``. An entry costs about 300 bytes, so the bound is ~20 MB.
+running ones included. Past a bound a keyed launch is refused with
+``keys_full`` (never a silent eviction, which could make a finished task
+look never run); the owner frees room with ``forget``. A claim may fence
+CLAIM_RESERVE keys past the per-user bound (never past MAX_KEYS): a client
+whose launches were refused ``keys_full`` and went another way (the pilot's
+fence) must still be able to fence them when it is resumed, or it could
+neither resume nor, without forgetting keys it still needs, free room.
+An entry costs about 300 bytes, so the bound is ~20 MB.
 
 Across restarts: the keys are written to ``keys.log`` in the runtime dir
 (JSON lines, no fsync: the dir is a tmpfs that only has to outlive the
 daemon), and a clean stop keeps the file. A keyed launch is on file before
-it is handed to a spawner (one write(2) per launch); what follows (running,
-exited) goes out once per loop turn. A restarted nrmd reloads the file:
+it is handed to a spawner (one write(2) per launch), and an exit before its
+reply is sent (one more): a key never reads ``lost`` for a task whose exit a
+client may have heard. What else follows (running, failed, lost) goes out
+once per loop turn. A restarted nrmd reloads the file:
 keys that ended keep their state; a task that was running or launching is
 either adopted (``--on-restart adopt``: it stays running, and once it ends
 its state is ``exited`` with status null, since an adopted task's exit
 status cannot be had) or it was killed (``lost``: it may have run, it was
 interrupted, no exit code exists). A task killed by nrmd's own clean stop
-is ``lost`` too.
+is ``lost`` too; one that ended on its own before that kill is ``exited``.
 
 ``exact`` (in ``status``) says whether ``lost`` is certain after a crash:
 with the default ``--on-restart kill`` and a cgroup runtime, the restart
@@ -72,6 +78,8 @@ KEY = re.compile(r"[A-Za-z0-9_@+:=,./-]{1,128}")
 MAX_KEYS_PER_UID = 16384
 MAX_KEYS = 65536
 MAX_PER_REQUEST = protocol.MAX_KEYS_PER_REQUEST
+#: keys a claim may fence past MAX_KEYS_PER_UID (module docstring)
+CLAIM_RESERVE = MAX_PER_REQUEST
 #: the file is rewritten from memory when it is this much larger than that
 COMPACT_BYTES = 1 << 20
 
@@ -79,11 +87,10 @@ ENDED = ("exited", "failed", "lost", "fenced")
 
 
 class Entry:
-    """One key's state. ``sink``: the run's sink while its launch is
-    pending (queued or launching; not written to the file)."""
+    """One key's state."""
 
     __slots__ = ("state", "pid", "task", "container", "code", "signal", "status",
-                 "message", "adopted", "sink", "created")
+                 "message", "adopted", "created")
 
     def __init__(self, state: str):
         self.state = state
@@ -95,7 +102,6 @@ class Entry:
         self.status: Optional[int] = None
         self.message = ""
         self.adopted = False
-        self.sink = None
         self.created = time.time()
 
     def answer(self) -> dict:
@@ -127,19 +133,16 @@ def check_key(key: str, where: str = "key") -> None:
 
 
 class TaskKeys:
-    """Owns every key of every uid, and their file. ``pending(sink)`` says
-    whether a run that has not started yet is still queued or launching;
-    ``alive(task_id)`` whether an adopted task still runs; ``closing()``
-    whether nrmd is stopping (its tasks are then killed: ``lost``)."""
+    """Owns every key of every uid, and their file. ``alive(task_id)`` says
+    whether an adopted task still runs. A pending key leaves ``pending``
+    when its sink hears what became of the run: started, failed, or
+    dropped by the container manager (its client left while it waited)."""
 
     def __init__(self, path: str, defer: Optional[Callable[[Callable[[], None]], None]],
-                 pending: Callable[[object], bool], alive: Callable[[str], bool],
-                 closing: Callable[[], bool], exact: bool = True):
+                 alive: Callable[[str], bool], exact: bool = True):
         self.path = path
         self.exact = exact
-        self._pending_check = pending
         self._alive = alive
-        self._closing = closing
         self.keys: Dict[Tuple[int, str], Entry] = {}
         self.per_uid: Dict[int, int] = {}
         self.epoch = ""
@@ -247,17 +250,17 @@ class TaskKeys:
             del self.per_uid[uid]
         return True
 
-    def _room(self, uid: int, n: int) -> None:
+    def _room(self, uid: int, n: int, reserve: int = 0) -> None:
         held = self.per_uid.get(uid, 0)
-        if held + n > MAX_KEYS_PER_UID or len(self.keys) + n > MAX_KEYS:
+        if held + n > MAX_KEYS_PER_UID + reserve or len(self.keys) + n > MAX_KEYS:
             self.counters["refused"] += 1
             raise RunError("keys_full", f"uid {uid} holds {held} task keys, nrmd "
                            f"{len(self.keys)} in all (at most {MAX_KEYS_PER_UID} per user, "
-                           f"{MAX_KEYS} in all): forget ended ones first")
+                           f"{MAX_KEYS} in all): forget the keys of clients that have "
+                           "finished (never those of a pilot still to be resumed)")
 
     def _set(self, uid: int, key: str, entry: Entry, state: str) -> None:
         entry.state = state
-        entry.sink = None
         self._write(uid, key, entry.record(uid, key))
 
     # -- the launch side ----------------------------------------------------
@@ -280,11 +283,6 @@ class TaskKeys:
         self._write(uid, key, entry.record(uid, key))
         self.flush()
 
-    def attach(self, uid: int, key: str, sink) -> None:
-        entry = self.keys.get((uid, key))
-        if entry is not None and entry.state == "pending":
-            entry.sink = sink
-
     def started(self, uid: int, key: str, task: Task) -> None:
         entry = self.keys.get((uid, key))
         if entry is None or entry.state != "pending":
@@ -296,11 +294,22 @@ class TaskKeys:
         entry = self.keys.get((uid, key))
         if entry is None or entry.state not in ("pending", "running"):
             return
-        if self._closing():
+        if task.killed:
             self._set(uid, key, entry, "lost")      # killed with nrmd: interrupted
             return
         entry.code, entry.signal, entry.status = task.code, task.signal, task.status
         self._set(uid, key, entry, "exited")
+        # on file before the exit's reply goes out (the caller sends it next):
+        # a client that heard the exit and died must not find the key lost
+        # after a crash of nrmd, and run the task again
+        self.flush()
+
+    def dropped(self, uid: int, key: str) -> None:
+        """The container manager dropped the run unstarted (its client left
+        while it waited for a slice): it never ran."""
+        entry = self.keys.get((uid, key))
+        if entry is not None and entry.state == "pending":
+            self._set(uid, key, entry, "lost")
 
     def failed(self, uid: int, key: str, message: str) -> None:
         entry = self.keys.get((uid, key))
@@ -311,11 +320,13 @@ class TaskKeys:
     # -- requests -------------------------------------------------------------
     def claim(self, uid: int, keys: List[str]) -> Dict[str, dict]:
         """Each key's state; unknown ones fenced (all or none: a claim that
-        cannot fence them all is refused before any is)."""
+        cannot fence them all is refused before any is). A key named twice
+        is answered once, as it was before this claim."""
         _check_list(keys)
-        new = {k for k in keys if (uid, k) not in self.keys}
+        keys = list(dict.fromkeys(keys))
+        new = [k for k in keys if (uid, k) not in self.keys]
         if new:
-            self._room(uid, len(new))
+            self._room(uid, len(new), CLAIM_RESERVE)
         out: Dict[str, dict] = {}
         for key in keys:
             entry = self.keys.get((uid, key))
@@ -330,12 +341,9 @@ class TaskKeys:
         return out
 
     def _refresh(self, uid: int, key: str, entry: Entry) -> None:
-        """A pending run that is neither queued nor launching any more was
-        dropped (its client left while it waited): it never ran. An
-        adopted task that is gone has ended, its status unknown."""
-        if entry.state == "pending" and not self._pending_check(entry.sink):
-            self._set(uid, key, entry, "lost")
-        elif entry.state == "running" and entry.adopted and not self._alive(entry.task):
+        """An adopted task that is gone has ended, its status unknown (nrmd
+        hears no exit of a task it did not start)."""
+        if entry.state == "running" and entry.adopted and not self._alive(entry.task):
             self._set(uid, key, entry, "exited")
 
     def forget(self, uid: int, keys: List[str], prefix: Optional[str]) -> int:
@@ -361,7 +369,7 @@ class TaskKeys:
     def describe(self) -> dict:
         return {"epoch": self.epoch, "exact": self.exact, "keys": len(self.keys),
                 "users": len(self.per_uid), "max_per_user": MAX_KEYS_PER_UID,
-                "max": MAX_KEYS, "path": self.path, **self.counters}
+                "claim_reserve": CLAIM_RESERVE, "max": MAX_KEYS, "path": self.path, **self.counters}
 
 
 def _check_list(keys: List[str]) -> None:
@@ -393,24 +401,13 @@ class KeyedSink(ClientSink):
         self.registry.failed(self.uid, self.key, message)
         super().failed(code, message)
 
-
-def still_pending(containers, sink) -> bool:
-    """Whether the container manager still holds a run for ``sink``:
-    queued, promised a slice, or launching (a spawner has it)."""
-    if sink is None:
-        return False
-    if any(q.sink is sink for q in containers.waiting):
-        return True
-    if any(p.queued.sink is sink for p in containers.promises):
-        return True
-    return any(t.sink is sink for c in containers.containers.values()
-               for t in c.starting.values())
+    def dropped(self) -> None:
+        self.registry.dropped(self.uid, self.key)
+        super().dropped()
 
 
 def keyed(registry: TaskKeys, key: str, requester, *args, **kwargs) -> KeyedSink:
     """The sink of a keyed run, its key taken (raises RunError when the key
     is fenced, taken or malformed, or the bound is reached)."""
     registry.launching(requester.peer.uid, key)
-    sink = KeyedSink(registry, key, requester, *args, **kwargs)
-    registry.attach(requester.peer.uid, key, sink)
-    return sink
+    return KeyedSink(registry, key, requester, *args, **kwargs)

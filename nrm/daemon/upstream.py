@@ -53,7 +53,7 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE
 
 
 #: Peers by User-Id: one client sends every request of a launch loop with the
-#: same string, and a Peer is never modified once made (~2 us per request)
+#: same string, and a Peer is frozen, so one may serve every request (~2 us each)
 _peers: Dict[str, Peer] = {}
 PEER_CACHE = 1024
 

@@ -51,9 +51,9 @@ import errno
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
-from nrm import paths
+from nrm import paths, protocol
 
 FENCED = "fenced"
 #: the wrapper's exit status when its attempt was fenced (never ran)
@@ -76,6 +76,13 @@ def find_fence() -> Optional[str]:
         if os.access(path, os.X_OK):
             return path
     return None
+
+
+def batches(keys: List[str]) -> Iterator[List[str]]:
+    """``keys`` cut into the requests nrmd takes (MAX_KEYS_PER_REQUEST each)."""
+    step = protocol.MAX_KEYS_PER_REQUEST
+    for i in range(0, len(keys), step):
+        yield keys[i:i + step]
 
 
 class LaunchError(Exception):

@@ -75,7 +75,19 @@ class Allocation:
         return ",".join(f"{n}[{':'.join(map(str, c))}]" for n, c in self.parts)
 
 
-class Task:
+class _History:
+    """A task's or job's states with their times, kept flat in ``_log``
+    (state, time, state, time, ...): one list per object, no tuple per
+    change."""
+
+    __slots__ = ()
+
+    @property
+    def history(self) -> List[Tuple[str, float]]:
+        return list(zip(self._log[::2], self._log[1::2]))
+
+
+class Task(_History):
     """One schedulable unit: a whole job, or one iteration of it.
 
     Slotted, with its ``${...}`` variables built when asked for (from its
@@ -110,10 +122,6 @@ class Task:
     def set_state(self, state: str, now: float) -> None:
         self.state = state
         self._log += (state, now)
-
-    @property
-    def history(self) -> List[Tuple[str, float]]:
-        return list(zip(self._log[::2], self._log[1::2]))
 
     @property
     def uniq(self) -> str:
@@ -151,7 +159,7 @@ class Task:
         return (self.ended if self.ended is not None else self.started) - self.started
 
 
-class Job:
+class Job(_History):
     """A registered job: its description, its tasks, its own state, and
     the variables its request defined (shared by the request's jobs)."""
 
@@ -175,10 +183,6 @@ class Job:
         self.reported = False
         self.variables: Dict[str, Any] = variables if variables is not None else {"uniq": ""}
         self.root_wd = root_wd
-
-    @property
-    def history(self) -> List[Tuple[str, float]]:
-        return list(zip(self._log[::2], self._log[1::2]))
 
     @property
     def iterative(self) -> bool:

@@ -1,11 +1,12 @@
 """Resuming a killed pilot: replay its journal, then settle the tasks it
 left placed but not ended (docs/pilot.md, "Resume").
 
-Each such task's attempt is looked up (nrm/pilot/attempts.py): with one
-``claim`` of their task keys when nrmd has keys, which also fences the
-attempts nrmd never saw, and in the attempt's file for a key nrmd does not
-know (an attempt launched with the fence, by this pilot under an older
-nrmd). An attempt that ended is adopted with its exit code; one still
+Each such task's attempt is looked up (nrm/pilot/attempts.py): in its
+file when it has one (it was launched with the fence: under an older nrmd,
+or after nrmd refused its key with ``keys_full``), else with one ``claim``
+of the task keys when nrmd has keys, which also fences the attempts nrmd
+never saw, and in the attempt's file (which fences it too) for a key nrmd
+does not know. An attempt that ended is adopted with its exit code; one still
 running is adopted and watched until it ends (its key polled, or its
 file); one that never ran (fenced now) or was interrupted without an exit
 code runs again as the next attempt. So no task that finished starts
@@ -19,7 +20,8 @@ import logging
 import time
 from typing import Any, Dict, List, Optional
 
-from nrm import protocol
+from nrm.client import NrmError
+from nrm.pilot.attempts import batches
 from nrm.pilot.model import QUEUED, Task
 from nrm.pilot.runner import Runner
 
@@ -76,18 +78,31 @@ def _last_epoch(records: List[Dict[str, Any]]) -> Optional[str]:
 
 async def _claim(runner: Runner, tasks: List[Task], epoch: Optional[str]) -> Dict[str, dict]:
     """The states of the tasks' keys, fencing the ones nrmd never saw;
-    nothing when nrmd has no keys (all attempts then have files)."""
+    nothing when nrmd has no keys (all attempts then have files).
+
+    An attempt that has a file is not claimed: only the fence writes one,
+    and the pilot launches with the fence after nrmd refused the attempt's
+    key, so that key never runs (and claiming it would take room that a
+    pilot which fell back to the fence because nrmd was full lacks)."""
     attempts = runner.attempts
     if not attempts.keyed or not tasks:
         if epoch is not None and tasks:
             log.warning("the previous pilot launched with task keys, this nrmd keeps none: "
                         "tasks it left running that ended unheard run again")
         return {}
-    keys = [attempts.key(t.seq, t.attempt) for t in tasks]
+    used = attempts.used()
+    keys = [attempts.key(t.seq, t.attempt) for t in tasks
+            if f"{t.seq}.{t.attempt}" not in used]
+    try:
+        replies = [await runner.client.claim(batch) for batch in batches(keys)]
+    except NrmError as exc:
+        if exc.code != "keys_full":
+            raise
+        log.warning("%s: forgetting the keys of this pilot's ended attempts first", exc)
+        await _forget_ended(runner, tasks)
+        replies = [await runner.client.claim(batch) for batch in batches(keys)]
     states: Dict[str, dict] = {}
-    step = protocol.MAX_KEYS_PER_REQUEST
-    for i in range(0, len(keys), step):
-        reply = await runner.client.claim(keys[i:i + step])
+    for reply in replies:
         states.update(reply["keys"])
         if epoch is not None and reply.get("epoch") != epoch:
             log.warning("nrmd's task keys are not those the previous pilot launched with "
@@ -95,6 +110,18 @@ async def _claim(runner: Runner, tasks: List[Task], epoch: Optional[str]) -> Dic
                         "ended unheard runs again", reply.get("epoch"), epoch)
             epoch = None
     return states
+
+
+async def _forget_ended(runner: Runner, interrupted: List[Task]) -> None:
+    """nrmd forgets the keys of every attempt the journal records as ended
+    (the records just read are in the file: a successor reads them too),
+    never an interrupted one's, whose state is still to be claimed."""
+    attempts = runner.attempts
+    skip = {(t.seq, t.attempt) for t in interrupted}
+    keys = [attempts.key(t.seq, a) for t in runner.manager.by_seq.values()
+            for a in range(1, t.attempt + 1) if (t.seq, a) not in skip]
+    for batch in batches(keys):
+        await runner.client.forget(batch)
 
 
 def _settle_file(runner: Runner, task: Task) -> None:
@@ -188,13 +215,11 @@ async def _watch(runner: Runner, task: Task) -> None:
 async def _watch_keys(runner: Runner, tasks: Dict[str, Task]) -> None:
     """Adopted keyed tasks: one claim for all of them every KEY_POLL_S
     (a known key is only read), until each has ended."""
-    step = protocol.MAX_KEYS_PER_REQUEST
     while tasks:
         await asyncio.sleep(KEY_POLL_S)
-        keys = list(tasks)
-        for i in range(0, len(keys), step):
+        for batch in batches(list(tasks)):
             try:
-                reply = await runner.client.claim(keys[i:i + step])
+                reply = await runner.client.claim(batch)
             except Exception as exc:         # nrmd restarting: ask again
                 log.warning("asking nrmd about adopted tasks: %s", exc)
                 break

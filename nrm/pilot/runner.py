@@ -265,11 +265,11 @@ class Runner:
         try:
             if self.journal is not None:
                 self.journal.write()              # no launch the journal does not know
+            options = dict(env=env, cwd=wd, output=False, on_started=started, wait=True,
+                           oversubscribe=self.oversubscribed, cpus_allowed=cpus,
+                           container=container, detach=container is not None, follow=True)
             try:
-                result = await self.client.run(
-                    manifest, argv, env=env, cwd=wd, output=False, on_started=started,
-                    wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus,
-                    container=container, detach=container is not None, follow=True, key=key)
+                result = await self.client.run(manifest, argv, key=key, **options)
             except NrmError as exc:
                 if exc.code != "keys_full":
                     raise
@@ -278,10 +278,7 @@ class Runner:
                 log.warning("%s: %s; launching it with the fence", task.name, exc)
                 key = None
                 argv = self.attempts.wrap(task.seq, task.attempt, plain, env.get("PATH"), wd)
-                result = await self.client.run(
-                    manifest, argv, env=env, cwd=wd, output=False, on_started=started,
-                    wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus,
-                    container=container, detach=True, follow=True)
+                result = await self.client.run(manifest, argv, **options)
             code = result.status
             task.pid = result.pid
             if result.started_at is not None:    # nrmd's monotonic clock, this node's

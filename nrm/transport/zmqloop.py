@@ -96,7 +96,7 @@ class BatchReader:
         """Drain a batch. After the first message, ZMQ_EVENTS says whether
         another is pending: a wake-up for one message (a request of a
         launch loop) then ends without a receive that fails with pyzmq's
-        Again (~2 us more); a burst is drained until Again, as before."""
+        Again (~2 us more); a burst is drained until Again."""
         self._scheduled = False
         sock = self.sock
         copy = self.copy
@@ -119,7 +119,7 @@ class BatchReader:
                     if not sock.get(_EVENTS) & _POLLIN:
                         return      # as in sent(): the next message signals ZMQ_FD
                 except zmq.ZMQError:
-                    pass            # closed meanwhile: the receive reports it, as before
+                    pass            # closed meanwhile: the next receive reports it
         self.kick()
 
     def close(self) -> None:

@@ -130,20 +130,40 @@ def test_another_user_can_neither_read_nor_fence_your_keys(daemon):
 
 
 def test_the_bound_refuses_new_keys_until_ended_ones_are_forgotten(daemon):
+    """Launches stop at the per-user bound; claims may fence a reserve past
+    it (a client whose launches were refused must still fence them when it
+    resumes), all or none, and no more."""
     with Client(daemon.rundir) as c:
-        bound = c.status()["keys"]["max_per_user"]
+        info = c.status()["keys"]
+        bound, reserve = info["max_per_user"], info["claim_reserve"]
         chunk = 4096
         for start in range(0, bound, chunk):
             c.claim([f"b.{i}" for i in range(start, min(bound, start + chunk))])
         assert c.status()["keys"]["keys"] >= bound
-        for attempt in (lambda: c.claim(["b.extra"]), lambda: _run(c, "b.run", ["true"])):
-            with pytest.raises(NrmError) as err:
-                attempt()
-            assert err.value.code == "keys_full" and "forget" in str(err.value)
+        with pytest.raises(NrmError) as err:
+            _run(c, "b.run", ["true"])
+        assert err.value.code == "keys_full" and "forget" in str(err.value)
+        assert c.claim(["r.0"])["keys"] == {"r.0": {"state": "unknown"}}    # the reserve
+        with pytest.raises(NrmError) as err:        # all or none: past the reserve
+            c.claim([f"r.{i}" for i in range(1, reserve + 1)])
+        assert err.value.code == "keys_full"
+        assert _state(c, "r.1") == {"state": "unknown"} and _state(c, "r.1") == {
+            "state": "fenced"}
+        with pytest.raises(NrmError) as err:
+            c.claim([f"r.{i}" for i in range(2, reserve + 1)])
+        assert err.value.code == "keys_full"
         assert _state(c, "b.0") == {"state": "fenced"}      # known ones still answer
         assert c.forget(prefix="b.") == bound
         assert _run(c, "b.run", ["true"]).status == 0
-        assert c.forget(["b.run"]) == 1
+        assert c.forget(["b.run"]) == 1 and c.forget(prefix="r.") == 2
+
+
+def test_a_key_named_twice_is_answered_once_as_it_was(daemon):
+    with Client(daemon.rundir) as c:
+        assert c.claim(["d.1", "d.1"])["keys"] == {"d.1": {"state": "unknown"}}
+        assert c.claim(["d.1", "d.1"])["keys"] == {"d.1": {"state": "fenced"}}
+        assert c.status()["keys"]["keys"] == 1
+        assert c.forget(["d.1", "d.1"]) == 1
 
 
 @pytest.mark.parametrize("request_", [
@@ -238,6 +258,42 @@ def test_keys_survive_a_restart_and_tasks_killed_with_nrmd_are_lost():
         shutil.rmtree(rundir, ignore_errors=True)
 
 
+def test_a_task_that_ended_on_its_own_before_a_clean_stop_is_exited_not_lost(tmp_path):
+    """The task (sh) exits 0 while its output is held: a child keeps the
+    pipe and its client gives no credit, so nrmd stops reading and the task
+    stays in its container, exited. The clean stop that follows ends it
+    without killing it: its key says exited 0 (lost would run it again)."""
+    import zmq
+    d = _start(None)
+    rundir = d.rundir
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect("ipc://" + os.path.join(rundir, "upstream"))
+        run = protocol.Run(id=1, manifest=ONE.to_dict(), key="s.1.1", cwd="/",
+                           oversubscribe=True, window=1,     # raised to 256 KiB
+                           argv=["sh", "-c", "head -c 4000000 /dev/zero & sleep 1; exit 0"])
+        sock.send(protocol.encode(run))
+        assert sock.poll(15000)         # its started reply: claims come after the launch
+        started = json.loads(sock.recv())
+        assert started["type"] == "started", started
+        with Client(rundir) as c:
+            pid = _state(c, "s.1.1")["pid"]
+            wait_for(lambda: not _alive(pid))           # exited, and reaped by nrmd
+            assert _state(c, "s.1.1")["state"] == "running"    # its pipe still held
+        assert d.stop() == 0
+        assert _on_file(rundir, "s.1.1", "exited") and not _on_file(rundir, "s.1.1", "lost")
+        d = _start(rundir)
+        with Client(rundir) as c:
+            assert _state(c, "s.1.1") == {"state": "exited", "status": 0, "code": 0,
+                                          "signal": None}
+    finally:
+        sock.close()
+        if d.proc.poll() is None:
+            d.stop()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
 def test_an_old_client_is_unaffected(daemon):
     """A run without a key (what older clients send) keeps no key."""
     with Client(daemon.rundir) as c:
@@ -260,3 +316,4 @@ def test_nrm_keys_shows_fences_and_forgets(daemon):
     assert daemon.cli("keys", "forget").returncode == 2
     r = daemon.cli("keys", "forget", "--prefix", "cli.")
     assert r.returncode == 0 and r.stdout.strip() == b"forgot 2 keys"
+    assert b"resume" in r.stderr          # the warning: never a pilot still to resume

@@ -86,3 +86,38 @@ def test_with_nrmd_full_of_keys_the_pilot_launches_under_the_fence(tmp_path):
         assert sorted(os.listdir(os.path.join(aux, "runs"))) == ["1.1", "2.1", "3.1"]
         with open(os.path.join(aux, "service.log")) as f:
             assert "launching it with the fence" in f.read()
+
+
+def test_a_pilot_that_fell_back_to_the_fence_for_want_of_keys_resumes_exactly_once(tmp_path):
+    """nrmd full of keys: the pilot launches under the fence, and is killed
+    while ``slow`` runs and ``quick`` has ended. Its successor settles them
+    by their files (no room is needed for their keys) and every task starts
+    and ends once, without forgetting anything."""
+    ledger = str(tmp_path / "ledger")
+    wd = str(tmp_path / "wd")
+    with DaemonProcess() as nrmd:
+        with Client(nrmd.rundir) as c:
+            bound = c.status()["keys"]["max_per_user"]
+            for start in range(0, bound, 4096):
+                c.claim([f"old.{i}" for i in range(start, min(bound, start + 4096))])
+            proc = nrmd.popen_cli("pilot", "--file-path", _jobs(tmp_path, ledger), "--wd", wd,
+                                  "--nodes", "2")
+            wait_for(lambda: os.path.exists(ledger) and "start slow" in open(ledger).read()
+                     and "end quick" in open(ledger).read())
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            (aux,) = glob.glob(os.path.join(wd, ".nrm-pilot-*"))
+            assert len(os.listdir(os.path.join(aux, "runs"))) >= 2     # under the fence
+            r = nrmd.cli("pilot", "--resume", aux, "--nodes", "2")
+            assert r.returncode == 0, r.stderr
+            assert c.status()["keys"]["keys"] == bound      # the old keys, untouched
+            assert c.forget(prefix="old.") == bound
+    with open(ledger) as f:
+        lines = sorted(f.read().split("\n")[:-1])
+    assert lines == sorted(f"{w} {n}" for w in ("start", "end")
+                           for n in ("slow", "quick", "after"))
+    with open(os.path.join(aux, "service.log")) as f:
+        log = f.read()
+    assert "'adopted_running': 1" in log, log
+    with open(os.path.join(aux, "jobs.report")) as f:
+        assert {e["state"] for e in map(json.loads, f)} == {"SUCCEED"}
