@@ -10,9 +10,15 @@ The daemon is measured once per `--spawners` setting (0 = launches from
 the daemon's own thread), each with its own floor runs interleaved, so
 every ratio compares numbers taken minutes apart at most.
 
+With ``--like-pilot`` each run is what ``nrm pilot`` sends for a task: the
+client's whole environment plus QCG_PM_* variables, a working directory, a
+named container, detached and followed (hence a started reply), a 1-cpu
+slice confined to one cpu, one run in flight per cpu; the floor keeps as
+many Popen in flight.
+
 Prints one JSON object. Usage:
     benchmarks/launch.py [--tasks N] [--inflight K] [--repeat R] [--spawners 0,1,2]
-                         [--started-replies]
+                         [--started-replies] [--like-pilot]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -51,6 +58,43 @@ def floor_popen(n: int, inflight: int) -> float:
     for p in running:
         p.wait()
     return n / (time.perf_counter() - start)
+
+
+def pilot_kwargs(i: int, cpu: int, wd: str) -> dict:
+    """AsyncClient.run's arguments for task ``i`` as nrm.pilot.runner sends them."""
+    env = dict(os.environ)
+    env.update({"QCG_PM_NNODES": "1", "QCG_PM_NODELIST": "n0", "QCG_PM_NPROCS": "1",
+                "QCG_PM_NTASKS": "1", "QCG_PM_STEP_ID": str(i), "QCG_PM_TASKS_PER_NODE": "1",
+                "QCG_PM_CPU_SET": str(cpu)})
+    return {"env": env, "cwd": wd, "cpus_allowed": [cpu], "detach": True, "follow": True,
+            "container": f"bench-{os.getpid()}-{i}", "on_started": lambda _result: None}
+
+
+async def through_pilot_like(rundir: str, n: int, _inflight: int, _started: bool = False):
+    """Like through_nrm, with the runs of ``nrm pilot`` (one per cpu in flight)."""
+    to_start, to_exit = [], []
+    cpus = sorted(os.sched_getaffinity(0))
+    wd = tempfile.mkdtemp(prefix="launch-bench-")
+    async with AsyncClient(rundir) as client:
+        free: asyncio.Queue = asyncio.Queue()
+        for cpu in cpus:
+            free.put_nowait(cpu)
+
+        async def one(i: int):
+            cpu = await free.get()
+            try:
+                t0 = time.monotonic()
+                result = await client.run(MANIFEST, ["/bin/true"], output=False, wait=True,
+                                          **pilot_kwargs(i, cpu, wd))
+                to_exit.append(time.monotonic() - t0)
+                assert result.status == 0, result
+                to_start.append(result.started_at - t0)
+            finally:
+                free.put_nowait(cpu)
+        start = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        rate = n / (time.monotonic() - start)
+    return rate, to_start, to_exit
 
 
 async def through_nrm(rundir: str, n: int, inflight: int, started_replies: bool = False):
@@ -106,13 +150,15 @@ def measure(spawners: int, args) -> dict:
     try:
         floors, rates, lat_all, starts = [], [], [], []
         daemon_cpu = helper_cpu = client_cpu = 0.0
+        run = through_pilot_like if args.like_pilot else through_nrm
+        inflight = len(os.sched_getaffinity(0)) if args.like_pilot else args.inflight
         for _ in range(args.repeat):
-            floors.append(floor_popen(args.tasks, args.inflight))
+            floors.append(floor_popen(args.tasks, inflight))
             helpers = spawner_pids(d.proc.pid)
             before = cpu_s(d.proc.pid), sum(cpu_s(p) for p in helpers)
             own = resource.getrusage(resource.RUSAGE_SELF)
-            rate, started, lat = asyncio.run(through_nrm(d.rundir, args.tasks, args.inflight,
-                                                         args.started_replies))
+            rate, started, lat = asyncio.run(run(d.rundir, args.tasks, inflight,
+                                                 args.started_replies))
             after = resource.getrusage(resource.RUSAGE_SELF)
             client_cpu += (after.ru_utime + after.ru_stime) - (own.ru_utime + own.ru_stime)
             daemon_cpu += cpu_s(d.proc.pid) - before[0]
@@ -127,7 +173,8 @@ def measure(spawners: int, args) -> dict:
     floor, rate = statistics.median(floors), statistics.median(rates)
     return {
         "spawners": spawners,
-        "started_replies": args.started_replies,
+        "started_replies": args.started_replies or args.like_pilot,
+        "like_pilot": args.like_pilot,
         "runtime": status["runtime"]["name"],
         "runtime_notes": status["runtime"].get("notes", []),
         "nrm_tasks_per_s_median": round(rate, 1),
@@ -157,6 +204,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--started-replies", action="store_true",
                     help="ask for a started reply per run (the client's view of the start)")
+    ap.add_argument("--like-pilot", action="store_true",
+                    help="runs as nrm pilot sends them (environment, wd, named, detached "
+                         "and followed, a confined 1-cpu slice, one in flight per cpu)")
     ap.add_argument("--spawners", default="0,1,2",
                     help="comma-separated spawner counts to measure (default 0,1,2)")
     args = ap.parse_args()

@@ -54,13 +54,19 @@ def open_append(path: str, mode: int = 0o600, readable: bool = False) -> int:
 
 
 def append(fd: int, data: bytes, durable: bool) -> None:
-    """All of ``data`` at the end of the file, then fsync if ``durable``."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
+    """All of ``data`` at the end of the file, then fsync if ``durable``.
+    One write takes it all but on a full disk or a signal (the state log
+    appends a few records per task: no memoryview for them)."""
+    if data:
+        n = os.write(fd, data)
         if n <= 0:
             raise OSError(28, "short write")
-        view = view[n:]
+        view = memoryview(data)[n:] if n < len(data) else None
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(28, "short write")
+            view = view[n:]
     if durable:
         os.fdatasync(fd)        # the data and the size: all a reader needs
 

@@ -235,7 +235,7 @@ class ContainerManager(HandOvers):
             envl = env_list(self.task_env(container, task, env))
         except (ValueError, TypeError) as exc:
             raise RunError("invalid", f"cannot execute {argv[0]!r}: {exc}") from None
-        if self.pool is None or (not self.pool.alive() and self.runtime.in_process):
+        if self.pool is None or (self.runtime.in_process and not self.pool.alive()):
             try:
                 pid, out, err = self.runtime.spawn(
                     container.handle, argv, bind_cpus=bind_cpus, bind_mems=bind_mems,

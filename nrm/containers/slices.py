@@ -45,18 +45,25 @@ class ResourceManager:
         self.topology = topology
         self._owner: Dict[int, str] = {}          # exclusive cpu -> container
         self._shared_load: Dict[int, int] = {c.id: 0 for c in topology.cpus}
+        # the topology is read once: what every allocation asks of it is
+        # derived here, not per launch (a scan of every cpu, several times,
+        # for each 1-cpu slice of a 100-cpu node)
+        self._cpu_ids = [c.id for c in topology.cpus]
+        self._cpu_set = frozenset(self._cpu_ids)
+        self._core_of = {c.id: (c.package, c.core) for c in topology.cpus}
+        self._node_of = {c.id: c.node for c in topology.cpus}
 
     @property
     def free_cpus(self) -> List[int]:
-        return [c.id for c in self.topology.cpus if c.id not in self._owner]
+        owner = self._owner
+        return [c for c in self._cpu_ids if c not in owner]
 
     def allocate(self, owner: str, ncpus: int, nmems: int, oversubscribe: bool = False,
                  allowed: Optional[List[int]] = None) -> Slice:
         """``allowed`` confines the slice (a batch scheduler's allocation)."""
-        total = len(self.topology.cpus)
+        total = len(self._cpu_ids)
         if allowed is not None:
-            node_cpus = {c.id for c in self.topology.cpus}
-            allowed_set = set(allowed) & node_cpus
+            allowed_set = set(allowed) & self._cpu_set
             if ncpus > len(allowed_set):
                 raise SliceError(f"slice asks for {ncpus} cpus; the allocation has "
                                  f"{len(allowed_set)} on this node")
@@ -98,14 +105,21 @@ class ResourceManager:
                 self._owner[c] = heir
 
     def _first_fit(self, ncpus: int, allowed=None) -> Optional[List[int]]:
-        free = set(self.free_cpus)
-        if allowed is not None:
-            free &= allowed
+        owner = self._owner
+        if allowed is not None:         # a subset of the node's cpus
+            free = {c for c in allowed if c not in owner}
+        else:
+            free = set(self.free_cpus)
         if len(free) < ncpus:
             return None
+        # each node's free cpus in ascending order, as cpus_of_node lists them
+        by_node: Dict[int, List[int]] = {}
+        node_of = self._node_of
+        for c in sorted(free):
+            by_node.setdefault(node_of[c], []).append(c)
         nodes = []
         for node in self.topology.nodes:
-            node_free = [c for c in self.topology.cpus_of_node(node) if c in free]
+            node_free = by_node.get(node, [])
             if len(node_free) >= ncpus:
                 nodes.append((len(node_free), node, node_free))
         if nodes:
@@ -116,9 +130,9 @@ class ResourceManager:
     def _by_core(self, candidates: List[int], ncpus: int) -> List[int]:
         """Prefer filling whole free cores so siblings are not split."""
         by_core: Dict[tuple, List[int]] = {}
+        core_of = self._core_of
         for c in candidates:
-            cpu = self.topology.cpu(c)
-            by_core.setdefault((cpu.package, cpu.core), []).append(c)
+            by_core.setdefault(core_of[c], []).append(c)
         groups = sorted(by_core.values(), key=lambda g: (-len(g), g[0]))
         chosen: List[int] = []
         for group in groups:
@@ -138,8 +152,9 @@ class ResourceManager:
 
     def mems_for(self, cpus: List[int], nmems: int) -> tuple:
         local = []
+        node_of = self._node_of
         for c in cpus:
-            node = self.topology.cpu(c).node
+            node = node_of[c]
             if node not in local:
                 local.append(node)
         mems = local[:max(nmems, 1)] if len(local) >= nmems else local

@@ -78,15 +78,38 @@ _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodee
 
 
 def env_list(env: Dict[str, str]) -> List[bytes]:
-    """``KEY=value`` entries as exec wants them. Encoded as os.fsencode
-    does, one entry at a time (a launch storm pays this per task: one
-    encode per entry instead of two fsencode calls)."""
+    """``KEY=value`` entries as exec wants them, encoded as os.fsencode
+    does. Every launch pays this for its whole environment (a pilot task
+    sends its client's, some 50 entries): the entries are joined, encoded
+    and split in three C calls (~3x faster than an encode per entry), and
+    anything unusual (a NUL inside, a key with '=', a value that is no
+    str) takes the entry-by-entry path, which raises as it always did."""
+    if not env:
+        return []
+    try:
+        text = "\0".join(map("=".join, env.items()))
+        if "=" not in "".join(env) and text.count("\0") == len(env) - 1:
+            return text.encode(_FS_ENCODING, _FS_ERRORS).split(b"\0")
+    except TypeError:
+        pass
     out = []
     for k, v in env.items():
         if "=" in k:
             raise ValueError("illegal environment variable name")
         out.append((k + "=" + v).encode(_FS_ENCODING, _FS_ERRORS))
     return out
+
+
+def fs_encoded(strings: Sequence) -> List[bytes]:
+    """``[os.fsencode(s) for s in strings]``, in three C calls when every
+    item is a str without a NUL (argv, per launch), else item by item."""
+    try:
+        text = "\0".join(strings)
+    except TypeError:
+        return [os.fsencode(s) for s in strings]
+    if not strings or text.count("\0") != len(strings) - 1:
+        return [os.fsencode(s) for s in strings]
+    return text.encode(_FS_ENCODING, _FS_ERRORS).split(b"\0")
 
 
 def _fork_exec_tail(gid, groups, uid) -> tuple:
@@ -294,12 +317,12 @@ def encode_request(rid: int, req: dict,
     """(message, argv[0], cwd) for a launch request; ValueError when it
     cannot travel (a NUL inside a string, as exec itself would refuse).
     ``default_cpus`` is the affinity of a request that names none."""
-    argv = [os.fsencode(a) for a in req["argv"]]
+    argv = fs_encoded(req["argv"])
     env = req["env"]
     if env is None:
         env = [k + b"=" + v for k, v in os.environb.items()]
     cwd = os.fsencode(req["cwd"]) if req.get("cwd") else b""
-    files = [os.fsencode(p) for p in req.get("join", ())]
+    files = fs_encoded(req.get("join", ()))
     after = [os.fsencode(req["after"])] if req.get("after") else []
     executables = _executables(argv[0], env)
     strings = [cwd, *argv, *executables, *env, *files, *after]

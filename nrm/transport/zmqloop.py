@@ -15,6 +15,7 @@ import logging
 from typing import Callable
 
 import zmq
+import zmq.backend
 
 from nrm.log import RateLimitedLog
 
@@ -30,12 +31,19 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
+# pyzmq's Socket.send is a Python layer over the compiled backend's, for
+# DRAFT sockets' routing_id and group, which these frames never carry: the
+# backend's own send saves ~0.6 us per frame (4 frames per launch)
+_send = zmq.backend.Socket.send if issubclass(zmq.Socket, zmq.backend.Socket) else zmq.Socket.send
+
+
 def send_frames(sock: zmq.Socket, frames: list, copy: bool = True) -> None:
-    """``send_multipart(frames, NOBLOCK)``, minus the enum arithmetic."""
+    """``send_multipart(frames, NOBLOCK)``, minus the enum arithmetic and
+    pyzmq's Python layer."""
     more = _NOBLOCK | _SNDMORE
     for frame in frames[:-1]:
-        sock.send(frame, more, copy=copy)
-    sock.send(frames[-1], _NOBLOCK, copy=copy)
+        _send(sock, frame, more, copy)
+    _send(sock, frames[-1], _NOBLOCK, copy)
 
 
 def recv_frames(sock: zmq.Socket, copy: bool = True) -> list:
@@ -85,9 +93,14 @@ class BatchReader:
             self.kick()
 
     def _wake(self) -> None:
+        """Drain a batch. After the first message, ZMQ_EVENTS says whether
+        another is pending: a wake-up for one message (a request of a
+        launch loop) then ends without a receive that fails with pyzmq's
+        Again (~2 us more); a burst is drained until Again, as before."""
         self._scheduled = False
         sock = self.sock
         copy = self.copy
+        first = True
         for _ in range(self.batch):
             try:
                 msg = recv_frames(sock, copy) if self.multipart else sock.recv(_NOBLOCK, copy=copy)
@@ -100,6 +113,13 @@ class BatchReader:
                 self.handle(msg)
             except Exception:
                 rl_log.error("handler failed; message dropped", exc_info=True)
+            if first:
+                first = False
+                try:
+                    if not sock.get(_EVENTS) & _POLLIN:
+                        return      # as in sent(): the next message signals ZMQ_FD
+                except zmq.ZMQError:
+                    pass            # closed meanwhile: the receive reports it, as before
         self.kick()
 
     def close(self) -> None:

@@ -22,7 +22,8 @@ import pytest
 from nrm.paths import find_spawner
 from nrm.tools.localnrmd import spawner_pids
 from nrm.containers.spawner import (CANCEL_MAGIC, PROTOCOL, SpawnError, SpawnerPool, Started,
-                                    choose_helper, encode_request, env_list, fork_exec, home_cpus)
+                                    choose_helper, encode_request, env_list, fork_exec, fs_encoded,
+                                    home_cpus)
 from tests.conftest import EXAMPLES, needs_root
 from tests.nrmd import (DaemonProcess, check_client_death_kills_the_task,
                         check_ctrl_c_reaches_the_task, wait_for)
@@ -621,6 +622,22 @@ def test_env_list_encodes_as_fsencode_does_and_refuses_what_exec_cannot_take():
         env_list({"A=B": "x"})
     with pytest.raises(TypeError):
         env_list({"A": 3})
+
+
+def test_env_list_and_argv_encoding_take_the_slow_path_for_what_the_fast_one_cannot_split():
+    """A NUL inside an entry is left for exec (or the spawner request) to
+    refuse, as before; a key with '=' raises even after good entries."""
+    env = {"A": "x\0y", "B": "z"}
+    assert env_list(env) == [b"A=x\0y", b"B=z"]
+    with pytest.raises(ValueError):
+        env_list({"GOOD": "1", "A=B": "x"})
+    assert env_list({}) == []
+    args = ["/bin/\udcff", "", b"raw", "--"]
+    assert fs_encoded(args) == [os.fsencode(a) for a in args]
+    assert fs_encoded(["a\0b", "c"]) == [b"a\0b", b"c"]
+    assert fs_encoded(["", ""]) == [b"", b""] and fs_encoded([]) == []
+    with pytest.raises(ValueError, match="embedded null byte"):
+        encode_request(1, {"argv": ["a\0b"], "env": [], "cwd": "/", "capture": False})
 
 
 IGNORING = ["sh", "-c", "trap '' INT QUIT HUP; exec \"$@\"", "sh"]
