@@ -269,7 +269,7 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
         server = None
         if args.api_socket:
             server = ApiServer(runner, os.path.abspath(args.api_socket), wd)
-            runner.manager.on_final = lambda item: (writer(item), server.notify())
+            runner.on_final = lambda item: (writer(item), server.notify())
             await server.start()
         if args.resume:
             counts = await resume(runner, records[1:])

@@ -60,7 +60,10 @@ class Runner:
                  on_final: Optional[Callable[[Any], None]] = None,
                  journal: Optional[Journal] = None, attempts: Optional[Attempts] = None):
         self.wd = os.path.abspath(wd)
-        self.manager = Manager(pool, self.wd, on_final)
+        #: called with each final task and job; may be replaced before the run
+        self.on_final: Callable[[Any], None] = on_final or (lambda item: None)
+        self._finals: List[Any] = []
+        self.manager = Manager(pool, self.wd, self._final)
         #: with both, the pilot can be resumed: states are journaled, tasks run
         #: detached from this connection, with task keys nrmd keeps or under a
         #: wrapper that records them (nrm/pilot/attempts.py)
@@ -79,7 +82,7 @@ class Runner:
             self.offsets[name] = offset
             offset += size
         self.base_env = dict(os.environ)
-        self._manifests: Dict[str, Manifest] = {}
+        self._manifests: Dict[Any, Manifest] = {}
         self._inflight: set = set()
         self._wd_made = False
         self._done = asyncio.Event()
@@ -116,19 +119,38 @@ class Runner:
 
     # --------------------------------------------------------- progress ---
     def pump(self) -> None:
+        """Launch what the scheduler places now: each launch is sent from
+        here, in this turn of the loop, before the bookkeeping of the exit
+        that freed its cores (report lines are written after: _final)."""
         now = time.time()
         for task, alloc in self.manager.placements(now):
-            fut = asyncio.ensure_future(self._launch(task, alloc))
-            self._inflight.add(fut)
-            fut.add_done_callback(self._inflight.discard)
+            self._launch(task, alloc, now)
         if self.manager.done:
             self._done.set()
 
     async def wait_done(self) -> None:
-        """Until every registered job is final."""
+        """Until every registered job is final (and reported)."""
         if not self.manager.done:
             self._done.clear()
             await self._done.wait()
+        self.flush_finals()
+
+    # ------------------------------------------------------------ finals ---
+    def _final(self, item: Any) -> None:
+        """A task or job is final: reported (``on_final``) at the end of
+        this turn of the loop, after the launches its end made room for."""
+        if not self._finals:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush_finals)
+            except RuntimeError:            # no loop: at once
+                self.on_final(item)
+                return
+        self._finals.append(item)
+
+    def flush_finals(self) -> None:
+        items, self._finals = self._finals, []
+        for item in items:
+            self.on_final(item)
 
     # ----------------------------------------------------------- launch ---
     def task_wd(self, task: Task) -> str:
@@ -154,16 +176,21 @@ class Runner:
         return sorted(out)
 
     def manifest_for(self, task: Task, ncpus: int) -> Manifest:
+        """The job's manifest with the task's cpu count (and power policy):
+        made once per shape, not per launch (manifests are not mutated)."""
         opts = task.job.spec.nrm
-        key = opts.manifest or ""
-        base = self._manifests.get(key)
-        if base is None:
-            base = (load_manifest(opts.manifest) if opts.manifest
-                    else Manifest(name="nrm-pilot", slice=Slice(cpus=1, mems=1)))
-            self._manifests[key] = base
-        m = dataclasses.replace(base, slice=dataclasses.replace(base.slice, cpus=ncpus))
-        if opts.power:
-            m = dataclasses.replace(m, power=dataclasses.replace(m.power, policy=opts.power))
+        shape = (opts.manifest or "", ncpus, opts.power)
+        m = self._manifests.get(shape)
+        if m is None:
+            base = self._manifests.get(shape[0])
+            if base is None:
+                base = (load_manifest(opts.manifest) if opts.manifest
+                        else Manifest(name="nrm-pilot", slice=Slice(cpus=1, mems=1)))
+                self._manifests[shape[0]] = base
+            m = dataclasses.replace(base, slice=dataclasses.replace(base.slice, cpus=ncpus))
+            if opts.power:
+                m = dataclasses.replace(m, power=dataclasses.replace(m.power, policy=opts.power))
+            self._manifests[shape] = m
         return m
 
     def task_env(self, task: Task, alloc: Allocation, cpus: List[int], wd: str) -> Dict[str, str]:
@@ -226,8 +253,9 @@ class Runner:
         body = "exec" + redirect + ' "$@"'
         return ["bash", "-c", " && ".join(prefix + [body]), "bash"] + command
 
-    async def _launch(self, task: Task, alloc: Allocation) -> None:
-        now = time.time()
+    def _launch(self, task: Task, alloc: Allocation, now: float) -> None:
+        """Send the task's launch now (the journal written first); a
+        coroutine follows it to its end."""
         try:
             wd = self.task_wd(task)
             cpus = self.real_cpus(alloc)
@@ -238,8 +266,7 @@ class Runner:
             if self.attempts is not None and not self.attempts.keyed:
                 argv = self.attempts.wrap(task.seq, task.attempt, argv, env.get("PATH"), wd)
         except Exception as exc:              # a bad wd, manifest: the task fails
-            self.manager.ended(task, None, now, message=str(exc))
-            self.pump()
+            asyncio.get_running_loop().call_soon(self._not_launched, task, now, str(exc), False)
             return
 
         def started(result):
@@ -249,27 +276,47 @@ class Runner:
                 self._kill(task)
 
         if task.message == "canceled":             # cancelled before it was launched
-            self.manager.ended(task, None, now, message="canceled", canceled=True)
-            self.pump()
+            asyncio.get_running_loop().call_soon(self._not_launched, task, now, "canceled",
+                                                 True)
             return
 
         self.manager.started(task, now)
-        code: Optional[int] = None
-        message = None
-        real_start = None
         container = key = None
         if self.attempts is not None:
             container = self.attempts.container(task.seq, task.attempt)
             if self.attempts.keyed:
                 key = self.attempts.key(task.seq, task.attempt)
+        run = dict(output=False, on_started=started, wait=True,
+                   oversubscribe=self.oversubscribed, cpus_allowed=cpus,
+                   container=container, detach=container is not None, follow=True)
+        follow = error = None
         try:
             if self.journal is not None:
                 self.journal.write()              # no launch the journal does not know
+            follow = self.client.start_run(manifest, argv, env=env, cwd=wd, key=key, **run)
+        except Exception as exc:                  # reported by _follow, as its own
+            error = exc
+        fut = asyncio.ensure_future(self._follow(task, follow, error, key, manifest, plain,
+                                                 env, wd, run))
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+
+    def _not_launched(self, task: Task, now: float, message: str, canceled: bool) -> None:
+        self.manager.ended(task, None, now, message=message, canceled=canceled)
+        self.pump()
+
+    async def _follow(self, task: Task, follow, error: Optional[Exception], key: Optional[str],
+                      manifest: Manifest, plain: List[str], env: Dict[str, str], wd: str,
+                      run: Dict[str, Any]) -> None:
+        """Until the launch sent by _launch has ended: its end, journaled."""
+        code: Optional[int] = None
+        message = None
+        real_start = None
+        try:
+            if error is not None:
+                raise error
             try:
-                result = await self.client.run(
-                    manifest, argv, env=env, cwd=wd, output=False, on_started=started,
-                    wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus,
-                    container=container, detach=container is not None, follow=True, key=key)
+                result = await follow
             except NrmError as exc:
                 if exc.code != "keys_full":
                     raise
@@ -278,10 +325,8 @@ class Runner:
                 log.warning("%s: %s; launching it with the fence", task.name, exc)
                 key = None
                 argv = self.attempts.wrap(task.seq, task.attempt, plain, env.get("PATH"), wd)
-                result = await self.client.run(
-                    manifest, argv, env=env, cwd=wd, output=False, on_started=started,
-                    wait=True, oversubscribe=self.oversubscribed, cpus_allowed=cpus,
-                    container=container, detach=True, follow=True)
+                result = await self.client.run(manifest, argv, env=env, cwd=wd,
+                                               **dict(run, detach=True))
             code = result.status
             task.pid = result.pid
             if result.started_at is not None:    # nrmd's monotonic clock, this node's
