@@ -22,10 +22,10 @@ Asyncio use, many tasks at once over one connection::
 
 Requests carry an id echoed by every reply, so any number of requests can
 share one DEALER socket. ``AsyncClient.run`` asks nrmd for a ``started``
-reply only when ``on_started`` or ``detach`` needs one: the exit reply
-fills the same fields of the result (pid, cpus, mems, and ``started_at``
-on this node's ``time.monotonic()`` clock), and a launch storm saves one
-message per run.
+reply only when ``on_started`` or ``detach`` (without ``follow``) needs
+one: the exit reply fills the same fields of the result (pid, cpus, mems,
+and ``started_at`` on this node's ``time.monotonic()`` clock), and a launch
+storm saves one message per run.
 
 A remote nrmd (``nrmd --tcp``) is reached with ``uri="tcp://HOST:PORT"`` (or
 ``$NRM_URI``) and CurveZMQ key files: ``server_key`` (nrmd's public key,
@@ -684,7 +684,8 @@ class AsyncClient(_Endpoint):
                   cpus_allowed: Optional[List[int]] = None, follow: bool = False,
                   key: Optional[str] = None) -> RunResult:
         """Run to completion (or to the start, with ``detach``). nrmd sends
-        a ``started`` reply only when ``on_started`` or ``detach`` needs it:
+        a ``started`` reply only when ``on_started`` or ``detach`` without
+        ``follow`` needs it:
         the result is complete either way, and a launch storm saves one
         message per run through both sides' zmq I/O threads.
 
@@ -712,7 +713,7 @@ class AsyncClient(_Endpoint):
         this way. Raises NrmError (too_large) before sending anything."""
         msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
                            oversubscribe, cpus_allowed,
-                           started=detach or on_started is not None, key=key)
+                           started=(detach and not follow) or on_started is not None, key=key)
         q = self._open(msg)
         try:
             self._send(msg)

@@ -39,6 +39,9 @@ log = logging.getLogger("nrm.pilot")
 #: ended keyed attempts per ``forget`` request: nrmd keeps 16384 keys per
 #: user, a pilot holds its in-flight ones plus at most this many
 FORGET_BATCH = 1024
+#: how often a cancelled task's container is asked for again while nrmd
+#: has not made it yet (its launch queued behind another client's slice)
+KILL_RETRY_S = 0.05
 
 
 def tasks_per_node_slurm(counts: List[int]) -> str:
@@ -114,8 +117,23 @@ class Runner:
 
     def _kill(self, task: Task) -> None:
         if task.handle:
-            fut = asyncio.ensure_future(self.client.call(protocol.Kill(container=task.handle)))
+            fut = asyncio.ensure_future(self._kill_container(task, task.handle))
             fut.add_done_callback(_quiet)
+
+    async def _kill_container(self, task: Task, name: str) -> None:
+        """Kill the task's container. One nrmd does not have yet (the
+        launch waits in nrmd's queue for a slice another client holds) is
+        asked for again until it exists or the task has ended."""
+        while True:
+            try:
+                await self.client.call(protocol.Kill(container=name))
+                return
+            except NrmError as exc:
+                if exc.code != "not_found":
+                    raise
+            await asyncio.sleep(KILL_RETRY_S)
+            if task.handle != name:          # ended meanwhile (or another attempt)
+                return
 
     # --------------------------------------------------------- progress ---
     def pump(self) -> None:
@@ -282,11 +300,17 @@ class Runner:
 
         self.manager.started(task, now)
         container = key = None
+        on_started = started
         if self.attempts is not None:
             container = self.attempts.container(task.seq, task.attempt)
             if self.attempts.keyed:
                 key = self.attempts.key(task.seq, task.attempt)
-        run = dict(output=False, on_started=started, wait=True,
+            # named by the pilot: cancellable from now on (_kill), so no
+            # ``started`` reply is asked for (one message less per task
+            # through both sides' zmq threads; the exit repeats the pid)
+            task.handle = container
+            on_started = None
+        run = dict(output=False, on_started=on_started, wait=True,
                    oversubscribe=self.oversubscribed, cpus_allowed=cpus,
                    container=container, detach=container is not None, follow=True)
         follow = error = None
