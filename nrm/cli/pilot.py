@@ -18,7 +18,6 @@ import uuid
 
 from nrm.client import AsyncClient, NrmError
 from nrm.pilot import jobfile, journal, slurmres
-from nrm.pilot.allocation import AllocationError, NodePool, open_allocation
 from nrm.pilot.attempts import Attempts
 from nrm.pilot.progress import Progress
 from nrm.pilot.report import ReportWriter, write_final_status
@@ -164,7 +163,11 @@ def execute(args) -> int:
         else:
             nodes = [(socket.gethostname(), len(os.sched_getaffinity(0)))]
         system_core = args.system_core or bool(head and head.get("system_core"))
-        pool = (NodePool if across else Pool)(nodes, system_core=system_core)
+        if across:      # the Slurm mode's modules (CURVE, agents) only where it runs
+            from nrm.pilot.allocation import NodePool as Pool_
+        else:
+            Pool_ = Pool
+        pool = Pool_(nodes, system_core=system_core)
     except (PoolError, slurmres.SlurmResourcesError) as exc:
         return _fail(str(exc))
     if head is not None:
@@ -210,13 +213,18 @@ def execute(args) -> int:
             log.info("no nrmd answers: started a private one in %s", runtime_dir)
         status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
                                   log_journal, records, across))
-    except AllocationError as exc:
-        return _fail(str(exc), 1)
     except NrmError as exc:             # nrmd refused what the pilot must ask (a claim)
         return _fail(f"nrmd: {exc}", 1)
     except NrmdDidNotStart as exc:
         return _fail(f"no nrmd answers and a private one did not start: "
                      f"{str(exc).splitlines()[0]}", 1)
+    except Exception as exc:
+        # an AllocationError comes only from the Slurm mode, which imported
+        # its module: looked up, not imported, so a local pilot skips it
+        allocation = sys.modules.get("nrm.pilot.allocation")
+        if allocation is None or not isinstance(exc, allocation.AllocationError):
+            raise
+        return _fail(str(exc), 1)
     finally:
         log_journal.close()
         if daemon is not None:
@@ -260,6 +268,7 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
     # a resumed pilot rewrites the report: the replay produces every entry again
     writer = ReportWriter(report_path, args.report_format, fresh=bool(args.resume))
     if across:
+        from nrm.pilot.allocation import open_allocation
         opened = open_allocation(pool, wd, aux, envschema=args.envschema, on_final=writer,
                                  init_timeout=args.nl_init_timeout)
     else:
