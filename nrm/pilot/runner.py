@@ -21,7 +21,7 @@ import logging
 import os
 import shlex
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from nrm import protocol
 from nrm.client import AsyncClient, NrmError
@@ -106,7 +106,7 @@ class Runner:
             for name in req.names:
                 for task in self.manager.cancel(self.manager.jobs[name], time.time()):
                     self._kill(task)
-        self.pump()
+        self.pump(answer_first=True)
         return response
 
     def cancel_all(self) -> None:
@@ -136,15 +136,27 @@ class Runner:
                 return
 
     # --------------------------------------------------------- progress ---
-    def pump(self) -> None:
+    def pump(self, answer_first: bool = False) -> None:
         """Launch what the scheduler places now: each launch is sent from
         here, in this turn of the loop, before the bookkeeping of the exit
-        that freed its cores (report lines are written after: _final)."""
+        that freed its cores (report lines are written after: _final).
+        ``answer_first`` (a request placed them): the launches leave in the
+        next turn, after the caller's answer (the API's acknowledgement
+        starts its fdatasync first) and a file's further requests."""
         now = time.time()
-        for task, alloc in self.manager.placements(now):
-            self._launch(task, alloc, now)
+        placed = self.manager.placements(now)
+        if placed and answer_first:
+            asyncio.get_running_loop().call_soon(self._launch_all, placed)
+        else:
+            for task, alloc in placed:
+                self._launch(task, alloc, now)
         if self.manager.done:
             self._done.set()
+
+    def _launch_all(self, placed: List[Tuple[Task, Allocation]]) -> None:
+        now = time.time()
+        for task, alloc in placed:
+            self._launch(task, alloc, now)
 
     async def wait_done(self) -> None:
         """Until every registered job is final (and reported)."""
@@ -168,7 +180,10 @@ class Runner:
     def flush_finals(self) -> None:
         items, self._finals = self._finals, []
         for item in items:
-            self.on_final(item)
+            try:
+                self.on_final(item)
+            except Exception:           # a report that cannot be written stops no task
+                log.exception("reporting %s failed", item.name)
 
     # ----------------------------------------------------------- launch ---
     def task_wd(self, task: Task) -> str:
