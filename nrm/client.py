@@ -22,10 +22,10 @@ Asyncio use, many tasks at once over one connection::
 
 Requests carry an id echoed by every reply, so any number of requests can
 share one DEALER socket. ``AsyncClient.run`` asks nrmd for a ``started``
-reply only when ``on_started`` or ``detach`` needs one: the exit reply
-fills the same fields of the result (pid, cpus, mems, and ``started_at``
-on this node's ``time.monotonic()`` clock), and a launch storm saves one
-message per run.
+reply only when ``on_started`` or ``detach`` (without ``follow``) needs
+one: the exit reply fills the same fields of the result (pid, cpus, mems,
+and ``started_at`` on this node's ``time.monotonic()`` clock), and a launch
+storm saves one message per run.
 
 A remote nrmd (``nrmd --tcp``) is reached with ``uri="tcp://HOST:PORT"`` (or
 ``$NRM_URI``) and CurveZMQ key files: ``server_key`` (nrmd's public key,
@@ -43,7 +43,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from collections import deque
-from typing import TYPE_CHECKING, BinaryIO, Callable, Deque, Dict, List, Optional
+from typing import (TYPE_CHECKING, Any, BinaryIO, Callable, Coroutine, Deque, Dict, List,
+                    Optional)
 
 import zmq
 
@@ -641,10 +642,12 @@ class AsyncClient(_Endpoint):
         if self._reader is None:
             import asyncio
 
-            from nrm.transport.zmqloop import BatchReader
+            from nrm.transport.zmqloop import BatchReader, send_frames
             self._reader = BatchReader(asyncio.get_running_loop(), self.sock, self._on_reply,
                                        batch=256, copy=True)
-        self.sock.send(_encode_request(msg), zmq.NOBLOCK)
+            self._send_frames = send_frames
+        # pyzmq's Python layer and its enum flags cost more than the send
+        self._send_frames(self.sock, (_encode_request(msg),))
         self._reader.sent()
 
     async def call(self, msg):
@@ -681,7 +684,8 @@ class AsyncClient(_Endpoint):
                   cpus_allowed: Optional[List[int]] = None, follow: bool = False,
                   key: Optional[str] = None) -> RunResult:
         """Run to completion (or to the start, with ``detach``). nrmd sends
-        a ``started`` reply only when ``on_started`` or ``detach`` needs it:
+        a ``started`` reply only when ``on_started`` or ``detach`` without
+        ``follow`` needs it:
         the result is complete either way, and a launch storm saves one
         message per run through both sides' zmq I/O threads.
 
@@ -689,14 +693,40 @@ class AsyncClient(_Endpoint):
         call waits for its exit, which nrmd reports while this client is
         connected (a pilot that can be killed and resumed needs both).
         ``key``: nrmd remembers the launch's outcome under it (``claim``)."""
+        return await self.start_run(
+            manifest, argv, container=container, detach=detach, env=env, cwd=cwd,
+            output=output, on_output=on_output, on_started=on_started, wait=wait,
+            oversubscribe=oversubscribe, cpus_allowed=cpus_allowed, follow=follow, key=key)
+
+    def start_run(self, manifest: Manifest, argv: List[str], *, container: Optional[str] = None,
+                  detach: bool = False, env: Optional[Dict[str, str]] = None,
+                  cwd: Optional[str] = None, output: bool = True,
+                  on_output: Optional[Callable[[str, bytes], None]] = None,
+                  on_started: Optional[Callable[[RunResult], None]] = None,
+                  wait: bool = False, oversubscribe: bool = False,
+                  cpus_allowed: Optional[List[int]] = None, follow: bool = False,
+                  key: Optional[str] = None) -> Coroutine[Any, Any, RunResult]:
+        """:meth:`run`'s request, sent now, in the caller's turn of the event
+        loop (a coroutine's body would wait for the next turn); returns the
+        coroutine that follows it to its result, to be awaited once. A
+        pilot sends its next launch before its bookkeeping of the last exit
+        this way. Raises NrmError (too_large) before sending anything."""
         msg = _run_request(manifest, argv, env, cwd, container, detach, output, wait,
                            oversubscribe, cpus_allowed,
-                           started=detach or on_started is not None, key=key)
+                           started=(detach and not follow) or on_started is not None, key=key)
         q = self._open(msg)
+        try:
+            self._send(msg)
+        except BaseException:
+            self._queues.pop(msg.id, None)
+            raise
+        return self._follow_run(msg, q, detach, follow, on_output, on_started)
+
+    async def _follow_run(self, msg, q: _Replies, detach: bool, follow: bool,
+                          on_output, on_started) -> RunResult:
         result = RunResult()
         credits = _Credits()
         try:
-            self._send(msg)
             while True:
                 reply, payload = await q.get()
                 if isinstance(reply, protocol.Error):

@@ -18,7 +18,6 @@ import uuid
 
 from nrm.client import AsyncClient, NrmError
 from nrm.pilot import jobfile, journal, netapi, slurmres
-from nrm.pilot.allocation import AllocationError, NodePool, open_allocation
 from nrm.pilot.attempts import Attempts
 from nrm.pilot.progress import Progress
 from nrm.pilot.report import ReportWriter, write_final_status
@@ -191,7 +190,11 @@ def execute(args) -> int:
         else:
             nodes = [(socket.gethostname(), len(os.sched_getaffinity(0)))]
         system_core = args.system_core or bool(head and head.get("system_core"))
-        pool = (NodePool if across else Pool)(nodes, system_core=system_core)
+        if across:      # the Slurm mode's modules (CURVE, agents) only where it runs
+            from nrm.pilot.allocation import NodePool as Pool_
+        else:
+            Pool_ = Pool
+        pool = Pool_(nodes, system_core=system_core)
     except (PoolError, slurmres.SlurmResourcesError) as exc:
         return _fail(str(exc))
     if head is not None:
@@ -237,8 +240,6 @@ def execute(args) -> int:
             log.info("no nrmd answers: started a private one in %s", runtime_dir)
         status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
                                   log_journal, records, across, net))
-    except AllocationError as exc:
-        return _fail(str(exc), 1)
     except NrmError as exc:             # nrmd refused what the pilot must ask (a claim)
         return _fail(f"nrmd: {exc}", 1)
     except netapi.NetError as exc:
@@ -246,6 +247,13 @@ def execute(args) -> int:
     except NrmdDidNotStart as exc:
         return _fail(f"no nrmd answers and a private one did not start: "
                      f"{str(exc).splitlines()[0]}", 1)
+    except Exception as exc:
+        # an AllocationError comes only from the Slurm mode, which imported
+        # its module: looked up, not imported, so a local pilot skips it
+        allocation = sys.modules.get("nrm.pilot.allocation")
+        if allocation is None or not isinstance(exc, allocation.AllocationError):
+            raise
+        return _fail(str(exc), 1)
     finally:
         log_journal.close()
         if daemon is not None:
@@ -314,6 +322,7 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
     # a resumed pilot rewrites the report: the replay produces every entry again
     writer = ReportWriter(report_path, args.report_format, fresh=bool(args.resume))
     if across:
+        from nrm.pilot.allocation import open_allocation
         opened = open_allocation(pool, wd, aux, envschema=args.envschema, on_final=writer,
                                  init_timeout=args.nl_init_timeout)
     else:
@@ -326,7 +335,7 @@ async def _run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
             if args.api_socket or net is not None:
                 server = ApiServer(runner, os.path.abspath(args.api_socket)
                                    if args.api_socket else None, wd)
-                runner.manager.on_final = lambda item: (writer(item), server.notify())
+                runner.on_final = lambda item: (writer(item), server.notify())
                 await server.start()
             if net is not None:
                 host, ports, keys = net

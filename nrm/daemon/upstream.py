@@ -251,7 +251,7 @@ class ClientSink(Sink):
             self.req.upstream.watch_remote(self)
         if self.account.window and not task.detach:
             self.req.upstream.register_run(self.req, self)
-        if self.send_started or task.detach:
+        if self.send_started:
             self._send(protocol.Started(container=task.container.id, task=task.id, pid=task.pid,
                                         cpus=list(task.container.slice.cpus),
                                         mems=list(task.container.slice.mems)))

@@ -200,7 +200,9 @@ class ClusterRunner(Runner):
         cpus = agent.cpus if agent else [0]
         return sorted({cpus[c % len(cpus)] for c in cores})
 
-    def pump(self) -> None:
+    def pump(self, answer_first: bool = False) -> None:
+        """Placements go to their agents at the end of this turn (_flush),
+        after any answer: ``answer_first`` changes nothing here."""
         now = time.time()
         for task, alloc in self.manager.placements(now):
             self._send(task, alloc, now)

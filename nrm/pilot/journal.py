@@ -30,12 +30,18 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+import msgspec
+
 log = logging.getLogger("nrm.pilot")
 
 FILE = "journal.jsonl"
 VERSION = 2     # 2: one attempt record per task attempt (runs/SEQ.ATTEMPT)
 #: the group commit: at most this long between a write and its fdatasync
 SYNC_S = 0.05
+
+#: compact JSON, as ``json.dumps(separators=(",", ":"))`` but ~10x cheaper
+#: (three records per task); non-ASCII text stays UTF-8 instead of \u escapes
+_encode = msgspec.json.Encoder().encode
 
 
 class JournalError(Exception):
@@ -95,7 +101,7 @@ class Journal:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        self._buffer: List[str] = []
+        self._buffer: List[bytes] = []
         self._scheduled = False
         self._unsynced = False
         self._sync_timer: Optional[asyncio.TimerHandle] = None
@@ -105,7 +111,7 @@ class Journal:
         self.records = 0
 
     def append(self, record: Dict[str, Any]) -> None:
-        self._buffer.append(json.dumps(record, separators=(",", ":")))
+        self._buffer.append(_encode(record))
         self.records += 1
         if not self._scheduled:
             try:
@@ -121,7 +127,8 @@ class Journal:
         self._scheduled = False
         if not self._buffer:
             return
-        data = ("\n".join(self._buffer) + "\n").encode()
+        self._buffer.append(b"")
+        data = b"\n".join(self._buffer)
         self._buffer.clear()
         view = memoryview(data)
         while view:

@@ -21,13 +21,13 @@ import logging
 import os
 import shlex
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from nrm import protocol
 from nrm.client import AsyncClient, NrmError
 from nrm.manifest import Manifest, Slice, load as load_manifest
 from nrm.pilot import models
-from nrm.pilot.attempts import Attempts
+from nrm.pilot.attempts import Attempts, batches
 from nrm.pilot.journal import Journal
 from nrm.pilot.jobfile import Request
 from nrm.pilot.manager import Manager
@@ -39,6 +39,9 @@ log = logging.getLogger("nrm.pilot")
 #: ended keyed attempts per ``forget`` request: nrmd keeps 16384 keys per
 #: user, a pilot holds its in-flight ones plus at most this many
 FORGET_BATCH = 1024
+#: how often a cancelled task's container is asked for again while nrmd
+#: has not made it yet (its launch queued behind another client's slice)
+KILL_RETRY_S = 0.05
 
 
 def tasks_per_node_slurm(counts: List[int]) -> str:
@@ -60,7 +63,10 @@ class Runner:
                  on_final: Optional[Callable[[Any], None]] = None,
                  journal: Optional[Journal] = None, attempts: Optional[Attempts] = None):
         self.wd = os.path.abspath(wd)
-        self.manager = Manager(pool, self.wd, on_final)
+        #: called with each final task and job; may be replaced before the run
+        self.on_final: Callable[[Any], None] = on_final or (lambda item: None)
+        self._finals: List[Any] = []
+        self.manager = Manager(pool, self.wd, self._final)
         #: with both, the pilot can be resumed: states are journaled, tasks run
         #: detached from this connection, with task keys nrmd keeps or under a
         #: wrapper that records them (nrm/pilot/attempts.py)
@@ -79,7 +85,7 @@ class Runner:
             self.offsets[name] = offset
             offset += size
         self.base_env = dict(os.environ)
-        self._manifests: Dict[str, Manifest] = {}
+        self._manifests: Dict[Any, Manifest] = {}
         self._inflight: set = set()
         self._wd_made = False
         self._done = asyncio.Event()
@@ -100,7 +106,7 @@ class Runner:
             for name in req.names:
                 for task in self.manager.cancel(self.manager.jobs[name], time.time()):
                     self._kill(task)
-        self.pump()
+        self.pump(answer_first=True)
         return response
 
     def cancel_all(self) -> None:
@@ -111,24 +117,73 @@ class Runner:
 
     def _kill(self, task: Task) -> None:
         if task.handle:
-            fut = asyncio.ensure_future(self.client.call(protocol.Kill(container=task.handle)))
+            fut = asyncio.ensure_future(self._kill_container(task, task.handle))
             fut.add_done_callback(_quiet)
 
+    async def _kill_container(self, task: Task, name: str) -> None:
+        """Kill the task's container. One nrmd does not have yet (the
+        launch waits in nrmd's queue for a slice another client holds) is
+        asked for again until it exists or the task has ended."""
+        while True:
+            try:
+                await self.client.call(protocol.Kill(container=name))
+                return
+            except NrmError as exc:
+                if exc.code != "not_found":
+                    raise
+            await asyncio.sleep(KILL_RETRY_S)
+            if task.handle != name:          # ended meanwhile (or another attempt)
+                return
+
     # --------------------------------------------------------- progress ---
-    def pump(self) -> None:
+    def pump(self, answer_first: bool = False) -> None:
+        """Launch what the scheduler places now: each launch is sent from
+        here, in this turn of the loop, before the bookkeeping of the exit
+        that freed its cores (report lines are written after: _final).
+        ``answer_first`` (a request placed them): the launches leave in the
+        next turn, after the caller's answer (the API's acknowledgement
+        starts its fdatasync first) and a file's further requests."""
         now = time.time()
-        for task, alloc in self.manager.placements(now):
-            fut = asyncio.ensure_future(self._launch(task, alloc))
-            self._inflight.add(fut)
-            fut.add_done_callback(self._inflight.discard)
+        placed = self.manager.placements(now)
+        if placed and answer_first:
+            asyncio.get_running_loop().call_soon(self._launch_all, placed)
+        else:
+            for task, alloc in placed:
+                self._launch(task, alloc, now)
         if self.manager.done:
             self._done.set()
 
+    def _launch_all(self, placed: List[Tuple[Task, Allocation]]) -> None:
+        now = time.time()
+        for task, alloc in placed:
+            self._launch(task, alloc, now)
+
     async def wait_done(self) -> None:
-        """Until every registered job is final."""
+        """Until every registered job is final (and reported)."""
         if not self.manager.done:
             self._done.clear()
             await self._done.wait()
+        self.flush_finals()
+
+    # ------------------------------------------------------------ finals ---
+    def _final(self, item: Any) -> None:
+        """A task or job is final: reported (``on_final``) at the end of
+        this turn of the loop, after the launches its end made room for."""
+        if not self._finals:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush_finals)
+            except RuntimeError:            # no loop: at once
+                self.on_final(item)
+                return
+        self._finals.append(item)
+
+    def flush_finals(self) -> None:
+        items, self._finals = self._finals, []
+        for item in items:
+            try:
+                self.on_final(item)
+            except Exception:           # a report that cannot be written stops no task
+                log.exception("reporting %s failed", item.name)
 
     # ----------------------------------------------------------- launch ---
     def task_wd(self, task: Task) -> str:
@@ -154,16 +209,21 @@ class Runner:
         return sorted(out)
 
     def manifest_for(self, task: Task, ncpus: int) -> Manifest:
+        """The job's manifest with the task's cpu count (and power policy):
+        made once per shape, not per launch (manifests are not mutated)."""
         opts = task.job.spec.nrm
-        key = opts.manifest or ""
-        base = self._manifests.get(key)
-        if base is None:
-            base = (load_manifest(opts.manifest) if opts.manifest
-                    else Manifest(name="nrm-pilot", slice=Slice(cpus=1, mems=1)))
-            self._manifests[key] = base
-        m = dataclasses.replace(base, slice=dataclasses.replace(base.slice, cpus=ncpus))
-        if opts.power:
-            m = dataclasses.replace(m, power=dataclasses.replace(m.power, policy=opts.power))
+        shape = (opts.manifest or "", ncpus, opts.power)
+        m = self._manifests.get(shape)
+        if m is None:
+            base = self._manifests.get(shape[0])
+            if base is None:
+                base = (load_manifest(opts.manifest) if opts.manifest
+                        else Manifest(name="nrm-pilot", slice=Slice(cpus=1, mems=1)))
+                self._manifests[shape[0]] = base
+            m = dataclasses.replace(base, slice=dataclasses.replace(base.slice, cpus=ncpus))
+            if opts.power:
+                m = dataclasses.replace(m, power=dataclasses.replace(m.power, policy=opts.power))
+            self._manifests[shape] = m
         return m
 
     def task_env(self, task: Task, alloc: Allocation, cpus: List[int], wd: str) -> Dict[str, str]:
@@ -226,8 +286,9 @@ class Runner:
         body = "exec" + redirect + ' "$@"'
         return ["bash", "-c", " && ".join(prefix + [body]), "bash"] + command
 
-    async def _launch(self, task: Task, alloc: Allocation) -> None:
-        now = time.time()
+    def _launch(self, task: Task, alloc: Allocation, now: float) -> None:
+        """Send the task's launch now (the journal written first); a
+        coroutine follows it to its end."""
         try:
             wd = self.task_wd(task)
             cpus = self.real_cpus(alloc)
@@ -238,8 +299,7 @@ class Runner:
             if self.attempts is not None and not self.attempts.keyed:
                 argv = self.attempts.wrap(task.seq, task.attempt, argv, env.get("PATH"), wd)
         except Exception as exc:              # a bad wd, manifest: the task fails
-            self.manager.ended(task, None, now, message=str(exc))
-            self.pump()
+            asyncio.get_running_loop().call_soon(self._not_launched, task, now, str(exc), False)
             return
 
         def started(result):
@@ -249,27 +309,53 @@ class Runner:
                 self._kill(task)
 
         if task.message == "canceled":             # cancelled before it was launched
-            self.manager.ended(task, None, now, message="canceled", canceled=True)
-            self.pump()
+            asyncio.get_running_loop().call_soon(self._not_launched, task, now, "canceled",
+                                                 True)
             return
 
         self.manager.started(task, now)
-        code: Optional[int] = None
-        message = None
-        real_start = None
         container = key = None
+        on_started = started
         if self.attempts is not None:
             container = self.attempts.container(task.seq, task.attempt)
             if self.attempts.keyed:
                 key = self.attempts.key(task.seq, task.attempt)
+            # named by the pilot: cancellable from now on (_kill), so no
+            # ``started`` reply is asked for (one message less per task
+            # through both sides' zmq threads; the exit repeats the pid)
+            task.handle = container
+            on_started = None
+        run = dict(output=False, on_started=on_started, wait=True,
+                   oversubscribe=self.oversubscribed, cpus_allowed=cpus,
+                   container=container, detach=container is not None, follow=True)
+        follow = error = None
         try:
             if self.journal is not None:
                 self.journal.write()              # no launch the journal does not know
-            options = dict(env=env, cwd=wd, output=False, on_started=started, wait=True,
-                           oversubscribe=self.oversubscribed, cpus_allowed=cpus,
-                           container=container, detach=container is not None, follow=True)
+            follow = self.client.start_run(manifest, argv, env=env, cwd=wd, key=key, **run)
+        except Exception as exc:                  # reported by _follow, as its own
+            error = exc
+        fut = asyncio.ensure_future(self._follow(task, follow, error, key, manifest, plain,
+                                                 env, wd, run))
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+
+    def _not_launched(self, task: Task, now: float, message: str, canceled: bool) -> None:
+        self.manager.ended(task, None, now, message=message, canceled=canceled)
+        self.pump()
+
+    async def _follow(self, task: Task, follow, error: Optional[Exception], key: Optional[str],
+                      manifest: Manifest, plain: List[str], env: Dict[str, str], wd: str,
+                      run: Dict[str, Any]) -> None:
+        """Until the launch sent by _launch has ended: its end, journaled."""
+        code: Optional[int] = None
+        message = None
+        real_start = None
+        try:
+            if error is not None:
+                raise error
             try:
-                result = await self.client.run(manifest, argv, key=key, **options)
+                result = await follow
             except NrmError as exc:
                 if exc.code != "keys_full":
                     raise
@@ -278,7 +364,8 @@ class Runner:
                 log.warning("%s: %s; launching it with the fence", task.name, exc)
                 key = None
                 argv = self.attempts.wrap(task.seq, task.attempt, plain, env.get("PATH"), wd)
-                result = await self.client.run(manifest, argv, **options)
+                result = await self.client.run(manifest, argv, env=env, cwd=wd,
+                                               **dict(run, detach=True))
             code = result.status
             task.pid = result.pid
             if result.started_at is not None:    # nrmd's monotonic clock, this node's
@@ -308,9 +395,8 @@ class Runner:
             while len(self._ended_keys) >= FORGET_BATCH:
                 keys, self._ended_keys = self._ended_keys, []
                 await self.journal.durable()
-                step = protocol.MAX_KEYS_PER_REQUEST
-                for i in range(0, len(keys), step):
-                    await self.client.forget(keys[i:i + step])
+                for batch in batches(keys):
+                    await self.client.forget(batch)
         except Exception as exc:        # nrmd keeps them: forgotten by prefix at the end
             log.warning("could not make nrmd forget ended task keys: %s", exc)
         finally:

@@ -146,3 +146,46 @@ def test_the_api_socket_answers_only_its_user(nrmd, tmp_path):
         assert manager.resources()["total_cores"] == 1
     finally:
         manager.finish()
+
+
+CANCEL_QUEUED = textwrap.dedent('''
+    import os, sys, time
+    from nrm.client import Client
+    from nrm.manifest import Manifest, Slice
+    from nrm.pilot.qcg import Jobs, LocalManager
+
+    wd, rundir = sys.argv[1], sys.argv[2]
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    with Client(rundir) as c:       # another client holds the cpu the pilot's core maps onto
+        c.run(Manifest(name="hog", slice=Slice(cpus=1, mems=1)), ["sleep", "600"],
+              container="hog", detach=True, cpus_allowed=[cpu], stdout=None, stderr=None)
+        manager = LocalManager(['--wd', wd, '--nodes', '1'], {'init_timeout': 60})
+        manager.submit(Jobs().add(name='q', exec='/bin/sh',
+                                  args=['-c', 'sleep 1; touch ' + os.path.join(wd, 'ran')]))
+        time.sleep(0.5)             # launched: it waits in nrmd's queue for the cpu
+        print('before:', manager.status('q')['jobs']['q']['data']['status'])
+        manager.cancel('q')
+        time.sleep(0.3)
+        c.kill("hog")               # the cpu frees: nrmd starts the cancelled launch
+        print('cancelled:', manager.wait4('q'))
+        time.sleep(2)
+        print('ran:', os.path.exists(os.path.join(wd, 'ran')))
+        manager.finish()
+''')
+
+
+def test_a_job_cancelled_while_nrmd_queues_its_launch_never_runs_its_command(nrmd, tmp_path):
+    """The pilot names its tasks' containers and asks for no started reply:
+    a kill that finds no container yet (the launch waits in nrmd's queue
+    behind another client's slice) is asked for again until it exists."""
+    path = tmp_path / "script.py"
+    path.write_text(CANCEL_QUEUED)
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    r = subprocess.run([sys.executable, str(path), str(wd), nrmd.rundir], capture_output=True,
+                       text=True, timeout=120, env=nrmd.env, cwd=os.path.dirname(
+                           os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert "before: EXECUTING" in r.stdout, r.stdout
+    assert "cancelled: {'q': 'CANCELED'}" in r.stdout
+    assert "ran: False" in r.stdout

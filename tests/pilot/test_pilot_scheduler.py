@@ -179,3 +179,20 @@ def test_scheduler_skips_cancelled_lazily():
         sched.push(t)
     tasks[0].state = "CANCELED"
     assert [t.name for t, _ in sched.schedule()] == ["a:1"]
+
+
+def test_report_stamps_read_as_datetime_writes_them():
+    """jobs.report's dates: the seconds' text is cached, the text is not
+    changed (microseconds rounded half to even, as datetime does)."""
+    import random
+    from datetime import datetime
+
+    from nrm.pilot.model import format_stamp
+    rng = random.Random(7)
+    base = 1765000000.0
+    stamps = [base + rng.uniform(-1e6, 1e6) for _ in range(20000)]
+    stamps += [base + k / 1e6 + 0.5e-6 for k in range(2000)]          # ties
+    stamps += [base + 0.9999996, base + 0.9999995, base - 0.0000004]  # carries
+    for ts in stamps:
+        assert format_stamp(ts) == datetime.fromtimestamp(ts).strftime(
+            "%Y-%m-%d %H:%M:%S.%f"), ts
