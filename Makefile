@@ -16,7 +16,7 @@ C_SOURCES := $(wildcard libnrm/CMakeLists.txt libnrm/nrm.pc.in libnrm/src/* libn
 INSTALL := $(VENV)/bin/pip install -q --no-build-isolation \
 	--config-settings=build-dir=$(CURDIR)/build/venv -e '.[test,plot,campaign]'
 
-.PHONY: setup check-editable check-shared system-deps run daemon test lint check-c bench fuzz clean
+.PHONY: setup bytecode check-editable check-shared system-deps run daemon test lint check-c bench fuzz clean
 
 setup: system-deps $(STAMP) check-shared
 
@@ -40,6 +40,13 @@ $(STAMP): $(VENV)/bin/python pyproject.toml $(C_SOURCES)
 setup: check-editable
 check-editable: $(STAMP)
 	@(cd / && $(PY) $(CURDIR)/scripts/check-editable.py $(CURDIR) 2>/dev/null) || $(INSTALL)
+
+# Byte-compile the checkout: where PYTHONDONTWRITEBYTECODE is set, every
+# nrmd, pilot and CLI process would otherwise compile what it imports
+# (~0.13 s each here); compileall skips what is up to date.
+setup: bytecode
+bytecode: $(STAMP)
+	@$(PY) -m compileall -q nrm >/dev/null
 
 # nrm installed for one user only is a trap on a shared node: say so.
 check-shared: $(STAMP)
