@@ -308,8 +308,8 @@ static inline int nrm_iw_enter(void)
 	return 1;
 }
 
-/* Call at the exit of a wait that nrm_iw_enter armed; `now` is CLOCK_MONOTONIC. */
-static inline void nrm_iw_leave(uint64_t now)
+/* Call at the exit of a wait that nrm_iw_enter armed. */
+static inline void nrm_iw_leave(void)
 {
 	static const struct itimerspec zero;
 	struct nrm_iw_thread *t = &nrm_iw_t;
@@ -336,8 +336,13 @@ static inline void nrm_iw_leave(uint64_t now)
 	}
 	if (t->slot < 0)
 		return;
-	t->rec.cpu_ns += nrm_iw_clock(CLOCK_THREAD_CPUTIME_ID) - t->fire_cpu_ns;
-	t->rec.wall_ns += now > t->fire_wall_ns ? now - t->fire_wall_ns : 0;
+	/* The thread's cpu clock, then the wall clock: the handler read them
+	 * in the other order, so the cpu time never exceeds the wall time. */
+	uint64_t cpu_now = nrm_iw_clock(CLOCK_THREAD_CPUTIME_ID);
+	uint64_t wall_now = nrm_iw_clock(CLOCK_MONOTONIC);
+
+	t->rec.cpu_ns += cpu_now - t->fire_cpu_ns;
+	t->rec.wall_ns += wall_now > t->fire_wall_ns ? wall_now - t->fire_wall_ns : 0;
 	t->rec.waits++;
 	nrm_iw_seal(&t->rec);
 	(void)!pwrite(nrm_iw.counters_fd, &t->rec, sizeof(t->rec),

@@ -121,7 +121,7 @@ static void phase_end(uint64_t entered, struct site *s, int armed)
 	int count;
 
 	if (armed)
-		nrm_iw_leave(left);
+		nrm_iw_leave();
 	if (g.inwait)
 		s->waits = nrm_iw_learn(s->waits, left - entered, nrm_iw.delay_ns);
 	if (!g.on)
