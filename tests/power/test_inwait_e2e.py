@@ -90,20 +90,24 @@ def test_countdown_bills_the_waiting_rank_at_level_1(daemon, imbalance, tmp_path
     """Rank 1 does a quarter of rank 0's work: it spins in the barrier for
     about three quarters of the run under NONE, and is billed level 1 there
     under COUNTDOWN."""
-    argv = _imbalance_argv(imbalance, -0.75)
+    argv = _imbalance_argv(imbalance, -0.75, phases=600)   # seconds, not 0.1 s ticks
+    # NONE before and after: the emulated package warms over the runs and
+    # its leakage with it, so the run in the middle is compared with both
     none = _profile(daemon, tmp_path, "NONE", argv)
     countdown = _profile(daemon, tmp_path, "COUNTDOWN", argv)
+    none_after = _profile(daemon, tmp_path, "NONE", argv)
     assert "inwait" not in none
     iw = countdown["inwait"]
     assert iw["backend"] == "counters" and iw["level"] == 1 and iw["delay_s"] == 0.0005
-    assert iw["throttled_waits"] > 50, iw          # 150 barriers, the first teaches
+    assert iw["throttled_waits"] > 200, iw         # 600 barriers, the first teaches
     assert 0 < iw["throttled_cpu_s"] <= iw["throttled_wall_s"] * 1.05, iw
     assert "policy" not in countdown               # NONE's settings: no phase decisions
     # Per second of the container's cpu time (independent of how long the
     # loaded machine made each run): NONE bills every second at full power,
     # COUNTDOWN the waiting rank's throttled part at 1/16.
     assert _discounted(countdown) > 0.1, iw
-    assert _rate(countdown) < 0.9 * _rate(none), (_rate(none), _rate(countdown), iw)
+    assert _rate(countdown) < 0.9 * min(_rate(none), _rate(none_after)), \
+        (_rate(none), _rate(countdown), _rate(none_after), iw)
 
 
 @needs_root()
@@ -118,9 +122,11 @@ def test_countdown_bills_only_the_throttled_waits(daemon, imbalance, tmp_path):
     argv = _imbalance_argv(imbalance, 0, phases=600)
     none = _profile(daemon, tmp_path, "NONE", argv)
     countdown = _profile(daemon, tmp_path, "COUNTDOWN", argv)
-    expected = _rate(none) * (1 - _discounted(countdown))
-    assert abs(_rate(countdown) - expected) < 0.15 * _rate(none), \
-        (_rate(none), _rate(countdown), expected, countdown["inwait"])
+    none_after = _profile(daemon, tmp_path, "NONE", argv)    # the package warms: A-B-A
+    base = (_rate(none) + _rate(none_after)) / 2
+    expected = base * (1 - _discounted(countdown))
+    assert abs(_rate(countdown) - expected) < 0.15 * base, \
+        (_rate(none), _rate(countdown), _rate(none_after), expected, countdown["inwait"])
 
 
 @needs_root()
