@@ -29,6 +29,20 @@ def _jobs(tmp_path, ledger):
     return str(path)
 
 
+def _assert_each_task_ran_once(ledger, aux):
+    """Each task started and ended once (the tasks' own ledger), the slow
+    one adopted while it ran, and every job reported SUCCEED."""
+    with open(ledger) as f:
+        lines = sorted(f.read().split("\n")[:-1])
+    assert lines == sorted(f"{w} {n}" for w in ("start", "end")
+                           for n in ("slow", "quick", "after"))
+    with open(os.path.join(aux, "service.log")) as f:
+        log = f.read()
+    assert "'adopted_running': 1" in log, log
+    with open(os.path.join(aux, "jobs.report")) as f:
+        assert {e["state"] for e in map(json.loads, f)} == {"SUCCEED"}
+
+
 @pytest.mark.parametrize("mode", ["keys", "fence"])
 def test_a_resumed_pilot_adopts_what_ran_and_runs_the_rest_once(tmp_path, mode):
     """Killed while ``slow`` runs and ``quick`` has ended: the successor
@@ -54,15 +68,7 @@ def test_a_resumed_pilot_adopts_what_ran_and_runs_the_rest_once(tmp_path, mode):
         assert r.returncode == 0, r.stderr
         with Client(nrmd.rundir) as c:
             assert c.status()["keys"]["keys"] == 0      # the pilot's keys forgotten
-    with open(ledger) as f:
-        lines = sorted(f.read().split("\n")[:-1])
-    assert lines == sorted(f"{w} {n}" for w in ("start", "end")
-                           for n in ("slow", "quick", "after"))
-    with open(os.path.join(aux, "service.log")) as f:
-        log = f.read()
-    assert "'adopted_running': 1" in log, log
-    with open(os.path.join(aux, "jobs.report")) as f:
-        assert {e["state"] for e in map(json.loads, f)} == {"SUCCEED"}
+    _assert_each_task_ran_once(ledger, aux)
 
 
 def test_with_nrmd_full_of_keys_the_pilot_launches_under_the_fence(tmp_path):
@@ -112,12 +118,4 @@ def test_a_pilot_that_fell_back_to_the_fence_for_want_of_keys_resumes_exactly_on
             assert r.returncode == 0, r.stderr
             assert c.status()["keys"]["keys"] == bound      # the old keys, untouched
             assert c.forget(prefix="old.") == bound
-    with open(ledger) as f:
-        lines = sorted(f.read().split("\n")[:-1])
-    assert lines == sorted(f"{w} {n}" for w in ("start", "end")
-                           for n in ("slow", "quick", "after"))
-    with open(os.path.join(aux, "service.log")) as f:
-        log = f.read()
-    assert "'adopted_running': 1" in log, log
-    with open(os.path.join(aux, "jobs.report")) as f:
-        assert {e["state"] for e in map(json.loads, f)} == {"SUCCEED"}
+    _assert_each_task_ran_once(ledger, aux)

@@ -211,6 +211,15 @@ def test_killed_in_a_throttled_wait_the_core_is_restored(probe, tmp_path):
         assert d.stop() == 0, d.log()
 
 
+def _stop(d, procs):
+    """Kill the clients still running, then stop nrmd (which restores)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert d.stop() == 0, d.log()
+
+
 def _linux_daemon(tmp_path):
     """A real nrmd on the linux backend over a fake tree whose cpus all
     hold ORIGINAL in IA32_CLOCK_MODULATION."""
@@ -286,11 +295,7 @@ def test_a_task_killed_in_a_throttled_wait_is_restored_while_its_container_lives
         wait_for(lambda: _msr(node, waiter) == ORIGINAL, timeout=30)
         assert not _status(d)["saved_controls"].get("cpu.duty_cycle")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        assert d.stop() == 0, d.log()
+        _stop(d, procs)
 
 
 @needs_root()
@@ -323,8 +328,4 @@ def test_containers_sharing_cpus_restore_when_the_last_one_ends(tmp_path):
         wait_for(lambda: all(_msr(node, c) == ORIGINAL for c in shared), timeout=30)
         assert not _status(d)["saved_controls"].get("cpu.duty_cycle")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        assert d.stop() == 0, d.log()
+        _stop(d, procs)
