@@ -17,7 +17,6 @@ import math
 import sys
 
 from nrm import __version__
-from nrm.client import NrmError
 
 #: verb -> (module, help); each module's NAME and HELP say the same (tests/test_cli_imports.py)
 VERBS = {
@@ -96,7 +95,12 @@ def build_parser(verb: str = "") -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(chosen_verb(argv)).parse_args(argv)
+    verb = chosen_verb(argv)
+    if verb == "pilot":
+        from nrm.cli import early
+        early.maybe_start(argv)     # its nrmd boots while the imports below run
+    from nrm.client import NrmError
+    args = build_parser(verb).parse_args(argv)
     try:
         return args.execute(args)
     except NrmError as exc:

@@ -16,6 +16,7 @@ import socket
 import sys
 import uuid
 
+from nrm.cli import early
 from nrm.client import AsyncClient, NrmError
 from nrm.pilot import jobfile, journal, netapi, slurmres
 from nrm.pilot.attempts import Attempts
@@ -232,10 +233,14 @@ def execute(args) -> int:
     daemon = None
     try:
         runtime_dir = args.runtime_dir
-        if not across and not _nrmd_answers(args):
+        daemon = None if across else early.take()     # booting since the process began
+        if daemon is not None:
+            daemon.wait_ready(10.0)
+        elif not across and not _nrmd_answers(args):
             if args.uri:
                 return _fail(f"nrmd at {args.uri} does not answer", 1)
             daemon = LocalNrmd(log_level="warning", prefix="nrm-pilot-").start()
+        if daemon is not None:
             runtime_dir = daemon.rundir
             log.info("no nrmd answers: started a private one in %s", runtime_dir)
         status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,

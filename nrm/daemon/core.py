@@ -74,6 +74,9 @@ class Config:
     tcp: Optional[object] = None
     #: what to do with tasks a crashed predecessor left running
     on_restart: str = "kill"
+    #: a pipe's write end: one byte is written to it, and it is closed, once
+    #: nrmd serves (a starter waits for that instead of polling the socket)
+    ready_fd: Optional[int] = None
 
 
 class Daemon:
@@ -184,8 +187,24 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
         self._ready = True
+        self._tell_ready()
         log.info("nrmd %s ready on %s (runtime %s, hardware %s)", __version__, self.rundir,
                  self.runtime.name, self.platform.backend_name if self.platform else "none")
+
+    def _tell_ready(self) -> None:
+        fd = self.config.ready_fd
+        if fd is None:
+            return
+        self.config.ready_fd = None
+        try:
+            os.write(fd, b"R")
+        except OSError as exc:      # the starter is gone: nothing to tell
+            log.debug("--ready-fd %d: %s", fd, exc)
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _start_hardware(self) -> None:
         """Platform first: a crashed predecessor's controls are restored

@@ -12,6 +12,7 @@ of the daemon is imported, and every request goes through the real sockets.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -19,9 +20,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-import zmq
-
-from nrm import paths, protocol
+from nrm import paths
 
 
 def nrmd_argv() -> List[str]:
@@ -78,33 +77,73 @@ class LocalNrmd:
         self.env["NRM_RUNTIME_DIR"] = self.rundir
         self.proc: Optional[subprocess.Popen] = None
         self._log = None
+        self._ready_pipe = -1
 
     @property
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc is not None else None
 
     def start(self, timeout: float = 10.0) -> "LocalNrmd":
-        argv = self.wrapper + nrmd_argv() + [
-            "--runtime-dir", self.rundir, "--seed-downstream", self.seed_uri,
-            "--log-level", self.log_level] + self.args
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=self.cwd)
+        self.spawn()
         self.wait_ready(timeout)
         return self
 
+    def spawn(self) -> "LocalNrmd":
+        """Start the process and return at once; ``wait_ready`` waits for it.
+        nrmd tells it is ready through a pipe (``--ready-fd``): no polling."""
+        self._log = open(self.log_path, "ab")
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        argv = self.wrapper + nrmd_argv() + [
+            "--runtime-dir", self.rundir, "--seed-downstream", self.seed_uri,
+            "--log-level", self.log_level, "--ready-fd", str(write_end)] + self.args
+        try:
+            self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                         env=self.env, cwd=self.cwd, pass_fds=(write_end,))
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self._ready_pipe = read_end
+        return self
+
     def wait_ready(self, timeout: float) -> None:
+        """Until nrmd serves: its byte on the ready pipe (or, for a daemon
+        started without one, its answer to a status request)."""
+        pipe, self._ready_pipe = self._ready_pipe, -1
+        if pipe < 0:
+            return self._wait_answer(timeout)
+        try:
+            ready, _, _ = select.select([pipe], [], [], timeout)
+            told = os.read(pipe, 1) if ready else None
+        finally:
+            os.close(pipe)
+        if told:
+            return
+        if told is None:
+            raise self._did_not_start(f"not ready after {timeout} s")
+        try:                        # the pipe closed unwritten: nrmd exited
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        raise self._did_not_start(f"exited with {self.proc.returncode}")
+
+    def _wait_answer(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise NrmdDidNotStart(f"nrmd exited with {self.proc.returncode}:\n{self.log()}")
+                raise self._did_not_start(f"exited with {self.proc.returncode}")
             if self.ping(0.2):
                 return
             time.sleep(0.02)
-        raise NrmdDidNotStart(f"nrmd not ready after {timeout} s:\n{self.log()}")
+        raise self._did_not_start(f"not ready after {timeout} s")
 
     def ping(self, timeout: float = 1.0) -> bool:
         """Whether nrmd answers a status request on its upstream socket."""
+        import zmq
+
+        from nrm import protocol
+
         path = paths.upstream_uri(self.rundir)[len("ipc://"):]
         if not os.path.exists(path):
             return False
@@ -116,6 +155,13 @@ class LocalNrmd:
             return bool(s.poll(int(timeout * 1000)))
         finally:
             s.close()
+
+    def _did_not_start(self, what: str) -> NrmdDidNotStart:
+        """The error: its first line says why (the log's last line, nrmd's
+        own error), the rest is the whole log."""
+        text = self.log()
+        last = text.strip().splitlines()[-1:] or ["(empty log)"]
+        return NrmdDidNotStart(f"nrmd {what}: {last[0]}\n{text}")
 
     def log(self) -> str:
         try:
@@ -140,8 +186,12 @@ class LocalNrmd:
         TimeoutExpired raised: a daemon that does not stop is a bug)."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
+        if self._ready_pipe >= 0:
+            os.close(self._ready_pipe)
+            self._ready_pipe = -1
         self.proc.send_signal(signal.SIGTERM)
         try:
+            _exited(self.proc, timeout)
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
@@ -156,3 +206,16 @@ class LocalNrmd:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _exited(proc: subprocess.Popen, timeout: float) -> None:
+    """Sleep until ``proc`` exits or ``timeout`` passes, woken by its pidfd
+    (``Popen.wait`` with a timeout polls, sleeping up to 50 ms at a time)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):    # no pidfd here, or already reaped
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
