@@ -20,7 +20,12 @@ Backends (``Platform.wait_throttle_target``):
   4:0 of 0x19A be written.
 * ``counters``: the emulated node. The ranks count their throttled time in
   per-process files under ``<rundir>/inwait/<container>``, which the
-  platform reads and bills at the container's level's power.
+  platform reads and bills at the power of the container's setting (its
+  level, and its frequency: DVFS and COMBINED drop it to the lowest).
+
+The frequency form (``WaitThrottle.frequency``, DVFS and COMBINED) has no
+msr actuator yet: on the msr backend those containers do not throttle in
+waits (one warning), rather than throttle the duty cycle alone.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from nrm.hw.registry import HardwareError
 from nrm.hw.waitcounters import read as read_counters
-from nrm.power.policy.inwait import WaitThrottle, for_policy
+from nrm.power.policy.inwait import LEVELS, WaitThrottle, for_policy
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +94,12 @@ class WaitThrottleActuation:
         if setting is None or self.target is None:
             return
         cpus = sorted(container.slice.cpus)
-        env = {"NRM_INWAIT_DELAY": f"{int(round(setting.delay_s * 1e9))}ns",
-               "NRM_INWAIT_LEVEL": str(setting.level)}
+        env = {"NRM_INWAIT_DELAY": f"{int(round(setting.delay_s * 1e9))}ns"}
+        if setting.level < LEVELS:
+            # level 16 (the frequency form: duty cycle unchanged) is no
+            # level the interposer takes; the counters' level field is
+            # informational, the platform bills the container's setting
+            env["NRM_INWAIT_LEVEL"] = str(setting.level)
         if self.target["kind"] == "msr":
             state = self._start_msr(container, setting, cpus, env)
         else:
@@ -103,6 +112,13 @@ class WaitThrottleActuation:
         self._published = tuple(s for s in self.active.values() if s.directory is not None)
 
     def _start_msr(self, container, setting, cpus, env) -> Optional[_Throttling]:
+        if setting.frequency is not None:
+            # the interposer writes only IA32_CLOCK_MODULATION: the
+            # frequency form (IA32_PERF_CTL) has no hardware actuator yet
+            log.warning("container %s: no in-wait throttling: policy %s drops the frequency "
+                        "in waits, which msr-safe in-wait throttling does not do",
+                        container.id, container.manifest.power.policy)
+            return None
         bits = self.target["bits"].get(setting.level)
         missing = [c for c in cpus if c not in self.target["cpus"]]
         denied = [] if missing else self.platform.wait_throttle_denied(cpus, container.uid)
@@ -174,6 +190,8 @@ class WaitThrottleActuation:
         self._publish()
         out = {"backend": state.kind, "delay_s": state.setting.delay_s,
                "level": state.setting.level}
+        if state.setting.frequency is not None:
+            out["frequency"] = state.setting.frequency
         if state.kind == "msr":
             try:
                 self.platform.release(DUTY_CYCLE, state.cpus)
@@ -189,15 +207,16 @@ class WaitThrottleActuation:
         return {"inwait": out}
 
     # -- emulated node -------------------------------------------------------
-    def counter_dirs(self) -> List[Tuple[str, List[int], int]]:
-        """(directory, pids, level) of every throttling container; called
-        from the platform's sensor thread, so it reads the published tuple,
-        never ``active``."""
+    def counter_dirs(self) -> List[Tuple[str, List[int], int, object]]:
+        """(directory, pids, level, frequency) of every throttling container
+        (frequency: None, ``inwait.LOWEST`` or Hz, which the platform
+        resolves); called from the platform's sensor thread, so it reads
+        the published tuple, never ``active``."""
         out = []
         for state in self._published:
             try:
                 out.append((state.directory, list(self.pids_of(state.container)),
-                            state.setting.level))
+                            state.setting.level, state.setting.frequency))
             except Exception as exc:  # a container going away under us
                 log.debug("pids of %s: %r", state.directory, exc)
         return out

@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from nrm.hw import open_platform
+from nrm.hw.emulated import cpu_speed, dynamic_power, inwait_rate
 from nrm.hw.linux.msr import IA32_CLOCK_MODULATION, writable_by
 from nrm.hw.registry import HardwareError
 from nrm.hw.waitcounters import (CHECK, HEADER, MAGIC, SLOT, Counters, ThreadLedger,
@@ -95,6 +96,41 @@ def test_ledger_prices_at_the_containers_level_not_the_slots():
     led = ThreadLedger()
     led.discount(7, Counters(1, 0, 0, 0), 0, 8)
     assert led.discount(7, Counters(1, 16_000, 16_000, 1), 50_000, 8) == 8_000
+
+
+@pytest.mark.parametrize("level,hz,cpu_hz", [
+    (16, 1.0e9, 2.4e9),      # DVFS's wait: full duty cycle at the lowest frequency
+    (1, 1.0e9, 2.4e9),       # COMBINED's: level 1 there
+    (16, 1.0e9, 1.6e9),      # the cpu already billed at a lower frequency
+    (16, 2.0e9, 1.4e9),      # a wait frequency above the cpu's does not raise it
+])
+def test_a_frequency_settings_discount_is_the_models_power_ratio(level, hz, cpu_hz):
+    """The throttled part of a polled wait is billed what the emulated
+    node's power model says the in-wait setting draws, relative to the
+    cpu's own busy price: ``speed x V(f_wait)^2 / V(f_cpu)^2``."""
+    fmax = 2.4e9
+    f = min(hz, cpu_hz)
+    rate = inwait_rate(level, 16, hz, fmax, cpu_hz)
+    waiting = dynamic_power(10.0, [(cpu_speed(level, 16, f, fmax), f / fmax)])
+    busy = dynamic_power(10.0, [(1.0, cpu_hz / fmax)])
+    assert rate == pytest.approx(waiting / busy)
+    assert 0 < rate < 1
+    cpu = wall = 1_000_000
+    assert discount_ns(cpu, wall, level, rate=rate) == pytest.approx(cpu * (1 - rate), abs=1)
+    led = ThreadLedger()
+    led.discount(7, Counters(1, 0, 0, 0), 0, level, rate=rate)
+    assert led.discount(7, Counters(1, cpu, wall, 1), 2 * cpu, level, rate=rate) \
+        == discount_ns(cpu, wall, level, rate=rate)
+
+
+def test_dvfs_wait_is_billed_between_full_power_and_level_1():
+    """At 1.0 of 2.4 GHz with the voltage floor at 0.5, a polled wait draws
+    1.0/2.4 x 0.5^2 = 10.4 % of a busy core: less than full, more than
+    level 1's 1/16 (6.25 %)."""
+    rate = inwait_rate(16, 16, 1.0e9, 2.4e9, 2.4e9)
+    assert rate == pytest.approx(1.0 / 2.4 * 0.25)
+    assert discount_ns(16_000, 16_000, 16) == 0 < discount_ns(16_000, 16_000, 16, rate=rate) \
+        < discount_ns(16_000, 16_000, 1)
 
 
 # ---------------------------------------------------- the hardware target

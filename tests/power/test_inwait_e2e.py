@@ -111,6 +111,22 @@ def test_countdown_bills_the_waiting_rank_at_level_1(daemon, imbalance, tmp_path
 
 
 @needs_root()
+def test_dvfs_bills_the_waiting_rank_at_the_lowest_frequency(daemon, imbalance, tmp_path):
+    """DVFS's compute slowing is bounded by its slowdown budget; its waits
+    drop to the lowest frequency (1.0 of 2.4 GHz: 10.4 % of a busy core's
+    power in the model), so the waiting rank's spin is billed far below
+    NONE's."""
+    argv = _imbalance_argv(imbalance, -0.75)
+    none = _profile(daemon, tmp_path, "NONE", argv)
+    dvfs = _profile(daemon, tmp_path, "DVFS", argv)
+    iw = dvfs["inwait"]
+    assert iw["backend"] == "counters" and iw["level"] == 16 and iw["frequency"] == "lowest"
+    assert iw["throttled_waits"] > 50, iw
+    assert 0 < iw["throttled_cpu_s"] <= iw["throttled_wall_s"] * 1.05, iw
+    assert _rate(dvfs) < 0.9 * _rate(none), (_rate(none), _rate(dvfs), iw)
+
+
+@needs_root()
 def test_countdown_bills_only_the_throttled_waits(daemon, imbalance, tmp_path):
     """Equal work on both ranks: COUNTDOWN's bill differs from NONE's by the
     throttled waits the ranks reported, at the model's price, and by
@@ -132,7 +148,7 @@ def test_countdown_bills_only_the_throttled_waits(daemon, imbalance, tmp_path):
 @needs_root()
 def test_only_nrmd_tells_a_rank_to_throttle(daemon, tmp_path):
     manifest = tmp_path / "m.yml"
-    for policy, expected in (("COUNTDOWN", True), ("NONE", False), ("DVFS", False)):
+    for policy, expected in (("COUNTDOWN", True), ("NONE", False), ("DVFS", True)):
         manifest.write_text(f"name: env\napp:\n  slice: {{cpus: 1, mems: 1}}\n"
                             f"  power: {{policy: {policy}}}\n")
         r = daemon.cli("run", str(manifest), "env",
@@ -142,7 +158,10 @@ def test_only_nrmd_tells_a_rank_to_throttle(daemon, tmp_path):
         assert "NRM_INWAIT_MSR_DIR" not in env             # the client's own is dropped
         assert ("NRM_INWAIT_COUNTERS" in env) == expected, (policy, env)
         if expected:
-            assert env["NRM_INWAIT_DELAY"] == "500000ns" and env["NRM_INWAIT_LEVEL"] == "1"
+            assert env["NRM_INWAIT_DELAY"] == "500000ns"
+            # DVFS keeps the duty cycle (level 16, which the interposer
+            # does not take): its frequency is billed by the platform
+            assert env.get("NRM_INWAIT_LEVEL") == ("1" if policy == "COUNTDOWN" else None), env
             # the directory goes with the container
             assert not os.path.exists(env["NRM_INWAIT_COUNTERS"])
 
@@ -329,3 +348,22 @@ def test_containers_sharing_cpus_restore_when_the_last_one_ends(tmp_path):
         assert not _status(d)["saved_controls"].get("cpu.duty_cycle")
     finally:
         _stop(d, procs)
+
+
+def test_the_linux_backend_refuses_the_frequency_form(tmp_path):
+    """msr-safe in-wait throttling writes clock modulation only: a DVFS
+    container gets no in-wait throttling there (one warning), rather than
+    a duty-cycle throttle its policy does not carry."""
+    node, d = _linux_daemon(tmp_path)
+    try:
+        manifest = tmp_path / "dvfs.yml"
+        manifest.write_text("name: f\napp:\n  slice: {cpus: 1, mems: 1}\n"
+                            "  power: {policy: DVFS}\n")
+        r = d.cli("run", str(manifest), "env")
+        assert r.returncode == 0, r.stderr
+        env = dict(line.split("=", 1) for line in r.stdout.decode().splitlines() if "=" in line)
+        assert not any(k.startswith("NRM_INWAIT_") for k in env), env
+        assert "drops the frequency in waits" in d.log()
+        assert all(_msr(node, c) == ORIGINAL for c in range(os.cpu_count()))
+    finally:
+        assert d.stop() == 0, d.log()
