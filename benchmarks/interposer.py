@@ -12,8 +12,10 @@
    site lookup, history update). The cost of the armed path itself
    (timer arm and disarm, firing, a throttled wait's exit) is measured by
    benchmarks/inwait_bench.c, without MPI ("inwait_steps_ns").
-   With --baseline-lib, the pass-through and transmitting variants also
-   run with that (older) interposer build: before/after in the same run.
+   With --baseline-lib, the pass-through, transmitting and in-wait
+   variants also run with that (older) interposer build: before/after in
+   the same run (an old build without in-wait throttling runs those two
+   as pass-through and transmitting).
 2. A barrier-heavy 2-rank run (examples/imbalance with a tiny work unit):
    wall time with and without the interposer transmitting; slowdown ratio.
 
@@ -141,6 +143,9 @@ def main():
         variants["pass_through_before"] = dict(base_env, LD_PRELOAD=old, NRM_DOWNSTREAM_URI=uri)
         variants["transmit_before"] = dict(base_env, LD_PRELOAD=old, NRM_DOWNSTREAM_URI=uri,
                                            NRM_TRANSMIT="1")
+        variants["inwait_predict_before"] = dict(base_env, LD_PRELOAD=old, **inwait)
+        variants["transmit_inwait_predict_before"] = dict(
+            base_env, LD_PRELOAD=old, NRM_DOWNSTREAM_URI=uri, NRM_TRANSMIT="1", **inwait)
     per_call = {k: [] for k in variants}
     wall = {"none": [], "transmit": []}
     for _ in range(args.repeat):

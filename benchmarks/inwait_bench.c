@@ -34,7 +34,7 @@ int main(int argc, char **argv)
 	for (long i = 0; i < calls; i++) {
 		t0 = ns();
 		if (nrm_iw_enter())
-			nrm_iw_leave(ns());
+			nrm_iw_leave();
 		arm += ns() - t0;
 	}
 	nrm_iw.delay_ns = 1;
@@ -47,7 +47,7 @@ int main(int argc, char **argv)
 		while (!nrm_iw_t.fired)
 			;
 		t1 = ns();
-		nrm_iw_leave(t1);
+		nrm_iw_leave();
 		fire += t1 - t0;
 		leave += ns() - t1;
 	}

@@ -57,10 +57,11 @@ NONE's run time lost; each is the median over the seeds (``slowdown_max``
 the worst seed). ``fraction`` is the median of saving / oracle per seed.
 
 In-wait throttling (COUNTDOWN-style, ``nrm.power.policy.inwait``): under
-the policies that ``inwait.for_policy`` names (DDCM, COMBINED, COUNTDOWN;
-not DVFS), as the daemon runs them, a waiting core drops to the contract's
-level at its frequency the contract's delay after it reaches the
-collective, and is restored at the exit (the interposer acts in
+the policies that ``inwait.for_policy`` names, as the daemon runs them, a
+waiting core drops to the contract's setting the contract's delay after it
+reaches the collective (DDCM and COUNTDOWN: level 1 at its frequency;
+DVFS: level 16 at the grid's lowest frequency; COMBINED: level 1 at the
+lowest frequency), and is restored at the exit (the interposer acts in
 microseconds: no actuation latency is modelled). ``COUNTDOWN`` is that
 alone, measured against DDCM's oracle. ``--no-wait-throttle`` turns it off
 for every policy (plant and policy alike), for comparison.
@@ -209,7 +210,8 @@ def rank_energy(compute: float, t: float, switch: float, old: Setting, new: Sett
     It computes for ``compute`` seconds and busy-polls until ``t``; its
     setting changes from ``old`` to ``new`` at ``switch``. With
     ``wait_throttle`` (COUNTDOWN-style) the core drops to its duty-cycle
-    level at its current frequency once it has waited its delay, and is
+    level and its frequency (its current one when the setting has none)
+    once it has waited its delay, and is
     restored at the collective's exit (at no cost: the interposer acts in
     microseconds).
     """
@@ -219,7 +221,9 @@ def rank_energy(compute: float, t: float, switch: float, old: Setting, new: Sett
     for a, b in zip(cuts, cuts[1:]):
         setting = old if a < switch else new
         if a >= throttle_at:
-            setting = (min(wait_throttle.level, setting[0]), setting[1])
+            hz = wait_throttle.frequency_hz(GRID)
+            setting = (min(wait_throttle.level, setting[0]),
+                       setting[1] if hz is None else min(hz, setting[1]))
         energy += (b - a) * (power([setting]) - IDLE_W)
     return energy
 
@@ -362,12 +366,12 @@ def main(argv=None) -> int:
                        typed=not args.no_sites, wait_throttle=not args.no_wait_throttle,
                        slowdown_budget=slowdown_budget)
     if args.json:
-        throttle = inwait.WaitThrottle()
         print(json.dumps({"plant": {"lag": args.lag, "noise": args.noise, "seeds": args.seeds,
                                     "phases": args.phases, "sites": not args.no_sites,
                                     "wait_throttle": None if args.no_wait_throttle else {
-                                        "policies": sorted(inwait.POLICIES_WITH_WAIT_THROTTLE),
-                                        "delay_s": throttle.delay_s, "level": throttle.level},
+                                        p: {"delay_s": w.delay_s, "level": w.level,
+                                            "frequency_hz": w.frequency_hz(GRID)}
+                                        for p, w in sorted(inwait.SETTINGS.items())},
                                     "slowdown_budget": slowdown_budget,
                                     "settle_rounds": daemon.SETTLE_ROUNDS,
                                     "warmup_phases": daemon.WARMUP_PHASES},

@@ -2,7 +2,8 @@
  * In-wait throttling (COUNTDOWN-style) for the PMPI interposer.
  *
  * A rank that has waited `delay` inside a collective or blocking wait has
- * its core dropped to a low duty-cycle level until the call returns.  The
+ * its core dropped to a low duty-cycle level, its frequency to a low ratio,
+ * or both, until the call returns.  The
  * compute never runs slower, so it costs no time; only the spin of a
  * waiting rank is cut.  A daemon round trip is too slow for this (waits of
  * a millisecond), so the rank does it itself:
@@ -10,12 +11,14 @@
  *   entry  arm a one-shot per-thread timer of `delay` (timer_create with
  *          SIGEV_THREAD_ID and a realtime signal);
  *   fire   the signal handler throttles: one pread and one pwrite of
- *          IA32_CLOCK_MODULATION through msr-safe (real hardware), or one
- *          clock read of the thread's cpu time (the emulated node, which
- *          bills that time at the throttled level's power);
- *   exit   disarm; if it fired, restore the register (only if nobody else
- *          changed it meanwhile) or add the throttled time to the rank's
- *          counter file.
+ *          IA32_CLOCK_MODULATION (0x19A, the duty cycle) and/or of
+ *          IA32_PERF_CTL (0x199, the target ratio) through msr-safe (real
+ *          hardware), or one clock read of the thread's cpu time (the
+ *          emulated node, which bills that time at the throttled
+ *          setting's power);
+ *   exit   disarm; if it fired, restore each register written (only if
+ *          nobody else changed it meanwhile) or add the throttled time to
+ *          the rank's counter file.
  *
  * Arming costs two timer_settime calls (about a microsecond), so a call
  * site is armed only when one of its last eight waits exceeded `delay`
@@ -24,9 +27,14 @@
  * (docs/libnrm.md, "In-wait throttling"):
  *
  *   NRM_INWAIT_DELAY     duration before throttling ("500us"); required
- *   NRM_INWAIT_LEVEL     duty-cycle level 1..15 of 16 (default 1)
+ *   NRM_INWAIT_LEVEL     duty-cycle level 1..16 of 16 (default 1); 16 leaves
+ *                        the duty cycle as it is (0x19A never touched)
+ *   NRM_INWAIT_PERF_CTL  bits 15:8 of 0x199 to write, the target ratio
+ *                        ("0x0800": ratio 8), never raising the current
+ *                        one; unset: the frequency stays
  *   NRM_INWAIT_MSR_DIR   directory of N/msr_safe (real hardware: /dev/cpu)
- *   NRM_INWAIT_MSR_BITS  bits 4:0 of 0x19A to write (default 0x10 | level)
+ *   NRM_INWAIT_MSR_BITS  bits 4:0 of 0x19A to write (default 0x10 | level;
+ *                        only with a level below 16)
  *   NRM_INWAIT_COUNTERS  directory for the rank's counter file (emulated)
  *   NRM_INWAIT_SIGNAL    realtime signal number (default SIGRTMIN + 4)
  *
@@ -69,6 +77,9 @@
 
 #define NRM_IW_MSR 0x19A		/* IA32_CLOCK_MODULATION */
 #define NRM_IW_MSR_MASK 0x1FULL		/* bit 4 enable, bits 3:0 level */
+#define NRM_IW_PERF 0x199		/* IA32_PERF_CTL */
+#define NRM_IW_PERF_MASK 0xFF00ULL	/* bits 15:8 target ratio */
+#define NRM_IW_LEVELS 16		/* level 16: duty cycle unchanged */
 #define NRM_IW_MAX_CPUS 1024
 /* Counter file: a 16-byte header, then one slot per thread. */
 #define NRM_IW_MAGIC "NRMIW001"
@@ -77,6 +88,8 @@
 #define NRM_IW_CHECK 0x6e726d2d69770a01ULL
 
 enum { NRM_IW_OFF = 0, NRM_IW_KIND_MSR = 1, NRM_IW_KIND_COUNTERS = 2 };
+/* Which registers a thread's handler wrote (nrm_iw_thread.did). */
+enum { NRM_IW_DID_MOD = 1, NRM_IW_DID_PERF = 2 };
 
 /* ---- pure parts (unit tested) ------------------------------------------- */
 
@@ -113,6 +126,12 @@ static inline uint64_t nrm_iw_throttled(uint64_t original, uint64_t bits)
 	return (original & ~NRM_IW_MSR_MASK) | (bits & NRM_IW_MSR_MASK);
 }
 
+/* The value written to 0x199: the original outside bits 15:8, `bits` in them. */
+static inline uint64_t nrm_iw_slowed(uint64_t original, uint64_t bits)
+{
+	return (original & ~NRM_IW_PERF_MASK) | (bits & NRM_IW_PERF_MASK);
+}
+
 /* ---- process state ------------------------------------------------------- */
 
 static struct {
@@ -120,9 +139,13 @@ static struct {
 	uint64_t delay_ns;
 	uint64_t level;
 	uint64_t bits;
+	uint64_t perf_bits;
+	int mod;			/* write 0x19A (a level below 16) */
+	int perf;			/* write 0x199 (NRM_INWAIT_PERF_CTL) */
 	int sig;
 	int fd[NRM_IW_MAX_CPUS];	/* msr_safe per cpu, -1 when not ours */
-	off_t off[NRM_IW_MAX_CPUS];
+	off_t off[NRM_IW_MAX_CPUS];	/* of 0x19A */
+	off_t perf_off[NRM_IW_MAX_CPUS];	/* of 0x199 */
 	int counters_fd;
 	atomic_uint slots;
 	atomic_int warned_unbound;
@@ -136,8 +159,10 @@ struct nrm_iw_thread {
 	timer_t timer;
 	volatile sig_atomic_t armed;
 	volatile sig_atomic_t fired;
-	int cpu;		/* whose register the handler wrote, or -1 */
-	uint64_t saved, written;
+	int cpu;		/* whose registers the handler wrote, or -1 */
+	int did;		/* NRM_IW_DID_*: which ones */
+	uint64_t saved, written;	/* 0x19A */
+	uint64_t perf_saved, perf_written;	/* 0x199 */
 	uint64_t fire_cpu_ns, fire_wall_ns;
 	int bound;		/* msr: the one cpu the thread may run on */
 	int slot;
@@ -173,21 +198,38 @@ static void nrm_iw_on_timer(int sig, siginfo_t *si, void *uc)
 	t->fired = 1;
 	if (nrm_iw.kind == NRM_IW_KIND_MSR) {
 		uint64_t cur, val;
-		int fd;
+		int fd, did = 0;
 
 		/* Only a thread bound to one cpu throttles: one that migrated
 		 * mid-wait would leave the old cpu slow under another rank. */
 		if (syscall(SYS_getcpu, &cpu, NULL, NULL) != 0 || (int)cpu != t->bound)
 			goto out;
 		fd = nrm_iw.fd[cpu];
-		if (fd < 0 || pread(fd, &cur, 8, nrm_iw.off[cpu]) != 8)
+		if (fd < 0)
 			goto out;
-		val = nrm_iw_throttled(cur, nrm_iw.bits);
-		if (pwrite(fd, &val, 8, nrm_iw.off[cpu]) != 8)
-			goto out;
-		t->saved = cur;
-		t->written = val;
-		t->cpu = (int)cpu;
+		if (nrm_iw.mod && pread(fd, &cur, 8, nrm_iw.off[cpu]) == 8) {
+			val = nrm_iw_throttled(cur, nrm_iw.bits);
+			if (pwrite(fd, &val, 8, nrm_iw.off[cpu]) == 8) {
+				t->saved = cur;
+				t->written = val;
+				did |= NRM_IW_DID_MOD;
+			}
+		}
+		/* The in-wait ratio never raises the core's: one already at or
+		 * below it is left alone. */
+		if (nrm_iw.perf && pread(fd, &cur, 8, nrm_iw.perf_off[cpu]) == 8 &&
+		    (cur & NRM_IW_PERF_MASK) > nrm_iw.perf_bits) {
+			val = nrm_iw_slowed(cur, nrm_iw.perf_bits);
+			if (pwrite(fd, &val, 8, nrm_iw.perf_off[cpu]) == 8) {
+				t->perf_saved = cur;
+				t->perf_written = val;
+				did |= NRM_IW_DID_PERF;
+			}
+		}
+		if (did) {
+			t->did = did;
+			t->cpu = (int)cpu;
+		}
 	} else {
 		t->fire_wall_ns = nrm_iw_clock(CLOCK_MONOTONIC);
 		t->fire_cpu_ns = nrm_iw_clock(CLOCK_THREAD_CPUTIME_ID);
@@ -269,6 +311,7 @@ static int nrm_iw_thread_init(struct nrm_iw_thread *t)
 	if (timer_create(CLOCK_MONOTONIC, &sev, &t->timer) != 0)
 		return 0;
 	t->cpu = -1;
+	t->did = 0;
 	t->slot = -1;
 	if (nrm_iw.kind == NRM_IW_KIND_COUNTERS) {
 		unsigned slot = atomic_fetch_add(&nrm_iw.slots, 1);
@@ -323,15 +366,23 @@ static inline void nrm_iw_leave(void)
 	}
 	t->fired = 0;
 	if (nrm_iw.kind == NRM_IW_KIND_MSR) {
-		int cpu = t->cpu;
+		int cpu = t->cpu, did = t->did;
 		uint64_t cur;
 
 		t->cpu = -1;
-		/* Put the original back unless someone (nrmd's policy) wrote
-		 * the register since: then theirs is the value to keep. */
-		if (cpu >= 0 && pread(nrm_iw.fd[cpu], &cur, 8, nrm_iw.off[cpu]) == 8 &&
-		    cur == t->written)
+		t->did = 0;
+		if (cpu < 0)
+			return;
+		/* Put each original back unless someone (nrmd's policy, the
+		 * cpufreq driver) wrote the register since: then theirs is the
+		 * value to keep. */
+		if ((did & NRM_IW_DID_MOD) &&
+		    pread(nrm_iw.fd[cpu], &cur, 8, nrm_iw.off[cpu]) == 8 && cur == t->written)
 			(void)!pwrite(nrm_iw.fd[cpu], &t->saved, 8, nrm_iw.off[cpu]);
+		if ((did & NRM_IW_DID_PERF) &&
+		    pread(nrm_iw.fd[cpu], &cur, 8, nrm_iw.perf_off[cpu]) == 8 &&
+		    cur == t->perf_written)
+			(void)!pwrite(nrm_iw.fd[cpu], &t->perf_saved, 8, nrm_iw.perf_off[cpu]);
 		return;
 	}
 	if (t->slot < 0)
@@ -351,17 +402,30 @@ static inline void nrm_iw_leave(void)
 
 /* ---- set-up --------------------------------------------------------------- */
 
+/* Writing back the value just read changes nothing, and fails now rather
+ * than in a wait when msr-safe's allowlist does not let `off` be written. */
+static int nrm_iw_writable(int fd, off_t off)
+{
+	uint64_t v;
+
+	return pread(fd, &v, 8, off) == 8 && pwrite(fd, &v, 8, off) == 8;
+}
+
+/* Open msr_safe of this process's cpus: those where every register the
+ * setting writes can be written back.  A cpu that refuses 0x199 turns the
+ * frequency form off for the process (one warning): with a level below 16
+ * the duty cycle goes on alone, else nothing is left to throttle. */
 static int nrm_iw_open_msr(const char *dir)
 {
 	cpu_set_t set;
-	int opened = 0;
+	int opened = 0, perf_refused = 0;
 	char path[4096];
 
 	if (sched_getaffinity(0, sizeof(set), &set) != 0)
 		CPU_ZERO(&set);
 	for (int c = 0; c < NRM_IW_MAX_CPUS && c < CPU_SETSIZE; c++) {
 		struct stat st;
-		uint64_t v;
+		off_t stride;
 		int fd;
 
 		if (!CPU_ISSET(c, &set))
@@ -372,18 +436,32 @@ static int nrm_iw_open_msr(const char *dir)
 			continue;
 		/* A regular file stands in for a device in tests: one 8-byte
 		 * slot per register at 8 x register, as nrm.hw reads it. */
-		nrm_iw.off[c] = (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) ?
-			(off_t)NRM_IW_MSR * 8 : (off_t)NRM_IW_MSR;
-		/* Writing back the value just read changes nothing, and
-		 * fails now rather than in a wait when msr-safe's allowlist
-		 * does not let 0x19A be written. */
-		if (pread(fd, &v, 8, nrm_iw.off[c]) != 8 ||
-		    pwrite(fd, &v, 8, nrm_iw.off[c]) != 8) {
+		stride = (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) ? 8 : 1;
+		nrm_iw.off[c] = (off_t)NRM_IW_MSR * stride;
+		nrm_iw.perf_off[c] = (off_t)NRM_IW_PERF * stride;
+		if (nrm_iw.mod && !nrm_iw_writable(fd, nrm_iw.off[c])) {
 			close(fd);
 			continue;
 		}
+		if (nrm_iw.perf && !nrm_iw_writable(fd, nrm_iw.perf_off[c])) {
+			perf_refused++;
+			if (!nrm_iw.mod) {
+				close(fd);
+				continue;
+			}
+		}
 		nrm_iw.fd[c] = fd;
 		opened++;
+	}
+	if (nrm_iw.perf && perf_refused) {
+		nrm_iw.perf = 0;
+		fprintf(stderr, "nrm-pmpi: in-wait frequency off: msr_safe under %s refuses "
+			"writes of IA32_PERF_CTL (0x199; msr-safe allowlist mask 0xFF00)%s\n",
+			dir, nrm_iw.mod ? "; the duty cycle alone is throttled" : "");
+		if (!nrm_iw.mod) {
+			nrm_iw_close_all();
+			return -1;
+		}
 	}
 	return opened;
 }
@@ -425,6 +503,7 @@ static int nrm_iw_init(void)
 	const char *level = getenv("NRM_INWAIT_LEVEL");
 	const char *msr = getenv("NRM_INWAIT_MSR_DIR");
 	const char *bits = getenv("NRM_INWAIT_MSR_BITS");
+	const char *perf = getenv("NRM_INWAIT_PERF_CTL");
 	const char *counters = getenv("NRM_INWAIT_COUNTERS");
 	const char *sig = getenv("NRM_INWAIT_SIGNAL");
 	struct sigaction sa;
@@ -443,14 +522,27 @@ static int nrm_iw_init(void)
 	if (level && *level) {
 		long v = strtol(level, &end, 10);
 
-		if (*end != '\0' || v < 1 || v > 15) {
-			nrm_iw_warn("NRM_INWAIT_LEVEL must be 1..15", level);
+		if (*end != '\0' || v < 1 || v > NRM_IW_LEVELS) {
+			nrm_iw_warn("NRM_INWAIT_LEVEL must be 1..16 (16: duty cycle unchanged)",
+				    level);
 			return 0;
 		}
 		nrm_iw.level = (uint64_t)v;
 	}
+	nrm_iw.mod = nrm_iw.level < NRM_IW_LEVELS;
 	nrm_iw.bits = 0x10 | nrm_iw.level;
-	if (bits && *bits) {
+	if (perf && *perf) {
+		unsigned long v = strtoul(perf, &end, 0);
+
+		if (*end != '\0' || v == 0 || (v & ~NRM_IW_PERF_MASK)) {
+			nrm_iw_warn("NRM_INWAIT_PERF_CTL must be a ratio in bits 15:8 "
+				    "(e.g. 0x0800)", perf);
+			return 0;
+		}
+		nrm_iw.perf_bits = v;
+		nrm_iw.perf = 1;
+	}
+	if (nrm_iw.mod && bits && *bits) {
 		unsigned long v = strtoul(bits, &end, 0);
 
 		if (*end != '\0' || (v & ~NRM_IW_MSR_MASK) || !(v & 0x10)) {
@@ -474,10 +566,18 @@ static int nrm_iw_init(void)
 		return 0;
 	}
 	if (msr && *msr) {
-		if (nrm_iw_open_msr(msr) == 0) {
-			nrm_iw_warn("no writable msr_safe for this process's cpus under", msr);
+		int opened;
+
+		if (!nrm_iw.mod && !nrm_iw.perf) {
+			nrm_iw_warn("NRM_INWAIT_LEVEL=16 (duty cycle unchanged) without "
+				    "NRM_INWAIT_PERF_CTL leaves nothing to throttle", NULL);
 			return 0;
 		}
+		opened = nrm_iw_open_msr(msr);
+		if (opened == 0)
+			nrm_iw_warn("no writable msr_safe for this process's cpus under", msr);
+		if (opened <= 0)
+			return 0;
 		nrm_iw.kind = NRM_IW_KIND_MSR;
 	} else if (counters && *counters) {
 		nrm_iw.counters_fd = nrm_iw_open_counters(counters);

@@ -117,6 +117,21 @@ def dynamic_power(dynamic_w: float, cpus: Iterable[Tuple[float, float]]) -> floa
     return sum(dynamic_w * u * voltage_ratio(ratio) ** 2 for u, ratio in cpus)
 
 
+def inwait_rate(level: int, levels: int, hz: float, fmax: float, cpu_hz: float) -> float:
+    """Cpu ns to bill per wall ns of a wait polled at ``level`` and ``hz``
+    on a cpu billed at ``cpu_hz``.
+
+    A cpu's busy time is billed at ``V(cpu_hz)^2`` (``dynamic_power``); a
+    core polling at (level, hz) draws ``speed x V(hz)^2`` of a busy core at
+    fmax, so this is that power expressed in busy time at the cpu's
+    billing. The in-wait frequency never raises the cpu's: ``min(hz,
+    cpu_hz)``.
+    """
+    hz = min(hz, cpu_hz)
+    return (cpu_speed(level, levels, hz, fmax)
+            * (voltage_ratio(hz / fmax) / voltage_ratio(cpu_hz / fmax)) ** 2)
+
+
 def find_cpu_cgroup_mount(root: str) -> Optional[str]:
     """The cgroup v1 hierarchy that carries the ``cpu`` controller, if any."""
     try:
@@ -356,7 +371,7 @@ class EmulatedPlatform(Platform):
 
         In-wait throttling: the part of a thread's run time its rank
         reported as spent throttled inside MPI waits is billed at the
-        throttled level's power (nrm.hw.waitcounters).
+        throttled setting's power (nrm.hw.waitcounters, ``inwait_rate``).
         """
         now = time.monotonic()
         try:
@@ -373,7 +388,7 @@ class EmulatedPlatform(Platform):
                 tids = [t for t in os.listdir(taskdir) if t.isdigit()]
             except OSError:
                 continue
-            path, level = counter_files.get(pid, (None, 16))
+            path, level, wait_hz = counter_files.get(pid, (None, 16, None))
             counters = read_wait_counters(path) if path else None
             for tid in tids:
                 try:
@@ -387,7 +402,11 @@ class EmulatedPlatform(Platform):
                 prev = self._run_prev.get(int(tid))
                 ran = run_ns - prev if prev is not None and run_ns > prev else 0
                 if counters is not None:
-                    off = self._ledger.discount(int(tid), counters.get(int(tid)), ran, level)
+                    rate = None
+                    if wait_hz is not None and cpu in self._freq:
+                        rate = inwait_rate(level, 16, wait_hz, self._fmax, self._freq[cpu])
+                    off = self._ledger.discount(int(tid), counters.get(int(tid)), ran, level,
+                                                rate=rate)
                     ran -= off
                     self._wait_discount_ns += off
                 if cpu in busy:
@@ -400,17 +419,24 @@ class EmulatedPlatform(Platform):
         self._t_billed = now
         self._run_prev = seen
 
-    def _wait_counter_files(self) -> Dict[int, Tuple[str, int]]:
-        """pid -> its rank's counter file and its container's throttle level,
-        for the containers that throttle in waits."""
+    def _wait_counter_files(self) -> Dict[int, Tuple[str, int, Optional[float]]]:
+        """pid -> its rank's counter file, its container's throttle level
+        and in-wait frequency (None: unchanged; ``inwait.LOWEST`` resolves
+        to this node's lowest), for the containers that throttle in waits."""
         fn = self._wait_counters
         if fn is None:
             return {}
-        out: Dict[int, Tuple[str, int]] = {}
+        out: Dict[int, Tuple[str, int, Optional[float]]] = {}
         try:
-            for directory, pids, level in fn():
+            for entry in fn():
+                directory, pids, level = entry[:3]
+                frequency = entry[3] if len(entry) > 3 else None
+                hz = None
+                if frequency is not None:
+                    hz = (self._freqs[0] if frequency == "lowest"
+                          else min(max(float(frequency), self._freqs[0]), self._fmax))
                 for pid in pids:
-                    out[int(pid)] = (os.path.join(directory, str(int(pid))), int(level))
+                    out[int(pid)] = (os.path.join(directory, str(int(pid))), int(level), hz)
         except Exception as e:  # the daemon's callable: never die of it
             rl_log.warning("wait counter provider failed: %r", e)
         return out

@@ -313,17 +313,18 @@ class Platform:
         pass
 
     def set_wait_counters(self, fn) -> None:
-        """``fn()`` -> ``(directory, pids, level)`` triples: where each
-        container's ranks count their throttled waits, and the level the
-        daemon set for them, the one billed (backends that bill them:
-        emulated)."""
+        """``fn()`` -> ``(directory, pids, level, frequency)`` tuples: where
+        each container's ranks count their throttled waits, and the level
+        and frequency (None: unchanged) the daemon set for them, the ones
+        billed (backends that bill them: emulated)."""
 
     def wait_throttle_target(self) -> Optional[Dict[str, Any]]:
         """How a rank can throttle its own core inside MPI waits, or None.
 
-        ``{"kind": "msr", "dir": ..., "bits": {level: bits 4:0 of 0x19A}}``
-        on hardware with msr-safe, ``{"kind": "counters"}`` on the emulated
-        node (docs/hardware.md, "In-wait throttling").
+        ``{"kind": "msr", "dir": ..., "bits": {level: bits 4:0 of 0x19A},
+        "perf_ctl": {"lowest": {cpu: ratio}, "highest": ..., "bus_hz": ...}
+        or None}`` on hardware with msr-safe, ``{"kind": "counters"}`` on
+        the emulated node (docs/hardware.md, "In-wait throttling").
         """
         return None
 

@@ -5,7 +5,8 @@ On real hardware the PMPI interposer throttles a waiting rank's core itself
 actuator that fine (its CPU bandwidth period is 16 ms), so instead the
 interposer counts, per thread, the cpu time and the wall time it spent
 throttled, in a file ``<dir>/<pid>`` that the emulated platform reads at
-every model step and bills at the throttled level's power: the thread only
+every model step and bills at the power of the container's in-wait setting
+(its level, and its frequency when the setting drops it): the thread only
 polls then, so its speed does not matter, only the power it draws.
 
 File format (written by inwait.h, little-endian): 16 bytes of header
@@ -85,16 +86,21 @@ def read(path: str) -> Dict[int, Counters]:
         os.close(fd)
 
 
-def discount_ns(cpu_ns: int, wall_ns: int, level: int, levels: int = 16) -> int:
+def discount_ns(cpu_ns: int, wall_ns: int, level: int, levels: int = 16,
+                rate: Optional[float] = None) -> int:
     """The part of ``cpu_ns`` throttled cpu time not to bill.
 
     At level L a polling core runs L/levels of the wall time; a thread that
     ran less than that in the window (it blocked, or was preempted) is
-    billed what it ran.
+    billed what it ran. ``rate`` replaces L/levels when the in-wait
+    setting also drops the frequency: the cpu ns billed per wall ns that
+    give the throttled setting's power at the cpu's billing (the emulated
+    node's ``inwait_rate``).
     """
     if cpu_ns <= 0:
         return 0
-    billed = min(float(cpu_ns), max(0.0, float(wall_ns)) * level / levels)
+    per_wall = level / levels if rate is None else max(0.0, rate)
+    billed = min(float(cpu_ns), max(0.0, float(wall_ns)) * per_wall)
     return int(cpu_ns - billed)
 
 
@@ -109,9 +115,10 @@ class ThreadLedger:
         self.carry: Dict[int, int] = {}
 
     def discount(self, tid: int, counters: Optional[Counters], run_ns: int,
-                 level: int) -> int:
+                 level: int, rate: Optional[float] = None) -> int:
         """Cpu ns of ``tid``'s ``run_ns`` (this period) not to bill, with its
-        throttled time priced at ``level`` (the container's)."""
+        throttled time priced at ``level`` (the container's), or at ``rate``
+        (``discount_ns``) when given."""
         carried = self.carry.pop(tid, 0)
         new = 0
         if counters is not None:
@@ -122,7 +129,7 @@ class ThreadLedger:
             if prev is not None and counters.cpu_ns >= prev.cpu_ns \
                     and counters.wall_ns >= prev.wall_ns:
                 new = discount_ns(counters.cpu_ns - prev.cpu_ns,
-                                  counters.wall_ns - prev.wall_ns, level)
+                                  counters.wall_ns - prev.wall_ns, level, rate=rate)
         run_ns = max(0, run_ns)
         from_carry = min(carried, run_ns)
         from_new = min(new, run_ns - from_carry)

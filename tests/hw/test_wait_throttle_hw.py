@@ -10,7 +10,9 @@ import struct
 import pytest
 
 from nrm.hw import open_platform
-from nrm.hw.linux.msr import IA32_CLOCK_MODULATION, writable_by
+from nrm.hw.emulated import cpu_speed, dynamic_power, inwait_rate
+from nrm.hw.linux.msr import (IA32_CLOCK_MODULATION, IA32_PERF_CTL, IA32_PM_ENABLE,
+                              writable_by)
 from nrm.hw.registry import HardwareError
 from nrm.hw.waitcounters import (CHECK, HEADER, MAGIC, SLOT, Counters, ThreadLedger,
                                  discount_ns, parse, read)
@@ -97,6 +99,41 @@ def test_ledger_prices_at_the_containers_level_not_the_slots():
     assert led.discount(7, Counters(1, 16_000, 16_000, 1), 50_000, 8) == 8_000
 
 
+@pytest.mark.parametrize("level,hz,cpu_hz", [
+    (16, 1.0e9, 2.4e9),      # DVFS's wait: full duty cycle at the lowest frequency
+    (1, 1.0e9, 2.4e9),       # COMBINED's: level 1 there
+    (16, 1.0e9, 1.6e9),      # the cpu already billed at a lower frequency
+    (16, 2.0e9, 1.4e9),      # a wait frequency above the cpu's does not raise it
+])
+def test_a_frequency_settings_discount_is_the_models_power_ratio(level, hz, cpu_hz):
+    """The throttled part of a polled wait is billed what the emulated
+    node's power model says the in-wait setting draws, relative to the
+    cpu's own busy price: ``speed x V(f_wait)^2 / V(f_cpu)^2``."""
+    fmax = 2.4e9
+    f = min(hz, cpu_hz)
+    rate = inwait_rate(level, 16, hz, fmax, cpu_hz)
+    waiting = dynamic_power(10.0, [(cpu_speed(level, 16, f, fmax), f / fmax)])
+    busy = dynamic_power(10.0, [(1.0, cpu_hz / fmax)])
+    assert rate == pytest.approx(waiting / busy)
+    assert 0 < rate < 1
+    cpu = wall = 1_000_000
+    assert discount_ns(cpu, wall, level, rate=rate) == pytest.approx(cpu * (1 - rate), abs=1)
+    led = ThreadLedger()
+    led.discount(7, Counters(1, 0, 0, 0), 0, level, rate=rate)
+    assert led.discount(7, Counters(1, cpu, wall, 1), 2 * cpu, level, rate=rate) \
+        == discount_ns(cpu, wall, level, rate=rate)
+
+
+def test_dvfs_wait_is_billed_between_full_power_and_level_1():
+    """At 1.0 of 2.4 GHz with the voltage floor at 0.5, a polled wait draws
+    1.0/2.4 x 0.5^2 = 10.4 % of a busy core: less than full, more than
+    level 1's 1/16 (6.25 %)."""
+    rate = inwait_rate(16, 16, 1.0e9, 2.4e9, 2.4e9)
+    assert rate == pytest.approx(1.0 / 2.4 * 0.25)
+    assert discount_ns(16_000, 16_000, 16) == 0 < discount_ns(16_000, 16_000, 16, rate=rate) \
+        < discount_ns(16_000, 16_000, 1)
+
+
 # ---------------------------------------------------- the hardware target
 
 def test_linux_target_needs_msr_safe(tmp_path):
@@ -130,6 +167,89 @@ def test_linux_target_honours_a_readable_allowlist(tmp_path, allowlist, offered)
         f.write(allowlist)
     with open_platform("linux", root=node.root) as p:
         assert (p.wait_throttle_target() is not None) == offered
+
+
+# ------------------------------------------- the frequency form (0x199)
+
+def test_linux_target_offers_the_lowest_ratio(tmp_path):
+    """The ratio of cpuinfo_min_freq in 100 MHz units (1.2 GHz: 12), the
+    highest of cpuinfo_max_freq (2.4 GHz: 24)."""
+    node = FakeNode(tmp_path, cores=2, msr_safe=True)
+    with open_platform("linux", root=node.root) as p:
+        t = p.wait_throttle_target()
+        assert t["perf_ctl"] == {"lowest": {0: 12, 1: 12}, "highest": 24, "bus_hz": 100e6}
+        assert "cpu.perf_ctl" in [c.name for c in p.controls()]
+
+
+def test_linux_target_rounds_the_lowest_ratio_up(tmp_path):
+    node = FakeNode(tmp_path, cores=2, msr_safe=True,
+                    frequencies_khz=(799_000, 1_800_000, 2_301_000))
+    with open_platform("linux", root=node.root) as p:
+        assert p.wait_throttle_target()["perf_ctl"]["lowest"] == {0: 8, 1: 8}
+        assert p.wait_throttle_target()["perf_ctl"]["highest"] == 23   # base + 1 MHz: base
+
+
+def test_hwp_on_withdraws_the_frequency_form_only(tmp_path):
+    """With hardware P-states on the core ignores IA32_PERF_CTL: no
+    frequency form (a reason says why), the duty cycle is still offered."""
+    node = FakeNode(tmp_path, cores=2, msr_safe=True)
+    for c in range(2):
+        node.set_msr(c, IA32_PM_ENABLE, 1)
+    with open_platform("linux", root=node.root) as p:
+        t = p.wait_throttle_target()
+        assert t["perf_ctl"] is None and "HWP" in t["perf_ctl_why"]
+        assert t["bits"][1] == 0x11
+        assert "cpu.perf_ctl" not in [c.name for c in p.controls()]
+        assert any("HWP" in r for r in p.describe()["reasons"])
+
+
+def test_no_frequency_form_off_intel_or_without_cpufreq(tmp_path):
+    node = FakeNode(tmp_path / "amd", cores=2, msr_safe=True, vendor="amd")
+    with open_platform("linux", root=node.root) as p:
+        t = p.wait_throttle_target()
+        assert t["perf_ctl"] is None and "GenuineIntel" in t["perf_ctl_why"]
+    node = FakeNode(tmp_path / "nofreq", cores=2, msr_safe=True, cpufreq=False)
+    with open_platform("linux", root=node.root) as p:
+        assert p.wait_throttle_target()["perf_ctl"] is None
+
+
+@pytest.mark.parametrize("allowlist,bits,perf", [
+    ("0x0000019A 0x000000000000001F\n", True, False),
+    ("0x0000019A 0x000000000000001F\n0x00000199 0x000000000000FF00\n", True, True),
+    ("0x00000199 0x0000000000000F00\n0x0000019A 0x1F\n", True, False),
+    ("0x00000199 0x000000000000FF00\n", False, True),       # the frequency form alone
+])
+def test_the_allowlist_decides_each_form(tmp_path, allowlist, bits, perf):
+    node = FakeNode(tmp_path, cores=2, msr_safe=True)
+    with open(os.path.join(node.root, "dev/cpu/msr_allowlist"), "w") as f:
+        f.write(allowlist)
+    with open_platform("linux", root=node.root) as p:
+        t = p.wait_throttle_target()
+        assert bool(t["bits"]) == bits
+        assert (t["perf_ctl"] is not None) == perf
+        if not perf:
+            assert "0x199" in t["perf_ctl_why"]
+
+
+def test_perf_ctl_claim_restores_the_ratio_only_and_survives_a_crash(tmp_path):
+    node = FakeNode(tmp_path / "hw", cores=2, msr_safe=True)
+    node.set_msr(0, IA32_PERF_CTL, 0x100001805)               # ratio 24, other bits set
+    node.set_msr(1, IA32_PERF_CTL, 0x1800)
+    journal = str(tmp_path / "controls.journal")
+    p = open_platform("linux", root=node.root, journal_path=journal)
+    p.claim("cpu.perf_ctl", [0, 1])
+    assert p.saved() == {"cpu.perf_ctl": {0: 0x100001805, 1: 0x1800}}
+    node.set_msr(0, IA32_PERF_CTL, 0x100000C05)               # a rank died slowed
+    p.restore("cpu.perf_ctl", [0], keep=True)                  # its task's end
+    assert node.get_msr(0, IA32_PERF_CTL) == 0x100001805
+    node.set_msr(0, IA32_PERF_CTL, 0x100000C05)
+    node.set_msr(1, IA32_PERF_CTL, 0xC00)
+    del p                                                      # no close: a crash
+    with open_platform("linux", root=node.root, journal_path=journal) as p:
+        assert node.get_msr(0, IA32_PERF_CTL) == 0x100001805   # recovered
+        assert node.get_msr(1, IA32_PERF_CTL) == 0x1800
+        assert p.read("cpu.perf_ctl", 1) == 24
+    assert not os.path.exists(journal)
 
 
 def test_writable_by(tmp_path):

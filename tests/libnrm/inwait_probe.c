@@ -10,9 +10,10 @@
  *   -u U  rank 0 busy-computes U us before each barrier (default 5000)
  *   -f F  after the loop, rank 0 computes F more seconds before the last
  *         barrier (a rank killed meanwhile dies inside a throttled wait)
- *   -m D  before each barrier rank 0 reads IA32_CLOCK_MODULATION of rank
- *         1's cpu from D/<cpu>/msr_safe (a regular file: 8 bytes at offset
- *         8 x 0x19A) and prints "seen iter=I value=V"
+ *   -m D  before each barrier rank 0 reads IA32_CLOCK_MODULATION and
+ *         IA32_PERF_CTL of rank 1's cpu from D/<cpu>/msr_safe (a regular
+ *         file: 8 bytes at offset 8 x register) and prints
+ *         "seen iter=I value=<0x19A> perf=<0x199>"
  * Prints "waiter cpu=C" (rank 1's cpu) first and "done" at the end.
  */
 #define _GNU_SOURCE
@@ -90,13 +91,15 @@ int main(int argc, char **argv)
 			compute(last ? final_s : (double)compute_us * 1e-6);
 			if (msr) {
 				char path[4096];
-				uint64_t v = 0;
+				uint64_t v = 0, p = 0;
 				int fd;
 
 				snprintf(path, sizeof(path), "%s/%d/msr_safe", msr, cpus[1]);
 				fd = open(path, O_RDONLY);
-				if (fd >= 0 && pread(fd, &v, 8, 8 * 0x19A) == 8)
-					printf("seen iter=%ld value=%#llx\n", i, (unsigned long long)v);
+				if (fd >= 0 && pread(fd, &v, 8, 8 * 0x19A) == 8 &&
+				    pread(fd, &p, 8, 8 * 0x199) == 8)
+					printf("seen iter=%ld value=%#llx perf=%#llx\n", i,
+					       (unsigned long long)v, (unsigned long long)p);
 				if (fd >= 0)
 					close(fd);
 				fflush(stdout);

@@ -20,6 +20,8 @@ LIBNRM = os.path.join(REPO, "libnrm")
 PROBE = os.path.join(REPO, "tests", "libnrm", "inwait_probe.c")
 ORIGINAL = 0x1234500        # bits outside 4:0 set: they must survive
 THROTTLED = ORIGINAL | 0x11  # enable + level 1
+PERF_ORIGINAL = 0x100001A05  # IA32_PERF_CTL: ratio 0x1A, bits outside 15:8 set
+PERF_SLOWED = 0x100000805    # ratio 8 (NRM_INWAIT_PERF_CTL=0x0800)
 
 FLAVORS = [pytest.param(name, marks=pytest.mark.skipif(
     mpi.find(name) is None, reason=f"{name} not installed")) for name in ("mpich", "openmpi")]
@@ -43,20 +45,22 @@ def build(tmp_path_factory):
     return out
 
 
-def fake_msr(root, value=ORIGINAL):
-    """One regular file per cpu, 0x19A's slot at 8 x 0x19A (tests/fakehw.py's layout)."""
+def fake_msr(root, value=ORIGINAL, perf=PERF_ORIGINAL):
+    """One regular file per cpu, a register's slot at 8 x register (tests/fakehw.py's layout)."""
     for cpu in range(os.cpu_count()):
         os.makedirs(root / str(cpu), exist_ok=True)
         with open(root / str(cpu) / "msr_safe", "wb") as f:
             f.truncate(0x2000 * 8)
             f.seek(8 * 0x19A)
             f.write(struct.pack("<Q", value))
+            f.seek(8 * 0x199)
+            f.write(struct.pack("<Q", perf))
     return str(root)
 
 
-def msr(root, cpu):
+def msr(root, cpu, reg=0x19A):
     with open(os.path.join(root, str(cpu), "msr_safe"), "rb") as f:
-        f.seek(8 * 0x19A)
+        f.seek(8 * reg)
         return struct.unpack("<Q", f.read(8))[0]
 
 
@@ -79,8 +83,8 @@ def run(flavor, build, env, *args, bind="core", mca=()):
     return r.stdout, r.stderr
 
 
-def seen(stdout):
-    return [int(line.split("value=")[1], 16) for line in stdout.splitlines()
+def seen(stdout, field="value"):
+    return [int(line.split(f"{field}=")[1].split()[0], 16) for line in stdout.splitlines()
             if line.startswith("seen")]
 
 
@@ -100,6 +104,41 @@ def test_waiting_rank_core_throttled_and_restored(flavor, build, tmp_path):
     assert set(values) <= {ORIGINAL, THROTTLED}, [hex(v) for v in values]
     # every exit put the original back, on every cpu
     assert [msr(root, c) for c in range(os.cpu_count())] == [ORIGINAL] * os.cpu_count()
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_the_frequency_form_slows_the_waiting_core_and_leaves_its_duty_cycle(
+        flavor, build, tmp_path):
+    """DVFS's setting: level 16 (duty cycle unchanged) and a ratio. The
+    waiting rank's IA32_PERF_CTL holds ratio 8 inside its waits, bits
+    outside 15:8 kept, and its original after; 0x19A is never changed."""
+    root = fake_msr(tmp_path / "cpu")
+    out, err = run(flavor, build, {"NRM_INWAIT_DELAY": "500us", "NRM_INWAIT_MSR_DIR": root,
+                                   "NRM_INWAIT_LEVEL": "16", "NRM_INWAIT_PERF_CTL": "0x0800"},
+                   "-n", "8", "-u", "5000", "-m", root)
+    assert "nrm-pmpi" not in err, err
+    perf = seen(out, "perf")
+    assert len(perf) == 8 and perf[0] == PERF_ORIGINAL, out
+    assert perf.count(PERF_SLOWED) >= 3, [hex(v) for v in perf]
+    assert set(perf) <= {PERF_ORIGINAL, PERF_SLOWED}, [hex(v) for v in perf]
+    assert seen(out) == [ORIGINAL] * 8, out
+    n = os.cpu_count()
+    assert [msr(root, c, 0x199) for c in range(n)] == [PERF_ORIGINAL] * n
+    assert [msr(root, c) for c in range(n)] == [ORIGINAL] * n
+
+
+def test_the_combined_form_writes_both_registers(build, tmp_path):
+    """COMBINED's setting: level 1 and a ratio, both inside the same waits."""
+    if "mpich" not in build:
+        pytest.skip("MPICH not installed")
+    root = fake_msr(tmp_path / "cpu")
+    out, err = run("mpich", build, {"NRM_INWAIT_DELAY": "500us", "NRM_INWAIT_MSR_DIR": root,
+                                    "NRM_INWAIT_LEVEL": "1", "NRM_INWAIT_PERF_CTL": "0x0800"},
+                   "-n", "8", "-u", "5000", "-m", root)
+    assert "nrm-pmpi" not in err, err
+    both = list(zip(seen(out), seen(out, "perf")))
+    assert both.count((THROTTLED, PERF_SLOWED)) >= 3, both
+    assert msr(root, 1) == ORIGINAL and msr(root, 1, 0x199) == PERF_ORIGINAL
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
@@ -176,7 +215,11 @@ def test_emulated_counters(flavor, build, tmp_path):
 
 @pytest.mark.parametrize("env,message", [
     ({"NRM_INWAIT_DELAY": "soon"}, "invalid NRM_INWAIT_DELAY"),
-    ({"NRM_INWAIT_DELAY": "1ms", "NRM_INWAIT_LEVEL": "16"}, "NRM_INWAIT_LEVEL must be 1..15"),
+    ({"NRM_INWAIT_DELAY": "1ms", "NRM_INWAIT_LEVEL": "17"}, "NRM_INWAIT_LEVEL must be 1..16"),
+    ({"NRM_INWAIT_DELAY": "1ms", "NRM_INWAIT_COUNTERS": "/tmp", "NRM_INWAIT_PERF_CTL": "0x0801"},
+     "NRM_INWAIT_PERF_CTL must be a ratio in bits 15:8"),
+    ({"NRM_INWAIT_DELAY": "1ms", "NRM_INWAIT_MSR_DIR": "/tmp", "NRM_INWAIT_LEVEL": "16"},
+     "NRM_INWAIT_LEVEL=16 (duty cycle unchanged) without NRM_INWAIT_PERF_CTL"),
     ({"NRM_INWAIT_DELAY": "1ms"}, "neither NRM_INWAIT_MSR_DIR nor NRM_INWAIT_COUNTERS"),
     ({"NRM_INWAIT_DELAY": "1ms", "NRM_INWAIT_MSR_DIR": "/nonexistent"},
      "no writable msr_safe for this process's cpus under: /nonexistent"),

@@ -7,9 +7,9 @@ restores.
   spins for most of the run, so COUNTDOWN bills less power than NONE; a
   balanced program hardly waits, so both bill the same within the model.
 * Hardware path (the linux backend on a fake tree with msr_safe files):
-  the waiting rank writes level 1 into its cpu's IA32_CLOCK_MODULATION,
-  and when the container is killed while it waits throttled, nrmd puts the
-  original back.
+  the waiting rank writes level 1 into its cpu's IA32_CLOCK_MODULATION
+  (DVFS: the lowest ratio into its IA32_PERF_CTL), and when the container
+  is killed while it waits throttled, nrmd puts the original back.
 
 The energy compared is the dynamic package energy per second of the
 container's cpu time: it does not depend on how long the loaded machine
@@ -35,6 +35,8 @@ pytestmark = [pytest.mark.mpi,
 PROBE = os.path.join(REPO, "tests", "libnrm", "inwait_probe.c")
 PMPI = os.path.join(REPO, "libnrm", "build", mpi.MPICH.pmpi)
 ORIGINAL = 0x1234500   # bits outside 4:0 set, modulation off
+PERF_ORIGINAL = 0x100001805       # IA32_PERF_CTL: ratio 24, bits outside 15:8 set
+PERF_SLOWED = 0x100000C05         # ratio 12: the fake node's 1.2 GHz cpuinfo_min_freq
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,22 @@ def test_countdown_bills_the_waiting_rank_at_level_1(daemon, imbalance, tmp_path
 
 
 @needs_root()
+def test_dvfs_bills_the_waiting_rank_at_the_lowest_frequency(daemon, imbalance, tmp_path):
+    """DVFS's compute slowing is bounded by its slowdown budget; its waits
+    drop to the lowest frequency (1.0 of 2.4 GHz: 10.4 % of a busy core's
+    power in the model), so the waiting rank's spin is billed far below
+    NONE's."""
+    argv = _imbalance_argv(imbalance, -0.75)
+    none = _profile(daemon, tmp_path, "NONE", argv)
+    dvfs = _profile(daemon, tmp_path, "DVFS", argv)
+    iw = dvfs["inwait"]
+    assert iw["backend"] == "counters" and iw["level"] == 16 and iw["frequency"] == "lowest"
+    assert iw["throttled_waits"] > 50, iw
+    assert 0 < iw["throttled_cpu_s"] <= iw["throttled_wall_s"] * 1.05, iw
+    assert _rate(dvfs) < 0.9 * _rate(none), (_rate(none), _rate(dvfs), iw)
+
+
+@needs_root()
 def test_countdown_bills_only_the_throttled_waits(daemon, imbalance, tmp_path):
     """Equal work on both ranks: COUNTDOWN's bill differs from NONE's by the
     throttled waits the ranks reported, at the model's price, and by
@@ -132,7 +150,7 @@ def test_countdown_bills_only_the_throttled_waits(daemon, imbalance, tmp_path):
 @needs_root()
 def test_only_nrmd_tells_a_rank_to_throttle(daemon, tmp_path):
     manifest = tmp_path / "m.yml"
-    for policy, expected in (("COUNTDOWN", True), ("NONE", False), ("DVFS", False)):
+    for policy, expected in (("COUNTDOWN", True), ("NONE", False), ("DVFS", True)):
         manifest.write_text(f"name: env\napp:\n  slice: {{cpus: 1, mems: 1}}\n"
                             f"  power: {{policy: {policy}}}\n")
         r = daemon.cli("run", str(manifest), "env",
@@ -142,26 +160,30 @@ def test_only_nrmd_tells_a_rank_to_throttle(daemon, tmp_path):
         assert "NRM_INWAIT_MSR_DIR" not in env             # the client's own is dropped
         assert ("NRM_INWAIT_COUNTERS" in env) == expected, (policy, env)
         if expected:
-            assert env["NRM_INWAIT_DELAY"] == "500000ns" and env["NRM_INWAIT_LEVEL"] == "1"
+            assert env["NRM_INWAIT_DELAY"] == "500000ns"
+            # DVFS keeps the duty cycle (level 16): its frequency is
+            # billed by the platform
+            assert env["NRM_INWAIT_LEVEL"] == ("1" if policy == "COUNTDOWN" else "16"), env
+            assert "NRM_INWAIT_PERF_CTL" not in env, env    # no register on this node
             # the directory goes with the container
             assert not os.path.exists(env["NRM_INWAIT_COUNTERS"])
 
 
-def _msr(node, cpu):
+def _msr(node, cpu, reg=0x19A):
     with open(os.path.join(node.root, "dev/cpu", str(cpu), "msr_safe"), "rb") as f:
-        f.seek(8 * 0x19A)
+        f.seek(8 * reg)
         return struct.unpack("<Q", f.read(8))[0]
 
 
 def _seen(out):
     """What rank 0 read from the waiting rank's register before each barrier."""
-    return [int(line.split("value=")[1], 16) for line in out.read_text().splitlines()
+    return [int(line.split("value=")[1].split()[0], 16) for line in out.read_text().splitlines()
             if line.startswith("seen")]
 
 
-def _set_msr(node, cpu, value):
+def _set_msr(node, cpu, value, reg=0x19A):
     with open(os.path.join(node.root, "dev/cpu", str(cpu), "msr_safe"), "r+b") as f:
-        f.seek(8 * 0x19A)
+        f.seek(8 * reg)
         f.write(struct.pack("<Q", value))
 
 
@@ -220,13 +242,17 @@ def _stop(d, procs):
     assert d.stop() == 0, d.log()
 
 
-def _linux_daemon(tmp_path):
+def _linux_daemon(tmp_path, hwp=False):
     """A real nrmd on the linux backend over a fake tree whose cpus all
-    hold ORIGINAL in IA32_CLOCK_MODULATION."""
+    hold ORIGINAL in IA32_CLOCK_MODULATION and PERF_ORIGINAL in
+    IA32_PERF_CTL (``hwp``: hardware P-states on)."""
     ncpus = os.cpu_count()
     node = FakeNode(tmp_path / "hw", packages=1, cores=ncpus, msr_safe=True)
     for c in range(ncpus):
         _set_msr(node, c, ORIGINAL)
+        _set_msr(node, c, PERF_ORIGINAL, 0x199)
+        if hwp:
+            _set_msr(node, c, 1, 0x770)
     d = DaemonProcess("--hw", "linux", "--hw-root", node.root, "--sensor-period", "0.2",
                       "--pmpi-lib", PMPI).start()
     return node, d
@@ -327,5 +353,97 @@ def test_containers_sharing_cpus_restore_when_the_last_one_ends(tmp_path):
         assert d.cli("kill", "second").returncode == 0
         wait_for(lambda: all(_msr(node, c) == ORIGINAL for c in shared), timeout=30)
         assert not _status(d)["saved_controls"].get("cpu.duty_cycle")
+    finally:
+        _stop(d, procs)
+
+
+def _env_of(d, tmp_path, policy):
+    """The environment a task of a one-cpu ``policy`` container runs with."""
+    manifest = tmp_path / f"{policy}.yml"
+    manifest.write_text(f"name: f\napp:\n  slice: {{cpus: 1, mems: 1}}\n"
+                        f"  power: {{policy: {policy}}}\n")
+    r = d.cli("run", str(manifest), "env")
+    assert r.returncode == 0, r.stderr
+    return dict(line.split("=", 1) for line in r.stdout.decode().splitlines() if "=" in line)
+
+
+def test_dvfs_and_combined_ranks_get_the_frequency_form(tmp_path):
+    """On msr-safe hardware DVFS's ranks drop IA32_PERF_CTL to the lowest
+    ratio (cpuinfo_min_freq 1.2 GHz: 0x0c00) and leave the duty cycle
+    (level 16, no bits for 0x19A); COMBINED's do both. nrmd claims only
+    what the setting writes, and the container's end gives it back."""
+    node, d = _linux_daemon(tmp_path)
+    try:
+        env = _env_of(d, tmp_path, "DVFS")
+        assert env["NRM_INWAIT_LEVEL"] == "16" and env["NRM_INWAIT_PERF_CTL"] == "0x0c00", env
+        assert env["NRM_INWAIT_MSR_DIR"] == os.path.join(node.root, "dev/cpu")
+        assert "NRM_INWAIT_MSR_BITS" not in env and "NRM_INWAIT_COUNTERS" not in env, env
+        env = _env_of(d, tmp_path, "COMBINED")
+        assert (env["NRM_INWAIT_LEVEL"], env["NRM_INWAIT_MSR_BITS"],
+                env["NRM_INWAIT_PERF_CTL"]) == ("1", "0x11", "0x0c00"), env
+        env = _env_of(d, tmp_path, "COUNTDOWN")
+        assert "NRM_INWAIT_PERF_CTL" not in env and env["NRM_INWAIT_LEVEL"] == "1", env
+        wait_for(lambda: not _status(d)["saved_controls"], timeout=30)
+        assert "drops the frequency" not in d.log()
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_with_hwp_on_dvfs_does_not_throttle_in_waits(tmp_path):
+    """Hardware P-states on: IA32_PERF_CTL is ignored, so DVFS gets no
+    in-wait throttling (one warning), while COUNTDOWN still gets its duty
+    cycle."""
+    node, d = _linux_daemon(tmp_path, hwp=True)
+    try:
+        env = _env_of(d, tmp_path, "DVFS")
+        assert not any(k.startswith("NRM_INWAIT_") for k in env), env
+        assert "drops the frequency in waits, and IA32_PERF_CTL is not writable here: " \
+            "hardware P-states (HWP) on" in d.log()
+        env = _env_of(d, tmp_path, "COUNTDOWN")
+        assert env["NRM_INWAIT_MSR_BITS"] == "0x11", env
+        assert all(_msr(node, c, 0x199) == PERF_ORIGINAL for c in range(os.cpu_count()))
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+@needs_root()
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cpus")
+def test_dvfs_ranks_slow_the_waiting_core_and_nrmd_restores_it(probe, tmp_path):
+    """A DVFS container's waiting rank holds its core at the lowest ratio
+    in its waits (0x19A untouched); killed there, nrmd puts IA32_PERF_CTL
+    back at once while the container lives on, and again at its end."""
+    node, d = _linux_daemon(tmp_path)
+    procs = []
+    try:
+        manifest = tmp_path / "dvfs.yml"
+        manifest.write_text("name: reused\napp:\n  slice: {cpus: 2, mems: 1}\n  hwbind: true\n"
+                            "  power: {policy: DVFS}\n")
+        procs.append(d.popen_cli("run", "-c", "reused", str(manifest), "sleep", "600",
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for(lambda: _tasks(d, "reused"), timeout=30)
+        assert set(_status(d)["saved_controls"]) == {"cpu.perf_ctl"}, _status(d)
+        out = tmp_path / "out.txt"
+        with open(out, "w") as f:
+            procs.append(d.popen_cli(
+                "run", "-c", "reused", str(manifest), mpi.MPICH.mpiexec, "-n", "2",
+                "-bind-to", "core", probe, "-n", "10", "-u", "5000", "-f", "120",
+                "-m", os.path.join(node.root, "dev/cpu"), stdout=f, stderr=subprocess.STDOUT))
+        wait_for(lambda: "waiter cpu=" in out.read_text(), timeout=60)
+        waiter = int(out.read_text().split("waiter cpu=")[1].split()[0])
+        wait_for(lambda: _msr(node, waiter, 0x199) == PERF_SLOWED, timeout=60)
+        wait_for(lambda: len(_seen(out)) == 10, timeout=60)
+        assert set(_seen(out)) == {ORIGINAL}, out.read_text()         # the duty cycle stays
+        assert "nrm-pmpi" not in out.read_text(), out.read_text()
+        for pid in _pids_of(probe):
+            os.kill(pid, 9)
+        procs[1].wait(timeout=60)
+        assert len(_tasks(d, "reused")) == 1
+        wait_for(lambda: _msr(node, waiter, 0x199) == PERF_ORIGINAL, timeout=30)
+        assert _status(d)["saved_controls"]["cpu.perf_ctl"], _status(d)
+        _set_msr(node, waiter, PERF_SLOWED, 0x199)       # slowed again when the container ends
+        assert d.cli("kill", "reused").returncode == 0
+        wait_for(lambda: _msr(node, waiter, 0x199) == PERF_ORIGINAL, timeout=30)
+        assert not _status(d)["saved_controls"].get("cpu.perf_ctl")
+        assert all(_msr(node, c) == ORIGINAL for c in range(os.cpu_count()))
     finally:
         _stop(d, procs)

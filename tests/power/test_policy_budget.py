@@ -101,7 +101,8 @@ def _expected_cost(setting, need, risk):
 @pytest.mark.parametrize("floor", [0.0, 0.8])
 def test_combined_never_costs_more_than_either_knob_as_run(need, rate, floor):
     # Each policy as the daemon runs it: DDCM and COMBINED with their waits throttled
-    # (inwait.for_policy), DVFS without; the same budget floor and rate.
+    # (inwait.for_policy), DVFS's at level 16 (the cost model prices levels only:
+    # as without); the same budget floor and rate.
     with_wait = Risk(floor=floor, rate=rate, window=2, lateness=lateness_power(2, 1, 16),
                      wait_level=1)
     without = Risk(floor=floor, rate=rate, window=2, lateness=lateness_power(2, None, 16))
@@ -194,7 +195,10 @@ def test_countdown_makes_no_compute_decision():
     assert policy.wait_throttle == inwait.WaitThrottle()
     seen = _run(policy, lambda _: {0: 1.0, 1: 0.3}, 20)
     assert all(s == {0: (None, 16), 1: (None, 16)} for s in seen)
-    assert ContainerPolicy("DVFS", [0], frequencies=GRID).wait_throttle is None
+    # DVFS's waits drop the frequency, in its own knob; the duty cycle stays
+    assert ContainerPolicy("DVFS", [0], frequencies=GRID).wait_throttle \
+        == inwait.WaitThrottle(level=16, frequency=inwait.LOWEST)
+    assert ContainerPolicy("NONE", [0]).wait_throttle is None
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,4 +1,5 @@
-"""The real node: powercap or MSR RAPL, MSR clock modulation, cpufreq, hwmon.
+"""The real node: powercap or MSR RAPL, MSR clock modulation and PERF_CTL,
+cpufreq, hwmon.
 
 Every path is taken under ``root`` so the whole backend runs unchanged
 against a fake tree in tests. Each facility is optional: what is missing
@@ -17,12 +18,13 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from nrm.hw.linux import cpufreq
 from nrm.hw.linux.energy import WrappingCounter
 from nrm.hw.linux.hwmon import Hwmon
-from nrm.hw.linux.msr import (IA32_CLOCK_MODULATION, MSR_DRAM_ENERGY_STATUS,
-                              MSR_PKG_ENERGY_STATUS, ClockModulation, MsrAccess, MsrRapl,
+from nrm.hw.linux.msr import (BUS_HZ, IA32_CLOCK_MODULATION, IA32_PERF_CTL,
+                              MSR_DRAM_ENERGY_STATUS, MSR_PKG_ENERGY_STATUS, ClockModulation,
+                              MsrAccess, MsrRapl, PerfCtl, allowlist_refuses,
                               allowlist_refuses_clock_modulation, detect_extended_modulation,
-                              msr_safe_path, writable_by)
+                              hwp_enabled, msr_safe_path, writable_by)
 from nrm.hw.linux.powercap import Powercap, PowercapLimit
-from nrm.hw.linux.sysfs import AttrFile
+from nrm.hw.linux.sysfs import AttrFile, try_read_text
 from nrm.hw.registry import (ControlInfo, HardwareError, Platform, Sample, SignalInfo,
                              node_power, package_entry)
 from nrm.hw.topology import read_topology
@@ -93,6 +95,7 @@ class LinuxPlatform(Platform):
         else:
             self._reasons.append("no cpufreq under sys/devices/system/cpu/cpuN/cpufreq: "
                                  "no DVFS")
+        self._setup_perf_ctl()
         self._hwmon = Hwmon(root, topo)
         if not self._hwmon.package_paths and not self._hwmon.core_paths:
             self._reasons.append("no coretemp/k10temp hwmon device: no temperatures")
@@ -191,6 +194,49 @@ class LinuxPlatform(Platform):
         self._clockmod_cpus = cpus
         self._paths.setdefault("msr", self._msr.path(cpus[0]))
 
+    def _setup_perf_ctl(self) -> None:
+        """IA32_PERF_CTL's target ratio, for the frequency form of in-wait
+        throttling: Intel cores (ratio in 100 MHz units) with cpufreq (for
+        the lowest ratio: ``cpuinfo_min_freq``) and hardware P-states off
+        (with HWP on the core ignores IA32_PERF_CTL). When IA32_PM_ENABLE
+        cannot be read, HWP is taken to be off."""
+        self._perf: Optional[PerfCtl] = None
+        self._perf_lowest: Dict[int, int] = {}
+        self._perf_why: Optional[str] = None
+        cpus = [c for c in sorted(self._cpufreq) if self._msr.exists(c)]
+        info = try_read_text(os.path.join(self.root, "proc/cpuinfo"), "") or ""
+        if not cpus:
+            self._perf_why = "no cpu with both an MSR device and cpufreq"
+        elif "GenuineIntel" not in info:
+            self._perf_why = "IA32_PERF_CTL's ratio is an Intel register (vendor_id not " \
+                             "GenuineIntel in proc/cpuinfo)"
+        else:
+            try:
+                self._msr.read(cpus[0], IA32_PERF_CTL)
+                if hwp_enabled(self._msr, cpus[0]):
+                    self._perf_why = ("hardware P-states (HWP) on: IA32_PM_ENABLE (0x770) "
+                                      "bit 0 set, so the core ignores IA32_PERF_CTL")
+            except HardwareError as e:
+                self._perf_why = f"IA32_PERF_CTL unreadable: {e}"
+        if self._perf_why is None:
+            highest = []
+            for c in cpus:
+                lo = try_read_text(os.path.join(self._cpufreq[c].path, "cpuinfo_min_freq"))
+                hi = try_read_text(os.path.join(self._cpufreq[c].path, "cpuinfo_max_freq"))
+                if not (lo and hi and lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi)):
+                    continue
+                # ratio units: the lowest rounded up, the highest down (a
+                # max of base + 1 MHz is acpi-cpufreq's turbo marker)
+                self._perf_lowest[c] = min(255, -(-int(lo) * 1000 // int(BUS_HZ)))
+                highest.append(min(255, int(hi) * 1000 // int(BUS_HZ)))
+            if not self._perf_lowest:
+                self._perf_why = "no cpuinfo_min_freq/cpuinfo_max_freq under cpufreq"
+            else:
+                self._perf = PerfCtl(self._msr, min(self._perf_lowest.values()), max(highest))
+        if self._perf_why is not None:
+            self._reasons.append(f"no IA32_PERF_CTL control (in-wait frequency): "
+                                 f"{self._perf_why}")
+
     def _build_tables(self) -> None:
         pkgs = tuple(sorted(self._pkg_counters))
         S, C = SignalInfo, ControlInfo
@@ -219,6 +265,13 @@ class LinuxPlatform(Platform):
             sig.append(S("cpu.duty_cycle", "cpu", "level", "average", desc, cpus))
             ctl.append(C("cpu.duty_cycle", "cpu", "level", "average",
                          desc + "; rounded up to a supported level", cpus, 1.0, 16.0))
+        if self._perf is not None:
+            pcpus = tuple(sorted(self._perf_lowest))
+            desc = (f"IA32_PERF_CTL target ratio (bits 15:8, x {BUS_HZ / 1e6:.0f} MHz), MSR "
+                    f"0x199; written by ranks in MPI waits (in-wait frequency)")
+            sig.append(S("cpu.perf_ctl", "cpu", "ratio", "average", desc, pcpus))
+            ctl.append(C("cpu.perf_ctl", "cpu", "ratio", "average", desc, pcpus,
+                         float(self._perf.lowest), float(self._perf.highest)))
         if self._cpufreq:
             fcpus = tuple(sorted(self._cpufreq))
             allf = [f for c in self._cpufreq.values() for f in c.available]
@@ -270,6 +323,8 @@ class LinuxPlatform(Platform):
             return self._clockmod.read(index)
         if name == "cpu.frequency":
             return self._cpufreq[index].read()
+        if name == "cpu.perf_ctl":
+            return self._perf.read(index)
         if name == "package.power_limit":
             if self._limit_pc:
                 return self._limit_pc[index].read()
@@ -281,6 +336,8 @@ class LinuxPlatform(Platform):
             return self._clockmod.write(index, value)
         if name == "cpu.frequency":
             return self._cpufreq[index].write(value)
+        if name == "cpu.perf_ctl":
+            return self._perf.write(index, value)
         if name == "package.power_limit":
             if value <= 0:
                 raise HardwareError(f"package.power_limit[{index}]: {value} W must be positive")
@@ -294,6 +351,8 @@ class LinuxPlatform(Platform):
             return self._clockmod.snapshot(index)
         if name == "cpu.frequency":
             return self._cpufreq[index].snapshot()
+        if name == "cpu.perf_ctl":
+            return self._perf.snapshot(index)
         if name == "package.power_limit":
             if self._limit_pc:
                 return self._limit_pc[index].snapshot()
@@ -304,7 +363,10 @@ class LinuxPlatform(Platform):
         """Clock modulation is claimed for ranks that throttle in waits: a
         register found modulated may be an adopted rank's throttle (or one a
         killed rank left), never an original to put back, so the
-        unmodulated value stands in for it."""
+        unmodulated value stands in for it. IA32_PERF_CTL has no such
+        neutral value (the cpufreq driver's own choice may be any ratio,
+        the lowest when idle), so it is claimed as found: before the ranks
+        run, or from the journal of a previous nrmd (``claim``)."""
         raw = self._snapshot(name, index)
         if name == "cpu.duty_cycle" and int(raw) & 0x10:
             clean = int(raw) & ~0x1F
@@ -319,6 +381,8 @@ class LinuxPlatform(Platform):
             self._clockmod.put_back(index, original)
         elif name == "cpu.frequency":
             self._cpufreq[index].put_back(original)
+        elif name == "cpu.perf_ctl":
+            self._perf.put_back(index, original)
         elif name == "package.power_limit":
             if self._limit_pc:
                 self._limit_pc[index].put_back(original)
@@ -359,25 +423,44 @@ class LinuxPlatform(Platform):
         return list(c.available) if c else []
 
     def wait_throttle_target(self) -> Optional[Dict[str, Any]]:
-        """msr-safe devices the ranks can write clock modulation through, if any.
+        """msr-safe devices the ranks can write clock modulation (0x19A) and
+        the target ratio (0x199) through, if any.
 
-        The raw msr device is never handed out (it lets its user write any
-        register); msr-safe enforces an allowlist. Whether a given user may
-        write it is checked per container (``msr.writable_by``).
+        ``bits``: level -> bits 4:0 of 0x19A ({} when the allowlist refuses
+        them); ``perf_ctl``: ``{"lowest": {cpu: ratio}, "highest": ratio,
+        "bus_hz": the ratio's unit}``
+        when the ranks may drop the frequency in waits (0x199 bits 15:8 in
+        the allowlist when it is readable, HWP off), else None and
+        ``perf_ctl_why`` says why. The raw msr device is never handed out
+        (it lets its user write any register); msr-safe enforces an
+        allowlist. Whether a given user may write it is checked per
+        container (``msr.writable_by``).
         """
-        if self._clockmod is None:
-            return None
-        cpus = [c for c in self._clockmod_cpus if os.path.exists(msr_safe_path(self.root, c))]
+        cpus = [c.id for c in self.topology.cpus
+                if os.path.exists(msr_safe_path(self.root, c.id))]
         if not cpus:
             return None
-        why = allowlist_refuses_clock_modulation(self.root)
-        if why:
-            rl_log.warning("in-wait throttling unavailable: %s", why)
+        bits: Dict[int, int] = {}
+        if self._clockmod is not None:
+            why = allowlist_refuses_clock_modulation(self.root)
+            if why:
+                rl_log.warning("in-wait throttling of the duty cycle unavailable: %s", why)
+            else:
+                bits = {lv: 0x10 | q for lv in range(1, 16)
+                        if (q := self._clockmod.quantize(lv)) < 16}
+        perf, perf_why = None, self._perf_why
+        if self._perf is not None:
+            perf_why = allowlist_refuses(self.root, IA32_PERF_CTL, PerfCtl.MASK)
+            if perf_why is None:
+                perf = {"lowest": dict(self._perf_lowest), "highest": self._perf.highest,
+                        "bus_hz": BUS_HZ}
+        if not bits and perf is None:
+            rl_log.warning("in-wait throttling unavailable: no duty cycle, and no "
+                           "frequency: %s", perf_why)
             return None
         return {"kind": "msr", "dir": os.path.join(self.root, "dev/cpu"), "cpus": cpus,
-                "levels": self.duty_cycle_levels,
-                "bits": {lv: 0x10 | q for lv in range(1, 16)
-                         if (q := self._clockmod.quantize(lv)) < 16}}
+                "levels": self.duty_cycle_levels, "bits": bits, "perf_ctl": perf,
+                "perf_ctl_why": perf_why}
 
     def wait_throttle_denied(self, cpus: Iterable[int], uid: int) -> List[int]:
         """Cpus whose msr_safe device a process of ``uid`` (with its groups)

@@ -1,12 +1,13 @@
-"""Model-specific registers: RAPL fallback, PL1 and clock modulation.
+"""Model-specific registers: RAPL fallback, PL1, clock modulation, PERF_CTL.
 
 Access goes through ``/dev/cpu/N/msr_safe`` when present (LLNL msr-safe,
 which enforces its own allowlist) and ``/dev/cpu/N/msr`` otherwise, with
 8-byte little-endian pread/pwrite at offset = register. The raw msr device
 lets root write any bit of any register, so nrm keeps its own allowlist:
-reads of the registers it uses, and writes only to 0x19A (bits 4:0) and
-0x610 (the PL1 fields, bits 23:0). A write that would change any other bit
-is refused and logged, whatever the caller asks.
+reads of the registers it uses, and writes only to 0x19A (bits 4:0),
+0x199 (the target ratio, bits 15:8) and 0x610 (the PL1 fields, bits
+23:0). A write that would change any other bit is refused and logged,
+whatever the caller asks.
 
 A regular file in place of the device (a fake tree in tests) holds one
 8-byte slot per register, at offset 8 x register: with the device's byte
@@ -38,7 +39,9 @@ MSR_PKG_ENERGY_STATUS = 0x611
 MSR_PKG_POWER_INFO = 0x614
 MSR_DRAM_ENERGY_STATUS = 0x619
 MSR_PP0_ENERGY_STATUS = 0x639
+IA32_PERF_CTL = 0x199
 IA32_CLOCK_MODULATION = 0x19A
+IA32_PM_ENABLE = 0x770
 IA32_THERM_STATUS = 0x19C
 MSR_TEMPERATURE_TARGET = 0x1A2
 IA32_PACKAGE_THERM_STATUS = 0x1B1
@@ -46,10 +49,11 @@ IA32_PACKAGE_THERM_STATUS = 0x1B1
 READABLE = frozenset({
     MSR_RAPL_POWER_UNIT, MSR_PKG_POWER_LIMIT, MSR_PKG_ENERGY_STATUS, MSR_PKG_POWER_INFO,
     MSR_DRAM_ENERGY_STATUS, MSR_PP0_ENERGY_STATUS, IA32_CLOCK_MODULATION, IA32_THERM_STATUS,
-    MSR_TEMPERATURE_TARGET, IA32_PACKAGE_THERM_STATUS,
+    MSR_TEMPERATURE_TARGET, IA32_PACKAGE_THERM_STATUS, IA32_PERF_CTL, IA32_PM_ENABLE,
 })
 WRITE_MASKS = {
     IA32_CLOCK_MODULATION: 0x1F,        # enable bit 4, level bits 3:0
+    IA32_PERF_CTL: 0xFF00,              # target ratio bits 15:8
     MSR_PKG_POWER_LIMIT: 0x00FFFFFF,    # PL1: power 14:0, enable 15, clamp 16, window 23:17
 }
 
@@ -288,6 +292,53 @@ class ClockModulation:
         self.msr.write(cpu, IA32_CLOCK_MODULATION, (cur & ~0x1F) | (int(original) & 0x1F))
 
 
+class PerfCtl:
+    """IA32_PERF_CTL's target ratio (bits 15:8): the P-state a core asks
+    for, in units of the bus clock (``BUS_HZ``).
+
+    The ranks write it inside MPI waits (the frequency form of in-wait
+    throttling); nrm writes it only to put an original back. The cpufreq
+    driver writes it too (acpi-cpufreq, intel_pstate without HWP); with
+    HWP on (IA32_PM_ENABLE bit 0) the core ignores it.
+    """
+
+    MASK = 0xFF00
+
+    def __init__(self, msr: MsrAccess, lowest: int, highest: int):
+        self.msr = msr
+        self.lowest = lowest
+        self.highest = highest
+
+    def read(self, cpu: int) -> int:
+        return (self.msr.read(cpu, IA32_PERF_CTL) >> 8) & 0xFF
+
+    def snapshot(self, cpu: int) -> int:
+        return self.msr.read(cpu, IA32_PERF_CTL)
+
+    def write(self, cpu: int, ratio: float) -> int:
+        r = int(min(self.highest, max(self.lowest, math.ceil(ratio - 1e-9))))
+        cur = self.msr.read(cpu, IA32_PERF_CTL)
+        self.msr.write(cpu, IA32_PERF_CTL, (cur & ~self.MASK) | (r << 8))
+        return r
+
+    def put_back(self, cpu: int, original: int) -> None:
+        cur = self.msr.read(cpu, IA32_PERF_CTL)
+        self.msr.write(cpu, IA32_PERF_CTL, (cur & ~self.MASK) | (int(original) & self.MASK))
+
+
+#: the ratio unit of IA32_PERF_CTL on Intel cores since Sandy Bridge
+BUS_HZ = 100e6
+
+
+def hwp_enabled(msr: MsrAccess, cpu: int) -> Optional[bool]:
+    """IA32_PM_ENABLE bit 0 (hardware P-states on: IA32_PERF_CTL is
+    ignored), or None when the register cannot be read."""
+    try:
+        return bool(msr.read(cpu, IA32_PM_ENABLE) & 1)
+    except HardwareError:
+        return None
+
+
 def msr_safe_path(root: str, cpu: int) -> str:
     return os.path.join(root, "dev/cpu", str(cpu), "msr_safe")
 
@@ -323,6 +374,12 @@ def allowlist_refuses_clock_modulation(root: str) -> Optional[str]:
     None also when no allowlist can be read (it is often root-only): the
     interposer then tests a write of the value it read before relying on it.
     """
+    return allowlist_refuses(root, IA32_CLOCK_MODULATION, 0x1F)
+
+
+def allowlist_refuses(root: str, reg: int, bits: int) -> Optional[str]:
+    """Why msr-safe's allowlist would refuse writes of ``bits`` of ``reg``,
+    or None (also when no allowlist can be read)."""
     for name in ("msr_allowlist", "msr_whitelist"):
         path = os.path.join(root, "dev/cpu", name)
         text = try_read_text(path)
@@ -333,12 +390,14 @@ def allowlist_refuses_clock_modulation(root: str) -> Optional[str]:
             if len(words) < 2:
                 continue
             try:
-                reg, mask = int(words[0], 16), int(words[1], 16)
+                mask = int(words[1], 16)
+                int(words[0], 16)
             except ValueError:
                 continue
-            if reg == IA32_CLOCK_MODULATION:
-                if mask & 0x1F == 0x1F:
+            if int(words[0], 16) == reg:
+                if mask & bits == bits:
                     return None
-                return f"{path} allows MSR 0x19A with write mask {mask:#x}, not 0x1f"
-        return f"{path} does not list MSR 0x19A (add '0x0000019A 0x000000000000001F')"
+                return (f"{path} allows MSR {reg:#x} with write mask {mask:#x}, "
+                        f"not {bits:#x}")
+        return f"{path} does not list MSR {reg:#x} (add '{reg:#010x} {bits:#018x}')"
     return None
