@@ -19,38 +19,45 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
+import signal
 import socket
 from typing import List, Optional
 
 _daemon = None
+_rundir: Optional[str] = None      # where maybe_start found no nrmd
+_previous_sigterm = None
 
 
-#: pilot options that take no value
-_FLAGS = frozenset({"--json", "--system-core", "--show-progress", "--disable-nl",
-                    "--disable-pub"})
-#: options after which the pilot serves an API or refuses to run: not a
-#: request file's short run
-_SERVES = ("--net", "--api-socket", "--governor", "--parent", "--slurm-", "--enable-")
+#: nrm's global options that take a value (nrm/cli/main.py)
+GLOBAL_VALUED = frozenset({"--runtime-dir", "--timeout", "--uri", "--server-key", "--key"})
+#: nrm pilot's options that take a value, and those that take none, that
+#: a plain run may carry (nrm/cli/pilot.py; a test keeps both in step)
+PILOT_VALUED = frozenset({"--gantt", "--progress", "--file-path", "--file", "--wd", "--nodes",
+                          "--resources", "--envschema", "--report-format", "--report-file",
+                          "--log", "--nl-init-timeout", "--resume"})
+PILOT_FLAGS = frozenset({"--json", "--system-core", "--show-progress", "--disable-nl",
+                         "--disable-pub"})
 
 
 def _options(words: List[str]) -> Optional[dict]:
     """``nrm``'s argv -> the options that decide, or None when it is not a
-    plain ``nrm pilot`` run."""
+    plain ``nrm pilot`` run. Any option not named in full here (an
+    abbreviation argparse would expand, one that serves an API or that the
+    pilot refuses) means None: decided later, as without this module."""
     seen: dict = {}
     verb = None
     it = iter(words)
     for word in it:
         name, eq, value = word.partition("=")
-        if word in ("-h", "--help", "--version"):
-            return None
         if not word.startswith("-"):
             if verb is not None or word != "pilot":
                 return None         # another verb, an action (status, report)
             verb = word
-        elif verb is not None and name.startswith(_SERVES):
-            return None
-        elif verb is None or name not in _FLAGS:
+        elif verb is None and name in GLOBAL_VALUED or verb and name in PILOT_VALUED:
             seen[name] = value if eq else next(it, "")
+        elif not (verb and name in PILOT_FLAGS and not eq):
+            return None
     return seen if verb == "pilot" else None
 
 
@@ -70,7 +77,7 @@ def _accepts(rundir: str) -> bool:
 
 def maybe_start(words: List[str]) -> None:
     """Start the private nrmd now if the pilot will surely want one."""
-    global _daemon
+    global _daemon, _rundir, _previous_sigterm
     opts = _options(words)
     if opts is None or "--uri" in opts or os.environ.get("NRM_URI"):
         return
@@ -82,27 +89,53 @@ def maybe_start(words: List[str]) -> None:
     if "--resume" not in opts and not os.path.isfile(path):
         return                      # the pilot fails on it before it needs nrmd
     from nrm import paths
-    if _accepts(paths.runtime_dir(opts.get("--runtime-dir") or None)):
+    rundir = paths.runtime_dir(opts.get("--runtime-dir") or None)
+    if _accepts(rundir):
         return
     from nrm.tools.localnrmd import LocalNrmd
     try:
         _daemon = LocalNrmd(log_level="warning", prefix="nrm-pilot-").spawn()
     except OSError:
         return                      # started later, where its failure is reported
-    atexit.register(_stop_untaken)
+    _rundir = rundir
+    atexit.register(discard)
+    # a SIGTERM before the pilot takes it must not leave it behind
+    _previous_sigterm = signal.signal(signal.SIGTERM, _terminated)
 
 
-def take():
-    """The daemon started early (its readiness not yet waited for), or None."""
-    global _daemon
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)      # atexit stops the daemon
+
+
+def take(rundir: str):
+    """The daemon started early (its readiness not yet waited for), when
+    the pilot's own look found no nrmd in the same ``rundir`` this module
+    looked in; else None (and a daemon started here is discarded)."""
+    global _daemon, _previous_sigterm
+    if _daemon is None:
+        return None
+    if rundir != _rundir:
+        discard()
+        return None
     daemon, _daemon = _daemon, None
+    if _previous_sigterm is not None:
+        signal.signal(signal.SIGTERM, _previous_sigterm)
+        _previous_sigterm = None
     return daemon
 
 
-def _stop_untaken() -> None:
-    daemon = take()
-    if daemon is not None:
-        try:
-            daemon.stop()
-        except Exception:       # exiting anyway: never a traceback for this
-            pass
+def discard() -> None:
+    """Stop a daemon started here that the pilot did not take, and remove
+    its runtime dir (it ran nothing)."""
+    global _daemon, _previous_sigterm
+    daemon, _daemon = _daemon, None
+    if _previous_sigterm is not None:
+        signal.signal(signal.SIGTERM, _previous_sigterm)
+        _previous_sigterm = None
+    if daemon is None:
+        return
+    try:
+        daemon.stop()
+    except Exception:       # exiting anyway: never a traceback for this
+        pass
+    shutil.rmtree(daemon.rundir, ignore_errors=True)

@@ -17,6 +17,7 @@ import sys
 import uuid
 
 from nrm.cli import early
+from nrm import paths
 from nrm.client import AsyncClient, NrmError
 from nrm.pilot import jobfile, journal, netapi, slurmres
 from nrm.pilot.attempts import Attempts
@@ -233,16 +234,21 @@ def execute(args) -> int:
     daemon = None
     try:
         runtime_dir = args.runtime_dir
-        daemon = None if across else early.take()     # booting since the process began
+        if across or args.uri:
+            early.discard()
+        else:       # booting since the process began, when none accepted there
+            daemon = early.take(paths.runtime_dir(args.runtime_dir))
         if daemon is not None:
             daemon.wait_ready(10.0)
+            log.info("no nrmd accepts a connection: started a private one in %s",
+                     daemon.rundir)
         elif not across and not _nrmd_answers(args):
             if args.uri:
                 return _fail(f"nrmd at {args.uri} does not answer", 1)
             daemon = LocalNrmd(log_level="warning", prefix="nrm-pilot-").start()
+            log.info("no nrmd answers: started a private one in %s", daemon.rundir)
         if daemon is not None:
             runtime_dir = daemon.rundir
-            log.info("no nrmd answers: started a private one in %s", runtime_dir)
         status = asyncio.run(_run(args, parsed, pool, wd, aux, report_path, runtime_dir, log,
                                   log_journal, records, across, net))
     except NrmError as exc:             # nrmd refused what the pilot must ask (a claim)

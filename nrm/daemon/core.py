@@ -266,8 +266,11 @@ class Daemon:
         from nrm.power.policies import PowerPolicyManager
         from nrm.power.profiles import ProfileListener
         self.policies = PowerPolicyManager(self.platform, self.publish)
-        self.containers.listeners.append(self.policies)
+        # in-wait throttling first: at a container's end the ranks' registers
+        # are put back before the policies restore cpufreq, whose driver
+        # then writes its own value over them
         self.containers.listeners.append(self.wait_throttle)
+        self.containers.listeners.append(self.policies)
         self.containers.listeners.append(
             ProfileListener(self.power, getattr(self.runtime, "cpu_time", None)))
         self.containers.listeners.append(ApplicationsListener(self.apps, self.app_events))

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import resource
+import stat
 import sys
 from typing import Optional
 
@@ -96,9 +97,11 @@ def _ready_fd(fd: Optional[int]) -> Optional[int]:
     if fd is None:
         return None
     try:
-        os.fstat(fd)
+        st = os.fstat(fd)
     except (OSError, OverflowError):
         raise StartupError(f"--ready-fd {fd}: not an open file descriptor") from None
+    if fd < 3 or not stat.S_ISFIFO(st.st_mode):
+        raise StartupError(f"--ready-fd {fd}: not a pipe (stdin, stdout and stderr are not)")
     os.set_inheritable(fd, False)       # tasks must not hold the starter's pipe open
     return fd
 

@@ -85,7 +85,14 @@ class LocalNrmd:
 
     def start(self, timeout: float = 10.0) -> "LocalNrmd":
         self.spawn()
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:       # not ready in time (or interrupted): not left running
+            try:
+                self.stop(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
+            raise
         return self
 
     def spawn(self) -> "LocalNrmd":
@@ -101,6 +108,8 @@ class LocalNrmd:
                                          env=self.env, cwd=self.cwd, pass_fds=(write_end,))
         except BaseException:
             os.close(read_end)
+            self._log.close()
+            self._log = None
             raise
         finally:
             os.close(write_end)
@@ -184,11 +193,14 @@ class LocalNrmd:
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, then nrmd's exit status (SIGKILL after ``timeout``, and
         TimeoutExpired raised: a daemon that does not stop is a bug)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
         if self._ready_pipe >= 0:
             os.close(self._ready_pipe)
             self._ready_pipe = -1
+        if self.proc is None or self.proc.poll() is not None:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
         try:
             _exited(self.proc, timeout)

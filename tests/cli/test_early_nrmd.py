@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -15,6 +16,8 @@ import tempfile
 import pytest
 
 from nrm.cli import early
+from nrm.cli.main import build_parser
+from nrm.cli.pilot import NOT_YET
 from nrm.tools.localnrmd import LocalNrmd, nrm_argv, nrmd_argv
 from tests.nrmd import REPO, _running
 
@@ -34,9 +37,32 @@ from tests.nrmd import REPO, _running
     (["pilot", "--enable-proc-stats"], None),         # refused by the pilot
     (["pilot", "-h"], None),
     (["--timeout", "3"], None),                      # no verb
+    (["--ur=tcp://h:1", "pilot"], None),             # abbreviations argparse would expand
+    (["--runtime=/r", "pilot"], None),
+    (["pilot", "--file-p", "j.json"], None),
+    (["pilot", "--json=1"], None),
 ])
 def test_which_command_lines_start_early(argv, expected):
     assert early._options(argv) == expected
+
+
+def test_the_option_lists_match_the_parsers():
+    """Every name early.py knows is a full option of nrm or nrm pilot, and
+    every pilot option it does not know is one that serves an API or that
+    the pilot refuses (either way, no early start)."""
+    parser = build_parser("pilot")
+    globals_ = {o for a in parser._actions for o in a.option_strings}
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    pilot_actions = sub.choices["pilot"]._actions
+    valued = {o for a in pilot_actions if a.option_strings and a.nargs != 0
+              for o in a.option_strings}
+    flags = {o for a in pilot_actions if a.option_strings and a.nargs == 0
+             for o in a.option_strings} - {"-h", "--help"}
+    assert early.GLOBAL_VALUED <= globals_
+    assert early.PILOT_VALUED <= valued and early.PILOT_FLAGS <= flags
+    unknown = (valued - early.PILOT_VALUED) | (flags - early.PILOT_FLAGS)
+    serving = {o for o in unknown if o.startswith(("--net", "--api-socket"))}
+    assert unknown - serving == set(NOT_YET) - serving, unknown - serving
 
 
 @pytest.fixture
@@ -55,12 +81,17 @@ def _cli(tmp_path, *argv, runtime_dir=None):
     tmp.mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(tmp), NRM_RUNTIME_DIR=runtime_dir or str(tmp_path / "none"))
     env.pop("SLURM_JOB_ID", None)
+    env.pop("NRM_URI", None)
     return subprocess.run(nrm_argv() + list(argv), capture_output=True, timeout=120,
                           env=env, cwd=REPO)
 
 
 def _private_dirs(tmp_path):
-    return glob.glob(str(tmp_path / "tmp" / "nrm-pilot-*"))
+    return _private_dirs_in(tmp_path / "tmp")
+
+
+def _private_dirs_in(path):
+    return glob.glob(str(path / "nrm-pilot-*"))
 
 
 def _no_daemon_left(rundir: str) -> bool:
@@ -73,6 +104,40 @@ def _no_daemon_left(rundir: str) -> bool:
         return True
 
 
+def _nrmds_under(path) -> list:
+    """Live nrmd processes whose command line names a dir under ``path``."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"nrm.daemon.main" in argv and any(str(path).encode() in a for a in argv) \
+                and _running(int(pid)):
+            out.append(int(pid))
+    return out
+
+
+def test_an_unused_early_nrmd_is_stopped_and_its_dir_removed(tmp_path, monkeypatch):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text("[]")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("NRM_URI", raising=False)
+    tempfile.tempdir = None                               # TMPDIR read again
+    try:
+        early.maybe_start(["--runtime-dir", str(tmp_path / "none"), "pilot",
+                           "--file-path", str(jobs), "--nodes", "1"])
+        (rundir,) = _private_dirs_in(tmp_path)
+        assert early.take(str(tmp_path / "other")) is None   # not where it looked: discarded
+    finally:
+        early.discard()
+        tempfile.tempdir = None
+    assert not os.path.exists(rundir)
+    assert _nrmds_under(tmp_path) == []
+
+
 def test_a_pilot_that_fails_before_taking_its_early_nrmd_stops_it(tmp_path):
     bad = tmp_path / "jobs.json"
     bad.write_text("[{\"request\": \"submit\",")          # not JSON: exit 2, nothing runs
@@ -80,9 +145,8 @@ def test_a_pilot_that_fails_before_taking_its_early_nrmd_stops_it(tmp_path):
              "--nodes", "1")
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.decode().strip().splitlines()) == 1, r.stderr
-    dirs = _private_dirs(tmp_path)
-    assert dirs, "the early path did not start nrmd"
-    assert all(_no_daemon_left(d) for d in dirs)
+    assert _private_dirs(tmp_path) == []                  # stopped, and its dir removed
+    assert _nrmds_under(tmp_path) == []
 
 
 def test_a_pilot_runs_on_its_early_nrmd_and_stops_it(tmp_path):
@@ -107,8 +171,9 @@ def test_no_early_nrmd_where_one_accepts(tmp_path):
     listener.listen()
     try:
         early.maybe_start(["--runtime-dir", str(rundir), "pilot", "--resume", "/x"])
-        assert early.take() is None
+        assert early.take(str(rundir)) is None
     finally:
+        early.discard()
         listener.close()
 
 
@@ -122,13 +187,15 @@ def test_nrmd_tells_its_starter_it_serves(tmp_path):
         assert d.stop() == 0
 
 
-def test_nrmd_refuses_a_ready_fd_that_is_not_open(tmp_path):
+@pytest.mark.parametrize("fd, why", [("987", "not an open file descriptor"),
+                                     ("1", "not a pipe")])
+def test_nrmd_refuses_a_ready_fd_that_is_no_pipe_of_its_own(tmp_path, fd, why):
     r = subprocess.run(nrmd_argv() + ["--runtime-dir", str(tmp_path / "rd"),
-                                      "--ready-fd", "987"], capture_output=True, timeout=60,
+                                      "--ready-fd", fd], capture_output=True, timeout=60,
                        cwd=REPO)
     assert r.returncode == 2
     errors = [line for line in r.stderr.decode().splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "--ready-fd 987: not an open file descriptor" in errors[0], errors
+    assert len(errors) == 1 and f"--ready-fd {fd}: {why}" in errors[0], errors
 
 
 def test_a_starter_hears_nrmd_exit_before_ready(tmp_path):

@@ -252,6 +252,22 @@ def test_perf_ctl_claim_restores_the_ratio_only_and_survives_a_crash(tmp_path):
     assert not os.path.exists(journal)
 
 
+def test_perf_ctl_put_back_leaves_a_ratio_the_driver_set_since(tmp_path):
+    """Above the in-wait ratio (12 here) the value is the cpufreq driver's
+    newer choice, which it would not write again: it stays. At or below
+    it, a rank may have left it: the claimed original goes back."""
+    node = FakeNode(tmp_path / "hw", cores=2, msr_safe=True)
+    node.set_msr(0, IA32_PERF_CTL, 0x1000)                    # ratio 16 when claimed
+    node.set_msr(1, IA32_PERF_CTL, 0x1000)
+    with open_platform("linux", root=node.root) as p:
+        p.claim("cpu.perf_ctl", [0, 1])
+        node.set_msr(0, IA32_PERF_CTL, 0x1400)                # the driver went to 20
+        node.set_msr(1, IA32_PERF_CTL, 0x0C00)                # a rank left 12
+        p.release("cpu.perf_ctl", [0, 1])
+        assert node.get_msr(0, IA32_PERF_CTL) == 0x1400
+        assert node.get_msr(1, IA32_PERF_CTL) == 0x1000
+
+
 def test_writable_by(tmp_path):
     path = tmp_path / "msr_safe"
     path.write_bytes(b"")

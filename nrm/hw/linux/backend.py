@@ -232,7 +232,8 @@ class LinuxPlatform(Platform):
             if not self._perf_lowest:
                 self._perf_why = "no cpuinfo_min_freq/cpuinfo_max_freq under cpufreq"
             else:
-                self._perf = PerfCtl(self._msr, min(self._perf_lowest.values()), max(highest))
+                self._perf = PerfCtl(self._msr, min(self._perf_lowest.values()), max(highest),
+                                     in_wait=max(self._perf_lowest.values()))
         if self._perf_why is not None:
             self._reasons.append(f"no IA32_PERF_CTL control (in-wait frequency): "
                                  f"{self._perf_why}")

@@ -304,10 +304,13 @@ class PerfCtl:
 
     MASK = 0xFF00
 
-    def __init__(self, msr: MsrAccess, lowest: int, highest: int):
+    def __init__(self, msr: MsrAccess, lowest: int, highest: int, in_wait: Optional[int] = None):
         self.msr = msr
         self.lowest = lowest
         self.highest = highest
+        #: the highest ratio a rank may write in a wait (the cpus' lowest
+        #: ratios differ): a core at or below it may be one a rank left
+        self.in_wait = lowest if in_wait is None else in_wait
 
     def read(self, cpu: int) -> int:
         return (self.msr.read(cpu, IA32_PERF_CTL) >> 8) & 0xFF
@@ -322,7 +325,13 @@ class PerfCtl:
         return r
 
     def put_back(self, cpu: int, original: int) -> None:
+        """Undo what a rank may have left: a core above the in-wait ratio
+        was set since by the cpufreq driver (it also writes this register,
+        and skips a write when its own target has not changed), so its
+        value stays; a core at or below it gets the original back."""
         cur = self.msr.read(cpu, IA32_PERF_CTL)
+        if (cur >> 8) & 0xFF > self.in_wait:
+            return
         self.msr.write(cpu, IA32_PERF_CTL, (cur & ~self.MASK) | (int(original) & self.MASK))
 
 
