@@ -1,14 +1,18 @@
-"""nrm pilot vs a Popen loop: 1000 iterations of /bin/true.
+"""nrm pilot vs a Popen loop (and QCG-PilotJob): 1000 iterations of /bin/true.
 
-Both in the same run: ``nrm pilot`` from process start to exit (one job
+All in the same run: ``nrm pilot`` from process start to exit (one job
 file, one iterative job, a pool of 2 cores, against a private nrmd started
-here beforehand, and once more with the pilot starting its own), and a
-baseline Popen loop keeping 2 processes in flight; three interleaved
-rounds, medians, the load average before and after. Prints JSON.
+here beforehand, and once more with the pilot starting its own), a
+baseline Popen loop keeping 2 processes in flight, and QCG-PilotJob 0.14.2's
+``qcg-pm-service`` on the same file when it installs into a venv of its own
+(``build/qcg-venv``, or ``NRM_QCG_VENV``; ``PILOT_BENCH_QCG=0`` skips it);
+interleaved rounds (``PILOT_BENCH_ROUNDS``, default 3), medians, the load
+average before and after. Prints JSON.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import resource
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,7 +29,10 @@ import pilotsim  # noqa: E402
 from nrm.tools.localnrmd import LocalNrmd, nrm_argv  # noqa: E402
 
 N = int(os.environ.get("PILOT_BENCH_N", "1000"))
-ROUNDS = 3
+ROUNDS = int(os.environ.get("PILOT_BENCH_ROUNDS", "3"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QCG_VERSION = "0.14.2"
+QCG_VENV = os.environ.get("NRM_QCG_VENV") or os.path.join(REPO, "build", "qcg-venv")
 
 
 def children_cpu() -> float:
@@ -44,12 +52,54 @@ def popen_loop(n: int, inflight: int = 2) -> float:
     return time.perf_counter() - t0
 
 
-def pilot(env, wd: str) -> float:
+def job_file(wd: str) -> str:
     path = os.path.join(wd, "jobs.json")
     with open(path, "w") as f:
         json.dump([{"request": "submit", "jobs": [{
             "name": "t", "execution": {"exec": "/bin/true"}, "iteration": {"stop": N}}]},
             {"request": "control", "command": "finishAfterAllTasksDone"}], f)
+    return path
+
+
+def qcg_service() -> Tuple[Optional[str], Optional[str]]:
+    """(qcg-pm-service, None), installed in its venv if need be, or
+    (None, why there is none)."""
+    exe = os.path.join(QCG_VENV, "bin", "qcg-pm-service")
+    if os.access(exe, os.X_OK):
+        return exe, None
+    if os.environ.get("PILOT_BENCH_QCG") == "0":
+        return None, "PILOT_BENCH_QCG=0"
+    for argv in ([sys.executable, "-m", "venv", QCG_VENV],
+                 [os.path.join(QCG_VENV, "bin", "pip"), "install", "-q",
+                  f"qcg-pilotjob=={QCG_VERSION}"]):
+        try:
+            r = subprocess.run(argv, capture_output=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"{' '.join(argv[:3])}: {exc}"
+        if r.returncode != 0:
+            last = (r.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+            return None, f"{' '.join(argv[:3])}: {last}"
+    return (exe, None) if os.access(exe, os.X_OK) else (None, f"no {exe} after install")
+
+
+def qcg(exe: str, wd: str) -> float:
+    """QCG-PilotJob on the same file, process start to exit; its report
+    must hold every iteration."""
+    path = job_file(wd)
+    t0 = time.perf_counter()
+    r = subprocess.run([exe, "--file-path", path, "--wd", wd, "--nodes", "2"],
+                       capture_output=True)
+    elapsed = time.perf_counter() - t0
+    reports = glob.glob(os.path.join(wd, ".qcgpjm-service-*", "jobs.report"))
+    lines = sum(1 for _ in open(reports[0])) if reports else 0
+    if r.returncode != 0 or lines != N + 1:
+        sys.exit(f"qcg-pm-service failed ({r.returncode}, {lines} report lines): "
+                 f"{r.stderr.decode(errors='replace')[-500:]}")
+    return elapsed
+
+
+def pilot(env, wd: str) -> float:
+    path = job_file(wd)
     t0 = time.perf_counter()
     r = subprocess.run(nrm_argv() + ["pilot", "--file-path", path, "--wd", wd, "--nodes", "2"],
                        env=env, capture_output=True)
@@ -87,8 +137,15 @@ def main() -> None:
     # interleaved rounds, so that a change of load hits every variant alike
     times: dict = {"popen_2_inflight_s": [], "pilot_with_nrmd_s": [], "pilot_private_nrmd_s": [],
                    "popen_cpu_s": [], "pilot_private_nrmd_cpu_s": []}
+    qcg_exe, why = qcg_service()
+    if qcg_exe is not None:
+        times["qcg_pilotjob_s"] = []
+    else:
+        out["qcg_pilotjob_skipped"] = why
     with LocalNrmd(log_level="warning") as d:
         for _ in range(ROUNDS):
+            if qcg_exe is not None:
+                times["qcg_pilotjob_s"].append(qcg(qcg_exe, tempfile.mkdtemp(prefix="qcg-bench-")))
             cpu = children_cpu()
             times["popen_2_inflight_s"].append(popen_loop(N))
             times["popen_cpu_s"].append(children_cpu() - cpu)
@@ -106,6 +163,9 @@ def main() -> None:
     out["ratio_pilot_private_nrmd_vs_popen_median"] = statistics.median(ratios)
     ratios = [p / b for p, b in zip(times["pilot_with_nrmd_s"], times["popen_2_inflight_s"])]
     out["ratio_pilot_with_nrmd_vs_popen_median"] = statistics.median(ratios)
+    if qcg_exe is not None:
+        ratios = [q / b for q, b in zip(times["qcg_pilotjob_s"], times["popen_2_inflight_s"])]
+        out["ratio_qcg_pilotjob_vs_popen_median"] = statistics.median(ratios)
     out["cpu_per_task_ms_pilot_private_nrmd"] = 1000 * out["pilot_private_nrmd_cpu_s"] / N
     out["cpu_per_task_ms_popen"] = 1000 * out["popen_cpu_s"] / N
     out["pilot_per_task_ms"] = 1000 * out["pilot_with_nrmd_s"] / N
