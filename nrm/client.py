@@ -597,6 +597,154 @@ class _Replies:
         return self.items.popleft()
 
 
+class _BatchReplies:
+    """The replies of one ``run_batch`` (possibly sent as several requests):
+    counts the exits, calls back, ends the future."""
+
+    __slots__ = ("queues", "ids", "left", "on_exits", "future")
+
+    def __init__(self, queues: dict, n: int, on_exits, future):
+        self.queues = queues
+        self.ids: List[int] = []
+        self.left = n
+        self.on_exits = on_exits
+        self.future = future
+
+    def put(self, item: tuple) -> None:
+        reply = item[0]
+        if self.future.done():
+            return
+        if isinstance(reply, protocol.Error):
+            self.fail(NrmError(reply.code, reply.message))
+            return
+        if not isinstance(reply, protocol.Exits):
+            return
+        self.left -= len(reply.exits)
+        try:
+            if reply.exits:
+                self.on_exits(reply.exits)
+        except BaseException as exc:
+            self.fail(exc)
+            return
+        if self.left <= 0:
+            self._close()
+            self.future.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        self._close()
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def _close(self) -> None:
+        for i in self.ids:
+            self.queues.pop(i, None)
+
+
+class _EmulatedSlot:
+    """One cpus set's emulated batch tasks, in call order."""
+
+    __slots__ = ("queue", "inflight")
+
+    def __init__(self):
+        self.queue: Deque[tuple] = deque()
+        self.inflight = 0
+
+
+class _EmulatedBatch:
+    """``run_batch`` against an nrmd without "batch": one ``start_run`` per
+    task, at most two per cpus set in flight (the second waits in nrmd's
+    queue), each exit reported alone."""
+
+    def __init__(self, client: "AsyncClient", manifest, env, tasks, on_exits, oversubscribe,
+                 fut):
+        self.client = client
+        self.manifest = manifest
+        self.manifests: Dict[int, Any] = {}
+        self.env = env
+        self.tasks = tasks
+        self.on_exits = on_exits
+        self.oversubscribe = oversubscribe
+        self.fut = fut
+        self.left = len(tasks)
+
+    def start(self) -> None:
+        slots = self.client._emulated_slots
+        touched = {}
+        for task in self.tasks:
+            cpus = tuple(task.cpus)
+            slot = slots.get(cpus)
+            if slot is None:
+                slot = slots[cpus] = _EmulatedSlot()
+            slot.queue.append((self, task))
+            touched[cpus] = slot
+        for cpus, slot in touched.items():
+            _emulated_pump(self.client, cpus, slot)
+
+    def launch(self, task: protocol.BatchTask, cpus: tuple, slot: _EmulatedSlot) -> None:
+        import asyncio
+        import dataclasses
+        n = len(task.cpus)
+        m = self.manifests.get(n)
+        if m is None:
+            m = self.manifests[n] = dataclasses.replace(
+                self.manifest, slice=dataclasses.replace(self.manifest.slice, cpus=n))
+        env = dict(self.env, **task.env) if task.env else self.env
+        try:
+            follow = self.client.start_run(
+                m, task.argv, env=env, cwd=task.cwd, key=task.key, container=task.container,
+                detach=True, follow=True, wait=True, output=False, cpus_allowed=list(task.cpus),
+                oversubscribe=self.oversubscribe)
+        except NrmError as exc:
+            follow = exc
+        asyncio.ensure_future(self._follow(task, follow, cpus, slot)).add_done_callback(_quiet)
+
+    async def _follow(self, task, follow, cpus, slot) -> None:
+        try:
+            if isinstance(follow, NrmError):
+                raise follow
+            r = await follow
+            exit_ = protocol.BatchExit(key=task.key, container=task.container, pid=r.pid,
+                                       status=-r.signal if r.signal is not None else r.code,
+                                       started_at=r.started_at)
+        except NrmError as exc:
+            exit_ = protocol.BatchExit(key=task.key, container=task.container,
+                                       error=f"{exc.code}: {exc}")
+        finally:
+            slot.inflight -= 1
+            _emulated_pump(self.client, cpus, slot)
+        if self.fut.done():
+            return
+        self.left -= 1
+        try:
+            self.on_exits([exit_])
+        except BaseException as exc:
+            self.fut.set_exception(exc)
+            return
+        if not self.left:
+            self.fut.set_result(None)
+
+
+def _emulated_pump(client: "AsyncClient", cpus: tuple, slot: _EmulatedSlot) -> None:
+    window = 2
+    while slot.queue and slot.inflight < window:
+        batch, task = slot.queue.popleft()
+        if batch.oversubscribe:
+            window = 1      # shared slices: two would overlap
+            if slot.inflight:
+                slot.queue.appendleft((batch, task))
+                break
+        slot.inflight += 1
+        batch.launch(task, cpus, slot)
+    if not slot.queue and not slot.inflight:
+        client._emulated_slots.pop(cpus, None)
+
+
+def _quiet(fut) -> None:
+    """Retrieve a background task's exception (reported elsewhere)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class AsyncClient(_Endpoint):
     """asyncio flavour: one plain socket drained in batches from the loop,
     one reply queue per request. zmq.asyncio would cost a future and a
@@ -610,6 +758,12 @@ class AsyncClient(_Endpoint):
         self._ids = itertools.count(1)
         self._queues: Dict[int, _Replies] = {}
         self._reader: Optional[BatchReader] = None
+        #: what nrmd adds to the protocol (``status``'s ``features``), once
+        #: known; ``run_batch`` emulates "batch" without it (a test may set
+        #: ``frozenset()`` to force the emulation)
+        self.features: Optional[frozenset] = None
+        self._batch_backlog: List[tuple] = []
+        self._emulated_slots: Dict[tuple, _EmulatedSlot] = {}
 
     async def __aenter__(self):
         return self
@@ -667,10 +821,86 @@ class AsyncClient(_Endpoint):
         return reply.data if isinstance(reply, protocol.Ack) else reply
 
     async def status(self) -> dict:
-        return await self.call(protocol.Status())
+        status = await self.call(protocol.Status())
+        if self.features is None:
+            self.features = frozenset(status.get("features") or ())
+        return status
+
+    async def kill(self, container: str) -> dict:
+        return await self.call(protocol.Kill(container=container))
 
     async def claim(self, keys: List[str]) -> dict:
         return await self.call(protocol.Claim(keys=list(keys)))
+
+    def run_batch(self, manifest: Manifest, env: Dict[str, str],
+                  tasks: List[protocol.BatchTask],
+                  on_exits: Callable[[List[protocol.BatchExit]], None], *,
+                  oversubscribe: bool = False) -> "asyncio.Future[None]":
+        """Sends the request now (in the caller's turn of the loop); on_exits is
+        called with each coalesced list; the future is done when every task was
+        reported, or fails with NrmError if nrmd refused the request.
+
+        Each task is keyed, detached and followed (docs/protocol.md,
+        "Batches"): tasks on equal ``cpus`` run one at a time in the order
+        of the calls, others concurrently. A request over nrmd's size limit
+        is sent as several, in order. Until ``features`` is known (from
+        ``status``, asked for here the first time) the request waits for
+        it; against an nrmd without "batch" each task is one ``start_run``
+        (at most two per cpus in flight) and each exit its own list."""
+        import asyncio
+        fut = asyncio.get_running_loop().create_future()
+        tasks = list(tasks)
+        if not tasks:
+            fut.set_result(None)
+            return fut
+        job = (manifest, env, tasks, on_exits, oversubscribe, fut)
+        if self.features is None or self._batch_backlog:
+            self._batch_backlog.append(job)
+            if len(self._batch_backlog) == 1:
+                asyncio.ensure_future(self._learn_features()).add_done_callback(_quiet)
+            return fut
+        self._start_batch(*job)
+        return fut
+
+    async def _learn_features(self) -> None:
+        try:
+            await self.status()
+        except BaseException as exc:
+            backlog, self._batch_backlog = self._batch_backlog, []
+            for job in backlog:
+                if not job[-1].done():
+                    job[-1].set_exception(exc)
+            raise
+        backlog, self._batch_backlog = self._batch_backlog, []
+        for job in backlog:
+            self._start_batch(*job)
+
+    def _start_batch(self, manifest, env, tasks, on_exits, oversubscribe, fut) -> None:
+        if "batch" not in self.features:
+            _EmulatedBatch(self, manifest, env, tasks, on_exits, oversubscribe, fut).start()
+            return
+        replies = _BatchReplies(self._queues, len(tasks), on_exits, fut)
+        try:
+            self._send_batch(replies, manifest.to_dict(), dict(env), tasks, oversubscribe)
+        except BaseException as exc:
+            replies.fail(exc)
+
+    def _send_batch(self, replies: "_BatchReplies", manifest: dict, env: Dict[str, str],
+                    tasks: List[protocol.BatchTask], oversubscribe: bool) -> None:
+        """One request, or several in order when one is over nrmd's limit."""
+        msg = protocol.RunBatch(manifest=manifest, env=env, oversubscribe=oversubscribe,
+                                tasks=tasks)
+        msg.id = next(self._ids)
+        data = protocol.encode(msg)
+        if len(data) > protocol.MAX_REQUEST_BYTES and len(tasks) > 1:
+            half = len(tasks) // 2
+            self._send_batch(replies, manifest, env, tasks[:half], oversubscribe)
+            self._send_batch(replies, manifest, env, tasks[half:], oversubscribe)
+            return
+        _encode_request(msg)        # raises too_large
+        self._queues[msg.id] = replies
+        replies.ids.append(msg.id)
+        self._send(msg)
 
     async def forget(self, keys: List[str] = (), prefix: Optional[str] = None) -> int:
         return (await self.call(protocol.Forget(keys=list(keys), prefix=prefix)))["forgotten"]

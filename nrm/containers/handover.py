@@ -63,7 +63,7 @@ class HandOvers:
         return [c for _, c in found]
 
     def _fits(self, q: Queued, c: Container) -> bool:
-        return (q.name is None and not q.oversubscribe and c.id != q.avoid
+        return ((q.name is None or q.batch is not None) and not q.oversubscribe and c.id != q.avoid
                 and q.manifest.slice.cpus == len(c.slice.cpus)
                 and (q.allowed is None or set(c.slice.cpus) <= set(q.allowed)))
 
@@ -90,7 +90,7 @@ class HandOvers:
             self._promise(q, c)
 
     def _promise(self, q: Queued, predecessor: Container) -> None:
-        cid = new_id()
+        cid = new_id() if q.batch is None else q.name
         cpus = predecessor.slice.cpus
         slice_ = Slice(cpus, self.resources.mems_for(cpus, q.manifest.slice.mems))
         try:
@@ -166,6 +166,10 @@ class HandOvers:
             self._forget(promise)
             if result.stage == "cancelled":
                 self.counters["handovers_cancelled"] += 1
+                if q.batch is not None and q.batch.killed:
+                    q.batch.not_started("killed before it started")
+                    self._retry_waiting()
+                    return
                 if promise.passes >= PASSES_BEFORE_REPROMISE:
                     q.avoid = promise.predecessor.id    # the next slice to come is its
                 self._requeue(q)

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional
 
+from nrm.containers.batches import Batches
 from nrm.containers.clients import ClientWatch, client_gone
 from nrm.containers.exits import ExitWatch
 from nrm.containers.handover import HandOvers
@@ -49,10 +50,10 @@ READ_CHUNK = 65536
 EOF_GRACE_S = 0.2          # wait this long for pipes after the task exited
 
 
-class ContainerManager(HandOvers):
+class ContainerManager(HandOvers, Batches):
     """Owns every container and task of the daemon: launches, output, exits,
-    teardown, the queue of runs waiting for a slice, and the promises made
-    to them (``HandOvers``)."""
+    teardown, the queue of runs waiting for a slice, the promises made
+    to them (``HandOvers``) and the slots of batch tasks (``Batches``)."""
 
     def __init__(self, runtime: Runtime, resources: ResourceManager,
                  publish: Callable[[str, dict], None], task_env: Callable[..., Dict[str, str]],
@@ -75,6 +76,7 @@ class ContainerManager(HandOvers):
         self.waiting: Deque[Queued] = deque()
         self.promises: List[Promise] = []
         self._seq = itertools.count()
+        self._init_batches()
         self.closing = False
         self.clients = ClientWatch(self.loop, self._client_exited)
         self.counters = {"tasks_started": 0, "tasks_finished": 0, "containers_started": 0,
@@ -113,6 +115,8 @@ class ContainerManager(HandOvers):
         if container_name is not None and not CONTAINER_NAME.fullmatch(container_name):
             raise RunError("invalid", f"container name {container_name[:64]!r}: use 1 to 128 "
                            "letters, digits and . _ - : @ +, not starting with . or -")
+        if container_name is not None and container_name in self.batch_names:
+            raise RunError("busy", f"container {container_name} is a batch task's")
         q = Queued(next(self._seq), peer, manifest, list(argv), env, cwd, sink,
                    container_name, detach, output, oversubscribe, cpus_allowed)
         task = self._run(q, wait)
@@ -156,7 +160,7 @@ class ContainerManager(HandOvers):
             self.resources.release(cid, slice_)
             raise RunError("runtime", str(exc)) from None
         container = self._register(cid, q.peer.uid, q.manifest, slice_, handle, "start")
-        container.anonymous = q.name is None
+        container.anonymous = q.name is None or q.batch is not None
         try:
             return self._start_task(container, q.peer, q.argv, q.env, q.cwd, q.sink,
                                     q.detach, q.output)
@@ -545,6 +549,12 @@ class ContainerManager(HandOvers):
     def kill(self, peer: Peer, name: str) -> int:
         container = self.containers.get(name)
         if container is None:
+            item = self.batch_names.get(name)
+            if item is not None and not peer.may_touch(item.peer.uid):
+                raise RunError("denied", f"container {name} belongs to uid {item.peer.uid}")
+            if item is not None and self.batch_withdraw(name, "killed before it started",
+                                                        promised=True):
+                return 1
             raise RunError("not_found", f"no container {name}")
         if not peer.may_touch(container.uid):
             raise RunError("denied", f"container {name} belongs to uid {container.uid}")
@@ -629,6 +639,7 @@ class ContainerManager(HandOvers):
 
     def shutdown(self) -> None:
         self.closing = True
+        self.batch_shutdown()
         if self.pool is not None:
             self.pool.drain()
         for container in list(self.containers.values()):

@@ -135,9 +135,10 @@ class Task:
                 "status": self.status if self.finished and not self.adopted else None}
 
 
-@dataclass
+@dataclass(eq=False)
 class Queued:
-    """A run request waiting for a slice; ``seq`` orders the queue."""
+    """A run request waiting for a slice; ``seq`` orders the queue. Compared
+    by identity: the queue removes the one it holds, never an equal one."""
     seq: int
     peer: Peer
     manifest: Manifest
@@ -152,6 +153,9 @@ class Queued:
     allowed: Optional[List[int]]
     #: a container whose slice was promised to it and taken back (passed over)
     avoid: Optional[str] = None
+    #: a batch task (nrm/containers/batches.py BatchItem, also its sink): named,
+    #: yet promised slices like an unnamed run, since no run can join it
+    batch: Optional[Sink] = None
 
 
 @dataclass
