@@ -73,6 +73,8 @@ class ContainerManager(HandOvers, Batches):
         self.containers: Dict[str, Container] = {}
         self.tasks: Dict[str, Task] = {}
         self.listeners: List[ContainerListener] = []
+        self._hooks: Dict[str, list] = {}
+        self._hooks_for: List[ContainerListener] = []
         self.waiting: Deque[Queued] = deque()
         self.promises: List[Promise] = []
         self._seq = itertools.count()
@@ -188,11 +190,16 @@ class ContainerManager(HandOvers, Batches):
 
     def _tell(self, hook: str, arg) -> None:
         """Call a lifecycle hook on every listener that has it; a failing
-        listener is logged, never fatal to the container."""
-        for listener in self.listeners:
-            fn = getattr(listener, hook, None)
-            if fn is None:
-                continue
+        listener is logged, never fatal to the container. The bound hooks
+        are looked up once per hook while the listeners stay the same
+        (three calls per task, five listeners)."""
+        fns = self._hooks.get(hook)
+        if fns is None or self._hooks_for != self.listeners:
+            if self._hooks_for != self.listeners:
+                self._hooks, self._hooks_for = {}, list(self.listeners)
+            fns = self._hooks[hook] = [(listener, fn) for listener in self.listeners
+                                       for fn in (getattr(listener, hook, None),) if fn]
+        for listener, fn in fns:
             try:
                 fn(arg)
             except Exception:
