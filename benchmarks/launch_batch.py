@@ -143,8 +143,8 @@ def main() -> None:
            "load_avg_1m": round(os.getloadavg()[0], 2)}
     for kind in ("per_run", "batch"):
         out[kind] = {f: med(kind, f) for f in fields}
-        out[kind]["nrmd_cpu_us_per_task_rounds"] = [round(x["nrmd_cpu_us_per_task"], 1)
-                                                   for x in results[kind]]
+        out[kind]["nrmd_cpu_us_per_task_rounds"] = [
+            round(x["nrmd_cpu_us_per_task"], 1) for x in results[kind]]
     out["nrmd_cpu_batch_over_per_run"] = round(
         out["batch"]["nrmd_cpu_us_per_task"] / out["per_run"]["nrmd_cpu_us_per_task"], 3)
     print(json.dumps(out, indent=2))

@@ -2,34 +2,41 @@
 equal cpus run one at a time, in the order nrmd received them (the
 ``run_batch`` request, docs/protocol.md "Batches").
 
-Each *slot* (a tuple of cpus) keeps its tasks in a deque, and lets at most
-``WINDOW`` of them into the container manager at once: the one running and
-the next, queued as a ``wait`` run, which the hand-over
-(nrm/containers/handover.py) promises the running one's slice, so that a
-spawner starts it the moment its predecessor exits, with no Python round
-trip in between. The manager's own queue thus stays short however long a
-batch is: its retry walks the whole queue at every container end.
+Each *slot* (a tuple of cpus) keeps its tasks in a deque and runs them, one
+after another, as tasks of one container: the first one to start takes a
+slice like any ``wait`` run (queued while the cpus are busy), and each next
+one is handed to a spawner as soon as its predecessor has started, *held*
+there until that predecessor exits (the spawner's FLAG_AFTER, as the
+hand-over of nrm/containers/handover.py), then launched into the same
+container if its cgroup is empty. So no Python turn lies between two tasks
+of a slot, and a task costs no container of its own: no cgroup to prepare
+and empty, no slice to allocate and hand over, no container events for the
+listeners (state log, policies, profiles) — the measured bulk of nrmd's
+work per launch after the request itself (docs/performance.md). The
+container ends, like any, when its last task has ended and none is held.
+A predecessor that leaves processes behind is answered ``occupied``: they
+are killed, as a container's end would, and the next task launches.
 
-A task not yet started can be withdrawn (``kill`` by its container name, a
-``claim`` of its key): it is told ``not_started`` and never runs. Names of
-batch tasks are reserved from their arrival to their end, so no ``run``
-can join or shadow one.
+A batch task's name is its own (``kill`` and keys use it), not its
+container's. A task not yet started can be withdrawn (``kill`` by that
+name, a ``claim`` of its key): it is told ``not_started`` and never runs.
+Names are reserved from a task's arrival to its end, so no ``run`` can
+join or shadow one.
 
 ``Batches`` is mixed into ``ContainerManager`` like ``HandOvers``: a slot's
-steps are the manager's (queue a run, promise a slice, cancel a promise).
+steps are the manager's (queue a run, start a task, retire an exit).
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
 
-from nrm.containers.model import Peer, Queued, RunError, Sink, Task
+from nrm.containers.model import Container, Peer, Queued, RunError, Sink, Task
+from nrm.containers.processes import kill_group
+from nrm.containers.spawner import SpawnError
 from nrm.manifest import Manifest
-
-#: tasks of one slot inside the container manager at once: the running one
-#: and the one promised its slice
-WINDOW = 2
 
 
 class BatchSink(Sink):
@@ -41,18 +48,20 @@ class BatchSink(Sink):
 
 
 class Slot:
-    """The tasks waiting for one set of cpus, in arrival order."""
+    """The tasks of one set of cpus: those waiting, in arrival order, the
+    container they run in, its running task and the one next (``held``:
+    handed to the manager or a spawner, not started)."""
 
-    __slots__ = ("cpus", "queue", "inflight", "submitted", "window")
+    __slots__ = ("cpus", "queue", "container", "running", "held", "inflight")
 
-    def __init__(self, cpus: Tuple[int, ...], window: int):
+    def __init__(self, cpus: Tuple[int, ...]):
         self.cpus = cpus
         self.queue: Deque["BatchItem"] = deque()
+        self.container: Optional[Container] = None
+        self.running: Optional[Task] = None
+        self.held: Optional["BatchItem"] = None
         #: items handed to the manager and not ended
         self.inflight = 0
-        #: of those, the ones not started yet (waiting, promised or launching)
-        self.submitted = 0
-        self.window = window
 
 
 class BatchItem(Sink):
@@ -62,7 +71,7 @@ class BatchItem(Sink):
     manager, not started), started, ended."""
 
     __slots__ = ("manager", "slot", "name", "sink", "manifest", "argv", "env", "cwd", "peer",
-                 "oversubscribe", "state", "queued", "killed")
+                 "oversubscribe", "state", "queued", "task", "killed")
 
     def __init__(self, manager: "Batches", slot: Slot, name: str, sink: BatchSink,
                  manifest: Manifest, argv: List[str], env: Dict[str, str], cwd: str,
@@ -78,15 +87,27 @@ class BatchItem(Sink):
         self.peer = peer
         self.oversubscribe = oversubscribe
         self.state = "queued"
+        #: its run while it waits in the manager's queue (its slot's first)
         self.queued: Optional[Queued] = None
+        self.task: Optional[Task] = None
         self.killed = False
 
     # -- the manager's calls ------------------------------------------------
     def started(self, task: Task) -> None:
+        slot = self.slot
+        self.task = task
         if self.state == "submitted":
             self.state = "started"
-            self.slot.submitted -= 1
+            if slot.held is self:
+                slot.held = None
+        slot.running = task
+        container = task.container
+        if container.slot is None:
+            container.slot = slot       # its first task: later ones follow in it
+        slot.container = container
         self.sink.started(task)
+        if slot.queue:
+            self.manager._pump(slot)
 
     def exited(self, task: Task, profile: Optional[dict]) -> None:
         self._end()
@@ -115,8 +136,10 @@ class BatchItem(Sink):
         if m.batch_names.get(self.name) is self:
             del m.batch_names[self.name]
         slot = self.slot
-        if state == "submitted":
-            slot.submitted -= 1
+        if slot.held is self:
+            slot.held = None
+        if self.task is not None and slot.running is self.task:
+            slot.running = None
         if state != "queued":
             slot.inflight -= 1
             if slot.queue:
@@ -127,13 +150,15 @@ class BatchItem(Sink):
 
 class Batches:
     """Slots of batch tasks (see the module docstring). Uses
-    ContainerManager's ``waiting``, ``promises``, ``containers``, ``closing``,
-    ``_seq`` and steps ``_run``, ``_promise_slices``, ``_cancel``."""
+    ContainerManager's ``waiting``, ``promises``, ``containers``, ``pool``,
+    ``runtime``, ``closing``, ``_seq`` and steps ``_run``, ``_start_task``,
+    ``_promise_slices``, ``_cancel``, ``_exited``, ``_end_container``."""
 
     def _init_batches(self) -> None:
         self.slots: Dict[Tuple[int, ...], Slot] = {}
-        #: every batch task not ended, by container name
+        #: every batch task not ended, by its name
         self.batch_names: Dict[str, BatchItem] = {}
+        self.counters["batch_chained"] = 0
 
     def batch_name_taken(self, name: str) -> bool:
         return name in self.batch_names or name in self.containers
@@ -147,13 +172,10 @@ class Batches:
         peer = Peer(peer.uid, peer.gid, 0)
         touched: Dict[Tuple[int, ...], Slot] = {}
         slots = self.slots
-        window = 1 if oversubscribe else WINDOW
         for manifest, argv, env, cwd, name, cpus, sink in tasks:
             slot = slots.get(cpus)
             if slot is None:
-                slot = slots[cpus] = Slot(cpus, window)
-            elif oversubscribe:
-                slot.window = 1     # shared slices: no hand-over, one at a time
+                slot = slots[cpus] = Slot(cpus)
             item = BatchItem(self, slot, name, sink, manifest, argv, env, cwd, peer,
                              oversubscribe)
             self.batch_names[name] = item
@@ -162,38 +184,119 @@ class Batches:
         for slot in touched.values():
             self._pump(slot)
 
+    def _chainable(self, slot: Slot) -> Optional[Container]:
+        """The slot's container, when the next task can be launched into it."""
+        c = slot.container
+        if c is None or self.containers.get(c.id) is not c or c.ending:
+            slot.container = None
+            return None
+        return c
+
     def _pump(self, slot: Slot) -> None:
-        """Hand the slot's next tasks to the manager, up to its window. A
-        task queues behind an earlier one of its slot that has not started
-        (no attempt at a slice that one is waiting for)."""
-        queued_some = False
-        while slot.queue and slot.inflight < slot.window and not self.closing:
+        """Hand the slot's next task on: held by a spawner behind the
+        running one, launched into the slot's container when none runs,
+        else queued for a slice. One at a time: the next waits until this
+        one has started (it is held behind its pid)."""
+        while slot.queue and slot.held is None and not self.closing:
+            c = self._chainable(slot)
+            prev = slot.running
+            if prev is not None and (prev.finished or prev.pidfd < 0 or prev.container is not c):
+                prev = None
+            if c is not None and prev is not None and not (
+                    self.pool is not None and self.pool.alive()
+                    and self.runtime.process_list(c.handle)):
+                return      # no spawner to hold it: launched once the running one ends
             item = slot.queue.popleft()
-            q = Queued(next(self._seq), item.peer, item.manifest, item.argv, item.env, item.cwd,
-                       item, item.name, True, False, item.oversubscribe, list(slot.cpus),
-                       batch=item)
-            item.queued = q
             item.state = "submitted"
+            slot.held = item
             slot.inflight += 1
-            slot.submitted += 1
-            if slot.submitted > 1:
-                self.waiting.append(q)
-                queued_some = True
-                continue
             try:
-                if self._run(q, wait=True) is None:
-                    queued_some = True
+                if c is not None:
+                    self.counters["batch_chained"] += prev is not None
+                    item.task = self._start_task(c, item.peer, item.argv, item.env, item.cwd,
+                                                 item, True, False, after=prev)
+                    continue
+                q = item.queued = Queued(next(self._seq), item.peer, item.manifest, item.argv,
+                                         item.env, item.cwd, item, None, True, False,
+                                         item.oversubscribe, list(slot.cpus), batch=item)
+                item.task = self._run(q, wait=True)
+                if item.task is None:
+                    self._promise_slices()
             except RunError as exc:
                 item.failed(exc.code, str(exc))
-        if queued_some:
-            self._promise_slices()
+
+    def _chained(self, task: Task, prev: Task, launch, result) -> None:
+        """The spawner's answer to a launch held behind ``prev``."""
+        container = task.container
+        stage = result.stage if isinstance(result, SpawnError) else None
+        if stage == "cancelled":
+            self._retire_task(prev)
+            container.starting.pop(task.id, None)
+            task.sink.not_started("killed before it started")
+            if not container.tasks and not container.starting:
+                self._end_container(container)
+            return
+        self._retire_task(prev)     # its exit first, as without a hold
+        if stage == "occupied":
+            # what prev left behind dies, as at a container's end; then the launch
+            if self.containers.get(container.id) is container and not container.ending:
+                try:
+                    self.runtime.kill_all(container.handle)
+                except Exception:
+                    pass
+                task.rid = self.pool.submit(launch[0], launch[1], near=container.slice.cpus[0])
+                return
+        launch[1](result)
+
+    def _retire_task(self, task: Task) -> None:
+        """A task a launch was held behind, when the spawner answers: its
+        exit handled now if the spawner saw it (its pidfd left the loop's
+        watch at the hold), else watched again (the hold was cancelled, or
+        its spawner died)."""
+        if task.pidfd < 0:
+            return
+        try:
+            pid, status = os.waitpid(task.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = task.pid, None
+        if pid:
+            self._exited(task, status)
+        elif task.pidfd not in self.exits:
+            self.exits.add(task.pidfd, self._on_pid_exit, task)
 
     # -- withdrawing ----------------------------------------------------------
-    def batch_withdraw(self, name: str, reason: str, promised: bool = False) -> bool:
-        """Take back a batch task that has not started: True when it is
-        withdrawn (told ``not_started``) or, with ``promised``, will be once
-        its spawner gives the held launch back (else it runs and is killed
-        at once, as a kill of a launching task)."""
+    def batch_kill(self, name: str) -> bool:
+        """``kill`` of a batch task by its name: a running one is killed, one
+        not started never runs (or, held by a spawner that launches it first,
+        is killed at its start). False when no such task lives."""
+        item = self.batch_names.get(name)
+        if item is None:
+            return False
+        if item.state == "started":
+            kill_group(item.task.pid)
+            return True
+        if self.batch_withdraw(name, "killed before it started"):
+            return True
+        task = item.task
+        if task is not None:
+            item.killed = True
+            task.doomed = True      # launched after all: killed at its start
+            if task.rid is not None and self.pool is not None:
+                self.pool.cancel(task.rid)
+            return True
+        q = item.queued
+        for promise in self.promises:
+            if promise.queued is q:
+                item.killed = True
+                if promise.task is not None:
+                    promise.task.doomed = True
+                self._cancel(promise)
+                return True
+        return False
+
+    def batch_withdraw(self, name: str, reason: str) -> bool:
+        """Take back a batch task that is not in a spawner's hands yet (in
+        its slot, or in the manager's queue): True when it never runs."""
         item = self.batch_names.get(name)
         if item is None or item.state not in ("queued", "submitted"):
             return False
@@ -202,19 +305,12 @@ class Batches:
             item.not_started(reason)
             return True
         q = item.queued
+        if q is None or item.task is not None:
+            return False
         for i, w in enumerate(self.waiting):
             if w is q:
                 del self.waiting[i]
                 item.not_started(reason)
-                return True
-        if not promised:
-            return False
-        for promise in self.promises:
-            if promise.queued is q:
-                item.killed = True
-                if promise.task is not None:
-                    promise.task.doomed = True
-                self._cancel(promise)
                 return True
         return False
 

@@ -53,7 +53,8 @@ class HandOvers:
             return []
         found = []
         for c in self.containers.values():
-            if (c.anonymous and c.heir is None and not c.ending and not c.starting
+            if (c.anonymous and c.heir is None and c.slot is None and not c.ending
+                    and not c.starting
                     and len(c.tasks) == 1 and not c.slice.shared
                     and "adopted" not in c.extra):
                 (task,) = c.tasks.values()
@@ -90,7 +91,7 @@ class HandOvers:
             self._promise(q, c)
 
     def _promise(self, q: Queued, predecessor: Container) -> None:
-        cid = new_id() if q.batch is None else q.name
+        cid = new_id()
         cpus = predecessor.slice.cpus
         slice_ = Slice(cpus, self.resources.mems_for(cpus, q.manifest.slice.mems))
         try:

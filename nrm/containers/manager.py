@@ -78,12 +78,12 @@ class ContainerManager(HandOvers, Batches):
         self.waiting: Deque[Queued] = deque()
         self.promises: List[Promise] = []
         self._seq = itertools.count()
-        self._init_batches()
         self.closing = False
         self.clients = ClientWatch(self.loop, self._client_exited)
         self.counters = {"tasks_started": 0, "tasks_finished": 0, "containers_started": 0,
                          "containers_finished": 0, "spawn_failures": 0, "handovers": 0,
                          "handovers_occupied": 0, "handovers_cancelled": 0}
+        self._init_batches()
         self.finished_profiles: Deque[dict] = deque(maxlen=64)
         self.pool: Optional[SpawnerPool] = None
         if spawners > 0:
@@ -225,11 +225,12 @@ class ContainerManager(HandOvers, Batches):
         return bind_cpus, bind_mems, sched
 
     def _start_task(self, container, peer, argv, env, cwd, sink, detach, output,
-                    promise: Optional[Promise] = None) -> Task:
+                    promise: Optional[Promise] = None, after: Optional[Task] = None) -> Task:
         """Start a task; with spawners it is returned still starting and the
         sink hears `started` (or `failed`) when the spawner answers. With
         ``promise``, the spawner holds the launch until the predecessor's
-        task exits."""
+        task exits; with ``after`` (a running task of the same container, a
+        batch slot's), until that task exits (nrm/containers/batches.py)."""
         task = Task(id=new_id(), container=container, argv=list(argv), sink=sink,
                     client_pid=peer.pid, detach=detach)
         ids: Dict[str, object] = {}
@@ -272,6 +273,17 @@ class ContainerManager(HandOvers, Batches):
         def launched(result):
             self._spawned(task, peer, argv, sched, result)
 
+        if after is not None:
+            launch = (request, launched)
+            task.rid = self.pool.submit(
+                dict(request, after=self.runtime.process_list(container.handle)),
+                lambda result: self._chained(task, after, launch, result),
+                near=near, after=after.pidfd)
+            if task.rid is not None:
+                # the spawner's answer tells its exit (it waits for it): no
+                # wake-up of the loop of its own (batches.py)
+                self.exits.remove(after.pidfd)
+            return task
         if promise is None:
             self.pool.submit(request, launched, near=near)
             return task
@@ -559,8 +571,7 @@ class ContainerManager(HandOvers, Batches):
             item = self.batch_names.get(name)
             if item is not None and not peer.may_touch(item.peer.uid):
                 raise RunError("denied", f"container {name} belongs to uid {item.peer.uid}")
-            if item is not None and self.batch_withdraw(name, "killed before it started",
-                                                        promised=True):
+            if item is not None and self.batch_kill(name):
                 return 1
             raise RunError("not_found", f"no container {name}")
         if not peer.may_touch(container.uid):

@@ -122,6 +122,8 @@ class Task:
     start_ticks: Optional[int] = None
     #: the cpus it was bound to (hwbind), None when it may run on all its container's
     cpus: Optional[List[int]] = None
+    #: a launch a spawner holds behind another task's exit: its request id (to cancel)
+    rid: Optional[int] = None
 
     @property
     def status(self) -> int:
@@ -153,8 +155,7 @@ class Queued:
     allowed: Optional[List[int]]
     #: a container whose slice was promised to it and taken back (passed over)
     avoid: Optional[str] = None
-    #: a batch task (nrm/containers/batches.py BatchItem, also its sink): named,
-    #: yet promised slices like an unnamed run, since no run can join it
+    #: a batch task (nrm/containers/batches.py BatchItem, also its sink)
     batch: Optional[Sink] = None
 
 
@@ -208,6 +209,8 @@ class Container:
     anonymous: bool = False
     #: the run promised this container's slice when it ends
     heir: Optional[Promise] = None
+    #: the batch slot whose tasks run in it one after another (nrm/containers/batches.py)
+    slot: Optional[object] = None
 
     def to_dict(self) -> dict:
         return {"id": self.id, "uid": self.uid, "user": user_name(self.uid),

@@ -70,7 +70,7 @@ class BatchTaskSink(BatchSink):
     def started(self, task: Task) -> None:
         keys = self.reply.keys
         keys.withdraw.pop((self.uid, self.key), None)
-        keys.started(self.uid, self.key, task)
+        keys.started(self.uid, self.key, task, self.name)
 
     def exited(self, task: Task, profile: Optional[dict]) -> None:
         keys = self.reply.keys

@@ -295,11 +295,13 @@ class TaskKeys:
         if flush:
             self.flush()
 
-    def started(self, uid: int, key: str, task: Task) -> None:
+    def started(self, uid: int, key: str, task: Task, name: Optional[str] = None) -> None:
+        """``name``: what the client kills the task by, if not its container's
+        (a batch task's)."""
         entry = self.keys.get((uid, key))
         if entry is None or entry.state != "pending":
             return
-        entry.pid, entry.task, entry.container = task.pid, task.id, task.container.id
+        entry.pid, entry.task, entry.container = task.pid, task.id, name or task.container.id
         self._set(uid, key, entry, "running")
 
     def exited(self, uid: int, key: str, task: Task, flush: bool = True) -> None:

@@ -83,12 +83,12 @@ def _check_order_and_concurrency(daemon, tmp_path, prefix, emulate):
 def test_order_per_cpus_concurrency_across_and_each_exit_once(daemon, tmp_path):
     with Client(daemon.rundir) as c:
         assert "batch" in c.status()["features"]
-        before = c.status()["tasks"]["handovers"]
+        before = c.status()["tasks"]["batch_chained"]
     exits = _check_order_and_concurrency(daemon, tmp_path, "ord", emulate=False)
     with Client(daemon.rundir) as c:
         states = c.claim(list(exits))["keys"]
         # the next task of a cpu was held by a spawner, started at its predecessor's exit
-        assert c.status()["tasks"]["handovers"] > before
+        assert c.status()["tasks"]["batch_chained"] > before
     assert all(s["state"] == "exited" and s["status"] == 0 for s in states.values())
 
 
