@@ -74,7 +74,7 @@ class BatchItem(Sink):
                  "oversubscribe", "state", "queued", "task", "killed")
 
     def __init__(self, manager: "Batches", slot: Slot, name: str, sink: BatchSink,
-                 manifest: Manifest, argv: List[str], env: Dict[str, str], cwd: str,
+                 manifest: Manifest, argv: List[str], env, cwd: str,
                  peer: Peer, oversubscribe: bool):
         self.manager = manager
         self.slot = slot
@@ -159,6 +159,8 @@ class Batches:
         #: every batch task not ended, by its name
         self.batch_names: Dict[str, BatchItem] = {}
         self.counters["batch_chained"] = 0
+        #: held launches whose predecessor left processes behind (killed)
+        self.counters["batch_occupied"] = 0
 
     def batch_name_taken(self, name: str) -> bool:
         return name in self.batch_names or name in self.containers
@@ -239,6 +241,7 @@ class Batches:
         self._retire_task(prev)     # its exit first, as without a hold
         if stage == "occupied":
             # what prev left behind dies, as at a container's end; then the launch
+            self.counters["batch_occupied"] += 1
             if self.containers.get(container.id) is container and not container.ending:
                 try:
                     self.runtime.kill_all(container.handle)

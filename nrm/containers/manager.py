@@ -42,7 +42,7 @@ from nrm.containers.processes import alive, kill_group, reap, reopen_pipe
 from nrm.manifest import Manifest
 from nrm.containers.slices import ResourceManager, Slice, SliceError
 from nrm.containers.runtimes import SCHED_POLICIES, Handle, Runtime
-from nrm.containers.spawner import SpawnError, SpawnerPool, env_list
+from nrm.containers.spawner import SpawnError, SpawnerPool, SplitEnv, env_list
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,15 @@ class ContainerManager(HandOvers, Batches):
         task.cpus = list(bind_cpus) if bind_cpus else None
         argv = self._wrap_perf(container, argv)
         try:
-            envl = env_list(self.task_env(container, task, env))
+            if type(env) is SplitEnv:
+                if container.manifest.power.policy == "NONE":
+                    # what nrmd sets never reads the base (no interposer to find)
+                    extra = self.task_env(container, task, env.extra)
+                    envl = env.base.entries(frozenset(extra)) + env_list(extra)
+                else:
+                    envl = env_list(self.task_env(container, task, env.merged()))
+            else:
+                envl = env_list(self.task_env(container, task, env))
         except (ValueError, TypeError) as exc:
             raise RunError("invalid", f"cannot execute {argv[0]!r}: {exc}") from None
         if self.pool is None or (self.runtime.in_process and not self.pool.alive()):

@@ -109,8 +109,11 @@ def test_a_bad_task_is_reported_while_the_others_run(daemon, tmp_path, emulate):
              _task(f"{p}.cwd", ["true"], [1], cwd="/no/such/dir"),
              _task(f"{p}.fenced", ["touch", str(tmp_path / "fenced")], [1]),
              _task(f"{p}.sig", _sh("kill -TERM $$"), [1]),
-             _task(f"{p}.env", _sh(f'echo "$A $B" > {tmp_path}/env'), [0], env={"B": "two"})]
-    env = dict(ENV, A="one")
+             _task(f"{p}.env", _sh(f'echo "$A $B ${{NRM_INWAIT_DELAY:-none}} '
+                                   f'${{NRM_TASK_ID:+id}}" > {tmp_path}/env'), [0],
+                   env={"B": "two", "A": "one"})]
+    # the task's env over the base; what only nrmd sets is dropped from both
+    env = dict(ENV, A="zero", B="zero", NRM_INWAIT_DELAY="1us", NRM_TASK_ID="mine")
 
     async def go():
         async with AsyncClient(daemon.rundir) as c:
@@ -122,7 +125,7 @@ def test_a_bad_task_is_reported_while_the_others_run(daemon, tmp_path, emulate):
     exits = _by_key(asyncio.run(go()), tasks)
     assert exits[f"{p}.ok"].status == 3 and exits[f"{p}.ok"].error is None
     assert exits[f"{p}.sig"].status == -15
-    assert (tmp_path / "env").read_text() == "one two\n"
+    assert (tmp_path / "env").read_text() == "one two none id\n"
     for key in (f"{p}.prog", f"{p}.cwd", f"{p}.fenced"):
         assert exits[key].pid == 0 and exits[key].status is None and exits[key].error, exits[key]
     assert "/no/such/program" in exits[f"{p}.prog"].error
@@ -221,7 +224,8 @@ CLIENT = textwrap.dedent("""
         c = AsyncClient(sys.argv[1])
         await c.status()
         tasks = [protocol.BatchTask(key=f"gone.{i}", container=f"gone-{i}", cpus=[1],
-                                    argv=["sh", "-c", f"touch {sys.argv[2]}/{i}; exit {i}"])
+                                    argv=["sh", "-c",
+                                          f"sleep 0.2; touch {sys.argv[2]}/{i}; exit {i}"])
                  for i in range(4)]
         c.run_batch(Manifest(name="gone", slice=Slice(cpus=1, mems=1)), {}, tasks,
                     lambda exits: None)
@@ -234,7 +238,10 @@ CLIENT = textwrap.dedent("""
 def test_tasks_outlive_a_client_that_vanished_and_keys_keep_their_ends(daemon, tmp_path):
     subprocess.run([sys.executable, "-c", CLIENT, daemon.rundir, str(tmp_path)], check=True,
                    cwd=REPO, timeout=60)
+    assert len(os.listdir(tmp_path)) < 4       # gone before its batch ended
     keys = [f"gone.{i}" for i in range(4)]
+    # (a claim now would withdraw the queued ones: wait for the last to run)
+    wait_for(lambda: (tmp_path / "3").exists())
     with Client(daemon.rundir) as c:
         wait_for(lambda: all(s["state"] == "exited"
                              for s in c.claim(keys)["keys"].values()))
@@ -263,3 +270,27 @@ def test_a_name_in_a_batch_is_reserved(daemon):
     lists, dup = asyncio.run(go())
     assert dup[0][0].error.startswith("busy")
     assert _by_key(lists, [_task("res.a", [], [1]), _task("res.b", [], [1])])["res.b"].status == 0
+
+
+def test_what_a_task_leaves_behind_is_killed_and_the_next_one_runs(daemon, tmp_path):
+    """Tasks of one cpus set share a container: a process the first leaves
+    in it is killed (as at a container's end), then the second starts."""
+    pidfile = tmp_path / "left"
+    tasks = [_task("left.1", _sh(f"sleep 60 & echo $! > {pidfile}"), [1]),
+             _task("left.2", ["touch", str(tmp_path / "ran")], [1])]
+    with Client(daemon.rundir) as c:
+        before = c.status()["tasks"]["batch_occupied"]
+    exits = _by_key(asyncio.run(_batches(daemon.rundir, (tasks, False))), tasks)
+    assert exits["left.1"].status == exits["left.2"].status == 0, exits
+    assert (tmp_path / "ran").exists()
+    with Client(daemon.rundir) as c:
+        assert c.status()["tasks"]["batch_occupied"] == before + 1
+    leftover = int(pidfile.read_text())
+
+    def gone():
+        try:
+            with open(f"/proc/{leftover}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+    wait_for(gone)      # killed: it would sleep for a minute

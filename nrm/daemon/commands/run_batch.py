@@ -10,6 +10,7 @@ import dataclasses
 
 from nrm import protocol
 from nrm.containers.model import CONTAINER_NAME, RunError
+from nrm.containers.spawner import BaseEnv, SplitEnv
 from nrm.daemon.batch import BatchReply, BatchTaskSink
 from nrm.daemon.commands.run import _manifest
 from nrm.daemon.keys import check_key
@@ -55,7 +56,7 @@ def execute(daemon, req, msg) -> None:
         req.reply(protocol.Exits())
         return
     manifests = {}
-    base = msg.env
+    base = BaseEnv(msg.env)     # encoded once, not per task
     tasks = []
     for t in msg.tasks:
         name, key = t.container, t.key
@@ -76,7 +77,6 @@ def execute(daemon, req, msg) -> None:
                 template, slice=dataclasses.replace(template.slice, cpus=n))
         registry.withdraw[(uid, key)] = (
             lambda name=name: cm.batch_withdraw(name, "claimed before it started"))
-        tasks.append((manifest, t.argv, {**base, **t.env} if t.env else base, t.cwd, name,
-                      cpus, sink))
+        tasks.append((manifest, t.argv, SplitEnv(base, t.env), t.cwd, name, cpus, sink))
     registry.flush()    # every key on file before any launch is handed on
     cm.run_batch(req.peer, tasks, msg.oversubscribe)
