@@ -294,3 +294,12 @@ def test_what_a_task_leaves_behind_is_killed_and_the_next_one_runs(daemon, tmp_p
         except OSError:
             return True
     wait_for(gone)      # killed: it would sleep for a minute
+
+
+def test_an_oversubscribed_batch_keeps_its_order(daemon, tmp_path):
+    tasks = [_task(f"over.{i}", _stamped(tmp_path / str(i)), [0]) for i in range(4)]
+    exits = _by_key(asyncio.run(_batches(daemon.rundir, (tasks, True))), tasks)
+    assert all(e.status == 0 for e in exits.values())
+    spans = [tuple(map(int, (tmp_path / str(i)).read_text().split())) for i in range(4)]
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert end <= start, spans
