@@ -597,154 +597,6 @@ class _Replies:
         return self.items.popleft()
 
 
-class _BatchReplies:
-    """The replies of one ``run_batch`` (possibly sent as several requests):
-    counts the exits, calls back, ends the future."""
-
-    __slots__ = ("queues", "ids", "left", "on_exits", "future")
-
-    def __init__(self, queues: dict, n: int, on_exits, future):
-        self.queues = queues
-        self.ids: List[int] = []
-        self.left = n
-        self.on_exits = on_exits
-        self.future = future
-
-    def put(self, item: tuple) -> None:
-        reply = item[0]
-        if self.future.done():
-            return
-        if isinstance(reply, protocol.Error):
-            self.fail(NrmError(reply.code, reply.message))
-            return
-        if not isinstance(reply, protocol.Exits):
-            return
-        self.left -= len(reply.exits)
-        try:
-            if reply.exits:
-                self.on_exits(reply.exits)
-        except BaseException as exc:
-            self.fail(exc)
-            return
-        if self.left <= 0:
-            self._close()
-            self.future.set_result(None)
-
-    def fail(self, exc: BaseException) -> None:
-        self._close()
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-    def _close(self) -> None:
-        for i in self.ids:
-            self.queues.pop(i, None)
-
-
-class _EmulatedSlot:
-    """One cpus set's emulated batch tasks, in call order."""
-
-    __slots__ = ("queue", "inflight")
-
-    def __init__(self):
-        self.queue: Deque[tuple] = deque()
-        self.inflight = 0
-
-
-class _EmulatedBatch:
-    """``run_batch`` against an nrmd without "batch": one ``start_run`` per
-    task, at most two per cpus set in flight (the second waits in nrmd's
-    queue), each exit reported alone."""
-
-    def __init__(self, client: "AsyncClient", manifest, env, tasks, on_exits, oversubscribe,
-                 fut):
-        self.client = client
-        self.manifest = manifest
-        self.manifests: Dict[int, Any] = {}
-        self.env = env
-        self.tasks = tasks
-        self.on_exits = on_exits
-        self.oversubscribe = oversubscribe
-        self.fut = fut
-        self.left = len(tasks)
-
-    def start(self) -> None:
-        slots = self.client._emulated_slots
-        touched = {}
-        for task in self.tasks:
-            cpus = tuple(task.cpus)
-            slot = slots.get(cpus)
-            if slot is None:
-                slot = slots[cpus] = _EmulatedSlot()
-            slot.queue.append((self, task))
-            touched[cpus] = slot
-        for cpus, slot in touched.items():
-            _emulated_pump(self.client, cpus, slot)
-
-    def launch(self, task: protocol.BatchTask, cpus: tuple, slot: _EmulatedSlot) -> None:
-        import asyncio
-        import dataclasses
-        n = len(task.cpus)
-        m = self.manifests.get(n)
-        if m is None:
-            m = self.manifests[n] = dataclasses.replace(
-                self.manifest, slice=dataclasses.replace(self.manifest.slice, cpus=n))
-        env = dict(self.env, **task.env) if task.env else self.env
-        try:
-            follow = self.client.start_run(
-                m, task.argv, env=env, cwd=task.cwd, key=task.key, container=task.container,
-                detach=True, follow=True, wait=True, output=False, cpus_allowed=list(task.cpus),
-                oversubscribe=self.oversubscribe)
-        except NrmError as exc:
-            follow = exc
-        asyncio.ensure_future(self._follow(task, follow, cpus, slot)).add_done_callback(_quiet)
-
-    async def _follow(self, task, follow, cpus, slot) -> None:
-        try:
-            if isinstance(follow, NrmError):
-                raise follow
-            r = await follow
-            exit_ = protocol.BatchExit(key=task.key, container=task.container, pid=r.pid,
-                                       status=-r.signal if r.signal is not None else r.code,
-                                       started_at=r.started_at)
-        except NrmError as exc:
-            exit_ = protocol.BatchExit(key=task.key, container=task.container,
-                                       error=f"{exc.code}: {exc}")
-        finally:
-            slot.inflight -= 1
-            _emulated_pump(self.client, cpus, slot)
-        if self.fut.done():
-            return
-        self.left -= 1
-        try:
-            self.on_exits([exit_])
-        except BaseException as exc:
-            self.fut.set_exception(exc)
-            return
-        if not self.left:
-            self.fut.set_result(None)
-
-
-def _emulated_pump(client: "AsyncClient", cpus: tuple, slot: _EmulatedSlot) -> None:
-    window = 2
-    while slot.queue and slot.inflight < window:
-        batch, task = slot.queue.popleft()
-        if batch.oversubscribe:
-            window = 1      # shared slices: two would overlap
-            if slot.inflight:
-                slot.queue.appendleft((batch, task))
-                break
-        slot.inflight += 1
-        batch.launch(task, cpus, slot)
-    if not slot.queue and not slot.inflight:
-        client._emulated_slots.pop(cpus, None)
-
-
-def _quiet(fut) -> None:
-    """Retrieve a background task's exception (reported elsewhere)."""
-    if not fut.cancelled():
-        fut.exception()
-
-
 class AsyncClient(_Endpoint):
     """asyncio flavour: one plain socket drained in batches from the loop,
     one reply queue per request. zmq.asyncio would cost a future and a
@@ -763,7 +615,7 @@ class AsyncClient(_Endpoint):
         #: ``frozenset()`` to force the emulation)
         self.features: Optional[frozenset] = None
         self._batch_backlog: List[tuple] = []
-        self._emulated_slots: Dict[tuple, _EmulatedSlot] = {}
+        self._emulated_slots: Dict[tuple, Any] = {}
 
     async def __aenter__(self):
         return self
@@ -857,7 +709,8 @@ class AsyncClient(_Endpoint):
         if self.features is None or self._batch_backlog:
             self._batch_backlog.append(job)
             if len(self._batch_backlog) == 1:
-                asyncio.ensure_future(self._learn_features()).add_done_callback(_quiet)
+                from nrm.client_batch import quiet
+                asyncio.ensure_future(self._learn_features()).add_done_callback(quiet)
             return fut
         self._start_batch(*job)
         return fut
@@ -876,16 +729,17 @@ class AsyncClient(_Endpoint):
             self._start_batch(*job)
 
     def _start_batch(self, manifest, env, tasks, on_exits, oversubscribe, fut) -> None:
+        from nrm.client_batch import BatchReplies, EmulatedBatch
         if "batch" not in self.features:
-            _EmulatedBatch(self, manifest, env, tasks, on_exits, oversubscribe, fut).start()
+            EmulatedBatch(self, manifest, env, tasks, on_exits, oversubscribe, fut).start()
             return
-        replies = _BatchReplies(self._queues, len(tasks), on_exits, fut)
+        replies = BatchReplies(self._queues, len(tasks), on_exits, fut)
         try:
             self._send_batch(replies, manifest.to_dict(), dict(env), tasks, oversubscribe)
         except BaseException as exc:
             replies.fail(exc)
 
-    def _send_batch(self, replies: "_BatchReplies", manifest: dict, env: Dict[str, str],
+    def _send_batch(self, replies, manifest: dict, env: Dict[str, str],
                     tasks: List[protocol.BatchTask], oversubscribe: bool) -> None:
         """One request, or several in order when one is over nrmd's limit."""
         msg = protocol.RunBatch(manifest=manifest, env=env, oversubscribe=oversubscribe,
