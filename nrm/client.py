@@ -610,6 +610,12 @@ class AsyncClient(_Endpoint):
         self._ids = itertools.count(1)
         self._queues: Dict[int, _Replies] = {}
         self._reader: Optional[BatchReader] = None
+        #: what nrmd adds to the protocol (``status``'s ``features``), once
+        #: known; ``run_batch`` emulates "batch" without it (a test may set
+        #: ``frozenset()`` to force the emulation)
+        self.features: Optional[frozenset] = None
+        self._batch_backlog: List[tuple] = []
+        self._emulated_slots: Dict[tuple, Any] = {}
 
     async def __aenter__(self):
         return self
@@ -667,10 +673,88 @@ class AsyncClient(_Endpoint):
         return reply.data if isinstance(reply, protocol.Ack) else reply
 
     async def status(self) -> dict:
-        return await self.call(protocol.Status())
+        status = await self.call(protocol.Status())
+        if self.features is None:
+            self.features = frozenset(status.get("features") or ())
+        return status
+
+    async def kill(self, container: str) -> dict:
+        return await self.call(protocol.Kill(container=container))
 
     async def claim(self, keys: List[str]) -> dict:
         return await self.call(protocol.Claim(keys=list(keys)))
+
+    def run_batch(self, manifest: Manifest, env: Dict[str, str],
+                  tasks: List[protocol.BatchTask],
+                  on_exits: Callable[[List[protocol.BatchExit]], None], *,
+                  oversubscribe: bool = False) -> "asyncio.Future[None]":
+        """Sends the request now (in the caller's turn of the loop); on_exits is
+        called with each coalesced list; the future is done when every task was
+        reported, or fails with NrmError if nrmd refused the request.
+
+        Each task is keyed, detached and followed (docs/protocol.md,
+        "Batches"): tasks on equal ``cpus`` run one at a time in the order
+        of the calls, others concurrently. A request over nrmd's size limit
+        is sent as several, in order. Until ``features`` is known (from
+        ``status``, asked for here the first time) the request waits for
+        it; against an nrmd without "batch" each task is one ``start_run``
+        (at most two per cpus in flight) and each exit its own list."""
+        import asyncio
+        fut = asyncio.get_running_loop().create_future()
+        tasks = list(tasks)
+        if not tasks:
+            fut.set_result(None)
+            return fut
+        job = (manifest, env, tasks, on_exits, oversubscribe, fut)
+        if self.features is None or self._batch_backlog:
+            self._batch_backlog.append(job)
+            if len(self._batch_backlog) == 1:
+                from nrm.client_batch import quiet
+                asyncio.ensure_future(self._learn_features()).add_done_callback(quiet)
+            return fut
+        self._start_batch(*job)
+        return fut
+
+    async def _learn_features(self) -> None:
+        try:
+            await self.status()
+        except BaseException as exc:
+            backlog, self._batch_backlog = self._batch_backlog, []
+            for job in backlog:
+                if not job[-1].done():
+                    job[-1].set_exception(exc)
+            raise
+        backlog, self._batch_backlog = self._batch_backlog, []
+        for job in backlog:
+            self._start_batch(*job)
+
+    def _start_batch(self, manifest, env, tasks, on_exits, oversubscribe, fut) -> None:
+        from nrm.client_batch import BatchReplies, EmulatedBatch
+        if "batch" not in self.features:
+            EmulatedBatch(self, manifest, env, tasks, on_exits, oversubscribe, fut).start()
+            return
+        replies = BatchReplies(self._queues, len(tasks), on_exits, fut)
+        try:
+            self._send_batch(replies, manifest.to_dict(), dict(env), tasks, oversubscribe)
+        except BaseException as exc:
+            replies.fail(exc)
+
+    def _send_batch(self, replies, manifest: dict, env: Dict[str, str],
+                    tasks: List[protocol.BatchTask], oversubscribe: bool) -> None:
+        """One request, or several in order when one is over nrmd's limit."""
+        msg = protocol.RunBatch(manifest=manifest, env=env, oversubscribe=oversubscribe,
+                                tasks=tasks)
+        msg.id = next(self._ids)
+        data = protocol.encode(msg)
+        if len(data) > protocol.MAX_REQUEST_BYTES and len(tasks) > 1:
+            half = len(tasks) // 2
+            self._send_batch(replies, manifest, env, tasks[:half], oversubscribe)
+            self._send_batch(replies, manifest, env, tasks[half:], oversubscribe)
+            return
+        _encode_request(msg)        # raises too_large
+        self._queues[msg.id] = replies
+        replies.ids.append(msg.id)
+        self._send(msg)
 
     async def forget(self, keys: List[str] = (), prefix: Optional[str] = None) -> int:
         return (await self.call(protocol.Forget(keys=list(keys), prefix=prefix)))["forgotten"]

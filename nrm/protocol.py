@@ -30,8 +30,9 @@ PROTOCOL_VERSION = 1
 #: what this nrm's daemon adds to protocol 1 without a new version (older
 #: clients never send the new fields or requests); ``status`` lists them and
 #: a client checks before it relies on one. ``keys``: ``run.key``, ``claim``,
-#: ``forget`` (docs/protocol.md, "Task keys").
-FEATURES = ("keys",)
+#: ``forget`` (docs/protocol.md, "Task keys"); ``batch``: ``run_batch`` and
+#: its ``exits`` replies (docs/protocol.md, "Batches").
+FEATURES = ("keys", "batch")
 
 # Sizes that bound what the daemon accepts, so no peer can grow its memory.
 MAX_REQUEST_BYTES = 1 << 20
@@ -150,8 +151,31 @@ class Forget(_Msg, tag="forget"):
     prefix: Optional[str] = None
 
 
+class BatchTask(msgspec.Struct, forbid_unknown_fields=True):
+    """One task of a ``run_batch``: its ``key`` is required, its slice is
+    exactly ``cpus``, ``env`` is applied over the request's base env."""
+    key: str
+    container: str
+    argv: List[str]
+    cpus: List[int]
+    cwd: str = "/"
+    env: Dict[str, str] = {}
+
+
+class RunBatch(_Msg, tag="run_batch"):
+    """Many keyed, detached, followed launches in one message; answered by
+    a stream of ``exits`` (docs/protocol.md, "Batches"). Tasks on equal
+    ``cpus`` run one at a time, in the order nrmd received them; ``manifest``
+    is a template whose ``slice.cpus`` becomes each task's ``len(cpus)``."""
+    id: int = 0
+    manifest: Dict[str, object] = {}
+    env: Dict[str, str] = {}
+    oversubscribe: bool = False
+    tasks: List[BatchTask] = []
+
+
 Request = Union[Run, Credit, Signal, Kill, ListContainers, Status, Power, SetPower, Report,
-                Claim, Forget]
+                Claim, Forget, RunBatch]
 
 # ---------------------------------------------------------------- replies ---
 
@@ -205,7 +229,27 @@ class Exit(_Msg, tag="exit"):
     started_at: Optional[float] = None
 
 
-Reply = Union[Error, Ack, Started, Output, Exit]
+class BatchExit(msgspec.Struct):
+    """What became of one batch task: ``pid`` 0 when it never started,
+    ``status`` its exit code or minus its signal (None: no status), and
+    ``error`` why it did not run or has no status."""
+    key: str
+    container: str
+    pid: int = 0
+    status: Optional[int] = None
+    started_at: Optional[float] = None
+    error: Optional[str] = None
+
+
+class Exits(_Msg, tag="exits"):
+    """Every exit of a ``run_batch``'s tasks since the last ``exits`` (one
+    message per nrmd loop turn); the stream ends when each task was
+    reported once."""
+    id: int = 0
+    exits: List[BatchExit] = []
+
+
+Reply = Union[Error, Ack, Started, Output, Exit, Exits]
 
 # ------------------------------------------------------------- downstream ---
 

@@ -18,10 +18,10 @@ import pytest
 NRM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nrm")
 
 #: modules at the root: what users and both sides import
-CONTRACTS = {"client", "downstream", "manifest", "protocol", "paths", "log", "durations",
-             "jsonlines"}
+CONTRACTS = {"client", "client_batch", "downstream", "manifest", "protocol", "paths", "log",
+             "durations", "jsonlines"}
 #: contracts that open sockets; the rest import no wing at all
-CONNECTED = {"client", "downstream"}
+CONNECTED = {"client", "client_batch", "downstream"}
 BASE = "base"          # the root contracts that import no wing
 
 #: wing -> wings it may import (besides itself)

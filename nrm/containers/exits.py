@@ -50,6 +50,9 @@ class ExitWatch:
     def __len__(self) -> int:
         return len(self._watched)
 
+    def __contains__(self, pidfd: int) -> bool:
+        return pidfd in self._watched
+
     def _ready(self) -> None:
         for fd, _events in self._epoll.poll(0, BATCH):
             entry = self._watched.get(fd)

@@ -53,7 +53,8 @@ class HandOvers:
             return []
         found = []
         for c in self.containers.values():
-            if (c.anonymous and c.heir is None and not c.ending and not c.starting
+            if (c.anonymous and c.heir is None and c.slot is None and not c.ending
+                    and not c.starting
                     and len(c.tasks) == 1 and not c.slice.shared
                     and "adopted" not in c.extra):
                 (task,) = c.tasks.values()
@@ -63,7 +64,7 @@ class HandOvers:
         return [c for _, c in found]
 
     def _fits(self, q: Queued, c: Container) -> bool:
-        return (q.name is None and not q.oversubscribe and c.id != q.avoid
+        return ((q.name is None or q.batch is not None) and not q.oversubscribe and c.id != q.avoid
                 and q.manifest.slice.cpus == len(c.slice.cpus)
                 and (q.allowed is None or set(c.slice.cpus) <= set(q.allowed)))
 
@@ -166,6 +167,10 @@ class HandOvers:
             self._forget(promise)
             if result.stage == "cancelled":
                 self.counters["handovers_cancelled"] += 1
+                if q.batch is not None and q.batch.killed:
+                    q.batch.not_started("killed before it started")
+                    self._retry_waiting()
+                    return
                 if promise.passes >= PASSES_BEFORE_REPROMISE:
                     q.avoid = promise.predecessor.id    # the next slice to come is its
                 self._requeue(q)

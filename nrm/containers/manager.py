@@ -31,6 +31,7 @@ import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional
 
+from nrm.containers.batches import Batches
 from nrm.containers.clients import ClientWatch, client_gone
 from nrm.containers.exits import ExitWatch
 from nrm.containers.handover import HandOvers
@@ -41,7 +42,7 @@ from nrm.containers.processes import alive, kill_group, reap, reopen_pipe
 from nrm.manifest import Manifest
 from nrm.containers.slices import ResourceManager, Slice, SliceError
 from nrm.containers.runtimes import SCHED_POLICIES, Handle, Runtime
-from nrm.containers.spawner import SpawnError, SpawnerPool, env_list
+from nrm.containers.spawner import SpawnError, SpawnerPool, SplitEnv, env_list
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,10 @@ READ_CHUNK = 65536
 EOF_GRACE_S = 0.2          # wait this long for pipes after the task exited
 
 
-class ContainerManager(HandOvers):
+class ContainerManager(HandOvers, Batches):
     """Owns every container and task of the daemon: launches, output, exits,
-    teardown, the queue of runs waiting for a slice, and the promises made
-    to them (``HandOvers``)."""
+    teardown, the queue of runs waiting for a slice, the promises made
+    to them (``HandOvers``) and the slots of batch tasks (``Batches``)."""
 
     def __init__(self, runtime: Runtime, resources: ResourceManager,
                  publish: Callable[[str, dict], None], task_env: Callable[..., Dict[str, str]],
@@ -72,6 +73,8 @@ class ContainerManager(HandOvers):
         self.containers: Dict[str, Container] = {}
         self.tasks: Dict[str, Task] = {}
         self.listeners: List[ContainerListener] = []
+        self._hooks: Dict[str, list] = {}
+        self._hooks_for: List[ContainerListener] = []
         self.waiting: Deque[Queued] = deque()
         self.promises: List[Promise] = []
         self._seq = itertools.count()
@@ -80,6 +83,7 @@ class ContainerManager(HandOvers):
         self.counters = {"tasks_started": 0, "tasks_finished": 0, "containers_started": 0,
                          "containers_finished": 0, "spawn_failures": 0, "handovers": 0,
                          "handovers_occupied": 0, "handovers_cancelled": 0}
+        self._init_batches()
         self.finished_profiles: Deque[dict] = deque(maxlen=64)
         self.pool: Optional[SpawnerPool] = None
         if spawners > 0:
@@ -113,6 +117,8 @@ class ContainerManager(HandOvers):
         if container_name is not None and not CONTAINER_NAME.fullmatch(container_name):
             raise RunError("invalid", f"container name {container_name[:64]!r}: use 1 to 128 "
                            "letters, digits and . _ - : @ +, not starting with . or -")
+        if container_name is not None and container_name in self.batch_names:
+            raise RunError("busy", f"container {container_name} is a batch task's")
         q = Queued(next(self._seq), peer, manifest, list(argv), env, cwd, sink,
                    container_name, detach, output, oversubscribe, cpus_allowed)
         task = self._run(q, wait)
@@ -156,7 +162,7 @@ class ContainerManager(HandOvers):
             self.resources.release(cid, slice_)
             raise RunError("runtime", str(exc)) from None
         container = self._register(cid, q.peer.uid, q.manifest, slice_, handle, "start")
-        container.anonymous = q.name is None
+        container.anonymous = q.name is None or q.batch is not None
         try:
             return self._start_task(container, q.peer, q.argv, q.env, q.cwd, q.sink,
                                     q.detach, q.output)
@@ -184,11 +190,16 @@ class ContainerManager(HandOvers):
 
     def _tell(self, hook: str, arg) -> None:
         """Call a lifecycle hook on every listener that has it; a failing
-        listener is logged, never fatal to the container."""
-        for listener in self.listeners:
-            fn = getattr(listener, hook, None)
-            if fn is None:
-                continue
+        listener is logged, never fatal to the container. The bound hooks
+        are looked up once per hook while the listeners stay the same
+        (three calls per task, five listeners)."""
+        fns = self._hooks.get(hook)
+        if fns is None or self._hooks_for != self.listeners:
+            if self._hooks_for != self.listeners:
+                self._hooks, self._hooks_for = {}, list(self.listeners)
+            fns = self._hooks[hook] = [(listener, fn) for listener in self.listeners
+                                       for fn in (getattr(listener, hook, None),) if fn]
+        for listener, fn in fns:
             try:
                 fn(arg)
             except Exception:
@@ -214,11 +225,12 @@ class ContainerManager(HandOvers):
         return bind_cpus, bind_mems, sched
 
     def _start_task(self, container, peer, argv, env, cwd, sink, detach, output,
-                    promise: Optional[Promise] = None) -> Task:
+                    promise: Optional[Promise] = None, after: Optional[Task] = None) -> Task:
         """Start a task; with spawners it is returned still starting and the
         sink hears `started` (or `failed`) when the spawner answers. With
         ``promise``, the spawner holds the launch until the predecessor's
-        task exits."""
+        task exits; with ``after`` (a running task of the same container, a
+        batch slot's), until that task exits (nrm/containers/batches.py)."""
         task = Task(id=new_id(), container=container, argv=list(argv), sink=sink,
                     client_pid=peer.pid, detach=detach)
         ids: Dict[str, object] = {}
@@ -233,7 +245,15 @@ class ContainerManager(HandOvers):
         task.cpus = list(bind_cpus) if bind_cpus else None
         argv = self._wrap_perf(container, argv)
         try:
-            envl = env_list(self.task_env(container, task, env))
+            if type(env) is SplitEnv:
+                if container.manifest.power.policy == "NONE":
+                    # what nrmd sets never reads the base (no interposer to find)
+                    extra = self.task_env(container, task, env.extra)
+                    envl = env.base.entries(frozenset(extra)) + env_list(extra)
+                else:
+                    envl = env_list(self.task_env(container, task, env.merged()))
+            else:
+                envl = env_list(self.task_env(container, task, env))
         except (ValueError, TypeError) as exc:
             raise RunError("invalid", f"cannot execute {argv[0]!r}: {exc}") from None
         if self.pool is None or (self.runtime.in_process and not self.pool.alive()):
@@ -261,6 +281,17 @@ class ContainerManager(HandOvers):
         def launched(result):
             self._spawned(task, peer, argv, sched, result)
 
+        if after is not None:
+            launch = (request, launched)
+            task.rid = self.pool.submit(
+                dict(request, after=self.runtime.process_list(container.handle)),
+                lambda result: self._chained(task, after, launch, result),
+                near=near, after=after.pidfd)
+            if task.rid is not None:
+                # the spawner's answer tells its exit (it waits for it): no
+                # wake-up of the loop of its own (batches.py)
+                self.exits.remove(after.pidfd)
+            return task
         if promise is None:
             self.pool.submit(request, launched, near=near)
             return task
@@ -545,6 +576,11 @@ class ContainerManager(HandOvers):
     def kill(self, peer: Peer, name: str) -> int:
         container = self.containers.get(name)
         if container is None:
+            item = self.batch_names.get(name)
+            if item is not None and not peer.may_touch(item.peer.uid):
+                raise RunError("denied", f"container {name} belongs to uid {item.peer.uid}")
+            if item is not None and self.batch_kill(name):
+                return 1
             raise RunError("not_found", f"no container {name}")
         if not peer.may_touch(container.uid):
             raise RunError("denied", f"container {name} belongs to uid {container.uid}")
@@ -629,6 +665,7 @@ class ContainerManager(HandOvers):
 
     def shutdown(self) -> None:
         self.closing = True
+        self.batch_shutdown()
         if self.pool is not None:
             self.pool.drain()
         for container in list(self.containers.values()):

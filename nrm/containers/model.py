@@ -122,6 +122,8 @@ class Task:
     start_ticks: Optional[int] = None
     #: the cpus it was bound to (hwbind), None when it may run on all its container's
     cpus: Optional[List[int]] = None
+    #: a launch a spawner holds behind another task's exit: its request id (to cancel)
+    rid: Optional[int] = None
 
     @property
     def status(self) -> int:
@@ -135,9 +137,10 @@ class Task:
                 "status": self.status if self.finished and not self.adopted else None}
 
 
-@dataclass
+@dataclass(eq=False)
 class Queued:
-    """A run request waiting for a slice; ``seq`` orders the queue."""
+    """A run request waiting for a slice; ``seq`` orders the queue. Compared
+    by identity: the queue removes the one it holds, never an equal one."""
     seq: int
     peer: Peer
     manifest: Manifest
@@ -152,6 +155,8 @@ class Queued:
     allowed: Optional[List[int]]
     #: a container whose slice was promised to it and taken back (passed over)
     avoid: Optional[str] = None
+    #: a batch task (nrm/containers/batches.py BatchItem, also its sink)
+    batch: Optional[Sink] = None
 
 
 @dataclass
@@ -204,6 +209,8 @@ class Container:
     anonymous: bool = False
     #: the run promised this container's slice when it ends
     heir: Optional[Promise] = None
+    #: the batch slot whose tasks run in it one after another (nrm/containers/batches.py)
+    slot: Optional[object] = None
 
     def to_dict(self) -> dict:
         return {"id": self.id, "uid": self.uid, "user": user_name(self.uid),

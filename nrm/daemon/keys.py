@@ -64,6 +64,8 @@ import re
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import msgspec
+
 from nrm import jsonlines, protocol
 from nrm.containers.model import RunError, Task
 from nrm.daemon.upstream import ClientSink
@@ -84,6 +86,8 @@ CLAIM_RESERVE = MAX_PER_REQUEST
 COMPACT_BYTES = 1 << 20
 
 ENDED = ("exited", "failed", "lost", "fenced")
+
+_encode = msgspec.json.Encoder().encode
 
 
 class Entry:
@@ -148,6 +152,9 @@ class TaskKeys:
         self.epoch = ""
         self.counters = {"launched": 0, "fenced": 0, "refused": 0, "forgotten": 0,
                          "write_errors": 0}
+        #: pending keys of batch tasks not started yet: how to withdraw each
+        #: (True when it will never run), so that a claim can fence it
+        self.withdraw: Dict[Tuple[int, str], Callable[[], bool]] = {}
         self._file = jsonlines.TurnLog(
             path, self._snapshot, self._write_failed, defer,
             lambda size: size > COMPACT_BYTES and size > 400 * len(self.keys))
@@ -221,7 +228,9 @@ class TaskKeys:
         self._file.close()
 
     def _write(self, uid: int, key: str, record: dict) -> None:
-        self._file.add(json.dumps(record, separators=(",", ":")))
+        # the same compact JSON as json.dumps, in a tenth of its time (three
+        # records per launch)
+        self._file.add(_encode(record).decode())
 
     def _snapshot(self) -> List[str]:
         lines = [json.dumps({"epoch": self.epoch})]
@@ -264,8 +273,10 @@ class TaskKeys:
         self._write(uid, key, entry.record(uid, key))
 
     # -- the launch side ----------------------------------------------------
-    def launching(self, uid: int, key: str) -> None:
-        """A keyed run arrives: refused when its key is fenced or taken."""
+    def launching(self, uid: int, key: str, flush: bool = True) -> None:
+        """A keyed run arrives: refused when its key is fenced or taken.
+        ``flush=False``: the caller flushes before any of its launches is
+        handed on (a batch: one write for all its keys)."""
         check_key(key)
         entry = self.keys.get((uid, key))
         if entry is not None:
@@ -281,16 +292,21 @@ class TaskKeys:
         # on file before the launch is handed on, not at the end of the turn:
         # after a crash in between, the key says the task may have started
         self._write(uid, key, entry.record(uid, key))
-        self.flush()
+        if flush:
+            self.flush()
 
-    def started(self, uid: int, key: str, task: Task) -> None:
+    def started(self, uid: int, key: str, task: Task, name: Optional[str] = None) -> None:
+        """``name``: what the client kills the task by, if not its container's
+        (a batch task's)."""
         entry = self.keys.get((uid, key))
         if entry is None or entry.state != "pending":
             return
-        entry.pid, entry.task, entry.container = task.pid, task.id, task.container.id
+        entry.pid, entry.task, entry.container = task.pid, task.id, name or task.container.id
         self._set(uid, key, entry, "running")
 
-    def exited(self, uid: int, key: str, task: Task) -> None:
+    def exited(self, uid: int, key: str, task: Task, flush: bool = True) -> None:
+        """``flush=False``: the caller flushes before the exit's reply goes
+        out (a batch: once per reply)."""
         entry = self.keys.get((uid, key))
         if entry is None or entry.state not in ("pending", "running"):
             return
@@ -302,7 +318,8 @@ class TaskKeys:
         # on file before the exit's reply goes out (the caller sends it next):
         # a client that heard the exit and died must not find the key lost
         # after a crash of nrmd, and run the task again
-        self.flush()
+        if flush:
+            self.flush()
 
     def dropped(self, uid: int, key: str) -> None:
         """The container manager dropped the run unstarted (its client left
@@ -336,6 +353,15 @@ class TaskKeys:
                 self.counters["fenced"] += 1
                 out[key] = {"state": "unknown"}
                 continue
+            hook = self.withdraw.pop((uid, key), None) if entry.state == "pending" else None
+            if hook is not None:
+                entry.state = "fenced"      # before: its sink must not record an end
+                if hook():
+                    self._write(uid, key, entry.record(uid, key))
+                    self.counters["fenced"] += 1
+                    out[key] = {"state": "unknown"}
+                    continue
+                entry.state = "pending"
             self._refresh(uid, key, entry)
             out[key] = entry.answer()
         return out

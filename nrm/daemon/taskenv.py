@@ -50,8 +50,11 @@ class TaskEnvironment:
                 out["LD_PRELOAD"] = f"{lib} {pre}" if pre else lib
             out["NRM_TRANSMIT"] = "1"
             out["NRM_DAMPER"] = f"{power.damper:.9f}"
-        for name in [k for k in out if k.startswith("NRM_INWAIT_")]:
-            del out[name]   # only nrmd decides whether a rank throttles
+        # only nrmd decides whether a rank throttles; the joined names are
+        # searched in C first (a pilot's task has some 60 variables)
+        if "NRM_INWAIT_" in "\0".join(out):
+            for name in [k for k in out if k.startswith("NRM_INWAIT_")]:
+                del out[name]
         if self.wait_throttle is not None:
             out.update(self.wait_throttle(container))
         return out
