@@ -750,3 +750,58 @@ class AsyncClient(_Endpoint):
                     return result
         finally:
             self._queues.pop(msg.id, None)
+
+    # ------------------------------------------------------------ batch ---
+    def run_batch(self, manifest: Manifest, env: Dict[str, str],
+                  tasks: List[protocol.BatchTask],
+                  on_exits: Callable[[List[protocol.BatchExit]], None], *,
+                  oversubscribe: bool = False) -> "asyncio.Future[None]":
+        """Launch ``tasks`` (keyed, detached, followed): sent now, in the
+        caller's turn of the loop; ``on_exits`` is called with each list of
+        exits; the future is done once every task was reported, or fails
+        with NrmError if nrmd refused the request.
+
+        This form emulates a batch with one ``start_run`` per task (waiting
+        for its cpus, so a slot's tasks run in the order sent), exits
+        delivered one per call: the contract the pilot is written to."""
+        import asyncio
+        import dataclasses as dc
+        runs = []
+        for t in tasks:
+            m = dc.replace(manifest, slice=dc.replace(manifest.slice, cpus=len(t.cpus)))
+            try:
+                run = self.start_run(m, t.argv, env=dict(env, **t.env), cwd=t.cwd, key=t.key,
+                                     container=t.container, detach=True, follow=True,
+                                     wait=True, output=False, cpus_allowed=list(t.cpus),
+                                     oversubscribe=oversubscribe)
+            except NrmError as exc:
+                run, error = None, exc
+            else:
+                error = None
+            runs.append(_emulated_exit(t, run, error, on_exits))
+        return asyncio.ensure_future(_emulated_batch(runs))
+
+
+async def _emulated_batch(runs) -> None:
+    """Every emulated task's end; then nrmd's refusal of any (``keys_full``:
+    the real batch is refused whole), unreported, as the batch's failure."""
+    import asyncio
+    for outcome in await asyncio.gather(*runs, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+async def _emulated_exit(task: protocol.BatchTask, run, error: Optional[NrmError],
+                         on_exits: Callable[[List[protocol.BatchExit]], None]) -> None:
+    """One emulated batch task's exit, as the batch would report it."""
+    try:
+        if error is not None:
+            raise error
+        result = await run
+        out = protocol.BatchExit(task.key, task.container, pid=result.pid,
+                                 status=result.status, started_at=result.started_at)
+    except NrmError as exc:
+        if exc.code == "keys_full":
+            raise
+        out = protocol.BatchExit(task.key, task.container, error=str(exc))
+    on_exits([out])

@@ -150,6 +150,28 @@ class Forget(_Msg, tag="forget"):
     prefix: Optional[str] = None
 
 
+class BatchTask(msgspec.Struct, forbid_unknown_fields=True):
+    """One task of a batched launch (docs/protocol.md): keyed, detached,
+    followed, its slice exactly ``cpus``; ``env`` goes over the batch's."""
+    key: str
+    container: str
+    argv: List[str]
+    cpus: List[int]
+    cwd: str = "/"
+    env: Dict[str, str] = {}
+
+
+class BatchExit(msgspec.Struct):
+    """One batched task's end. ``pid`` 0: it never started (``error`` says
+    why); ``status`` None: no status (never started, lost)."""
+    key: str
+    container: str
+    pid: int = 0
+    status: Optional[int] = None
+    started_at: Optional[float] = None
+    error: Optional[str] = None
+
+
 Request = Union[Run, Credit, Signal, Kill, ListContainers, Status, Power, SetPower, Report,
                 Claim, Forget]
 
