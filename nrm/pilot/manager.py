@@ -36,6 +36,11 @@ def error(message: str) -> Dict[str, Any]:
     return {"code": 1, "message": message, "data": {}}
 
 
+#: tasks committed in all slots at most: each holds a task key in nrmd,
+#: which keeps 16384 per user (docs/protocol.md, "Task keys")
+CHAIN_BUDGET = 4096
+
+
 class Slot:
     """An allocation held by a chain of one job's iterations: the first is
     running, the others wait in nrmd behind it, in order (each starts when
@@ -236,9 +241,10 @@ class Manager:
             return []
         heap = [(len(s.tasks), s.order, s) for s in slots.values() if len(s.tasks) < depth]
         heapq.heapify(heap)
+        room = CHAIN_BUDGET - sum(len(s.tasks) for s in slots.values())
         done_jobs = set()
         out: List[Tuple[Task, Allocation]] = []
-        while heap:
+        while heap and len(out) < room:
             n, order, slot = heapq.heappop(heap)
             if slot.job in done_jobs:
                 continue
@@ -278,8 +284,10 @@ class Manager:
         tasks = slot.tasks
         if tasks and tasks[0] is task:
             tasks.popleft()
-            if tasks and slot.live and tasks[0].state == SCHEDULED:
-                self.started(tasks[0], now)
+            nxt = tasks[0] if tasks else None
+            if nxt is not None and slot.live and nxt.state == SCHEDULED \
+                    and nxt.message != "canceled":      # else nrmd drops it: it never runs
+                self.started(nxt, now)
         else:
             tasks.remove(task)
         if tasks:

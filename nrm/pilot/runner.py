@@ -53,7 +53,9 @@ KILL_RETRY_S = 0.05
 #: tasks a slot holds committed (running + waiting in nrmd behind it); it
 #: is topped up when down to half: about one request per this many tasks
 CHAIN_DEPTH = 32
-#: the environment variable that changes it; 0: one launch per task, as
+#: tasks per batch request at most (nrmd takes requests up to 1 MiB)
+BATCH_MAX = 256
+#: the environment variable that changes CHAIN_DEPTH; 0: one launch per task, as
 #: without keys (docs/pilot.md, "Chained iterations")
 CHAIN_ENV = "NRM_PILOT_CHAIN"
 
@@ -423,17 +425,19 @@ class Runner:
             tasks.append(protocol.BatchTask(key, container, argv, cpus, wd, env))
         if not tasks:
             return
-        try:
-            if self.journal is not None:
-                self.journal.write()
-            fut = self.client.run_batch(self._batch_manifest, self.base_env, tasks,
-                                        self._on_exits, oversubscribe=False)
-        except Exception as exc:                  # refused before sending: as nrmd's refusal
-            fut = loop.create_future()
-            fut.set_exception(exc)
-        fut.add_done_callback(partial(self._batch_done, tasks))
-        self._inflight.add(fut)
-        fut.add_done_callback(self._inflight.discard)
+        for i in range(0, len(tasks), BATCH_MAX):
+            chunk = tasks[i:i + BATCH_MAX]
+            try:
+                if i == 0 and self.journal is not None:
+                    self.journal.write()
+                fut = self.client.run_batch(self._batch_manifest, self.base_env, chunk,
+                                            self._on_exits, oversubscribe=False)
+            except Exception as exc:              # refused before sending: as by nrmd
+                fut = loop.create_future()
+                fut.set_exception(exc)
+            fut.add_done_callback(partial(self._batch_done, chunk))
+            self._inflight.add(fut)
+            fut.add_done_callback(self._inflight.discard)
 
     def _on_exits(self, exits: List[protocol.BatchExit]) -> None:
         """A coalesced list of batched tasks' ends, handled in one pass;

@@ -1,12 +1,21 @@
 """nrm.pilot: iterations chained behind running ones on the same cores
-(the manager's slots; pure, no daemon: tests/pilot/test_pilot_run.py and
-the resume tests run them through nrmd)."""
+(the manager's slots, pure), and a cancel of them through a real nrmd
+(tests/pilot/test_pilot_run.py and the resume tests run chains too)."""
 
 from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
 
 from nrm.pilot import jobfile
 from nrm.pilot.manager import Manager
 from nrm.pilot.scheduler import Pool, parse_nodes
+from tests.nrmd import DaemonProcess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def spec(name, cores=None, after=(), iteration=None):
@@ -136,3 +145,42 @@ def test_replay_rebuilds_the_chain_and_releases_its_cores_once():
     assert again.pool.free == [[0, 1]] and again.pool.free_total == 2
     assert [t.name for t, _ in again.placements(5.0)] == ["it:3", "it:4"]
     assert again.slots == {}                        # chaining is the runner's choice
+
+
+CANCEL_CHAIN = textwrap.dedent('''
+    import collections, os, sys, time
+    from nrm.pilot.qcg import Jobs, LocalManager
+
+    wd = sys.argv[1]
+    manager = LocalManager(['--wd', wd, '--nodes', '2'], {'init_timeout': 60})
+    manager.submit(Jobs().add(name='it', exec='/bin/sh', iteration=12,
+                              args=['-c', 'sleep 1; echo ${it} >> ledger']))
+    time.sleep(1.5)
+    info = manager.info_parsed('it', withChilds=True)['it']
+    print('during:', sorted(collections.Counter(c.status for c in info.childs).items()))
+    print('used:', manager.resources()['used_cores'])
+    manager.cancel('it')
+    print('cancelled:', manager.wait4('it'))
+    info = manager.info_parsed('it', withChilds=True)['it']
+    print('after:', sorted((c.iteration, c.status) for c in info.childs))
+    manager.finish()
+''')
+
+
+def test_cancel_kills_the_committed_iterations_and_states_stay_truthful(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(CANCEL_CHAIN)
+    wd = tmp_path / "wd"
+    with DaemonProcess() as nrmd:
+        r = subprocess.run([sys.executable, str(path), str(wd)], capture_output=True,
+                           text=True, timeout=120, env=nrmd.env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    during = dict(ast.literal_eval(out["during"]))
+    # two run (one per core), the others wait in nrmd behind them (SCHEDULED)
+    assert during.get("EXECUTING") == 2 and during.get("SCHEDULED", 0) >= 2, out
+    assert out["used"] == "2" and out["cancelled"] == "{'it': 'CANCELED'}"
+    after = ast.literal_eval(out["after"])
+    assert {s for _, s in after} <= {"SUCCEED", "CANCELED"}
+    ran = (wd / "ledger").read_text().split() if (wd / "ledger").exists() else []
+    assert sorted(map(int, ran)) == sorted(i for i, s in after if s == "SUCCEED")
