@@ -14,6 +14,12 @@ a file, and splits each core's cycle into:
   exit reply (nrmd's reap, container end, reply, both zmq I/O threads);
 * ``reaction``: the pilot has an exit reply -> it sends the next launch.
 
+With batched launches (``RunBatch``, chained iterations: docs/pilot.md)
+each task of a batch counts as sent with it, so ``launch`` includes the
+time a chained task waits in nrmd behind its predecessor, and
+``reaction`` is the time from an exit to the next request, if any, sent
+after it; ``cycle_per_core_ms`` means the same either way.
+
 Also the cpu of each process over the steady part (first send to last exit,
 per task): the pilot (its main thread apart), nrmd with its reaped tasks,
 its spawners. Medians over ``--rounds`` runs. Prints JSON.
@@ -73,17 +79,25 @@ def sample():
 
 send, on_reply = client.AsyncClient._send, client.AsyncClient._on_reply
 
+BATCH, EXITS = getattr(protocol, "RunBatch", ()), getattr(protocol, "Exits", ())
+
 def timed_send(self, msg):
+    if isinstance(msg, (protocol.Run, BATCH)) and "first" not in cpu:
+        cpu["first"] = sample()
     if isinstance(msg, protocol.Run):
-        if "first" not in cpu:
-            cpu["first"] = sample()
         events.append(("send", time.monotonic(), msg.id, msg.argv[-2]))
+    elif isinstance(msg, BATCH):
+        now = time.monotonic()
+        events.extend(("send", now, t.key, t.argv[-2]) for t in msg.tasks)
     return send(self, msg)
 
 def timed_reply(self, frames):
     reply = protocol.decode_reply(frames[0])
     if isinstance(reply, protocol.Exit):
         events.append(("exit", time.monotonic(), reply.id, None))
+    elif isinstance(reply, EXITS):
+        now = time.monotonic()
+        events.extend(("exit", now, e.key, None) for e in reply.exits)
     return on_reply(self, frames)
 
 client.AsyncClient._send, client.AsyncClient._on_reply = timed_send, timed_reply

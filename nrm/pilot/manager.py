@@ -13,10 +13,12 @@ and so rebuilds the same jobs, states and histories.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import os
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from nrm.pilot import model
 from nrm.pilot.graph import DependencyGraph
@@ -32,6 +34,35 @@ def ok(message: str = "", **data) -> Dict[str, Any]:
 
 def error(message: str) -> Dict[str, Any]:
     return {"code": 1, "message": message, "data": {}}
+
+
+#: tasks committed in all slots at most: each holds a task key in nrmd,
+#: which keeps 16384 per user (docs/protocol.md, "Task keys")
+CHAIN_BUDGET = 4096
+
+
+class Slot:
+    """An allocation held by a chain of one job's iterations: the first is
+    running, the others wait in nrmd behind it, in order (each starts when
+    the one before it ends). The cores go back to the pool with the last."""
+
+    __slots__ = ("alloc", "job", "shape", "tasks", "order", "live")
+
+    def __init__(self, task: Task, order: int, live: bool = True):
+        self.alloc = task.allocation
+        self.job = task.job
+        self.shape = task.shape
+        self.tasks: Deque[Task] = deque((task,))
+        self.order = order
+        #: False: a chain a killed pilot left (replay), whose tasks are
+        #: settled one by one (nrm/pilot/resume.py); it only holds the cores
+        self.live = live
+
+
+def chain_shape(task: Task) -> bool:
+    """Iterations that can be chained: an exact core count, any nodes."""
+    cmin, cmax, nmin, nmax = task.shape
+    return cmin >= 1 and cmin == cmax and nmin == 0 and task.job.iterative
 
 
 class Manager:
@@ -55,6 +86,12 @@ class Manager:
         self.record: Callable[[Dict[str, Any]], None] = lambda r: None
         self.replaying = False
         self._uniq: Optional[str] = None
+        #: how many tasks a slot may hold committed (0: no chains), and
+        #: which jobs may be chained (the runner's: the batch path)
+        self.chain_depth = 0
+        self.chainable: Callable[[Job], bool] = lambda job: False
+        self.slots: Dict[int, Slot] = {}
+        self._slot_ids = itertools.count()
 
     def _state_of(self, name: str) -> Optional[str]:
         job = self.jobs.get(name)
@@ -176,19 +213,87 @@ class Manager:
                 self.scheduler.push(task)
 
     def placements(self, now: float) -> List[Tuple[Task, Allocation]]:
-        """Tasks to start now, each with its cores (state SCHEDULED)."""
+        """Tasks to start now, each with its cores (state SCHEDULED); with
+        chains, the chainable ones open a slot (:meth:`commits`)."""
         placed = self.scheduler.schedule()
+        chains = self.chain_depth > 0
         for task, alloc in placed:
+            task.chained = False
             self._place(task, alloc, task.attempt + 1, now)
+            if chains and chain_shape(task) and self.chainable(task.job):
+                slot = Slot(task, next(self._slot_ids))
+                self.slots[slot.order] = slot
+                task.chain = slot
         return placed
+
+    def commits(self, now: float) -> List[Tuple[Task, Allocation]]:
+        """Tasks committed behind the running ones of their slots (state
+        SCHEDULED, holding those cores), in the order each slot runs them.
+
+        Only when a slot is down to half its depth, and then every slot is
+        topped up to the depth: one batch per refill. Iterations go to the
+        slot with the fewest committed first (the one likely to free
+        first), so a job's iterations alternate over its slots as with
+        first-free placement."""
+        slots = self.slots
+        depth = self.chain_depth
+        if not slots or all(len(s.tasks) > depth // 2 for s in slots.values()):
+            return []
+        heap = [(len(s.tasks), s.order, s) for s in slots.values() if len(s.tasks) < depth]
+        heapq.heapify(heap)
+        room = CHAIN_BUDGET - sum(len(s.tasks) for s in slots.values())
+        done_jobs = set()
+        out: List[Tuple[Task, Allocation]] = []
+        while heap and len(out) < room:
+            n, order, slot = heapq.heappop(heap)
+            if slot.job in done_jobs:
+                continue
+            task = self.scheduler.successor(slot.job, slot.shape, slot.alloc.ncores)
+            if task is None:                # the job's next is not FIFO's next here
+                done_jobs.add(slot.job)
+                continue
+            task.chain = slot
+            task.chained = True
+            slot.tasks.append(task)
+            self._place(task, slot.alloc, task.attempt + 1, now)
+            out.append((task, slot.alloc))
+            if n + 1 < depth:
+                heapq.heappush(heap, (n + 1, order, slot))
+        return out
 
     def _place(self, task: Task, alloc: Allocation, attempt: int, now: float) -> None:
         task.allocation = alloc
         task.attempt = attempt
         if not self.replaying:
-            self.record({"t": "p", "n": task.seq, "a": attempt, "al": alloc.parts, "now": now})
+            record = {"t": "p", "n": task.seq, "a": attempt, "al": alloc.parts, "now": now}
+            if task.chained:
+                record["ch"] = 1
+            self.record(record)
         self._set(task, SCHEDULED, now)
         self.running[task.name] = task
+
+    def committed(self) -> int:
+        """Tasks placed that wait in nrmd behind another (not running)."""
+        return sum(len(s.tasks) - 1 for s in self.slots.values())
+
+    def _leave_slot(self, task: Task, now: float) -> bool:
+        """An ended task out of its slot; the next one there runs from now
+        (nrmd started it as this one ended). True if the cores stay held."""
+        slot = task.chain
+        task.chain = None
+        tasks = slot.tasks
+        if tasks and tasks[0] is task:
+            tasks.popleft()
+            nxt = tasks[0] if tasks else None
+            if nxt is not None and slot.live and nxt.state == SCHEDULED \
+                    and nxt.message != "canceled":      # else nrmd drops it: it never runs
+                self.started(nxt, now)
+        else:
+            tasks.remove(task)
+        if tasks:
+            return True
+        self.slots.pop(slot.order, None)
+        return False
 
     def started(self, task: Task, now: float) -> None:
         if not self.replaying:
@@ -202,9 +307,11 @@ class Manager:
         if not self.replaying:
             self.record({"t": "q", "n": task.seq, "now": now, "m": message})
         self.running.pop(task.name, None)
-        if task.allocation is not None and not self.replaying:
+        held = task.chain is not None and self._leave_slot(task, now)
+        if task.allocation is not None and not self.replaying and not held:
             self.pool.release(task.allocation)
         task.allocation = None
+        task.chained = False
         task.started = None
         task.handle = None
         task.message = message
@@ -227,16 +334,31 @@ class Manager:
                 record["st"] = real_start
             self.record(record)
         self.running.pop(task.name, None)
-        if task.allocation is not None and not self.replaying:
+        held = task.chain is not None and self._leave_slot(task, now)
+        if task.allocation is not None and not self.replaying and not held:
             self.pool.release(task.allocation)
         task.ended = now
         task.handle = None                  # nothing left to cancel
         if task.started is None:
             task.started = now
+        elif task.chained and real_start is not None:
+            self._started_at(task, real_start, now)
         task.exit_code = -1 if exit_code is None else exit_code
         task.message = message
         state = CANCELED if canceled else SUCCEED if exit_code == 0 else FAILED
         self._set(task, state, now)
+
+    @staticmethod
+    def _started_at(task: Task, real_start: float, now: float) -> None:
+        """A chained task's start is when nrmd started it, which the pilot
+        learns only with its end: its EXECUTING stamp and rtime take it
+        (kept between its placement and its end)."""
+        log = task._log
+        for i in range(len(log) - 2, -1, -2):
+            if log[i] == EXECUTING:
+                start = min(max(real_start, log[i - 1] if i else real_start), now)
+                log[i + 1] = task.started = start
+                return
 
     def _set(self, task: Task, state: str, now: float) -> None:
         if state in FINAL:
@@ -315,13 +437,14 @@ class Manager:
                     continue
                 if kind == "p":
                     alloc = Allocation([(n, list(c)) for n, c in r["al"]])
+                    task.chained = bool(r.get("ch"))
                     self._place(task, alloc, r["a"], r["now"])
                 elif kind == "x":
                     self.started(task, r["now"])
                 elif kind == "e":
                     task.pid, task.wd = r.get("pid"), r.get("wd")
                     self.ended(task, r["c"], r["now"], message=r.get("m"),
-                               canceled=bool(r.get("k")))
+                               canceled=bool(r.get("k")), real_start=r.get("st"))
                 elif kind == "q":
                     self.requeue(task, r["now"], r.get("m") or "")
         finally:
@@ -333,8 +456,17 @@ class Manager:
                     and task.job not in self.graph.unmet:
                 self.scheduler.push(task)
         interrupted = list(self.running.values())
-        for task in interrupted:
+        chains: Dict[Any, Slot] = {}
+        for task in interrupted:             # in the order they were placed
             self.pool.claim(task.allocation)
+            parts = repr(task.allocation.parts)
+            slot = chains.get(parts)
+            if slot is None:                 # the first of its cores
+                chains[parts] = task.chain = Slot(task, -1, live=False)
+            else:                            # behind it (a chain): the cores stay held
+                task.allocation = slot.alloc
+                task.chain = slot
+                slot.tasks.append(task)
         return interrupted
 
     # ---------------------------------------------------------- reports ---

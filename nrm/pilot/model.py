@@ -113,7 +113,7 @@ class Task(_History):
 
     __slots__ = ("job", "index", "name", "state", "_log", "cores",
                  "nodes", "allocation", "wd", "exit_code", "started", "ended", "attempt",
-                 "seq", "message", "pid", "handle", "shape")
+                 "seq", "message", "pid", "handle", "shape", "chain", "chained")
 
     def __init__(self, job: "Job", index: Optional[int],
                  cores: Optional[Count], nodes: Optional[Count], seq: int):
@@ -134,6 +134,8 @@ class Task(_History):
         self.pid: Optional[int] = None
         self.handle: Any = None           # the runner's: what cancels a running task
         self.shape: Any = None            # the scheduler's key, computed once per job
+        self.chain: Any = None            # the manager's Slot while it holds one
+        self.chained = False              # placed behind another task on its cores
 
     def set_state(self, state: str, now: float) -> None:
         self.state = state

@@ -42,7 +42,7 @@ class Progress:
 
     def counts(self):
         m = self.manager
-        return m.final_tasks, len(m.by_seq), len(m.running)
+        return m.final_tasks, len(m.by_seq), len(m.running) - m.committed()
 
     def text(self) -> str:
         done, total, running = self.counts()

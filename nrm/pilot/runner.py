@@ -6,6 +6,13 @@ QCG-compatible Python API) sits on: feed it requests, await
 whose slice is confined (``cpus_allowed``) to the real cpus the granted
 pool cores map onto, so a task's Cpus_allowed_list is its grant.
 
+With exact task keys, tasks of jobs that need no manifest or power policy
+of their own go to nrmd in batches (``AsyncClient.run_batch``: one request
+per loop turn, exits coalesced), and a job's following iterations are
+committed behind its running ones on the same cores (the manager's slots,
+docs/pilot.md "Chained iterations"), so nrmd starts each as its
+predecessor ends, with no round trip through the pilot in between.
+
 The pool is QCG's ``--nodes`` view. Core ``k`` of the pool (counted over
 all nodes in order) maps onto real cpu ``k mod N`` of the cpus this process
 may use; a pool larger than those N runs oversubscribed (shared slices),
@@ -21,6 +28,7 @@ import logging
 import os
 import shlex
 import time
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from nrm import protocol
@@ -42,6 +50,24 @@ FORGET_BATCH = 1024
 #: how often a cancelled task's container is asked for again while nrmd
 #: has not made it yet (its launch queued behind another client's slice)
 KILL_RETRY_S = 0.05
+#: tasks a slot holds committed (running + waiting in nrmd behind it); it
+#: is topped up when down to half: about one request per this many tasks
+CHAIN_DEPTH = 32
+#: tasks per batch request at most (nrmd takes requests up to 1 MiB)
+BATCH_MAX = 256
+#: the environment variable that changes CHAIN_DEPTH; 0: one launch per task, as
+#: without keys (docs/pilot.md, "Chained iterations")
+CHAIN_ENV = "NRM_PILOT_CHAIN"
+
+
+def chain_depth() -> int:
+    text = os.environ.get(CHAIN_ENV, "")
+    if not text:
+        return CHAIN_DEPTH
+    if not text.isdigit():
+        log.warning("%s=%r is not a number of tasks: using %d", CHAIN_ENV, text, CHAIN_DEPTH)
+        return CHAIN_DEPTH
+    return int(text)
 
 
 def tasks_per_node_slurm(counts: List[int]) -> str:
@@ -93,6 +119,11 @@ class Runner:
         #: keyed attempts that have ended, for nrmd to forget in batches
         self._ended_keys: List[str] = []
         self._forgetting: Optional[asyncio.Future] = None
+        #: tasks sent in a batch and not yet reported, by key
+        self._batched: Dict[str, Task] = {}
+        self._batch_manifest = Manifest(name="nrm-pilot", slice=Slice(cpus=1, mems=1))
+        self.manager.chain_depth = chain_depth()
+        self.manager.chainable = self.batchable
 
     # ------------------------------------------------------------ input ---
     def handle(self, req: Request) -> Dict[str, Any]:
@@ -145,18 +176,41 @@ class Runner:
         starts its fdatasync first) and a file's further requests."""
         now = time.time()
         placed = self.manager.placements(now)
+        if self.manager.slots:
+            placed += self.manager.commits(now)
         if placed and answer_first:
             asyncio.get_running_loop().call_soon(self._launch_all, placed)
-        else:
-            for task, alloc in placed:
-                self._launch(task, alloc, now)
+        elif placed:
+            self._launch_all(placed, now)
         if self.manager.done:
             self._done.set()
 
-    def _launch_all(self, placed: List[Tuple[Task, Allocation]]) -> None:
-        now = time.time()
+    def _launch_all(self, placed: List[Tuple[Task, Allocation]],
+                    now: Optional[float] = None) -> None:
+        now = time.time() if now is None else now
+        batch = []
         for task, alloc in placed:
-            self._launch(task, alloc, now)
+            if self.batchable(task.job):
+                batch.append((task, alloc))
+            else:
+                self._launch(task, alloc, now)
+        if batch:
+            self._send_batch(batch, now)
+
+    def batchable(self, job) -> bool:
+        """The job's tasks go in batches: keyed (a batch's tasks are),
+        without a manifest or power policy of their own (a batch has one
+        manifest; per-task profiles need their own run), an execution
+        model whose launcher needs no environment of its own, and no
+        oversubscribed pool (a batch runs tasks on equal cpus one at a
+        time, an oversubscribed pool shares them)."""
+        attempts = self.attempts
+        if attempts is None or not attempts.keyed or self.oversubscribed \
+                or not self.manager.chain_depth:
+            return False
+        spec = job.spec
+        return not (spec.nrm.manifest or spec.nrm.power
+                    or spec.execution.model in models.PARALLEL)
 
     async def wait_done(self) -> None:
         """Until every registered job is final (and reported)."""
@@ -226,8 +280,11 @@ class Runner:
             self._manifests[shape] = m
         return m
 
-    def task_env(self, task: Task, alloc: Allocation, cpus: List[int], wd: str) -> Dict[str, str]:
-        env = dict(self.base_env)
+    def task_env(self, task: Task, alloc: Allocation, cpus: List[int], wd: str,
+                 base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        """The task's environment: ``base`` (the pilot's own by default)
+        with the task's variables over it."""
+        env = dict(self.base_env if base is None else base)
         nodes = alloc.nodes
         per_node = [len(c) for _, c in alloc.parts]
         ncores = alloc.ncores
@@ -337,6 +394,117 @@ class Runner:
             error = exc
         fut = asyncio.ensure_future(self._follow(task, follow, error, key, manifest, plain,
                                                  env, wd, run))
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+
+    # ------------------------------------------------------------ batch ---
+    def _send_batch(self, placed: List[Tuple[Task, Allocation]], now: float) -> None:
+        """One ``run_batch`` for every batchable task placed or committed in
+        this turn, the journal written first (no launch it does not know)."""
+        attempts = self.attempts
+        loop = asyncio.get_running_loop()
+        tasks: List[protocol.BatchTask] = []
+        for task, alloc in placed:
+            if task.message == "canceled":         # cancelled before it was sent
+                loop.call_soon(self._not_launched, task, now, "canceled", True)
+                continue
+            try:
+                wd = self.task_wd(task)
+                cpus = self.real_cpus(alloc)
+                env = self.task_env(task, alloc, cpus, wd, base={})
+                argv = self.argv_for(task)
+            except Exception as exc:              # a bad wd: the task fails
+                loop.call_soon(self._not_launched, task, now, str(exc), False)
+                continue
+            if not task.chained:                  # it starts now; a chained one later
+                self.manager.started(task, now)
+            key = attempts.key(task.seq, task.attempt)
+            container = attempts.container(task.seq, task.attempt)
+            task.handle = container               # cancellable from now on (_kill)
+            self._batched[key] = task
+            tasks.append(protocol.BatchTask(key, container, argv, cpus, wd, env))
+        if not tasks:
+            return
+        for i in range(0, len(tasks), BATCH_MAX):
+            chunk = tasks[i:i + BATCH_MAX]
+            try:
+                if i == 0 and self.journal is not None:
+                    self.journal.write()
+                fut = self.client.run_batch(self._batch_manifest, self.base_env, chunk,
+                                            self._on_exits, oversubscribe=False)
+            except Exception as exc:              # refused before sending: as by nrmd
+                fut = loop.create_future()
+                fut.set_exception(exc)
+            fut.add_done_callback(partial(self._batch_done, chunk))
+            self._inflight.add(fut)
+            fut.add_done_callback(self._inflight.discard)
+
+    def _on_exits(self, exits: List[protocol.BatchExit]) -> None:
+        """A coalesced list of batched tasks' ends, handled in one pass;
+        what they made room for is placed and sent after it (one batch)."""
+        now = time.time()
+        offset = now - time.monotonic()        # nrmd's monotonic clock, this node's
+        batched = self._batched
+        ended = self.manager.ended
+        for ex in exits:
+            task = batched.pop(ex.key, None)
+            if task is None:
+                continue
+            if ex.pid:
+                task.pid = ex.pid
+            canceled = task.message == "canceled"
+            message = task.message if canceled else ex.error
+            if message is None and ex.status is None:
+                message = "nrmd has no exit status for it"
+            status = ex.status
+            if status is not None and status < 0:     # minus the signal: shell-style, as Exit's
+                status = 128 - status
+            ended(task, status, now, message=message, canceled=canceled,
+                  real_start=None if ex.started_at is None else ex.started_at + offset)
+            self.ended_key(ex.key)
+        self.pump()
+
+    def _batch_done(self, sent: List[protocol.BatchTask], fut: asyncio.Future) -> None:
+        """A batch's stream is over. Refused (nrmd said why): its tasks did
+        not run; refused for want of room for keys, they go under the fence
+        one by one (as a single launch does), else they fail."""
+        if fut.cancelled() or fut.exception() is None:
+            return
+        exc = fut.exception()
+        left = [(bt, self._batched.pop(bt.key)) for bt in sent if bt.key in self._batched]
+        if not left:
+            return
+        fence = isinstance(exc, NrmError) and exc.code == "keys_full"
+        if fence:
+            log.warning("%s; launching its %d tasks with the fence", exc, len(left))
+        else:
+            log.warning("a batch of %d tasks was refused: %s", len(left), exc)
+        now = time.time()
+        for bt, task in left:
+            if fence and task.message != "canceled":
+                self._launch_fenced(task, bt)
+            else:
+                canceled = task.message == "canceled"
+                self.manager.ended(task, None, now, message=task.message if canceled
+                                   else str(exc), canceled=canceled)
+        self.pump()
+
+    def _launch_fenced(self, task: Task, bt: protocol.BatchTask) -> None:
+        """A batched task nrmd refused for want of key room: launched alone,
+        under the fence, waiting for its cpus (so a chain keeps its order)."""
+        env = dict(self.base_env, **bt.env)
+        manifest = self.manifest_for(task, len(bt.cpus))
+        run = dict(output=False, on_started=None, wait=True, oversubscribe=False,
+                   cpus_allowed=list(bt.cpus), container=bt.container, detach=True,
+                   follow=True)
+        follow = error = None
+        try:
+            argv = self.attempts.wrap(task.seq, task.attempt, bt.argv, env.get("PATH"), bt.cwd)
+            follow = self.client.start_run(manifest, argv, env=env, cwd=bt.cwd, **run)
+        except Exception as exc:
+            error = exc
+        fut = asyncio.ensure_future(self._follow(task, follow, error, None, manifest, bt.argv,
+                                                 env, bt.cwd, run))
         self._inflight.add(fut)
         fut.add_done_callback(self._inflight.discard)
 

@@ -11,6 +11,11 @@ not stop a small one behind it), and costs the number of shapes per
 placement, never a scan of the queue. When a head does not fit (the cores
 are free but spread badly over nodes), tasks of the same shape behind it
 would not fit either: the bucket is skipped for the rest of the pass.
+
+:meth:`Scheduler.successor` answers the chaining question (the manager's
+slots, docs/pilot.md "Chained iterations"): which task FIFO would hand a
+busy allocation's cores to when they free, provided it is the next
+iteration of the job holding them.
 """
 
 from __future__ import annotations
@@ -165,6 +170,34 @@ class Scheduler:
             bucket = self.buckets[shape] = deque()
         bucket.append(task)
         self.queued += 1
+
+    def _head(self, bucket: Deque[Task]) -> Optional[Task]:
+        while bucket and bucket[0].state != QUEUED:
+            bucket.popleft()
+            self.queued -= 1
+        return bucket[0] if bucket else None
+
+    def successor(self, job, shape: Shape, ncores: int) -> Optional[Task]:
+        """Taken from the queue: the next queued task of ``job`` (of
+        ``shape``, exactly ``ncores`` cores), if it is the task FIFO would
+        give ``ncores`` cores that free up now: no task queued before it
+        (older, of any shape) needs at most those cores plus the free ones.
+        None otherwise (nothing is taken)."""
+        bucket = self.buckets.get(shape)
+        head = self._head(bucket) if bucket else None
+        if head is None or head.job is not job:
+            return None
+        room = self.pool.free_total + ncores
+        for other_shape, other in self.buckets.items():
+            if other is bucket:
+                continue
+            first = self._head(other)
+            if first is not None and first.seq < head.seq \
+                    and self.pool.min_cores(other_shape) <= room:
+                return None
+        bucket.popleft()
+        self.queued -= 1
+        return head
 
     def schedule(self) -> List[Tuple[Task, Allocation]]:
         placed: List[Tuple[Task, Allocation]] = []
