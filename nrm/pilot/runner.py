@@ -120,7 +120,7 @@ class Runner:
         self._ended_keys: List[str] = []
         self._forgetting: Optional[asyncio.Future] = None
         #: tasks sent in a batch and not yet reported, by key
-        self._batched: Dict[str, Task] = {}
+        self._batched: Dict[str, Tuple[Task, protocol.BatchTask]] = {}
         self._batch_manifest = Manifest(name="nrm-pilot", slice=Slice(cpus=1, mems=1))
         self.manager.chain_depth = chain_depth()
         self.manager.chainable = self.batchable
@@ -421,8 +421,9 @@ class Runner:
             key = attempts.key(task.seq, task.attempt)
             container = attempts.container(task.seq, task.attempt)
             task.handle = container               # cancellable from now on (_kill)
-            self._batched[key] = task
-            tasks.append(protocol.BatchTask(key, container, argv, cpus, wd, env))
+            bt = protocol.BatchTask(key, container, argv, cpus, wd, env)
+            self._batched[key] = (task, bt)
+            tasks.append(bt)
         if not tasks:
             return
         for i in range(0, len(tasks), BATCH_MAX):
@@ -446,13 +447,21 @@ class Runner:
         offset = now - time.monotonic()        # nrmd's monotonic clock, this node's
         batched = self._batched
         ended = self.manager.ended
+        fenced = 0
         for ex in exits:
-            task = batched.pop(ex.key, None)
-            if task is None:
+            entry = batched.pop(ex.key, None)
+            if entry is None:
                 continue
+            task, bt = entry
             if ex.pid:
                 task.pid = ex.pid
             canceled = task.message == "canceled"
+            if not ex.pid and not canceled and (ex.error or "").startswith("keys_full"):
+                # nrmd holds as many of this user's keys as it keeps (other
+                # pilots' not forgotten): this one goes under the fence
+                self._launch_fenced(task, bt)
+                fenced += 1
+                continue
             message = task.message if canceled else ex.error
             if message is None and ex.status is None:
                 message = "nrmd has no exit status for it"
@@ -462,6 +471,8 @@ class Runner:
             ended(task, status, now, message=message, canceled=canceled,
                   real_start=None if ex.started_at is None else ex.started_at + offset)
             self.ended_key(ex.key)
+        if fenced:
+            log.warning("nrmd keeps no more task keys: %d tasks launched with the fence", fenced)
         self.pump()
 
     def _batch_done(self, sent: List[protocol.BatchTask], fut: asyncio.Future) -> None:
@@ -471,7 +482,7 @@ class Runner:
         if fut.cancelled() or fut.exception() is None:
             return
         exc = fut.exception()
-        left = [(bt, self._batched.pop(bt.key)) for bt in sent if bt.key in self._batched]
+        left = [(bt, self._batched.pop(bt.key)[0]) for bt in sent if bt.key in self._batched]
         if not left:
             return
         fence = isinstance(exc, NrmError) and exc.code == "keys_full"
