@@ -327,6 +327,12 @@ class Manager:
         launch overhead: ``nrm pilot report``)."""
         if task.final:
             return
+        if task.chained and task.started is None and real_start is not None \
+                and exit_code is not None:
+            # it ran, and its exit outran its predecessor's (another reply
+            # of nrmd's): EXECUTING from when nrmd started it
+            log = task._log
+            self.started(task, min(max(real_start, log[-1] if log else real_start), now))
         if not self.replaying:
             record = {"t": "e", "n": task.seq, "c": exit_code, "now": now, "m": message,
                       "k": canceled, "pid": task.pid, "wd": task.wd}

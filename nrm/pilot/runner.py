@@ -426,11 +426,17 @@ class Runner:
             tasks.append(bt)
         if not tasks:
             return
+        journaled: Optional[Exception] = None
+        try:
+            if self.journal is not None:
+                self.journal.write()              # no launch the journal does not know
+        except Exception as exc:                  # then none is sent: they fail
+            journaled = exc
         for i in range(0, len(tasks), BATCH_MAX):
             chunk = tasks[i:i + BATCH_MAX]
             try:
-                if i == 0 and self.journal is not None:
-                    self.journal.write()
+                if journaled is not None:
+                    raise journaled
                 fut = self.client.run_batch(self._batch_manifest, self.base_env, chunk,
                                             self._on_exits, oversubscribe=False)
             except Exception as exc:              # refused before sending: as by nrmd
@@ -476,33 +482,27 @@ class Runner:
         self.pump()
 
     def _batch_done(self, sent: List[protocol.BatchTask], fut: asyncio.Future) -> None:
-        """A batch's stream is over. Refused (nrmd said why): its tasks did
-        not run; refused for want of room for keys, they go under the fence
-        one by one (as a single launch does), else they fail."""
+        """A batch's stream is over. Refused whole (nrmd said why, or it
+        could not be sent): its tasks not reported did not run, and fail
+        (nrmd refuses keys per task, in the exits: ``_on_exits``)."""
         if fut.cancelled() or fut.exception() is None:
             return
         exc = fut.exception()
-        left = [(bt, self._batched.pop(bt.key)[0]) for bt in sent if bt.key in self._batched]
+        left = [self._batched.pop(bt.key)[0] for bt in sent if bt.key in self._batched]
         if not left:
             return
-        fence = isinstance(exc, NrmError) and exc.code == "keys_full"
-        if fence:
-            log.warning("%s; launching its %d tasks with the fence", exc, len(left))
-        else:
-            log.warning("a batch of %d tasks was refused: %s", len(left), exc)
+        log.warning("a batch of %d tasks was refused: %s", len(left), exc)
         now = time.time()
-        for bt, task in left:
-            if fence and task.message != "canceled":
-                self._launch_fenced(task, bt)
-            else:
-                canceled = task.message == "canceled"
-                self.manager.ended(task, None, now, message=task.message if canceled
-                                   else str(exc), canceled=canceled)
+        for task in left:
+            canceled = task.message == "canceled"
+            self.manager.ended(task, None, now, message=task.message if canceled else str(exc),
+                               canceled=canceled)
         self.pump()
 
     def _launch_fenced(self, task: Task, bt: protocol.BatchTask) -> None:
         """A batched task nrmd refused for want of key room: launched alone,
-        under the fence, waiting for its cpus (so a chain keeps its order)."""
+        under the fence, waiting for its cpus (behind whatever nrmd already
+        queued there)."""
         env = dict(self.base_env, **bt.env)
         manifest = self.manifest_for(task, len(bt.cpus))
         run = dict(output=False, on_started=None, wait=True, oversubscribe=False,

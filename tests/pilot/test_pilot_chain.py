@@ -66,6 +66,22 @@ def test_iterations_alternate_over_slots_and_hold_the_cores_until_the_chain_ends
     assert names(mgr.placements(4.0)) == [("it:10", "n0[0]"), ("it:11", "n0[1]")]
 
 
+def test_a_chained_exit_that_outruns_its_predecessors_keeps_its_executing_stamp():
+    """nrmd's replies may bring a chained task's exit before the exit of
+    the task it was chained behind: its history still shows it EXECUTING,
+    from when nrmd started it, then SUCCEED."""
+    mgr, _ = manager("1", spec("it", iteration=3))
+    (first, _), = mgr.placements(1.0)
+    mgr.started(first, 1.0)
+    (second, _), (third, _) = mgr.commits(1.0)
+    mgr.ended(second, 0, 2.5, real_start=2.0)          # its predecessor's exit comes later
+    states = [(state, when) for state, when in zip(second._log[::2], second._log[1::2])]
+    assert states[-2:] == [("EXECUTING", 2.0), ("SUCCEED", 2.5)], states
+    assert second.started == 2.0
+    mgr.ended(first, 0, 2.6)
+    assert third.state == "EXECUTING"
+
+
 def test_cores_go_back_once_when_the_chain_ends():
     mgr, _ = manager("2", spec("it", iteration=6))
     placed = mgr.placements(1.0) + mgr.commits(1.0)
