@@ -641,10 +641,10 @@ class AsyncClient(_Endpoint):
         self._queues[msg.id] = q
         return q
 
-    def _send(self, msg) -> None:
+    def _send(self, msg, data: Optional[bytes] = None) -> None:
         """Never blocks: the DEALER has no send limit and its pipe exists
         from connect() on. The send may consume the socket's edge-triggered
-        readiness, hence the check."""
+        readiness, hence the check. ``data``: ``msg`` encoded already."""
         if self._reader is None:
             import asyncio
 
@@ -653,7 +653,7 @@ class AsyncClient(_Endpoint):
                                        batch=256, copy=True)
             self._send_frames = send_frames
         # pyzmq's Python layer and its enum flags cost more than the send
-        self._send_frames(self.sock, (_encode_request(msg),))
+        self._send_frames(self.sock, (data if data is not None else _encode_request(msg),))
         self._reader.sent()
 
     async def call(self, msg):
@@ -695,7 +695,10 @@ class AsyncClient(_Endpoint):
         Each task is keyed, detached and followed (docs/protocol.md,
         "Batches"): tasks on equal ``cpus`` run one at a time in the order
         of the calls, others concurrently. A request over nrmd's size limit
-        is sent as several, in order. Until ``features`` is known (from
+        is sent as several, in order, all encoded before any is sent: a
+        task too large alone is reported with error ``too_large: ...``, and
+        a refused one of several reports its own tasks with its error (the
+        others go on). Until ``features`` is known (from
         ``status``, asked for here the first time) the request waits for
         it; against an nrmd without "batch" each task is one ``start_run``
         (at most two per cpus in flight) and each exit its own list."""
@@ -729,32 +732,30 @@ class AsyncClient(_Endpoint):
             self._start_batch(*job)
 
     def _start_batch(self, manifest, env, tasks, on_exits, oversubscribe, fut) -> None:
-        from nrm.client_batch import BatchReplies, EmulatedBatch
+        from nrm.client_batch import BatchReplies, EmulatedBatch, plan_batch
         if "batch" not in self.features:
             EmulatedBatch(self, manifest, env, tasks, on_exits, oversubscribe, fut).start()
             return
-        replies = BatchReplies(self._queues, len(tasks), on_exits, fut)
         try:
-            self._send_batch(replies, manifest.to_dict(), dict(env), tasks, oversubscribe)
+            plan, alone = plan_batch(self._ids, manifest.to_dict(), dict(env), tasks,
+                                     oversubscribe)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            return
+        replies = BatchReplies(self._queues, len(tasks), on_exits, fut,
+                               split=len(plan) + bool(alone) > 1)
+        try:
+            for msg, data in plan:      # every request encoded before any is sent
+                self._queues[msg.id] = replies
+                replies.ids.append(msg.id)
+                replies.tasks[msg.id] = msg.tasks
+                self._send(msg, data)
         except BaseException as exc:
             replies.fail(exc)
-
-    def _send_batch(self, replies, manifest: dict, env: Dict[str, str],
-                    tasks: List[protocol.BatchTask], oversubscribe: bool) -> None:
-        """One request, or several in order when one is over nrmd's limit."""
-        msg = protocol.RunBatch(manifest=manifest, env=env, oversubscribe=oversubscribe,
-                                tasks=tasks)
-        msg.id = next(self._ids)
-        data = protocol.encode(msg)
-        if len(data) > protocol.MAX_REQUEST_BYTES and len(tasks) > 1:
-            half = len(tasks) // 2
-            self._send_batch(replies, manifest, env, tasks[:half], oversubscribe)
-            self._send_batch(replies, manifest, env, tasks[half:], oversubscribe)
             return
-        _encode_request(msg)        # raises too_large
-        self._queues[msg.id] = replies
-        replies.ids.append(msg.id)
-        self._send(msg)
+        if alone:
+            import asyncio
+            asyncio.get_running_loop().call_soon(replies.put, (protocol.Exits(exits=alone), None))
 
     async def forget(self, keys: List[str] = (), prefix: Optional[str] = None) -> int:
         return (await self.call(protocol.Forget(keys=list(keys), prefix=prefix)))["forgotten"]

@@ -9,24 +9,57 @@ the blocking client and the CLI never pay for it.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, List
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Tuple
 
 from nrm import protocol
-from nrm.client import NrmError
+from nrm.client import NrmError, _encode_request
 
 if TYPE_CHECKING:
     from nrm.client import AsyncClient
 
 
+def plan_batch(ids, manifest: dict, env: Dict[str, str], tasks: List[protocol.BatchTask],
+               oversubscribe: bool) -> Tuple[List[tuple], List[protocol.BatchExit]]:
+    """The requests of one batch, each (msg, its encoding), halved until
+    each is within nrmd's limit; and the exits of tasks too large alone.
+    Nothing is sent here: a size refusal is never half-sent. Raises
+    NrmError (too_large) when the manifest and env alone are too large."""
+    _encode_request(protocol.RunBatch(manifest=manifest, env=env, oversubscribe=oversubscribe))
+    plan: List[tuple] = []
+    alone: List[protocol.BatchExit] = []
+    todo = [tasks]
+    while todo:
+        part = todo.pop()
+        msg = protocol.RunBatch(manifest=manifest, env=env, oversubscribe=oversubscribe,
+                                tasks=part)
+        msg.id = next(ids)
+        try:
+            plan.append((msg, _encode_request(msg)))
+        except NrmError as exc:
+            if exc.code != "too_large":
+                raise
+            if len(part) == 1:
+                alone.append(protocol.BatchExit(key=part[0].key, container=part[0].container,
+                                                error=f"{exc.code}: {exc}"))
+            else:
+                half = len(part) // 2
+                todo += [part[half:], part[:half]]      # the first half next: in order
+    return plan, alone
+
+
 class BatchReplies:
-    """The replies of one ``run_batch`` (possibly sent as several requests):
-    counts the exits, calls back, ends the future."""
+    """The replies of one ``run_batch`` (possibly sent as several requests,
+    ``split``): counts the exits, calls back, ends the future. An error
+    reply to one of several reports that request's tasks with it."""
 
-    __slots__ = ("queues", "ids", "left", "on_exits", "future")
+    __slots__ = ("queues", "ids", "tasks", "split", "left", "on_exits", "future")
 
-    def __init__(self, queues: dict, n: int, on_exits, future):
+    def __init__(self, queues: dict, n: int, on_exits, future, split: bool = False):
         self.queues = queues
         self.ids: List[int] = []
+        #: each request's tasks, by its id
+        self.tasks: Dict[int, List[protocol.BatchTask]] = {}
+        self.split = split
         self.left = n
         self.on_exits = on_exits
         self.future = future
@@ -36,8 +69,14 @@ class BatchReplies:
         if self.future.done():
             return
         if isinstance(reply, protocol.Error):
-            self.fail(NrmError(reply.code, reply.message))
-            return
+            tasks = self.tasks.pop(reply.id, None)
+            if not self.split or tasks is None:
+                self.fail(NrmError(reply.code, reply.message))
+                return
+            self.queues.pop(reply.id, None)
+            error = f"{reply.code}: {reply.message}"
+            reply = protocol.Exits(exits=[protocol.BatchExit(key=t.key, container=t.container,
+                                                             error=error) for t in tasks])
         if not isinstance(reply, protocol.Exits):
             return
         self.left -= len(reply.exits)
@@ -115,13 +154,13 @@ class EmulatedBatch:
                 m, task.argv, env=env, cwd=task.cwd, key=task.key, container=task.container,
                 detach=True, follow=True, wait=True, output=False, cpus_allowed=list(task.cpus),
                 oversubscribe=self.oversubscribe)
-        except NrmError as exc:
+        except Exception as exc:        # reported as the task's error, whatever it is
             follow = exc
         asyncio.ensure_future(self._follow(task, follow, cpus, slot)).add_done_callback(quiet)
 
     async def _follow(self, task, follow, cpus, slot) -> None:
         try:
-            if isinstance(follow, NrmError):
+            if isinstance(follow, BaseException):
                 raise follow
             r = await follow
             exit_ = protocol.BatchExit(key=task.key, container=task.container, pid=r.pid,
@@ -130,6 +169,10 @@ class EmulatedBatch:
         except NrmError as exc:
             exit_ = protocol.BatchExit(key=task.key, container=task.container,
                                        error=f"{exc.code}: {exc}")
+        except Exception as exc:
+            # never a task unreported (and the batch's future never done)
+            exit_ = protocol.BatchExit(key=task.key, container=task.container,
+                                       error=f"client: {type(exc).__name__}: {exc}")
         finally:
             slot.inflight -= 1
             emulated_pump(self.client, cpus, slot)

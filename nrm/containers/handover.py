@@ -168,7 +168,7 @@ class HandOvers:
             if result.stage == "cancelled":
                 self.counters["handovers_cancelled"] += 1
                 if q.batch is not None and q.batch.killed:
-                    q.batch.not_started("killed before it started")
+                    q.batch.not_started("killed before it started", killed=True)
                     self._retry_waiting()
                     return
                 if promise.passes >= PASSES_BEFORE_REPROMISE:

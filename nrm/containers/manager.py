@@ -37,7 +37,7 @@ from nrm.containers.exits import ExitWatch
 from nrm.containers.handover import HandOvers
 from nrm.containers.identity import AccessDenied, check_cwd_access, groups_of
 from nrm.containers.model import (CONTAINER_NAME, Container, ContainerListener, Peer, Promise,
-                                  Queued, RunError, Sink, Task, new_id, refuse)
+                                  Queued, RunError, Sink, Task, check_no_nul, new_id, refuse)
 from nrm.containers.processes import alive, kill_group, reap, reopen_pipe
 from nrm.manifest import Manifest
 from nrm.containers.slices import ResourceManager, Slice, SliceError
@@ -119,6 +119,7 @@ class ContainerManager(HandOvers, Batches):
                            "letters, digits and . _ - : @ +, not starting with . or -")
         if container_name is not None and container_name in self.batch_names:
             raise RunError("busy", f"container {container_name} is a batch task's")
+        check_no_nul(argv, env, cwd)
         q = Queued(next(self._seq), peer, manifest, list(argv), env, cwd, sink,
                    container_name, detach, output, oversubscribe, cpus_allowed)
         task = self._run(q, wait)
@@ -166,10 +167,14 @@ class ContainerManager(HandOvers, Batches):
         try:
             return self._start_task(container, q.peer, q.argv, q.env, q.cwd, q.sink,
                                     q.detach, q.output)
-        except RunError:
+        except Exception as exc:
+            # whatever failed, the container made for it ends and its slice goes back
             if not container.tasks and not container.starting:
                 self._end_container(container)
-            raise
+            if isinstance(exc, RunError):
+                raise
+            log.error("launch into %s failed", cid, exc_info=True)
+            raise RunError("runtime", f"cannot start task: {exc}") from None
 
     def _register(self, cid: str, uid: int, manifest: Manifest, slice_: Slice, handle: Handle,
                   event: str) -> Container:
@@ -589,6 +594,18 @@ class ContainerManager(HandOvers, Batches):
             task.doomed = True
         return len(container.tasks) + len(container.starting)
 
+    def kill_task(self, peer: Peer, task_id: str, name: str) -> int:
+        """``kill`` of a task by an id found for ``name`` elsewhere (an
+        adopted batch task: its name was nrmd's memory, its key remembers
+        it); RunError not_found when it has ended."""
+        task = self.tasks.get(task_id)
+        if task is None or task.finished or task.pid <= 0:
+            raise RunError("not_found", f"no container {name}")
+        if not peer.may_touch(task.container.uid):
+            raise RunError("denied", f"container {name} belongs to uid {task.container.uid}")
+        kill_group(task.pid)
+        return 1
+
     def _client_exited(self, pid: int, task_ids) -> None:
         """A client that streamed tasks is gone: so are they, and its
         promised runs."""
@@ -668,6 +685,7 @@ class ContainerManager(HandOvers, Batches):
         self.batch_shutdown()
         if self.pool is not None:
             self.pool.drain()
+            self.batch_shutdown()       # promised launches the drain took back
         for container in list(self.containers.values()):
             self._end_container(container)
         self.clients.close()

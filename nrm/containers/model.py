@@ -86,6 +86,20 @@ class Sink:
         client left while it waited for a slice. It never runs."""
 
 
+def check_no_nul(argv, env, cwd, where: str = "") -> None:
+    """Refuse a NUL byte in a command line, environment or cwd: exec cannot
+    carry one, and the checks before it (os.stat of the cwd) would raise
+    ValueError rather than RunError in the middle of a launch."""
+    if cwd and "\0" in cwd:
+        raise RunError("invalid", f"{where}cwd: contains a NUL byte")
+    for i, arg in enumerate(argv):
+        if "\0" in arg:
+            raise RunError("invalid", f"{where}argv[{i}]: contains a NUL byte")
+    for k, v in (env or {}).items():
+        if "\0" in k or "\0" in v:
+            raise RunError("invalid", f"{where}env[{k[:64]!r}]: contains a NUL byte")
+
+
 def refuse(sink: Sink, exc: RunError) -> None:
     """A run that will not start after all: tell its client, if it listens."""
     fail = getattr(sink, "failed", None)

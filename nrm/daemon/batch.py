@@ -90,13 +90,19 @@ class BatchTaskSink(BatchSink):
             started_at=task.started_at or None, error=error))
 
     def failed(self, code: str, message: str) -> None:
-        self._unstarted(f"{code}: {message}")
+        self._unstarted(f"{code}: {message}", True)
 
-    def not_started(self, reason: str) -> None:
-        self._unstarted(reason)
+    def not_started(self, reason: str, killed: bool = False) -> None:
+        # only its owner's kill makes it ``failed``; else (nrmd stopped, it
+        # was dropped) its key is ``lost``: it never ran, a resumed client
+        # may run it (a claim's withdrawal has fenced the key already)
+        self._unstarted(reason, killed)
 
-    def _unstarted(self, message: str) -> None:
+    def _unstarted(self, message: str, final: bool) -> None:
         keys = self.reply.keys
         keys.withdraw.pop((self.uid, self.key), None)
-        keys.failed(self.uid, self.key, message)
+        if final:
+            keys.failed(self.uid, self.key, message)
+        else:
+            keys.dropped(self.uid, self.key)
         self.reply.add(protocol.BatchExit(key=self.key, container=self.name, error=message))

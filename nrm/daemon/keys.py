@@ -155,6 +155,9 @@ class TaskKeys:
         #: pending keys of batch tasks not started yet: how to withdraw each
         #: (True when it will never run), so that a claim can fence it
         self.withdraw: Dict[Tuple[int, str], Callable[[], bool]] = {}
+        #: adopted tasks' ids by the name their key gives (a batch task's,
+        #: which no container bears): ``kill`` by that name finds the task
+        self.adopted_names: Dict[str, str] = {}
         self._file = jsonlines.TurnLog(
             path, self._snapshot, self._write_failed, defer,
             lambda size: size > COMPACT_BYTES and size > 400 * len(self.keys))
@@ -213,6 +216,7 @@ class TaskKeys:
                 continue
             if entry.state == "running" and self._alive(entry.task):
                 entry.adopted = True
+                self.adopted_names[entry.container] = entry.task
                 out["adopted"] += 1
             else:
                 entry.state = "lost"
@@ -353,14 +357,17 @@ class TaskKeys:
                 self.counters["fenced"] += 1
                 out[key] = {"state": "unknown"}
                 continue
-            hook = self.withdraw.pop((uid, key), None) if entry.state == "pending" else None
+            hook = self.withdraw.get((uid, key)) if entry.state == "pending" else None
             if hook is not None:
                 entry.state = "fenced"      # before: its sink must not record an end
                 if hook():
+                    self.withdraw.pop((uid, key), None)
                     self._write(uid, key, entry.record(uid, key))
                     self.counters["fenced"] += 1
                     out[key] = {"state": "unknown"}
                     continue
+                # in a spawner's hands now; it may come back to a queue (a
+                # promise taken back), where a later claim withdraws it
                 entry.state = "pending"
             self._refresh(uid, key, entry)
             out[key] = entry.answer()

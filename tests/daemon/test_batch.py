@@ -6,9 +6,13 @@ against the same nrmd."""
 
 import asyncio
 import collections
+import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -16,6 +20,8 @@ import pytest
 from nrm import protocol
 from nrm.client import AsyncClient, Client, NrmError
 from nrm.manifest import Manifest, Slice
+from tests.conftest import needs_root
+from tests.daemon.test_security import NOBODY
 from tests.nrmd import REPO, wait_for
 
 ONE = Manifest(name="batch", slice=Slice(cpus=1, mems=1))
@@ -303,3 +309,198 @@ def test_an_oversubscribed_batch_keeps_its_order(daemon, tmp_path):
     spans = [tuple(map(int, (tmp_path / str(i)).read_text().split())) for i in range(4)]
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert end <= start, spans
+
+
+def _as_nobody(daemon, script, *args):
+    """A client process of uid 65534 (the tests run as root); its stdout."""
+    out = subprocess.run(NOBODY + [sys.executable, "-c", script, daemon.rundir, *args], cwd="/",
+                         env=dict(daemon.env, PYTHONPATH=REPO), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory another user can write in (pytest's tmp_path is root's alone)."""
+    path = tempfile.mkdtemp(prefix="nrmt-batch-", dir="/tmp")
+    os.chmod(path, 0o777)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+NOBODY_BATCH = textwrap.dedent("""
+    import asyncio, json, sys
+    from nrm import protocol
+    from nrm.client import AsyncClient
+    from nrm.manifest import Manifest, Slice
+    async def main():
+        async with AsyncClient(sys.argv[1]) as c:
+            await c.status()
+            lists = []
+            await c.run_batch(Manifest(name="batch", slice=Slice(cpus=1, mems=1)),
+                              {"PATH": "/usr/bin:/bin"}, [protocol.BatchTask(
+                key="two.b", container="two-b", cpus=[1],
+                argv=["sh", "-c", f"echo $NRM_CONTAINER_ID > {sys.argv[2]}/b"])], lists.append)
+            print(json.dumps([[e.status, e.error] for x in lists for e in x]))
+    asyncio.run(main())
+""")
+
+
+@needs_root()
+def test_tasks_of_two_users_on_the_same_cpus_never_share_a_container(daemon, shared_dir):
+    """A task joins its cpus' container only as its owner's: another
+    user's, queued behind it, gets a container of its own."""
+    tmp_path = shared_dir
+    gate = tmp_path / "go"
+    tasks = [_task("two.a", _sh(f"echo $NRM_CONTAINER_ID > {tmp_path}/a; "
+                                f"while [ ! -e {gate} ]; do sleep 0.01; done"), [1])]
+
+    async def go():
+        async with AsyncClient(daemon.rundir) as c:
+            await c.status()
+            lists = []
+            fut = c.run_batch(ONE, ENV, tasks, lists.append)
+            while not (tmp_path / "a").exists():
+                await asyncio.sleep(0.01)
+            keys = (await c.status())["keys"]["keys"]
+            other = subprocess.Popen(
+                NOBODY + [sys.executable, "-c", NOBODY_BATCH, daemon.rundir, str(tmp_path)],
+                cwd="/", env=dict(daemon.env, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                text=True)
+            # its task is queued behind ours once its key is taken
+            while (await c.status())["keys"]["keys"] == keys:
+                await asyncio.sleep(0.01)
+            gate.touch()
+            await fut
+            out, _ = other.communicate(timeout=60)
+            assert other.returncode == 0
+            return lists, json.loads(out)
+    lists, theirs = asyncio.run(go())
+    assert _by_key(lists, tasks)["two.a"].status == 0
+    assert theirs == [[0, None]]
+    assert (tmp_path / "a").read_text() != (tmp_path / "b").read_text()
+
+
+NOBODY_NUL = textwrap.dedent("""
+    import sys
+    from nrm.client import Client, NrmError
+    from nrm.manifest import Manifest, Slice
+    with Client(sys.argv[1]) as c:
+        before = len(c.list())
+        try:
+            c.run(Manifest(name="nul", slice=Slice(cpus=1, mems=1)), ["true"], cwd="/\\0x",
+                  stdout=None, stderr=None)
+        except NrmError as exc:
+            print(exc.code, len(c.list()) - before)
+""")
+
+
+def test_a_nul_byte_refuses_the_request(daemon, tmp_path):
+    """In a batch: the request whole, as any malformed one. In a run of
+    another user (whose cwd nrmd checks): refused, no container left."""
+    mark = tmp_path / "ran"
+    good = _task("nul.1", ["touch", str(mark)], [0])
+    bad_sets = [[good, _task("nul.2", ["true"], [0], cwd="/tmp\0x")],
+                [good, _task("nul.3", ["true", "a\0b"], [0])],
+                [good, _task("nul.4", ["true"], [0], env={"A": "x\0y"})]]
+
+    async def go():
+        async with AsyncClient(daemon.rundir) as c:
+            codes = []
+            for tasks, env in [(t, ENV) for t in bad_sets] + [([good], dict(ENV, B="\0"))]:
+                with pytest.raises(NrmError) as err:
+                    await c.run_batch(ONE, env, tasks, lambda exits: None)
+                codes.append((err.value.code, str(err.value).split(":")[0]))
+            return codes
+    assert asyncio.run(go()) == [("invalid", "tasks[1].cwd"), ("invalid", "tasks[1].argv[1]"),
+                                 ("invalid", "tasks[1].env['A']"), ("invalid", "env['B']")]
+    assert not mark.exists()
+    if os.geteuid() == 0:
+        assert _as_nobody(daemon, NOBODY_NUL) == "invalid 0\n"
+
+
+def test_a_batch_over_the_request_limit_is_split_and_only_its_bad_parts_fail(daemon, tmp_path):
+    """Every part is encoded before any is sent: a task too large alone is
+    reported as its own error, a part nrmd refuses reports its own tasks,
+    and the others run and are reported."""
+    pad = {f"PAD{i}": "x" * 100_000 for i in range(6)}     # two such tasks need two requests
+    tasks = [_task("big.ok", _sh(f"sleep 0.2; touch {tmp_path}/ok"), [0], env=pad),
+             _task("big.bad", ["true"], [], env=pad),                   # nrmd refuses its part
+             _task("big.huge", ["true"], [1], env={"PAD": "x" * (1 << 20)})]
+    exits = _by_key(asyncio.run(_batches(daemon.rundir, (tasks, False))), tasks)
+    assert exits["big.ok"].status == 0 and (tmp_path / "ok").exists()
+    assert exits["big.bad"].error.startswith("invalid: ") and exits["big.bad"].pid == 0
+    assert exits["big.huge"].error.startswith("too_large: ") and exits["big.huge"].pid == 0
+
+
+def test_an_older_waiting_run_goes_before_later_batch_tasks_of_its_cpus(daemon, tmp_path):
+    """Chaining keeps a slot's container only while no older run waits for
+    its cpus: a run queued before a later batch starts before its tasks."""
+    gate = tmp_path / "go"
+    first = [_task("fifo.0", _sh(f"while [ ! -e {gate} ]; do sleep 0.01; done"), [0]),
+             _task("fifo.1", _stamped(tmp_path / "1"), [0])]
+    later = [_task(f"fifo.{i}", _stamped(tmp_path / str(i)), [0]) for i in (2, 3)]
+
+    async def go():
+        async with AsyncClient(daemon.rundir) as c, AsyncClient(daemon.rundir) as c2:
+            await c.status()
+            lists = []
+            f1 = c.run_batch(ONE, ENV, first, lists.append)
+            run = asyncio.ensure_future(c2.run(ONE, _stamped(tmp_path / "run"), wait=True,
+                                               cpus_allowed=[0], output=False))
+            while (await c.status())["waiting"] < 1:
+                await asyncio.sleep(0.01)
+            f2 = c.run_batch(ONE, ENV, later, lists.append)
+            await c.status()        # the later batch is queued
+            gate.touch()
+            await asyncio.gather(f1, f2, run)
+            return lists
+    exits = _by_key(asyncio.run(go()), first + later)
+    assert all(e.status == 0 for e in exits.values())
+    start = {n: int((tmp_path / n).read_text().split()[0]) for n in ("1", "run", "2", "3")}
+    assert start["1"] < start["run"] < start["2"] < start["3"], start
+
+
+def test_an_emulated_task_the_client_cannot_send_is_reported_as_its_error(daemon):
+    tasks = [_task("emubad.ok", ["true"], [0]), _task("emubad.obj", ["true", object()], [0])]
+
+    async def go():
+        async with AsyncClient(daemon.rundir) as c:
+            c.features = frozenset()
+            lists = []
+            await asyncio.wait_for(c.run_batch(ONE, ENV, tasks, lists.append), 30)
+            return lists
+    exits = _by_key(asyncio.run(go()), tasks)
+    assert exits["emubad.ok"].status == 0
+    assert exits["emubad.obj"].error.startswith("client: ") and exits["emubad.obj"].pid == 0
+
+
+def test_a_claim_withdraws_a_task_whose_promise_was_taken_back(daemon, tmp_path):
+    """A batch task promised a slice (a spawner holds it) answers a claim
+    ``pending``; taken back into the queue (younger runs passed it), a
+    later claim still withdraws it: it never runs."""
+    mark = tmp_path / "ran"
+
+    async def go():
+        async with AsyncClient(daemon.rundir) as c:
+            await c.status()
+            hog = await c.run(ONE, ["sleep", "60"], detach=True, cpus_allowed=[0], output=False)
+            lists = []
+            fut = c.run_batch(ONE, ENV, [_task("prom.x", ["touch", str(mark)], [0])],
+                              lists.append)
+            while (await c.status())["waiting"] < 1:
+                await asyncio.sleep(0.01)
+            assert (await c.claim(["prom.x"]))["keys"]["prom.x"] == {"state": "pending"}
+            before = (await c.status())["tasks"]["handovers_cancelled"]
+            while (await c.status())["tasks"]["handovers_cancelled"] == before:
+                await c.run(ONE, ["true"], cpus_allowed=[1], output=False)    # passes it
+            states = (await c.claim(["prom.x"]))["keys"]
+            await c.kill(hog.container)
+            await fut
+            return lists, states
+    lists, states = asyncio.run(go())
+    assert states["prom.x"] == {"state": "unknown"}
+    assert lists == [[protocol.BatchExit(key="prom.x", container="prom-x",
+                                         error="claimed before it started")]]
+    assert not mark.exists()

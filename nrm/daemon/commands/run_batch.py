@@ -9,7 +9,7 @@ program or cwd missing) is reported in ``exits`` with ``error``."""
 import dataclasses
 
 from nrm import protocol
-from nrm.containers.model import CONTAINER_NAME, RunError
+from nrm.containers.model import CONTAINER_NAME, RunError, check_no_nul
 from nrm.containers.spawner import BaseEnv, SplitEnv
 from nrm.daemon.batch import BatchReply, BatchTaskSink
 from nrm.daemon.commands.run import _manifest
@@ -18,8 +18,14 @@ from nrm.manifest import ManifestError
 
 NAME = "run_batch"
 
+#: (id of a template, cpus) -> (the template, its manifest for that many
+#: cpus): the same object for every request of a stream, which a task must
+#: share to join its slot's container (compared by identity first)
+_sized: dict = {}
+
 
 def _check(msg) -> None:
+    check_no_nul((), msg.env, None)
     keys, names = set(), set()
     for i, t in enumerate(msg.tasks):
         where = f"tasks[{i}]"
@@ -29,6 +35,7 @@ def _check(msg) -> None:
                            "letters, digits and . _ - : @ +, not starting with . or -")
         if not t.argv:
             raise RunError("invalid", f"{where}.argv: no command given")
+        check_no_nul(t.argv, t.env, t.cwd, f"{where}.")
         if not t.cpus or min(t.cpus) < 0 or len(set(t.cpus)) != len(t.cpus):
             raise RunError("invalid", f"{where}.cpus: {t.cpus[:16]} is not a list of "
                            "distinct cpu numbers")
@@ -39,6 +46,16 @@ def _check(msg) -> None:
                            "the request")
         keys.add(t.key)
         names.add(t.container)
+
+
+def _sized_manifest(template, n: int):
+    entry = _sized.get((id(template), n))
+    if entry is None or entry[0] is not template:
+        if len(_sized) >= 256:
+            _sized.clear()
+        entry = _sized[(id(template), n)] = (template, dataclasses.replace(
+            template, slice=dataclasses.replace(template.slice, cpus=n)))
+    return entry[1]
 
 
 def execute(daemon, req, msg) -> None:
@@ -73,8 +90,7 @@ def execute(daemon, req, msg) -> None:
         n = len(cpus)
         manifest = manifests.get(n)
         if manifest is None:
-            manifest = manifests[n] = dataclasses.replace(
-                template, slice=dataclasses.replace(template.slice, cpus=n))
+            manifest = manifests[n] = _sized_manifest(template, n)
         registry.withdraw[(uid, key)] = (
             lambda name=name: cm.batch_withdraw(name, "claimed before it started"))
         tasks.append((manifest, t.argv, SplitEnv(base, t.env), t.cwd, name, cpus, sink))
