@@ -64,11 +64,11 @@ def job_file(wd: str) -> str:
 def qcg_service() -> Tuple[Optional[str], Optional[str]]:
     """(qcg-pm-service, None), installed in its venv if need be, or
     (None, why there is none)."""
+    if os.environ.get("PILOT_BENCH_QCG") == "0":
+        return None, "PILOT_BENCH_QCG=0"
     exe = os.path.join(QCG_VENV, "bin", "qcg-pm-service")
     if os.access(exe, os.X_OK):
         return exe, None
-    if os.environ.get("PILOT_BENCH_QCG") == "0":
-        return None, "PILOT_BENCH_QCG=0"
     for argv in ([sys.executable, "-m", "venv", QCG_VENV],
                  [os.path.join(QCG_VENV, "bin", "pip"), "install", "-q",
                   f"qcg-pilotjob=={QCG_VERSION}"]):
