@@ -28,6 +28,8 @@ REQUESTS = [_plain(m) for m in (
     protocol.Report(id=8, container="c1"),
     protocol.Claim(id=9, keys=["p.1.1", "p.2.1"]),
     protocol.Forget(id=10, keys=["p.1.1"], prefix="p."),
+    protocol.RunBatch(id=11, manifest=_MANIFEST, env={"A": "b"}, tasks=[
+        protocol.BatchTask(key="p.3.1", container="c3", argv=["/bin/true"], cpus=[0])]),
 )]
 REQUEST_KEYS = sorted({f.name for t in protocol.Request.__args__
                        for f in msgspec.structs.fields(t)})

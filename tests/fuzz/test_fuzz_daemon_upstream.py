@@ -2,7 +2,8 @@
 
 Every well-framed request must get exactly one final reply (``error`` with
 a documented code, ``ack``, or a run's ``exit``) carrying the id the
-daemon could read from it (0 when it could not decode one); the daemon
+daemon could read from it (0 when it could not decode one), a
+``run_batch`` an ``error`` or ``exits`` naming each of its tasks once; the daemon
 stays up, ``status`` answers, and its RSS stays bounded after many inputs.
 Runs with fuzzed manifests really start containers (running /bin/true);
 once they are gone no container and no hardware control may remain.
@@ -11,6 +12,7 @@ once they are gone no container and no hardware control may remain.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import random
@@ -54,6 +56,11 @@ def sock(nrmd):
     s.close()
 
 
+#: run_batch ids the harness gives (above any the samples use) -> tasks
+_batch_ids = itertools.count(1 << 40)
+_batch_sizes: dict = {}
+
+
 def _expected_id(frames):
     """The id of the final reply the daemon owes for ``frames`` (None: a
     credit, which has no reply), and the frames to really send (runs are
@@ -69,6 +76,12 @@ def _expected_id(frames):
         msg = msgspec.structs.replace(msg, argv=["/bin/true"], env={}, detach=False,
                                       output=True)
         frames = [protocol.encode(msg)]
+    if isinstance(msg, protocol.RunBatch):
+        # Its own id: the exits of its tasks are counted against it.
+        tasks = [msgspec.structs.replace(t, argv=["/bin/true"], env={}) for t in msg.tasks]
+        msg = msgspec.structs.replace(msg, id=next(_batch_ids), env={}, tasks=tasks)
+        frames = [protocol.encode(msg)]
+        _batch_sizes[msg.id] = len(tasks)
     if isinstance(msg, protocol.Credit):
         return None, frames, True
     return msg.id, frames, True
@@ -101,7 +114,13 @@ def _exchange(sock, batch, timeout_s: float = 10.0):
             assert reply.code != "internal", reply
             assert reply.message
             errors += 1
-        if isinstance(reply, FINAL):
+        if isinstance(reply, protocol.Exits):
+            left = _batch_sizes[reply.id] - len(reply.exits)
+            assert left >= 0, f"more exits than tasks: {reply!r}"[:3000]
+            _batch_sizes[reply.id] = left
+            if not left:
+                got[reply.id] += 1
+        elif isinstance(reply, FINAL):
             got[reply.id] += 1
         elif isinstance(reply, protocol.Started):
             count("upstream.daemon.runs_started")

@@ -91,7 +91,9 @@ REPLIES = [json.loads(protocol.encode(m)) for m in (
     protocol.Error(id=1, code="invalid", message="m"), protocol.Ack(id=2, data={"a": [1]}),
     protocol.Started(id=3, container="c", task="t", pid=1, cpus=[0], mems=[0]),
     protocol.Output(id=4, task="t", stream="stderr"),
-    protocol.Exit(id=5, task="t", container="c", code=1, status=1, profile={"e": 1.0}))]
+    protocol.Exit(id=5, task="t", container="c", code=1, status=1, profile={"e": 1.0}),
+    protocol.Exits(id=6, exits=[protocol.BatchExit(key="k", container="c", pid=1, status=0,
+                                                   started_at=1.0)]))]
 
 
 @FUZZ
