@@ -25,6 +25,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
                                     InfoMetricFamily, Metric, SummaryMetricFamily)
 from prometheus_client.samples import Sample
 
+from nrm import protocol
 from nrm.http.sources import Sources
 from nrm.log import RateLimitedLog
 
@@ -304,7 +305,11 @@ class DaemonCollector:
         d = self.sources
         by_type = CounterMetricFamily("nrm_requests", "client requests dispatched, by type",
                                       labels=["type"])
-        for name, count in sorted(d.request_counts.items()):
+        # Every request type from the start, 0 until used: a rate over a
+        # counter that appears mid-series loses its first increments.
+        counts = dict.fromkeys(protocol.request_tags(), 0)
+        counts.update(d.request_counts)
+        for name, count in sorted(counts.items()):
             by_type.add_metric([name], count)
         yield by_type
         upstream = d.upstream

@@ -116,7 +116,6 @@ def test_bind_failure_is_a_clear_startup_error():
         with pytest.raises(RuntimeError, match="exited"):
             d.start()
         log = d.log()
-        d._log.close()
         shutil.rmtree(d.rundir, ignore_errors=True)
     assert f"http: cannot listen on 127.0.0.1:{port}" in log, log
 
