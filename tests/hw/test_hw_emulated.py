@@ -10,7 +10,7 @@ import time
 import pytest
 
 from nrm.hw import HardwareError, open_platform
-from nrm.hw.emulated import EmulatedPlatform, find_cpu_cgroup_mount, last_cpu
+from nrm.hw.emulated import EmulatedPlatform, find_cpu_cgroup_mount, last_cpu, placement_wait
 from tests.nrmd import wait_for
 from tests.fakehw import FakeNode
 
@@ -286,3 +286,19 @@ def test_only_the_containers_own_threads_are_billed():
         for child in (container, hog):
             child.kill()
             child.wait()
+
+
+@pytest.mark.parametrize("last,moved,expected", [
+    (0.0, False, 0.02),     # the first pass after a wake-up: fast
+    (0.02, True, 0.02),     # a thread moved: stay fast
+    (0.02, False, 0.04),    # nothing moved: back off
+    (0.16, False, 0.2),     # ... up to the idle period
+    (0.2, False, 0.2),
+    (0.2, True, 0.02),      # a move brings the fast rate back at once
+])
+def test_placement_backs_off_while_nothing_moves(last, moved, expected):
+    assert placement_wait(last, moved, fast=0.02, idle=0.2) == pytest.approx(expected)
+
+
+def test_placement_idle_period_never_below_the_fast_one():
+    assert placement_wait(0.05, False, fast=0.05, idle=0.01) == 0.05
