@@ -119,8 +119,10 @@ def _exchange(sock, batch, timeout_s: float = 10.0):
             assert left >= 0, f"more exits than tasks: {reply!r}"[:3000]
             _batch_sizes[reply.id] = left
             if not left:
+                del _batch_sizes[reply.id]
                 got[reply.id] += 1
         elif isinstance(reply, FINAL):
+            _batch_sizes.pop(reply.id, None)    # a batch refused whole
             got[reply.id] += 1
         elif isinstance(reply, protocol.Started):
             count("upstream.daemon.runs_started")
