@@ -10,9 +10,12 @@ Two endpoints feed one callback with protocol structs
   so nothing downstream of this module knows the old format exists.
 
 A program can send much faster than one ``await`` per message can receive
-(FACTS 9: ~70 k/s that way, ~700 k/s when draining), so each endpoint task
-wakes once per burst and then drains with non-blocking receives, up to
-``batch`` messages before it yields to the event loop.  Both sockets have a
+(FACTS 9: ~70 k/s that way, ~700 k/s when draining), so each endpoint is
+drained straight from the event loop's reader callback on its ZMQ_FD, with
+non-blocking receives until EAGAIN, up to ``batch`` messages before it
+yields to the loop. No future or task stands between the wake-up and the
+drain: a rank's phase report costs the daemon one loop iteration, which
+matters on a node whose cpus the ranks fill (docs/policies.md).  Both sockets have a
 receive high-water mark, so a flood costs bounded memory: beyond it libzmq
 drops (SUB) or pushes back on the senders (PULL), which libnrm turns into
 dropped sends rather than a stalled application.  The mark is per
@@ -217,7 +220,9 @@ class _Endpoint:
         self.kind = kind
         self.asock: Optional[zmq.asyncio.Socket] = None
         self.raw: Optional[zmq.Socket] = None
-        self.task: Optional[asyncio.Task] = None
+        self.fd: Optional[int] = None
+        #: a drain is queued on the loop (a full batch, or the start)
+        self.scheduled = False
         self.counters: Dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
 
 
@@ -265,6 +270,7 @@ class Ingest:
         # perf_counter() when the batch being dispatched was drained: callbacks
         # read it to measure latency from arrival, queueing in the batch included.
         self.arrival: Optional[float] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -287,8 +293,12 @@ class Ingest:
                 self.counters.pop(ep.name, None)
                 self.failures[ep.name] = f"cannot bind {ep.uri}: {reason}"
                 log.warning("downstream %s endpoint off: %s", ep.name, self.failures[ep.name])
+        loop = asyncio.get_running_loop()
+        self._loop = loop
         for ep in self._endpoints:
-            ep.task = asyncio.ensure_future(self._run(ep))
+            ep.fd = ep.raw.getsockopt(zmq.FD)
+            loop.add_reader(ep.fd, self._wake, ep)
+            self._schedule(ep)   # what arrived before the reader was added
 
     def _bind(self, ep: _Endpoint) -> None:
         if ep.uri.startswith("ipc://"):
@@ -312,18 +322,13 @@ class Ingest:
 
     async def stop(self) -> None:
         """Stop draining and close the sockets; safe to call twice."""
-        tasks = [ep.task for ep in self._endpoints if ep.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # a crashed drain task was already logged
-                pass
         for ep in self._endpoints:
-            ep.task = None
+            if ep.fd is not None and self._loop is not None:
+                try:
+                    self._loop.remove_reader(ep.fd)
+                except (ValueError, OSError):
+                    pass
+            ep.fd = None
         self._close_sockets()
         self._flush_log(force=True)
 
@@ -346,20 +351,33 @@ class Ingest:
 
     # ---------------------------------------------------------------- drain
 
-    async def _run(self, ep: _Endpoint) -> None:
-        drain = self._drain_seed if ep.kind == zmq.SUB else self._drain_v1
-        while True:
-            await ep.asock.poll(flags=zmq.POLLIN)
-            try:
-                n = drain(ep)
-            except Exception:   # never stop draining: log, count, go on
-                ep.counters["callback_errors"] += 1
-                rl_log.error("downstream %s drain failed", ep.name, exc_info=True)
-                n = 0
-            if n >= self.batch:
-                # Awaiting an already-complete poll would not yield: give
-                # the rest of the daemon its turn explicitly.
-                await asyncio.sleep(0)
+    def _schedule(self, ep: _Endpoint) -> None:
+        if not ep.scheduled:
+            ep.scheduled = True
+            self._loop.call_soon(self._wake, ep)
+
+    def _wake(self, ep: _Endpoint) -> None:
+        """The socket's ZMQ_FD signalled, or a drain was queued: drain a
+        batch. ZMQ_FD is edge-triggered, so the drain goes on until EAGAIN;
+        a full batch queues the rest behind the loop's other callbacks."""
+        ep.scheduled = False
+        if ep.raw is None:
+            return      # stopped while queued
+        try:
+            n = self._drain_seed(ep) if ep.kind == zmq.SUB else self._drain_v1(ep)
+        except Exception:   # never stop draining: log, count, go on
+            ep.counters["callback_errors"] += 1
+            rl_log.error("downstream %s drain failed", ep.name, exc_info=True)
+            n = self.batch if self._pending(ep) else 0
+        if n >= self.batch:
+            self._schedule(ep)
+
+    @staticmethod
+    def _pending(ep: _Endpoint) -> bool:
+        try:
+            return bool(ep.raw.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        except zmq.ZMQError:
+            return False    # closed: nothing more to read
 
     def _drain(self, ep: _Endpoint, decode) -> int:
         """Receive and dispatch up to one batch; return how many arrived.

@@ -219,6 +219,40 @@ def test_real_bandwidth_halves_a_busy_loop_and_restore_releases_it():
 
 @pytest.mark.root
 @needs_cgroups
+def test_a_new_quota_on_a_slowed_cpu_moves_nothing_and_wakes_no_pass():
+    """Slowing a cpu or releasing it places at once; a new quota on a cpu
+    already slowed applies to its group as it is, without a pass (the
+    periods are long here, so any pass seen soon after a write was woken)."""
+    name = f"nrm.emu.requota{os.getpid()}"
+    base = os.path.join(CPU_MOUNT, name)
+    p = EmulatedPlatform(root="/", options={"cgroup_name": name, "placement_period_s": 30,
+                                            "placement_idle_period_s": 30})
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    passes = []
+    place = p.place_threads
+    p.place_threads = lambda: passes.append(place()) or passes[-1]
+    try:
+        p.set_task_provider(lambda: [child.pid])
+        p.write("cpu.duty_cycle", 0, 8)
+        wait_for(lambda: passes == [1], timeout=5)
+        p.write("cpu.duty_cycle", 0, 4)
+        with open(os.path.join(base, "cpu0", "cpu.cfs_quota_us")) as f:
+            assert int(f.read()) == 4000
+        time.sleep(0.5)
+        assert passes == [1]
+        assert str(child.pid) in open(os.path.join(base, "cpu0", "tasks")).read().split()
+        p.write("cpu.duty_cycle", 0, 16)
+        wait_for(lambda: len(passes) == 2, timeout=5)
+        assert str(child.pid) in open(os.path.join(base, "free", "tasks")).read().split()
+    finally:
+        p.close()
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.root
+@needs_cgroups
 def test_stale_groups_from_a_crash_are_cleaned(tmp_path):
     name = f"nrm.emu.stale{os.getpid()}"
     base = os.path.join(CPU_MOUNT, name)
