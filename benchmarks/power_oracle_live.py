@@ -151,7 +151,11 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def summarize(rows: List[dict], patterns: Sequence[str], policies: Sequence[str]) -> List[dict]:
+def summarize(rows: List[dict], patterns: Sequence[str], policies: Sequence[str],
+              unpinned: Sequence[str] = ()) -> List[dict]:
+    """Medians over rounds per (pattern, policy). ``unpinned``: patterns whose
+    ORACLE pins every rank at full speed (it is NONE): no fraction of it, since
+    its saving there is only the rounds' noise."""
     out = []
     for pattern in patterns:
         rounds = sorted({r["round"] for r in rows if r["pattern"] == pattern})
@@ -171,7 +175,7 @@ def summarize(rows: List[dict], patterns: Sequence[str], policies: Sequence[str]
                 e = here[p]["energy_j"] / base["energy_j"]
                 per[p]["t"].append(t)
                 per[p]["e"].append(e)
-                if o_saving is not None and o_saving > 0.01:
+                if o_saving is not None and o_saving > 0.01 and pattern not in unpinned:
                     per[p]["frac"].append((1 - e) / o_saving)
         for p in policies:
             d = per[p]
@@ -249,7 +253,9 @@ def run(patterns: Sequence[str], policies: Sequence[str], rounds: int, phases: i
             "oracle_settings": {p: {str(r): s for r, s in settings[p].items()}
                                 for p in patterns},
             "oracle_model": {p: oracle_model(tables[p], settings[p]) for p in patterns},
-            "results": summarize(rows, patterns, policies),
+            "results": summarize(rows, patterns, policies, [p for p in patterns if all(
+                s == {"level": model.LEVELS, "frequency": model.FMAX}
+                for s in settings[p].values())]),
             "runs": rows}
 
 

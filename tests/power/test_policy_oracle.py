@@ -60,3 +60,25 @@ def test_issue_24_targets(pattern):
         return
     assert by["DDCM"]["fraction"] >= 0.8, by["DDCM"]
     assert by["COMBINED"]["saving"] >= max(by["DVFS"]["saving"], by["DDCM"]["saving"]), by
+
+
+def test_live_summary_gives_no_fraction_of_an_oracle_that_pins_nothing():
+    """Where the ORACLE is NONE (every rank at full speed), its saving in a
+    round is noise, and a policy's fraction of it would be noise divided by
+    noise: left out, while the medians are kept."""
+    import power_oracle_live as live
+    rows = []
+    for k, (none_e, oracle_e, ddcm_e) in enumerate([(100, 97, 90), (100, 98, 92), (100, 96, 91)]):
+        for policy, e, t in (("NONE", none_e, 4.0), ("ORACLE", oracle_e, 4.0),
+                             ("DDCM", ddcm_e, 4.04)):
+            for pattern in ("static", "shifting"):
+                rows.append({"pattern": pattern, "policy": policy, "round": k + 1,
+                             "energy_j": e, "time_s": t})
+    out = {(r["pattern"], r["policy"]): r
+           for r in live.summarize(rows, ["static", "shifting"], ["NONE", "ORACLE", "DDCM"],
+                                   unpinned=["shifting"])}
+    # the median of the rounds' fractions: 0.10/0.03, 0.08/0.02, 0.09/0.04
+    assert out[("static", "DDCM")]["fraction_of_oracle"] == pytest.approx(3.333, abs=0.001)
+    assert out[("shifting", "DDCM")]["fraction_of_oracle"] is None
+    assert out[("shifting", "DDCM")]["saving"] == pytest.approx(0.09)
+    assert out[("shifting", "DDCM")]["slowdown"] == pytest.approx(0.01)
