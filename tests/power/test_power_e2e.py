@@ -2,7 +2,10 @@
 DDCM on the emulated node, launched as users launch MPI."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -16,7 +19,8 @@ def _run_imbalance(daemon, imbalance, tmp_path, policy, decides=True, phases=60,
                    imbalance_factor=-0.5):
     """Rank 0 does twice the work of rank 1; returns (rank -> cpu, profile's policy, status).
 
-    ``decides``: whether the policy is expected to write a control during the run.
+    ``decides``: whether the policy is expected to write a control during the run
+    (None: either).
     """
     manifest = tmp_path / f"{policy.lower()}.yml"
     manifest.write_text(f"name: {policy.lower()}\napp:\n  slice: {{cpus: 2, mems: 1}}\n"
@@ -35,7 +39,8 @@ def _run_imbalance(daemon, imbalance, tmp_path, policy, decides=True, phases=60,
     assert "," not in rank_cpu[1], rank_cpu     # bound to one core by the MPI launcher
     policy_profile = json.loads(profile_path.read_text())["policy"]
     assert policy_profile["name"] == policy
-    assert (policy_profile["decisions"] > 0) == decides, policy_profile
+    if decides is not None:
+        assert (policy_profile["decisions"] > 0) == decides, policy_profile
     assert policy_profile["stats"]["resets"] == 1
     # each rank's first phase (MPI_Init to the first barrier) is start-up, not slack
     assert policy_profile["stats"]["warmup_skipped"] == 2
@@ -85,6 +90,34 @@ def test_combined_lowers_the_waiting_ranks_frequency_and_restores(daemon, imbala
               ["frequencies_hz"])
     assert policy["lowest_frequency"][light] < top       # DVFS did the bulk of the slowdown
     _assert_restored_and_measured(daemon, status)
+
+
+HOG = "import os\nos.nice(5)\nwhile True:\n    pass\n"
+
+
+@needs_root()
+@pytest.mark.parametrize("policy", ["DVFS", "COMBINED"])
+def test_a_cpu_hog_beside_the_program_never_gets_its_critical_rank_slowed(
+        daemon, imbalance, tmp_path, policy):
+    """Issue 24's foreign load: busy loops outside the container, one per cpu,
+    stretch every rank's compute and preempt it at random. The policies read
+    the ranks' own phase timings, so a hog can only make a rank look busier:
+    the light rank may be slowed less, but the heavy rank (twice the work, the
+    critical path) must never be slowed, and the node is restored after.
+    (What the hog costs in time is a measurement: benchmarks/foreign_load.py.)"""
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(os.cpu_count() or 1)]
+    try:
+        rank_cpu, policy_profile, status = _run_imbalance(
+            daemon, imbalance, tmp_path, policy, decides=None, phases=60)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    heavy = rank_cpu[0]
+    top = max(status["hardware"]["model"]["frequencies_hz"])
+    assert policy_profile["lowest_frequency"].get(heavy, top) == top, policy_profile
+    assert policy_profile["lowest_level"].get(heavy, 16) == 16, policy_profile
+    _assert_restored_and_measured(daemon, status, decided=False)
 
 
 @needs_root()
