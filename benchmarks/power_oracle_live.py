@@ -205,8 +205,13 @@ def table(results: List[dict]) -> str:
     return "\n".join(lines)
 
 
+HOG = "import os\nos.nice(5)\nwhile True:\n    pass\n"
+"""Foreign load: a busy loop outside any container, at nice 5 (a neighbour's batch job)."""
+
+
 def run(patterns: Sequence[str], policies: Sequence[str], rounds: int, phases: int,
-        unit: int, shift: int, seed: int, log=sys.stderr) -> dict:
+        unit: int, shift: int, seed: int, log=sys.stderr, foreign_load: bool = False) -> dict:
+    """``foreign_load``: one HOG per cpu for the whole run (benchmarks/foreign_load.py)."""
     from nrm.hpc import mpi
     from nrm.tools.localnrmd import LocalNrmd
     flavor = mpi.find("mpich")
@@ -222,10 +227,12 @@ def run(patterns: Sequence[str], policies: Sequence[str], rounds: int, phases: i
     settings = {p: oracle_settings(tables[p]) for p in patterns}
     workdir = tempfile.mkdtemp(prefix="nrm-oracle-live-")
     nrmd = LocalNrmd("--hw", "emulated", "--sensor-period", "0.05", prefix="nrm-oracle-")
-    rows, loads = [], []
+    rows, loads, hogs = [], [], []
     started = time.monotonic()
     try:
         nrmd.start()
+        if foreign_load:
+            hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(cpus)]
         for k in range(rounds):
             order = list(policies) if k % 2 == 0 else list(reversed(policies))
             for pattern in patterns:
@@ -241,6 +248,9 @@ def run(patterns: Sequence[str], policies: Sequence[str], rounds: int, phases: i
                           file=log, flush=True)
             loads.append(os.getloadavg())
     finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
         nrmd.stop()
         shutil.rmtree(nrmd.rundir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -248,6 +258,7 @@ def run(patterns: Sequence[str], policies: Sequence[str], rounds: int, phases: i
             "node": {"hw": "emulated", "cpus": cpus, "ranks": {p: ranks_for(p) for p in patterns},
                      "phases": phases, "unit": unit, "shift": shift, "seed": seed,
                      "rounds": rounds, "order": "ABBA", "skipped": skipped,
+                     "foreign_load": len(hogs),
                      "load_average_per_round": [[round(x, 2) for x in la] for la in loads],
                      "duration_s": round(time.monotonic() - started, 1)},
             "oracle_settings": {p: {str(r): s for r, s in settings[p].items()}
