@@ -15,10 +15,12 @@ drained straight from the event loop's reader callback on its ZMQ_FD, with
 non-blocking receives until EAGAIN, up to ``batch`` messages before it
 yields to the loop. No future or task stands between the wake-up and the
 drain: a rank's phase report costs the daemon one loop iteration, which
-matters on a node whose cpus the ranks fill (docs/policies.md).  Both sockets have a
-receive high-water mark, so a flood costs bounded memory: beyond it libzmq
-drops (SUB) or pushes back on the senders (PULL), which libnrm turns into
-dropped sends rather than a stalled application.  The mark is per
+matters on a node whose cpus the ranks fill (docs/policies.md).
+
+Both sockets have a receive high-water mark, so a flood costs bounded
+memory: beyond it libzmq drops (SUB) or pushes back on the senders (PULL),
+which libnrm turns into dropped sends rather than a stalled application.
+The mark is per
 connected sender, not per socket, and a queued message costs ~250 bytes,
 so the mark bounds what one flooding sender costs (benchmarks/load.py
 measures it).  A PULL that sits at its mark when a sender exits can lose

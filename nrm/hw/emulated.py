@@ -17,9 +17,10 @@ Thread placement runs on a small background thread while any cpu is
 slowed (and once more after the last one is released), immediately after
 a control write that slows a cpu or releases one (a new quota on a cpu
 already slowed moves nothing), then every 20 ms, backing off to every
-200 ms while passes move nothing (``placement_wait``). It is not run from ``sample()``
-so that the sensor tick costs the same whatever the number of threads. The
-task provider is called from that thread and must return a snapshot.
+200 ms while passes move nothing (``placement_wait``). It is not run from
+``sample()`` so that the sensor tick costs the same whatever the number of
+threads. The task provider is called from that thread and must return a
+snapshot.
 
 Energy model per package p (documented with its defaults in
 docs/hardware.md), recomputed every ``model_period_s`` from the cpu time of
