@@ -447,6 +447,9 @@ def test_an_older_waiting_run_goes_before_later_batch_tasks_of_its_cpus(daemon, 
             await c.status()
             lists = []
             f1 = c.run_batch(ONE, ENV, first, lists.append)
+            # received before the run: nrmd's ROUTER fair-queues two clients'
+            # pending requests, so the run, sent later by c2, may be read first
+            await c.status()
             run = asyncio.ensure_future(c2.run(ONE, _stamped(tmp_path / "run"), wait=True,
                                                cpus_allowed=[0], output=False))
             while (await c.status())["waiting"] < 1:
