@@ -118,14 +118,19 @@ def test_dvfs_bills_the_waiting_rank_at_the_lowest_frequency(daemon, imbalance, 
     drop to the lowest frequency (1.0 of 2.4 GHz: 10.4 % of a busy core's
     power in the model), so the waiting rank's spin is billed far below
     NONE's."""
-    argv = _imbalance_argv(imbalance, -0.75)
+    # the model's figure is ~0.66 of NONE's rate; a 1.8 s run read at the
+    # sensor's 0.1 s ticks put single runs anywhere in 0.55-0.92, so the
+    # run is longer and NONE is taken on both sides (A-B-A), as below
+    argv = _imbalance_argv(imbalance, -0.75, phases=450)
     none = _profile(daemon, tmp_path, "NONE", argv)
     dvfs = _profile(daemon, tmp_path, "DVFS", argv)
+    none_after = _profile(daemon, tmp_path, "NONE", argv)
     iw = dvfs["inwait"]
     assert iw["backend"] == "counters" and iw["level"] == 16 and iw["frequency"] == "lowest"
     assert iw["throttled_waits"] > 50, iw
     assert 0 < iw["throttled_cpu_s"] <= iw["throttled_wall_s"] * 1.05, iw
-    assert _rate(dvfs) < 0.9 * _rate(none), (_rate(none), _rate(dvfs), iw)
+    base = (_rate(none) + _rate(none_after)) / 2
+    assert _rate(dvfs) < 0.9 * base, (_rate(none), _rate(dvfs), _rate(none_after), iw)
 
 
 @needs_root()
