@@ -49,7 +49,6 @@ from typing import Callable, Dict, Optional
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from nrm import protocol
 from nrm.log import RateLimitedLog
@@ -220,7 +219,6 @@ class _Endpoint:
         self.name = name
         self.uri = uri
         self.kind = kind
-        self.asock: Optional[zmq.asyncio.Socket] = None
         self.raw: Optional[zmq.Socket] = None
         self.fd: Optional[int] = None
         #: a drain is queued on the loop (a full batch, or the start)
@@ -231,8 +229,9 @@ class _Endpoint:
 class Ingest:
     """Receive downstream messages and hand them to ``on_message(msg, peer)``.
 
-    ``ctx`` may be a ``zmq.Context`` or a ``zmq.asyncio.Context``; a plain
-    one is shadowed, never closed.  ``uri`` is the protocol-v1 PULL
+    ``ctx`` may be a ``zmq.Context`` or a ``zmq.asyncio.Context``; it is
+    shadowed, never closed. The sockets are plain ones, drained from the
+    loop's reader callback on their ZMQ_FD: no Future per message.  ``uri`` is the protocol-v1 PULL
     endpoint; ``seed_uri`` the seed-era SUB endpoint, or None for none.
     ``on_message`` runs synchronously inside the drain loop, so it should
     be quick; its exceptions are counted and logged, never fatal.
@@ -248,10 +247,7 @@ class Ingest:
                  rcvhwm: int = RCVHWM,
                  zap_domain: Optional[str] = "nrm", log_interval: float = 1.0,
                  socket_mode: Optional[int] = None):
-        if isinstance(ctx, zmq.asyncio.Context):
-            self._ctx = ctx
-        else:
-            self._ctx = zmq.asyncio.Context.shadow(ctx.underlying)
+        self._ctx = zmq.Context.shadow(ctx.underlying)
         self.on_message: OnMessage = on_message or (lambda msg, peer: None)
         self.batch = max(1, int(batch))
         self.rcvhwm = int(rcvhwm)
@@ -306,7 +302,7 @@ class Ingest:
         if ep.uri.startswith("ipc://"):
             _check_not_squatted(ep.uri[len("ipc://"):])
         sock = self._ctx.socket(ep.kind)
-        ep.asock = sock
+        ep.raw = sock
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         if self.zap_domain:
@@ -318,9 +314,6 @@ class Ingest:
             # every user's tasks must be able to connect; what they
             # send is attributed by the ZAP handler, not trusted
             os.chmod(ep.uri[len("ipc://"):], self.socket_mode)
-        # The synchronous view of the same socket: non-blocking
-        # receives on it cost no Future per message.
-        ep.raw = zmq.Socket.shadow(sock.underlying)
 
     async def stop(self) -> None:
         """Stop draining and close the sockets; safe to call twice."""
@@ -342,9 +335,8 @@ class Ingest:
 
     @staticmethod
     def _close(ep: _Endpoint) -> None:
-        if ep.asock is not None:
-            ep.asock.close(linger=0)
-        ep.asock = None
+        if ep.raw is not None:
+            ep.raw.close(linger=0)
         ep.raw = None
 
     @property
