@@ -13,7 +13,10 @@ private nrmd on the emulated node, examples/patterns, ABBA order, each
 policy against the same round's NONE), taken while a busy loop at nice 5
 runs outside any container on every cpu. The emulated node bills only
 the containers' threads, so the hogs are not in the energy. ``ok`` is a
-median time ratio <= 1.02.
+median time ratio <= 1.02; ``slowdown_ci95`` is the distribution-free 95 %
+interval of that median (power_oracle_live.median_ci). One run's time
+under the hogs moves by several percent, so it takes some 30 rounds for
+that interval to be a few percent wide.
 
 usage: python benchmarks/foreign_load.py [--rounds 5] [--patterns static,noisy] [--json]
 """
@@ -59,8 +62,11 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=1))
     else:
         for r in result["results"]:
-            print(f"{r['pattern']:14} {r['policy']:9} time {100 * r['slowdown']:+6.2f} %  "
-                  f"energy {-100 * r['saving']:+6.1f} %  {'ok' if r['ok'] else 'OVER'}")
+            ci = r["slowdown_ci95"]
+            ci = f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else "(too few rounds)"
+            print(f"{r['pattern']:14} {r['policy']:9} time {100 * r['slowdown']:+6.2f} % "
+                  f"95 % CI {ci:18} energy {-100 * r['saving']:+6.1f} %  "
+                  f"{'ok' if r['ok'] else 'OVER'}")
         print(f"hogs: {result['node']['foreign_load']}; load average per round: "
               f"{result['node']['load_average_per_round']}")
     return 0

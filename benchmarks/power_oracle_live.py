@@ -29,6 +29,7 @@ average is recorded per round.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -151,6 +152,26 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def median_ci(values: Sequence[float], level: float = 0.95) -> Optional[List[float]]:
+    """A distribution-free confidence interval of the median: the order
+    statistics [x_k, x_(n+1-k)] with the largest k such that
+    P(Binomial(n, 1/2) < k) <= (1 - level) / 2.
+
+    Why: under foreign load one run's time moves by several percent, so
+    a median over rounds means little without the interval it is known
+    to; the rounds' ratios are neither normal nor symmetric, hence order
+    statistics rather than a standard error. None when there are too few
+    values for the level (fewer than 6 at 95 %)."""
+    xs = sorted(values)
+    n = len(xs)
+    tail = (1 - level) / 2
+    k, below = 0, 0.0
+    while k < n // 2 and below + math.comb(n, k) / 2 ** n <= tail:
+        below += math.comb(n, k) / 2 ** n
+        k += 1
+    return [xs[k - 1], xs[n - k]] if k else None
+
+
 def summarize(rows: List[dict], patterns: Sequence[str], policies: Sequence[str],
               unpinned: Sequence[str] = ()) -> List[dict]:
     """Medians over rounds per (pattern, policy). ``unpinned``: patterns whose
@@ -186,11 +207,16 @@ def summarize(rows: List[dict], patterns: Sequence[str], policies: Sequence[str]
                         "energy_ratio": round(_median(d["e"]), 4),
                         "saving": round(1 - _median(d["e"]), 4),
                         "slowdown": round(_median(d["t"]) - 1, 4),
+                        "slowdown_ci95": _rounded_minus_one(median_ci(d["t"])),
                         "fraction_of_oracle": (round(_median(d["frac"]), 3)
                                                if d["frac"] else None),
                         "time_ratio_all": [round(x, 4) for x in d["t"]],
                         "energy_ratio_all": [round(x, 4) for x in d["e"]]})
     return out
+
+
+def _rounded_minus_one(pair: Optional[List[float]]) -> Optional[List[float]]:
+    return None if pair is None else [round(x - 1, 4) for x in pair]
 
 
 def table(results: List[dict]) -> str:
