@@ -4,9 +4,18 @@ import shutil
 import pytest
 
 from tests import receivers
-from tests.nrmd import REPO, DaemonProcess
+from tests.nrmd import REPO, RUNDIRS, DaemonProcess, remove_left_cgroups
 
 EXAMPLES = os.path.join(REPO, "examples")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_cgroups_left_behind():
+    """The cgroups of test daemons killed without a successor
+    (tests/nrmd.py, remove_left_cgroups)."""
+    yield
+    if os.geteuid() == 0:
+        remove_left_cgroups(RUNDIRS)
 
 
 @pytest.fixture(scope="module")

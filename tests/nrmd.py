@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import List, Optional, Set
 
 from nrm.tools.localnrmd import LocalNrmd
 
@@ -71,6 +71,10 @@ def _running(pid: int) -> bool:
         return False
 
 
+#: every runtime dir a test daemon ran in (remove_left_cgroups)
+RUNDIRS: Set[str] = set()
+
+
 class DaemonProcess(LocalNrmd):
     """A real nrmd for a test: debug log, runtime dir under /tmp, run from
     the checkout."""
@@ -79,6 +83,39 @@ class DaemonProcess(LocalNrmd):
                  wrapper: Optional[List[str]] = None):
         super().__init__(*extra, rundir=rundir or tempfile.mkdtemp(prefix="nrmt-", dir="/tmp"),
                          env=env, wrapper=wrapper or (), log_level="debug", cwd=REPO)
+        RUNDIRS.add(self.rundir)
+
+
+def remove_left_cgroups(rundirs) -> int:
+    """Remove the empty cgroups of the daemons that ran in ``rundirs``.
+
+    Why: a daemon's cgroups are removed by its own clean stop, or by the
+    next daemon on the same runtime dir; a test that SIGKILLs one in a
+    temporary runtime dir has neither, and each full run would leave a
+    few dozen empty groups on the machine. Groups still holding a task
+    are left (rmdir refuses them). Returns how many were removed."""
+    from nrm.containers.runtimes.cgroup import own_v1_paths, v1_mounts
+    from nrm.daemon.core import _rundir_key
+    names = set()
+    for rundir in rundirs:
+        key = _rundir_key(rundir)
+        names.update((f"nrm.{key}", f"nrm.emu.{key}"))
+    own = own_v1_paths()
+    removed = 0
+    for controller, mount in v1_mounts().items():
+        homes = {mount, os.path.join(mount, own.get(controller, "/").lstrip("/"))}
+        for home in homes:
+            for name in names:
+                top = os.path.join(home, name)
+                if not os.path.isdir(top):
+                    continue
+                for path, _dirs, _files in os.walk(top, topdown=False):
+                    try:
+                        os.rmdir(path)
+                        removed += 1
+                    except OSError:
+                        pass
+    return removed
 
 
 def wait_subscribed(daemon: "DaemonProcess", topic: str, timeout: float = 15.0) -> None:
