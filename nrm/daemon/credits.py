@@ -102,23 +102,31 @@ class OutputBudget:
 
     # -- taking output ----------------------------------------------------
     def room(self, acct: Account) -> int:
-        """How many bytes the run may read now; 0: it waits (and is woken)."""
-        if acct.window:
-            own = acct.window - acct.charge
-        elif acct.charge >= self.legacy_cap:
-            return READ_CHUNK       # the charge no longer grows: libzmq's limit paces it
-        else:
-            own = READ_CHUNK
-        user = self.per_uid - self.by_uid.get(acct.uid, 0)
-        shared = self.total - self.held
-        n = min(READ_CHUNK, own, user, shared)
-        if n >= MIN_READ:
-            return n
-        if not acct.window and (self.lead is None or self.lead is acct):
-            self.lead = acct
-            return READ_CHUNK
-        self._wait(acct, own < MIN_READ, user < MIN_READ)
-        return 0
+        """How many bytes the run may read now; 0: it waits (and is woken).
+
+        Asking the holders for credits can free room at once: a holder
+        whose client is found gone is closed, which wakes every waiting
+        run, this one included, before its caller has paused it (so that
+        wake-up is lost). A run no longer waiting after asking therefore
+        looks again; each pass asks each holder at most once, so this ends."""
+        while True:
+            if acct.window:
+                own = acct.window - acct.charge
+            elif acct.charge >= self.legacy_cap:
+                return READ_CHUNK       # the charge no longer grows: libzmq's limit paces it
+            else:
+                own = READ_CHUNK
+            user = self.per_uid - self.by_uid.get(acct.uid, 0)
+            shared = self.total - self.held
+            n = min(READ_CHUNK, own, user, shared)
+            if n >= MIN_READ:
+                return n
+            if not acct.window and (self.lead is None or self.lead is acct):
+                self.lead = acct
+                return READ_CHUNK
+            self._wait(acct, own < MIN_READ, user < MIN_READ)
+            if acct in self.waiting:
+                return 0
 
     def _wait(self, acct: Account, own: bool, user: bool) -> None:
         if acct not in self.waiting:
