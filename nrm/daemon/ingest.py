@@ -231,8 +231,9 @@ class Ingest:
 
     ``ctx`` may be a ``zmq.Context`` or a ``zmq.asyncio.Context``; it is
     shadowed, never closed. The sockets are plain ones, drained from the
-    loop's reader callback on their ZMQ_FD: no Future per message.  ``uri`` is the protocol-v1 PULL
-    endpoint; ``seed_uri`` the seed-era SUB endpoint, or None for none.
+    loop's reader callback on their ZMQ_FD: no Future per message.
+    ``uri`` is the protocol-v1 PULL endpoint; ``seed_uri`` the seed-era
+    SUB endpoint, or None for none.
     ``on_message`` runs synchronously inside the drain loop, so it should
     be quick; its exceptions are counted and logged, never fatal.
 
