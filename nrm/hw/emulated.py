@@ -9,7 +9,7 @@ bandwidth limit on the threads of nrm containers that last ran on cpu N:
     quota    = max(1000 us, period * speed)   (unlimited when speed == 1)
 
 in ``<cpu mount>/nrm.emu/cpuN``; threads on unthrottled cpus go back to
-``nrm.emu/free``. ``k`` is the emulated RAPL limit (see below). The default
+the cpu cgroup they came from. ``k`` is the emulated RAPL limit (see below). The default
 period is 16 ms: the kernel refuses quotas under 1 ms, and 16 ms makes
 level 1 exactly representable while a 10 ms phase still feels the limit.
 
@@ -277,7 +277,7 @@ class EmulatedPlatform(Platform):
         self._quota: Dict[int, int] = {}
         self._slowed: Set[int] = set()
         self._groups: Set[int] = set()
-        self._placed: Dict[int, Optional[int]] = {}
+        self._placed: Dict[int, int] = {}
         self._origin: Dict[int, str] = {}
         self._release_pending = False
         self._stop = threading.Event()
@@ -312,7 +312,7 @@ class EmulatedPlatform(Platform):
         if os.path.isdir(base):
             self._cleanup_groups(stale=True)
         try:
-            os.makedirs(os.path.join(base, "free"), exist_ok=True)
+            os.makedirs(base, exist_ok=True)
         except OSError as e:
             self._reasons.append(f"cannot create {base}: {e.strerror or e} (needs root): "
                                  f"controls are modelled, not enforced")
@@ -509,8 +509,21 @@ class EmulatedPlatform(Platform):
         return cpu_speed(self._level[cpu], 16, self._freq[cpu], self._fmax,
                          self._k[self._pkg_of[cpu]])
 
-    def _group(self, cpu: Optional[int]) -> str:
-        return os.path.join(self._base, "free" if cpu is None else f"cpu{cpu}")
+    def _group(self, cpu: int) -> str:
+        return os.path.join(self._base, f"cpu{cpu}")
+
+    def _home(self, tid: int) -> str:
+        """The cpu cgroup a thread came from (the hierarchy's root if that is gone).
+
+        Why back there and not into one shared group for released threads:
+        in cgroup v1 a group's weight is split across the cpus its threads
+        run on, so two ranks of a container in one group on two cpus compete
+        against any other task at half a task's weight each; a hog at nice 5
+        beside each rank then took 50 % of each cpu instead of 25 %."""
+        dest = os.path.join(self._mount, self._origin.get(tid, "/").lstrip("/"))
+        if not os.path.isdir(dest) or dest.startswith(self._base):
+            return self._mount
+        return dest
 
     def _apply(self, cpus: Iterable[int]) -> None:
         """Turn the speed of each cpu into its group's quota."""
@@ -610,22 +623,24 @@ class EmulatedPlatform(Platform):
                         continue
                     seen.add(tid)
                     target = cpu if cpu in slowed else None
-                    if tid in self._placed:
-                        if self._placed[tid] == target:
-                            continue
-                    elif target is None:
+                    if self._placed.get(tid) == target:
                         continue
-                    else:
+                    if tid not in self._placed:
                         self._origin[tid] = self._thread_origin(taskdir, tid)
+                    dest = self._home(tid) if target is None else self._group(target)
                     try:
-                        with open(os.path.join(self._group(target), "tasks"), "w") as f:
+                        with open(os.path.join(dest, "tasks"), "w") as f:
                             f.write(str(tid))
                     except OSError as e:
                         if e.errno != errno.ESRCH:
-                            rl_log.warning("cannot move thread %d to %s: %s", tid,
-                                           self._group(target), e.strerror or e)
+                            rl_log.warning("cannot move thread %d to %s: %s", tid, dest,
+                                           e.strerror or e)
                         continue
-                    self._placed[tid] = target
+                    if target is None:
+                        del self._placed[tid]
+                        self._origin.pop(tid, None)
+                    else:
+                        self._placed[tid] = target
                     moved += 1
             for tid in [t for t in self._placed if t not in seen]:
                 del self._placed[tid]
@@ -667,10 +682,7 @@ class EmulatedPlatform(Platform):
             except OSError:
                 tids = []
             for tid in tids:
-                dest = os.path.join(mount, self._origin.get(tid, "/").lstrip("/"))
-                if not os.path.isdir(dest) or dest.startswith(base):
-                    dest = mount
-                for path in (dest, mount):
+                for path in (self._home(tid), mount):
                     try:
                         with open(os.path.join(path, "tasks"), "w") as f:
                             f.write(str(tid))

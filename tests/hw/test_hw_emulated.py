@@ -172,6 +172,15 @@ def _cpu_seconds(pid: int) -> float:
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_cgroup(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if "cpu" in controllers.split(","):
+                return path
+    raise AssertionError(f"no cpu cgroup line for {pid}")
+
+
 def _share(pid: int, seconds: float = 1.0) -> float:
     a, t = _cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
@@ -187,6 +196,7 @@ def test_real_bandwidth_halves_a_busy_loop_and_restore_releases_it():
     child = subprocess.Popen([sys.executable, "-c", SPIN])
     try:
         assert p.describe()["actuation_effective"] is True
+        origin = _cpu_cgroup(child.pid)
         p.set_task_provider(lambda: [child.pid])
         time.sleep(0.2)
         full = _share(child.pid)
@@ -207,9 +217,8 @@ def test_real_bandwidth_halves_a_busy_loop_and_restore_releases_it():
         with open(os.path.join(base, "cpu0", "cpu.cfs_quota_us")) as f:
             assert int(f.read()) == -1
         assert not p.describe()["slowed_cpus"]
-        # released to the free group by the placement thread
-        wait_for(lambda: str(child.pid) in open(os.path.join(base, "free", "tasks")).read().split(),
-                 timeout=5)
+        # released by the placement thread, back to the group it came from
+        wait_for(lambda: _cpu_cgroup(child.pid) == origin, timeout=5)
     finally:
         p.close()
         child.kill()
@@ -229,6 +238,7 @@ def test_a_new_quota_on_a_slowed_cpu_moves_nothing_and_wakes_no_pass():
                                             "placement_idle_period_s": 30})
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                              preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    origin = _cpu_cgroup(child.pid)
     passes = []
     place = p.place_threads
     p.place_threads = lambda: passes.append(place()) or passes[-1]
@@ -244,11 +254,39 @@ def test_a_new_quota_on_a_slowed_cpu_moves_nothing_and_wakes_no_pass():
         assert str(child.pid) in open(os.path.join(base, "cpu0", "tasks")).read().split()
         p.write("cpu.duty_cycle", 0, 16)
         wait_for(lambda: len(passes) == 2, timeout=5)
-        assert str(child.pid) in open(os.path.join(base, "free", "tasks")).read().split()
+        assert _cpu_cgroup(child.pid) == origin
     finally:
         p.close()
         child.kill()
         child.wait()
+
+
+@pytest.mark.root
+@needs_cgroups
+def test_a_released_thread_goes_back_to_the_group_it_came_from():
+    """Not to a group shared by every released thread: in cgroup v1 such a
+    group's weight is split across the cpus its threads run on, so ranks
+    released into it lose cpu to any task beside them (a foreign hog)."""
+    name = f"nrm.emu.home{os.getpid()}"
+    home = os.path.join(CPU_MOUNT, f"nrm.test.home{os.getpid()}")
+    os.makedirs(home)
+    p = EmulatedPlatform(root="/", options={"cgroup_name": name})
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    try:
+        with open(os.path.join(home, "tasks"), "w") as f:
+            f.write(str(child.pid))
+        p.set_task_provider(lambda: [child.pid])
+        p.write("cpu.duty_cycle", 0, 8)
+        wait_for(lambda: _cpu_cgroup(child.pid) == f"/{name}/cpu0", timeout=5)
+        p.write("cpu.duty_cycle", 0, 16)
+        wait_for(lambda: _cpu_cgroup(child.pid) != f"/{name}/cpu0", timeout=5)
+        assert _cpu_cgroup(child.pid) == f"/nrm.test.home{os.getpid()}"
+    finally:
+        p.close()
+        child.kill()
+        child.wait()
+        os.rmdir(home)
 
 
 @pytest.mark.root
