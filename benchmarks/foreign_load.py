@@ -9,16 +9,19 @@ tests/power/test_power_e2e.py, checks what can be checked exactly: the
 hog never gets the critical rank slowed.)
 
 The rounds are the live oracle benchmark's (power_oracle_live.py: a
-private nrmd on the emulated node, examples/patterns, ABBA order, each
-policy against the same round's NONE), taken while a busy loop at nice 5
-runs outside any container on every cpu. The emulated node bills only
+private nrmd on the emulated node, examples/patterns, each policy against
+the same round's NONE), in a shuffled order per round by default (ABBA
+with ``--order ABBA``: it puts NONE first and last in every round),
+taken while a busy loop at nice 5 runs outside any container on every
+cpu. The emulated node bills only
 the containers' threads, so the hogs are not in the energy. ``ok`` is a
 median time ratio <= 1.02; ``slowdown_ci95`` is the distribution-free 95 %
 interval of that median (power_oracle_live.median_ci). One run's time
 under the hogs moves by several percent, so it takes some 30 rounds for
 that interval to be a few percent wide.
 
-usage: python benchmarks/foreign_load.py [--rounds 5] [--patterns static,noisy] [--json]
+usage: python benchmarks/foreign_load.py [--rounds 5] [--patterns static,noisy]
+                                         [--order random|ABBA] [--json]
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ BOUND = 1.02
 POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED", "COUNTDOWN")
 
 
-def measure(patterns, rounds: int, phases: int, seed: int) -> dict:
-    out = live.run(patterns, POLICIES, rounds, phases, live.UNIT, 8, seed, foreign_load=True)
+def measure(patterns, rounds: int, phases: int, seed: int, order: str = "random") -> dict:
+    out = live.run(patterns, POLICIES, rounds, phases, live.UNIT, 8, seed, foreign_load=True,
+                   order=order)
     results = [dict(r, ok=r["time_ratio"] <= BOUND) for r in out["results"]
                if r["policy"] != "NONE"]
     return {"bound": BOUND, "node": out["node"], "results": results}
@@ -49,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--phases", type=int, default=40)
     ap.add_argument("--patterns", default="static,noisy")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--order", choices=live.ORDERS, default="random")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     patterns = [p for p in args.patterns.split(",") if p]
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
         print(f"foreign_load: bad arguments {bad or vars(args)}; patterns: "
               f"{', '.join(live.LIVE_PATTERNS)}", file=sys.stderr)
         return 2
-    result = measure(patterns, args.rounds, args.phases, args.seed)
+    result = measure(patterns, args.rounds, args.phases, args.seed, args.order)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import shutil
 import statistics
@@ -235,9 +236,29 @@ HOG = "import os\nos.nice(5)\nwhile True:\n    pass\n"
 """Foreign load: a busy loop outside any container, at nice 5 (a neighbour's batch job)."""
 
 
+ORDERS = ("ABBA", "random")
+
+
+def round_order(policies: Sequence[str], k: int, order: str, rng: random.Random) -> List[str]:
+    """The policies of round ``k`` (from 0) in the run order.
+
+    ABBA cancels a linear drift, but ties each policy to a position: NONE
+    first and last, NONE twice in a row at every other round boundary. A
+    seeded shuffle per round ties no policy to any position or neighbour,
+    which matters where the position itself may cost something (a busy
+    loop beside the program whose scheduling state carries over)."""
+    if order == "random":
+        return rng.sample(list(policies), len(policies))
+    return list(policies) if k % 2 == 0 else list(reversed(policies))
+
+
 def run(patterns: Sequence[str], policies: Sequence[str], rounds: int, phases: int,
-        unit: int, shift: int, seed: int, log=sys.stderr, foreign_load: bool = False) -> dict:
-    """``foreign_load``: one HOG per cpu for the whole run (benchmarks/foreign_load.py)."""
+        unit: int, shift: int, seed: int, log=sys.stderr, foreign_load: bool = False,
+        order: str = "ABBA") -> dict:
+    """``foreign_load``: one HOG per cpu for the whole run (benchmarks/foreign_load.py);
+    ``order``: one of ORDERS (round_order)."""
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r}: one of {', '.join(ORDERS)}")
     from nrm.hpc import mpi
     from nrm.tools.localnrmd import LocalNrmd
     flavor = mpi.find("mpich")
@@ -254,15 +275,15 @@ def run(patterns: Sequence[str], policies: Sequence[str], rounds: int, phases: i
     workdir = tempfile.mkdtemp(prefix="nrm-oracle-live-")
     nrmd = LocalNrmd("--hw", "emulated", "--sensor-period", "0.05", prefix="nrm-oracle-")
     rows, loads, hogs = [], [], []
+    rng = random.Random(seed)
     started = time.monotonic()
     try:
         nrmd.start()
         if foreign_load:
             hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(cpus)]
         for k in range(rounds):
-            order = list(policies) if k % 2 == 0 else list(reversed(policies))
             for pattern in patterns:
-                for policy in order:
+                for policy in round_order(policies, k, order, rng):
                     row = run_one(nrmd, flavor.mpiexec, binary, pattern, policy,
                                   args[pattern], settings[pattern], workdir)
                     row["round"] = k + 1
@@ -283,7 +304,7 @@ def run(patterns: Sequence[str], policies: Sequence[str], rounds: int, phases: i
     return {"live": True,
             "node": {"hw": "emulated", "cpus": cpus, "ranks": {p: ranks_for(p) for p in patterns},
                      "phases": phases, "unit": unit, "shift": shift, "seed": seed,
-                     "rounds": rounds, "order": "ABBA", "skipped": skipped,
+                     "rounds": rounds, "order": order, "skipped": skipped,
                      "foreign_load": len(hogs),
                      "load_average_per_round": [[round(x, 2) for x in la] for la in loads],
                      "duration_s": round(time.monotonic() - started, 1)},

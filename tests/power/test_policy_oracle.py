@@ -110,3 +110,23 @@ def test_median_interval_covers_the_true_median_at_its_level():
             lo, hi = live.median_ci([rng.expovariate(1.0) for _ in range(n)])
             hits += lo <= math.log(2) <= hi
         assert hits / 2000 >= 0.93, (n, hits)
+
+
+def test_round_orders():
+    """ABBA alternates; a shuffled order is a permutation per round, the
+    same for the same seed, and puts NONE in more than the two end
+    positions ABBA ties it to."""
+    import random
+    import power_oracle_live as live
+    pols = ["NONE", "DDCM", "DVFS", "COMBINED", "COUNTDOWN"]
+    rng = random.Random(1)
+    assert live.round_order(pols, 0, "ABBA", rng) == pols
+    assert live.round_order(pols, 1, "ABBA", rng) == pols[::-1]
+    rounds = [live.round_order(pols, k, "random", random.Random(3)) for k in range(2)]
+    assert rounds[0] == rounds[1]
+    rng = random.Random(3)
+    orders = [live.round_order(pols, k, "random", rng) for k in range(40)]
+    assert all(sorted(o) == sorted(pols) for o in orders)
+    assert len({o.index("NONE") for o in orders}) == len(pols)
+    with pytest.raises(ValueError, match="order 'abab'"):
+        live.run(["static"], pols, 1, 2, 1, 1, 1, order="abab")
