@@ -13,12 +13,12 @@ private nrmd on the emulated node, examples/patterns, each policy against
 the same round's NONE), in a shuffled order per round by default (ABBA
 with ``--order ABBA``: it puts NONE first and last in every round),
 taken while a busy loop at nice 5 runs outside any container on every
-cpu. The emulated node bills only
-the containers' threads, so the hogs are not in the energy. ``ok`` is a
-median time ratio <= 1.02; ``slowdown_ci95`` is the distribution-free 95 %
-interval of that median (power_oracle_live.median_ci). One run's time
-under the hogs moves by several percent, so it takes some 30 rounds for
-that interval to be a few percent wide.
+cpu. The emulated node bills only the containers' threads, so the hogs
+are not in the energy. ``ok`` is a median time ratio <= 1.02;
+``slowdown_ci95`` is the distribution-free 95 % interval of that median
+(power_oracle_live.median_ci). One run's time under the hogs moves by
+several percent, so it takes some 30 rounds for that interval to be a
+few percent wide.
 
 usage: python benchmarks/foreign_load.py [--rounds 5] [--patterns static,noisy]
                                          [--order random|ABBA] [--json]

@@ -9,9 +9,10 @@ bandwidth limit on the threads of nrm containers that last ran on cpu N:
     quota    = max(1000 us, period * speed)   (unlimited when speed == 1)
 
 in ``<cpu mount>/nrm.emu/cpuN``; threads on unthrottled cpus go back to
-the cpu cgroup they came from. ``k`` is the emulated RAPL limit (see below). The default
-period is 16 ms: the kernel refuses quotas under 1 ms, and 16 ms makes
-level 1 exactly representable while a 10 ms phase still feels the limit.
+the cpu cgroup they came from. ``k`` is the emulated RAPL limit (see
+below). The default period is 16 ms: the kernel refuses quotas under
+1 ms, and 16 ms makes level 1 exactly representable while a 10 ms phase
+still feels the limit.
 
 Thread placement runs on a small background thread while any cpu is
 slowed (and once more after the last one is released), immediately after
