@@ -521,8 +521,9 @@ class EmulatedPlatform(Platform):
         run on, so two ranks of a container in one group on two cpus compete
         against any other task at half a task's weight each; a hog at nice 5
         beside each rank then took 50 % of each cpu instead of 25 %."""
-        dest = os.path.join(self._mount, self._origin.get(tid, "/").lstrip("/"))
-        if not os.path.isdir(dest) or dest.startswith(self._base):
+        dest = os.path.normpath(os.path.join(self._mount, self._origin.get(tid, "/").lstrip("/")))
+        inside_ours = os.path.commonpath([dest, self._base]) == self._base
+        if inside_ours or not os.path.isdir(dest):
             return self._mount
         return dest
 

@@ -268,7 +268,8 @@ def test_a_released_thread_goes_back_to_the_group_it_came_from():
     group's weight is split across the cpus its threads run on, so ranks
     released into it lose cpu to any task beside them (a foreign hog)."""
     name = f"nrm.emu.home{os.getpid()}"
-    home = os.path.join(CPU_MOUNT, f"nrm.test.home{os.getpid()}")
+    # a sibling whose name starts with ours is still not one of our groups
+    home = os.path.join(CPU_MOUNT, f"{name}.job")
     os.makedirs(home)
     p = EmulatedPlatform(root="/", options={"cgroup_name": name})
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
@@ -281,7 +282,7 @@ def test_a_released_thread_goes_back_to_the_group_it_came_from():
         wait_for(lambda: _cpu_cgroup(child.pid) == f"/{name}/cpu0", timeout=5)
         p.write("cpu.duty_cycle", 0, 16)
         wait_for(lambda: _cpu_cgroup(child.pid) != f"/{name}/cpu0", timeout=5)
-        assert _cpu_cgroup(child.pid) == f"/nrm.test.home{os.getpid()}"
+        assert _cpu_cgroup(child.pid) == f"/{name}.job"
     finally:
         p.close()
         child.kill()
