@@ -48,6 +48,12 @@ sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 import power_oracle as model  # noqa: E402  (the deterministic part: the model's oracle)
 
 LIVE_POLICIES = ("NONE", "DDCM", "DVFS", "COMBINED", "COUNTDOWN", "ORACLE")
+CONTROL = "CONTROL"
+"""NONE run a second time in each round, in a position of its own: the A/A
+control. Its median against NONE is what the benchmark reads when nothing
+differs, so a policy's median is only told apart from "costs nothing" where
+it is outside the control's interval (asked for with ``--policies``)."""
+MANIFEST_POLICY = {"ORACLE": "FIXED", CONTROL: "NONE"}
 LIVE_PATTERNS = ("static", "shifting", "phase-varying", "noisy", "random-walk", "balanced")
 FOUR_RANK = ("static4",)
 UNIT = 60_000_000
@@ -110,7 +116,7 @@ def oracle_model(work: List[List[float]], settings: Dict[int, dict]) -> dict:
 def manifest(policy: str, settings: Optional[Dict[int, dict]], directory: str) -> str:
     body = {"name": f"oracle-{policy.lower()}",
             "app": {"slice": {"cpus": 2, "mems": 1},
-                    "power": {"policy": "FIXED" if policy == "ORACLE" else policy,
+                    "power": {"policy": MANIFEST_POLICY.get(policy, policy),
                               "profile": True, "damper": "1ms", "slowdown": 1.1}}}
     if policy == "ORACLE":
         body["app"]["power"]["settings"] = {str(r): s for r, s in settings.items()}
@@ -333,11 +339,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     patterns = [p for p in args.patterns.split(",") if p]
     policies = [p.upper() for p in args.policies.split(",") if p]
     known = LIVE_PATTERNS + FOUR_RANK
-    bad = [p for p in patterns if p not in known] + [p for p in policies
-                                                     if p not in LIVE_POLICIES]
+    accepted = LIVE_POLICIES + (CONTROL,)
+    bad = [p for p in patterns if p not in known] + [p for p in policies if p not in accepted]
     if bad or "NONE" not in policies or args.rounds < 1 or args.phases < 2 or args.unit < 1:
         print(f"power_oracle --live: bad arguments {bad or vars(args)}; patterns: "
-              f"{', '.join(known)}; policies: {', '.join(LIVE_POLICIES)} (NONE needed)",
+              f"{', '.join(known)}; policies: {', '.join(accepted)} (NONE needed)",
               file=sys.stderr)
         return 2
     out = run(patterns, policies, args.rounds, args.phases, args.unit, args.shift, args.seed)

@@ -130,3 +130,21 @@ def test_round_orders():
     assert len({o.index("NONE") for o in orders}) == len(pols)
     with pytest.raises(ValueError, match="order 'abab'"):
         live.run(["static"], pols, 1, 2, 1, 1, 1, order="abab")
+
+
+def test_the_control_is_none_run_again_and_summarized_against_none(tmp_path):
+    """CONTROL runs the manifest policy NONE and is a row of its own, each
+    round's time divided by that round's NONE like any policy's."""
+    import json
+    import power_oracle_live as live
+    with open(live.manifest(live.CONTROL, None, str(tmp_path))) as f:
+        assert json.load(f)["app"]["power"]["policy"] == "NONE"
+    with open(live.manifest("ORACLE", {0: {"level": 16}}, str(tmp_path))) as f:
+        assert json.load(f)["app"]["power"]["policy"] == "FIXED"
+    rows = [{"pattern": "noisy", "policy": p, "round": k, "time_s": t, "energy_j": 10.0}
+            for k, (a, b) in enumerate([(1.0, 1.02), (2.0, 1.98), (1.0, 1.01)])
+            for p, t in (("NONE", a), (live.CONTROL, b))]
+    (control,) = [r for r in live.summarize(rows, ["noisy"], ["NONE", live.CONTROL])
+                  if r["policy"] == live.CONTROL]
+    assert control["time_ratio_all"] == [1.02, 0.99, 1.01]
+    assert control["slowdown"] == 0.01
