@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, FrozenSet, List, Optional
 
 import zmq
 
@@ -77,6 +77,9 @@ class Config:
     #: a pipe's write end: one byte is written to it, and it is closed, once
     #: nrmd serves (a starter waits for that instead of polling the socket)
     ready_fd: Optional[int] = None
+    #: where nrmd's threads run (nrm/daemon/affinity.py): None follows the
+    #: ranks' slack, the empty set leaves them alone, a set pins them there
+    daemon_cpus: Optional[FrozenSet[int]] = None
 
 
 class Daemon:
@@ -98,6 +101,7 @@ class Daemon:
         self.apps = None
         self.app_events = None      # EventCoalescer: one event per app per 10 ms at most
         self.policies = None
+        self.affinity = None        # DaemonAffinity: where nrmd's own threads run
         self.http = None
         self.statelog = None
         self.keys = None
@@ -175,6 +179,7 @@ class Daemon:
             raise StartupError(f"cannot open the upstream endpoints: {exc}") from None
         self._start_downstream()
         self._start_policies()
+        self._start_affinity()
         self._reconcile(previous)
         self._start_keys()
         if self.power is not None:
@@ -275,6 +280,11 @@ class Daemon:
             ProfileListener(self.power, getattr(self.runtime, "cpu_time", None)))
         self.containers.listeners.append(ApplicationsListener(self.apps, self.app_events))
 
+    def _start_affinity(self) -> None:
+        from nrm.daemon.affinity import DaemonAffinity
+        self.affinity = DaemonAffinity(self.loop, self.config.daemon_cpus)
+        self.containers.listeners.append(self.affinity)
+
     def _start_http(self) -> None:
         if not self.config.http:
             return
@@ -329,9 +339,14 @@ class Daemon:
             return
         for topic, event in self.apps.handle(msg):
             self.app_events.offer(topic, event)
-        if isinstance(msg, protocol.DPhaseContext) and self.policies is not None:
-            self.policies.on_phase_context(
-                container, msg, self.ingest.arrival if self.ingest is not None else None)
+        if isinstance(msg, protocol.DPhaseContext):
+            if self.affinity is not None and msg.phase > msg.aggregation:
+                # a sender's first report holds its start-up (MPI_Init to the first
+                # collective): a wait that says nothing about its slack
+                self.affinity.on_phase(msg.cpu, msg.computetime, msg.totaltime)
+            if self.policies is not None:
+                self.policies.on_phase_context(
+                    container, msg, self.ingest.arrival if self.ingest is not None else None)
 
     def ingest_counter(self, name: str) -> None:
         self.downstream_rejects[name] = self.downstream_rejects.get(name, 0) + 1
@@ -378,6 +393,7 @@ class Daemon:
             if self.ingest else None,
             "downstream_failures": dict(self.ingest.failures) if self.ingest else {},
             "policy": self.policies.status() if self.policies else None,
+            "daemon_cpus": self.affinity.state() if self.affinity else None,
             "sensors": self.power.sensors.stats() if self.power else None,
             "power_cap_w": self.power.cap_w if self.power else None,
             "c_parts": paths.c_parts(),
@@ -409,6 +425,8 @@ class Daemon:
             self.containers.shutdown()
         if self.keys is not None:
             self.keys.close()
+        if self.affinity is not None:
+            self.affinity.close()
         if self.statelog is not None:
             self.statelog.close(clean=True)
         if getattr(self, "upstream", None) is not None:

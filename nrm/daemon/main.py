@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ready-fd", type=int, metavar="FD",
                    help="write one byte to this inherited file descriptor (a pipe) and close "
                         "it once nrmd serves requests")
+    p.add_argument("--daemon-cpus", default="follow", metavar="follow|all|CPULIST",
+                   help="where nrmd's own threads run: follow (default) moves them to the cpu "
+                        "whose ranks wait most, or to cpus no container uses; all leaves them "
+                        "to the kernel; a list (0-1) pins them (housekeeping cores)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-format", default="text", choices=("text", "json"))
     return p.parse_args(argv)
@@ -89,6 +93,20 @@ def _emulated_options(pairs):
 def _rundir(args) -> str:
     base = args.runtime_dir or os.environ.get("NRM_RUNTIME_DIR") or paths.default_runtime_dir()
     return os.path.join(base, args.node_name) if args.node_name else base
+
+
+def _daemon_cpus(text: str):
+    """--daemon-cpus, checked now: cpus nrmd may not use are a startup error."""
+    from nrm.daemon.affinity import parse_daemon_cpus
+    try:
+        cpus = parse_daemon_cpus(text)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    outside = sorted((cpus or frozenset()) - os.sched_getaffinity(0))
+    if outside:
+        raise StartupError(f"--daemon-cpus {text}: cpus {outside} are not in nrmd's "
+                           f"affinity mask")
+    return cpus
 
 
 def _ready_fd(fd: Optional[int]) -> Optional[int]:
@@ -168,7 +186,7 @@ def main(argv=None) -> int:
             seed_downstream=None if args.seed_downstream == "none" else args.seed_downstream,
             http=args.http, power_group=args.power_group, on_restart=args.on_restart,
             emulated=_emulated_options(args.emulated), tcp=tcp, spawners=args.spawners,
-            ready_fd=_ready_fd(args.ready_fd))
+            ready_fd=_ready_fd(args.ready_fd), daemon_cpus=_daemon_cpus(args.daemon_cpus))
     except StartupError as exc:
         log.error("%s", exc)
         return 2

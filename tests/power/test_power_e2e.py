@@ -69,12 +69,26 @@ def test_ddcm_leaves_the_compute_to_the_wait_throttle(daemon, imbalance, tmp_pat
     """DDCM carries in-wait throttling (nrm/power/policy/inwait.py): the waiting rank's
     spin is the interposer's to cut. Slowing its compute by the duty cycle would save only
     1/16 of the shortened wait, less than the slowdown it risks after 60 phases
-    (policy/budget.py), so the daemon evaluates every firing and writes nothing."""
+    (policy/budget.py), so the daemon evaluates every firing and writes nothing.
+
+    nrmd's own threads (nrm/daemon/affinity.py) ran on the light rank's cpu,
+    the one that waits, never on the critical rank's, and had every cpu back
+    once the run ended."""
+    before = json.loads(daemon.cli("status", "--json").stdout)["daemon_cpus"]
     rank_cpu, policy, status = _run_imbalance(daemon, imbalance, tmp_path, "DDCM",
                                               decides=False)
     assert policy["stats"]["evaluations"] > 0 and policy["stats"]["acted"] == 0
     assert policy["lowest_level"] == {}
     _assert_restored_and_measured(daemon, status, decided=False)
+    after = status["daemon_cpus"]
+
+    def moves_to(state, cpu):
+        return state["moved_to"].get(cpu, 0)
+    assert moves_to(after, rank_cpu[1]) > moves_to(before, rank_cpu[1]), (before, after)
+    assert moves_to(after, rank_cpu[0]) == moves_to(before, rank_cpu[0]), (before, after)
+    mask = os.sched_getaffinity(0)
+    threads = os.listdir(f"/proc/{daemon.pid}/task")
+    assert all(os.sched_getaffinity(int(t)) == mask for t in threads), after
 
 
 @needs_root()
