@@ -51,13 +51,15 @@ def choose(waits: Dict[int, float], current: Cpus, allowed: Cpus, busy: Cpus) ->
 
     ``waits``: recent wait fraction of each reporting cpu; ``current``: the
     cpus they run on now; ``allowed``: the cpus nrmd may use at all (its
-    mask at start); ``busy``: the cpus of running containers."""
-    idle = allowed - busy
-    if idle:
-        return idle
+    mask at start); ``busy``: the cpus of running containers. Without any
+    report nothing is known of anyone's slack and nrmd stays on every cpu:
+    work that does not report (most tasks of a pilot) never moves it."""
     waits = {c: w for c, w in waits.items() if c in allowed}
     if not waits:
         return allowed
+    idle = allowed - busy
+    if idle:
+        return idle
     best = min(waits, key=lambda c: (-waits[c], c))
     if waits[best] < LEAST_WAIT:
         return allowed
@@ -115,28 +117,36 @@ class DaemonAffinity(ContainerListener):
         self._waits: Dict[int, Tuple[float, float]] = {}    # cpu -> (fraction, last seen)
         self._containers: Dict[str, Cpus] = {}
         self._timer = None
+        self._warned = False
         if fixed:
-            self._move(fixed & self.allowed or fixed)
+            self._move(fixed)
 
     # -- inputs -----------------------------------------------------------
     def on_phase(self, cpu: int, compute_ns: int, total_ns: int) -> None:
-        """One phase report (hot path: a few arithmetic operations)."""
+        """One phase report (hot path: a few arithmetic operations). The
+        first report starts the periodic look; without reports there is
+        no timer at all."""
         if not self.following or total_ns <= 0:
             return
         wait = max(0.0, min(1.0, (total_ns - compute_ns) / total_ns))
         old = self._waits.get(cpu)
         self._waits[cpu] = (wait if old is None else old[0] + ALPHA * (wait - old[0]),
                             self.clock())
+        if self._timer is None:
+            self._timer = self.loop.call_later(PERIOD_S, self.tick)
 
     def container_started(self, container: Container) -> None:
-        if not self.following:
-            return
-        self._containers[container.id] = frozenset(container.slice.cpus)
-        self._schedule(0.0)
+        if self.following:
+            self._containers[container.id] = frozenset(container.slice.cpus)
 
     def container_ended(self, container: Container) -> Optional[dict]:
-        if self.following and self._containers.pop(container.id, None) is not None:
-            self._schedule(0.0)
+        cpus = self._containers.pop(container.id, None)
+        if cpus is None:
+            return None
+        for cpu in cpus:                # its ranks are gone, and their slack with them
+            self._waits.pop(cpu, None)
+        if self.current != self.allowed:
+            self._schedule_now()
         return None
 
     # -- decision ---------------------------------------------------------
@@ -150,24 +160,25 @@ class DaemonAffinity(ContainerListener):
     def tick(self) -> None:
         self._timer = None
         busy = frozenset().union(*self._containers.values())
-        target = choose(self.waits(), self.current, self.allowed, busy)
+        waits = self.waits()
+        target = choose(waits, self.current, self.allowed, busy)
         if target != self.current:
             self._move(target)
-        if self._containers or self.current != self.allowed:
-            self._schedule(PERIOD_S)
+        if waits or self.current != self.allowed:
+            self._timer = self.loop.call_later(PERIOD_S, self.tick)
 
-    def _schedule(self, delay: float) -> None:
+    def _schedule_now(self) -> None:
         if self._timer is not None:
-            if delay > 0:
-                return
             self._timer.cancel()
-        self._timer = self.loop.call_later(delay, self.tick)
+        self._timer = self.loop.call_later(0.0, self.tick)
 
     def _move(self, cpus: Cpus) -> None:
         try:
             self.apply(cpus)
         except OSError as exc:      # never stop the daemon over where it runs
-            log.warning("cannot move nrmd's threads to cpus %s: %s", format_cpulist(cpus), exc)
+            (log.debug if self._warned else log.warning)(
+                "cannot move nrmd's threads to cpus %s: %s", format_cpulist(cpus), exc)
+            self._warned = True
             return
         self.current = cpus
         self.moves += 1
