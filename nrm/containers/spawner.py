@@ -505,6 +505,8 @@ class SpawnerPool:
         except OSError as exc:      # a home cpu went offline: it runs anywhere
             if self.log is not None:
                 self.log.warning("spawner %d stays unpinned: %s", index, exc)
+            with contextlib.suppress(OSError):  # not on the cpus nrmd's threads keep to
+                os.sched_setaffinity(proc.pid, self.cpus)
         mine.setblocking(False)
         helper = _Helper(index, proc, mine)
         self.helpers[index] = helper

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Callable, Dict, FrozenSet, Iterable, Optional, Tuple
 
@@ -88,14 +89,18 @@ def parse_daemon_cpus(text: str) -> Optional[Cpus]:
 def set_own_affinity(cpus: Iterable[int]) -> int:
     """Every thread of this process onto ``cpus``; the number moved.
     Threads that ended meanwhile are skipped; threads started later
-    inherit their creator's mask."""
+    inherit their creator's mask. OSError when the calling thread could
+    not be moved (a cpu offline or outside nrmd's cpuset)."""
     moved = 0
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), cpus)
             moved += 1
-        except (OSError, ValueError):
+        except ProcessLookupError:
             continue
+        except OSError:
+            if int(tid) == threading.get_native_id():
+                raise
     return moved
 
 
@@ -111,6 +116,7 @@ class DaemonAffinity(ContainerListener):
         self.clock = clock
         self.allowed: Cpus = allowed or frozenset(os.sched_getaffinity(0))
         self.following = fixed is None
+        self.mode = "follow" if fixed is None else "fixed" if fixed else "all"
         self.current: Cpus = self.allowed
         self.moves = 0
         self.moved_to: Dict[int, int] = {}     # single cpus followed, and how often
@@ -143,10 +149,9 @@ class DaemonAffinity(ContainerListener):
         cpus = self._containers.pop(container.id, None)
         if cpus is None:
             return None
-        for cpu in cpus:                # its ranks are gone, and their slack with them
-            self._waits.pop(cpu, None)
-        if self.current != self.allowed:
-            self._schedule_now()
+        reported = [cpu for cpu in cpus if self._waits.pop(cpu, None) is not None]
+        if reported and self.current != self.allowed:
+            self._schedule_now()    # its ranks are gone, and their slack with them
         return None
 
     # -- decision ---------------------------------------------------------
@@ -188,11 +193,12 @@ class DaemonAffinity(ContainerListener):
         log.debug("nrmd's threads on cpus %s", format_cpulist(cpus))
 
     def close(self) -> None:
+        self.following = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def state(self) -> dict:
-        return {"mode": "follow" if self.following else "fixed",
+        return {"mode": self.mode,
                 "cpus": format_cpulist(self.current), "moves": self.moves,
                 "moved_to": {str(c): n for c, n in sorted(self.moved_to.items())}}

@@ -281,6 +281,8 @@ class Daemon:
         self.containers.listeners.append(ApplicationsListener(self.apps, self.app_events))
 
     def _start_affinity(self) -> None:
+        """After the containers: their spawner pool takes nrmd's whole mask
+        at start for its helpers and tasks, before nrmd moves anything."""
         from nrm.daemon.affinity import DaemonAffinity
         self.affinity = DaemonAffinity(self.loop, self.config.daemon_cpus)
         self.containers.listeners.append(self.affinity)

@@ -102,10 +102,11 @@ def _daemon_cpus(text: str):
         cpus = parse_daemon_cpus(text)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    outside = sorted((cpus or frozenset()) - os.sched_getaffinity(0))
+    outside = (cpus or frozenset()) - os.sched_getaffinity(0)
     if outside:
-        raise StartupError(f"--daemon-cpus {text}: cpus {outside} are not in nrmd's "
-                           f"affinity mask")
+        from nrm.hw.topology import format_cpulist
+        raise StartupError(f"--daemon-cpus {text}: cpus {format_cpulist(outside)} are not "
+                           "in nrmd's affinity mask")
     return cpus
 
 

@@ -100,6 +100,7 @@ def test_stale_reports_are_forgotten():
     now[0] += affinity.STALE_S + 0.1
     loop.run_due()
     assert moves == [F({1}), F({0, 1})]
+    assert loop.timers == []            # nothing left to follow: no more looks
 
 
 def test_the_wait_is_smoothed_over_reports():
@@ -129,7 +130,28 @@ def test_all_never_moves_anything():
                          allowed=F({0, 1}))
     aff.container_started(_container("c1", [0, 1]))
     aff.on_phase(1, compute_ns=0, total_ns=100)
-    assert moves == []
+    assert moves == [] and aff.state()["mode"] == "all"
+
+
+def test_a_container_that_never_reported_ends_without_a_look():
+    aff, loop, now, moves = _follower()
+    aff.container_started(_container("c1", [0]))
+    aff.container_started(_container("c2", [1]))
+    aff.on_phase(1, compute_ns=0, total_ns=100)
+    loop.run_due()
+    assert moves == [F({1})]
+    aff.container_ended(_container("c1", [0]))
+    assert [t for t in loop.timers if t.delay == 0] == []
+    aff.container_ended(_container("c2", [1]))
+    loop.run_due()
+    assert moves == [F({1}), F({0, 1})]
+
+
+def test_closed_it_follows_nothing():
+    aff, loop, now, moves = _follower()
+    aff.close()
+    aff.on_phase(1, compute_ns=0, total_ns=100)
+    assert loop.timers == [] and moves == []
 
 
 def test_a_move_that_fails_is_logged_and_kept_from_the_state(caplog):
@@ -159,3 +181,9 @@ def test_set_own_affinity_moves_every_thread_of_the_process():
         stop.set()
         worker.join()
     assert os.sched_getaffinity(0) == mask
+
+
+def test_set_own_affinity_raises_when_this_thread_cannot_move():
+    with pytest.raises(OSError):
+        affinity.set_own_affinity({os.cpu_count() + 64})
+    assert os.sched_getaffinity(0)

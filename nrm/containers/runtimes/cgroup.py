@@ -276,7 +276,12 @@ class CgroupRuntime(Runtime):
 
     @contextlib.contextmanager
     def _membership(self, handle):
+        """The calling thread in the container's cgroups while a child forks.
+        Joining a cpuset resets a thread's affinity to the cpuset's cpus, so
+        the thread's own mask (nrmd may keep its threads on some cpus:
+        nrm/daemon/affinity.py) is put back once it is home."""
         tid = str(threading.get_native_id()).encode()
+        mask = os.sched_getaffinity(0)
         with self._lock:
             try:
                 for fd in handle.slot.thread_fds:
@@ -285,6 +290,7 @@ class CgroupRuntime(Runtime):
             finally:
                 for fd in self.home_fds:
                     os.write(fd, tid)
+                os.sched_setaffinity(0, mask)
 
     def spawn(self, handle, argv, **kwargs):
         started = super().spawn(handle, argv, **kwargs)
