@@ -198,6 +198,18 @@ def test_nrmd_refuses_a_ready_fd_that_is_no_pipe_of_its_own(tmp_path, fd, why):
     assert len(errors) == 1 and f"--ready-fd {fd}: {why}" in errors[0], errors
 
 
+@pytest.mark.parametrize("value, why", [("x", "want follow, all or a cpu list"),
+                                        ("4096", "cpus 4096 are not in nrmd's affinity mask")])
+def test_nrmd_refuses_daemon_cpus_it_cannot_use(tmp_path, value, why):
+    r = subprocess.run(nrmd_argv() + ["--runtime-dir", str(tmp_path / "rd"),
+                                      "--daemon-cpus", value], capture_output=True, timeout=60,
+                       cwd=REPO)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.decode().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and why in errors[0], errors
+    assert "Traceback" not in r.stderr.decode()
+
+
 def test_a_starter_hears_nrmd_exit_before_ready(tmp_path):
     (tmp_path / "rd").mkdir()
     d = LocalNrmd("--spawners", "-1", rundir=str(tmp_path / "rd"), prefix="nrmt-").spawn()

@@ -263,3 +263,29 @@ def test_this_machine_picks_v1():
         assert any(n.startswith("cgroup v2 not used") for n in rt.notes)
     finally:
         rt.close()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or cgroup2_usable("/") is None,
+                    reason="needs 2 cpus and the cgroup v1 cpuset")
+def test_a_v1_launch_from_a_pinned_thread_gives_the_task_the_containers_cpus(tmp_path):
+    """Without spawners the launching thread joins the container's cpuset
+    while it forks. nrmd may have pinned that thread to the waiting rank's
+    cpu (nrm/daemon/affinity.py): the task must still get every cpu of its
+    container, and the thread its own mask back."""
+    mask = os.sched_getaffinity(0)
+    first, second = sorted(mask)[:2]
+    out = tmp_path / "mask"
+    rt = make_runtime("cgroup", "nrm.tmask", spawners=0)
+    handle = rt.create("c1", [first, second], [0])
+    try:
+        os.sched_setaffinity(0, {second})
+        pid, _, _ = rt.spawn(handle, ["sh", "-c",
+                                      f"grep Cpus_allowed_list /proc/self/status > {out}"])
+        os.waitpid(pid, 0)
+        assert os.sched_getaffinity(0) == {second}
+    finally:
+        os.sched_setaffinity(0, mask)
+        rt.remove(handle)
+        rt.close()
+    expected = f"{first}-{second}" if second == first + 1 else f"{first},{second}"
+    assert out.read_text().split()[-1] == expected

@@ -277,20 +277,26 @@ class CgroupRuntime(Runtime):
     @contextlib.contextmanager
     def _membership(self, handle):
         """The calling thread in the container's cgroups while a child forks.
-        Joining a cpuset resets a thread's affinity to the cpuset's cpus, so
-        the thread's own mask (nrmd may keep its threads on some cpus:
-        nrm/daemon/affinity.py) is put back once it is home."""
+
+        The child inherits the thread's affinity, and nrmd may keep its
+        threads on one cpu (nrm/daemon/affinity.py): joining a cpuset only
+        narrows a mask set with sched_setaffinity to the cpuset (kernels
+        from 6.2) or resets it (older ones), so the thread takes the
+        container's cpus for the fork, and its own mask back once home."""
         tid = str(threading.get_native_id()).encode()
         mask = os.sched_getaffinity(0)
         with self._lock:
             try:
                 for fd in handle.slot.thread_fds:
                     os.write(fd, tid)
+                with contextlib.suppress(OSError):     # a cpu offline: the cpuset's mask
+                    os.sched_setaffinity(0, handle.cpus)
                 yield
             finally:
                 for fd in self.home_fds:
                     os.write(fd, tid)
-                os.sched_setaffinity(0, mask)
+                with contextlib.suppress(OSError):     # a cpu went offline: keep the reset
+                    os.sched_setaffinity(0, mask)
 
     def spawn(self, handle, argv, **kwargs):
         started = super().spawn(handle, argv, **kwargs)
