@@ -187,23 +187,15 @@ def test_nrmd_tells_its_starter_it_serves(tmp_path):
         assert d.stop() == 0
 
 
-@pytest.mark.parametrize("fd, why", [("987", "not an open file descriptor"),
-                                     ("1", "not a pipe")])
-def test_nrmd_refuses_a_ready_fd_that_is_no_pipe_of_its_own(tmp_path, fd, why):
-    r = subprocess.run(nrmd_argv() + ["--runtime-dir", str(tmp_path / "rd"),
-                                      "--ready-fd", fd], capture_output=True, timeout=60,
-                       cwd=REPO)
-    assert r.returncode == 2
-    errors = [line for line in r.stderr.decode().splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and f"--ready-fd {fd}: {why}" in errors[0], errors
-
-
-@pytest.mark.parametrize("value, why", [("x", "want follow, all or a cpu list"),
-                                        ("4096", "cpus 4096 are not in nrmd's affinity mask")])
-def test_nrmd_refuses_daemon_cpus_it_cannot_use(tmp_path, value, why):
-    r = subprocess.run(nrmd_argv() + ["--runtime-dir", str(tmp_path / "rd"),
-                                      "--daemon-cpus", value], capture_output=True, timeout=60,
-                       cwd=REPO)
+@pytest.mark.parametrize("option, value, why", [
+    ("--ready-fd", "987", "--ready-fd 987: not an open file descriptor"),
+    ("--ready-fd", "1", "--ready-fd 1: not a pipe"),
+    ("--daemon-cpus", "x", "--daemon-cpus 'x': want follow, all or a cpu list"),
+    ("--daemon-cpus", "4096", "--daemon-cpus 4096: cpus 4096 are not in nrmd's affinity mask"),
+])
+def test_nrmd_refuses_a_startup_option_it_cannot_use_in_one_line(tmp_path, option, value, why):
+    r = subprocess.run(nrmd_argv() + ["--runtime-dir", str(tmp_path / "rd"), option, value],
+                       capture_output=True, timeout=60, cwd=REPO)
     assert r.returncode == 2
     errors = [line for line in r.stderr.decode().splitlines() if " ERROR " in line]
     assert len(errors) == 1 and why in errors[0], errors
